@@ -1,0 +1,53 @@
+/**
+ * The error catalog: every error nestbroker raises carries a stable code, and callers
+ * branch on the code, never on the message (style.md, fastify's FST_ERR_*).
+ */
+export const ErrorCodes = {
+  CONFIG_INVALID: 'config file failed validation',
+  CONFIG_UNREADABLE: 'config file could not be read',
+  INPUT_INVALID: 'a value given on the command line or the operator API is invalid',
+  PROTOCOL_INVALID: 'a protocol message failed validation',
+  PROTOCOL_OVERSIZE: 'a protocol line exceeded 64 KiB',
+  PROTOCOL_VERSION: 'the peer speaks another protocol version',
+  NOTICE_REJECTED: 'a notice does not fit the allocation books',
+  NOTICE_STALE: 'a notice is older than one already applied',
+  NOTICE_UNKNOWN: 'no notice has that id',
+  GUEST_UNKNOWN: 'no guest has that name',
+  GUEST_UNREACHABLE: 'the guest is not connected',
+  GUEST_LATE: 'the guest did not answer by the deadline',
+  PROJECT_UNKNOWN: 'no project has that name',
+  JOURNAL_WRITE: 'the journal could not be written',
+  QMP_ERROR: 'QEMU QMP returned an error',
+  TIMEOUT: 'an operation did not finish in time',
+  TRANSPORT: 'a channel to a peer failed',
+  UNAUTHORIZED: 'the peer is not allowed',
+  RATE_LIMITED: 'too many requests on one connection',
+} as const;
+
+export type ErrorCode = keyof typeof ErrorCodes;
+
+export interface Problem {
+  /** Dotted path of the field, e.g. `projects[1].memory.max`. */
+  field: string;
+  value: unknown;
+  message: string;
+}
+
+export class NestError extends Error {
+  readonly code: ErrorCode;
+  readonly problems: Problem[];
+  constructor(
+    code: ErrorCode,
+    message: string,
+    opts: { problems?: Problem[]; cause?: unknown } = {},
+  ) {
+    super(message, { cause: opts.cause });
+    this.name = 'NestError';
+    this.code = code;
+    this.problems = opts.problems ?? [];
+  }
+}
+
+export function isNestError(e: unknown, code?: ErrorCode): e is NestError {
+  return e instanceof NestError && (code === undefined || e.code === code);
+}

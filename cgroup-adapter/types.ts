@@ -1,0 +1,105 @@
+/**
+ * The one interface to cgroupfs. Two drivers implement it (`v2`, `hybrid`), chosen by
+ * detection at start (see detect.ts). Nothing outside cgroup-adapter/ writes cgroupfs.
+ *
+ * Groups are named by a relative path of checked names beneath the claimed root,
+ * e.g. "projects/web". Every path is resolved beneath the root (see names.ts).
+ */
+
+/** `"max"` is an explicit value; `undefined` means "don't write". */
+export type Max = number | 'max';
+
+export interface MemoryLimits {
+  min?: number; // bytes
+  low?: number;
+  high?: Max;
+  max?: Max;
+}
+
+/** cpu.max: quota and period in µs; quota "max" means no limit. */
+export interface CpuMax {
+  quotaUs: Max;
+  periodUs: number;
+}
+
+export interface CpuLimits {
+  max?: CpuMax;
+  weight?: number; // 1..10000 (v2 cpu.weight); mapped to cpu.shares on v1
+}
+
+export interface Limits {
+  memory?: MemoryLimits;
+  cpu?: CpuLimits;
+  /** cpuset.cpus list, e.g. "0-1" or "0,2". */
+  cpus?: string;
+  pidsMax?: Max;
+}
+
+export interface Psi {
+  avg10: number;
+  avg60: number;
+  avg300: number;
+  totalUs: number;
+}
+
+export interface PressureStat {
+  some: Psi;
+  full?: Psi;
+}
+
+export interface GroupUsage {
+  memoryCurrent: number;
+  /** memory.peak (v2, 5.19+) or memory.max_usage_in_bytes (v1); undefined if neither. */
+  memoryPeak?: number;
+  /** memory.events (v2) or memory.oom_control + memory.failcnt (v1). */
+  memoryEvents: { oom: number; oomKill: number; high?: number; max?: number };
+  cpuUsageUs: number;
+  cpuNrPeriods: number;
+  cpuNrThrottled: number;
+  cpuThrottledUs: number;
+  memoryPressure?: PressureStat;
+  cpuPressure?: PressureStat;
+  pids: number;
+}
+
+export interface GroupEvents {
+  populated: boolean;
+  frozen: boolean;
+}
+
+export type DriverKind = 'v2' | 'hybrid';
+
+export interface KillResult {
+  /** How the group was emptied: `cgroup.kill`, or freeze + SIGKILL each + thaw. */
+  method: 'cgroup.kill' | 'freeze-sigkill';
+  ms: number;
+}
+
+export interface CgroupAdapter {
+  readonly kind: DriverKind;
+  /** Absolute path of the claimed root in the unified (membership) hierarchy. */
+  readonly root: string;
+
+  create(group: string, limits?: Limits): Promise<void>;
+  /** Removes the group and its children, deepest first; retries EBUSY with backoff. */
+  remove(group: string): Promise<void>;
+  exists(group: string): Promise<boolean>;
+  /** Child group names directly beneath `group` ("" for the root). */
+  children(group: string): Promise<string[]>;
+
+  /** Moves one pid (one write per pid). A vanished pid raises code ESRCH. */
+  movePid(group: string, pid: number): Promise<void>;
+  pids(group: string): Promise<number[]>;
+
+  setLimits(group: string, limits: Limits): Promise<void>;
+  readLimits(group: string): Promise<Limits>;
+  usage(group: string): Promise<GroupUsage>;
+  events(group: string): Promise<GroupEvents>;
+
+  freeze(group: string, timeoutMs?: number): Promise<void>;
+  thaw(group: string, timeoutMs?: number): Promise<void>;
+  /** Kills every process of the group (forks included) and waits for `populated 0`. */
+  kill(group: string, timeoutMs?: number): Promise<KillResult>;
+  /** Resolves when `populated 0`, rejects with code TIMEOUT. */
+  waitEmpty(group: string, timeoutMs: number): Promise<void>;
+}

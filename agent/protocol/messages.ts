@@ -1,0 +1,124 @@
+/**
+ * Messages on the host↔guest channel (and between a guest and a nested agent).
+ * Newline-delimited JSON, one message a line, ≤ 64 KiB (framing.ts). Every message
+ * has a `type` and a message `id`; replies name the message they answer in `replyTo`.
+ * The zod schemas that validate these at the boundary are in schemas.ts and must stay
+ * in step with these types (a test checks it).
+ *
+ * Flow: hello → welcome; notice|restore → ack → progress* → outcome; cancel → ack;
+ * ping → pong; anything invalid → error (the connection and all state stay).
+ * Only resource targets cross the channel: nothing in a message is ever executed.
+ */
+import type { Notice, Outcome, ProjectAction, ExitKind } from '../broker/types';
+
+export const PROTOCOL_VERSION = 1;
+export const MAX_LINE_BYTES = 64 * 1024;
+/** A 0xFF byte discards any partial line (qemu-guest-agent's guest-sync-delimited). */
+export const RESYNC_BYTE = 0xff;
+
+export interface InventoryProject {
+  name: string;
+  priority: number;
+  state: 'running' | 'stopped' | 'starting' | 'stopping' | 'failed';
+}
+
+export interface Hello {
+  type: 'hello';
+  id: string;
+  version: number;
+  guest: string;
+  inventory: { cpus: number; memoryBytes: number; projects: InventoryProject[] };
+  /** Highest notice seq this guest has applied (from its journal), or 0. */
+  lastSeq: number;
+}
+
+export interface Welcome {
+  type: 'welcome';
+  id: string;
+  replyTo: string;
+  version: number;
+  guest: string;
+  heartbeatMs: number;
+}
+
+export interface NoticeMsg {
+  type: 'notice';
+  id: string;
+  notice: Notice; // kind 'reclaim'
+}
+
+export interface RestoreMsg {
+  type: 'restore';
+  id: string;
+  notice: Notice; // kind 'restore'
+}
+
+export interface Ack {
+  type: 'ack';
+  id: string;
+  replyTo: string;
+  noticeId: string;
+  /** accepted: new; duplicate: already known (the outcome follows from the journal); rejected: see error. */
+  state: 'accepted' | 'duplicate' | 'rejected' | 'cancelled' | 'not-cancellable';
+  error?: { code: string; message: string };
+}
+
+export interface Progress {
+  type: 'progress';
+  id: string;
+  noticeId: string;
+  project: string;
+  phase: 'notified' | 'shrunk' | 'stopping' | 'stopped' | 'started' | 'grown';
+  action: ProjectAction;
+  exit?: ExitKind | null;
+  ms: number;
+}
+
+export interface OutcomeMsg {
+  type: 'outcome';
+  id: string;
+  outcome: Outcome;
+}
+
+export interface Cancel {
+  type: 'cancel';
+  id: string;
+  noticeId: string;
+}
+
+export interface Ping {
+  type: 'ping';
+  id: string;
+  t: number;
+}
+
+export interface Pong {
+  type: 'pong';
+  id: string;
+  replyTo: string;
+  t: number;
+}
+
+export interface ErrorMsg {
+  type: 'error';
+  id: string;
+  replyTo?: string;
+  code: string;
+  message: string;
+  problems?: { field: string; message: string }[];
+}
+
+export type Message =
+  | Hello
+  | Welcome
+  | NoticeMsg
+  | RestoreMsg
+  | Ack
+  | Progress
+  | OutcomeMsg
+  | Cancel
+  | Ping
+  | Pong
+  | ErrorMsg;
+
+export type MessageType = Message['type'];

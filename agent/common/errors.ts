@@ -22,6 +22,7 @@ export const ErrorCodes = {
   TRANSPORT: 'a channel to a peer failed',
   UNAUTHORIZED: 'the peer is not allowed',
   RATE_LIMITED: 'too many requests on one connection',
+  INTERNAL: 'an unexpected failure inside nestbroker (a bug: see the daemon log)',
 } as const;
 
 export type ErrorCode = keyof typeof ErrorCodes;

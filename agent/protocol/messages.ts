@@ -9,6 +9,7 @@
  * ping → pong; anything invalid → error (the connection and all state stay).
  * Only resource targets cross the channel: nothing in a message is ever executed.
  */
+import { randomUUID } from 'node:crypto';
 import type { Notice, Outcome, ProjectAction, ExitKind } from '../broker/types';
 
 export const PROTOCOL_VERSION = 1;
@@ -122,3 +123,8 @@ export type Message =
   | ErrorMsg;
 
 export type MessageType = Message['type'];
+
+/** A fresh message id (a UUID fits the id pattern of schemas.ts). */
+export function newMessageId(): string {
+  return randomUUID();
+}

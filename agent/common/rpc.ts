@@ -1,0 +1,389 @@
+/**
+ * The operator API: `nestctl` talks to a daemon (host broker or guest agent) over a unix
+ * socket (`/run/nestbroker/host.sock`, 0660: issue 4), one JSON value a line with the
+ * protocol's framing (agent/protocol/framing.ts).
+ *
+ *   request   {"id": "...", "cmd": "reclaim", "args": {...}}
+ *   replies   {"id": "...", "progress": {...}}*            (streamed while the handler works)
+ *             {"id": "...", "result": ...}                  (exactly one of these two ends it)
+ *             {"id": "...", "error": {"code", "message", "problems"?}}
+ *
+ * Several requests may be in flight on one connection; replies carry the request's id.
+ * A request that cannot be parsed at all is answered with `"id": null`.
+ */
+import { promises as fsp } from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { randomUUID } from 'node:crypto';
+import { z } from 'zod';
+import { ErrorCodes, NestError, type ErrorCode, type Problem } from './errors';
+import { LineDecoder, encode } from '../protocol/framing';
+import { MAX_LINE_BYTES } from '../protocol/messages';
+import type { Logger } from './log';
+
+/** Requests are capped like protocol lines. */
+export const RPC_MAX_REQUEST_BYTES = MAX_LINE_BYTES;
+/**
+ * Replies may be larger (a `notices` listing of a busy host passes 64 KiB); still a cap,
+ * so a confused daemon cannot make nestctl grow without bound.
+ */
+export const RPC_MAX_REPLY_BYTES = 4 * 1024 * 1024;
+
+export interface RpcContext {
+  /** Streams one progress line to the caller before the final result. */
+  progress(event: unknown): void;
+  /** Aborted when the caller disconnects (nestctl interrupted): stop waiting for it. */
+  signal: AbortSignal;
+}
+
+export type RpcHandler = (args: Record<string, unknown>, ctx: RpcContext) => Promise<unknown>;
+
+export interface RpcErrorBody {
+  code: string;
+  message: string;
+  problems?: Problem[];
+}
+
+const RequestSchema = z
+  .object({
+    id: z.union([z.string().min(1).max(128), z.number().int().safe()]),
+    cmd: z.string().min(1).max(64),
+    args: z.record(z.unknown()).optional(),
+  })
+  .strict();
+
+export interface ListenOptions {
+  /** File mode of the socket: who may connect (connect(2) needs write permission). */
+  mode?: number;
+  /** Group id to own the socket, so operators in that group may use it. */
+  group?: number;
+}
+
+export class RpcServer {
+  private readonly handlers = new Map<string, RpcHandler>();
+  private readonly sockets = new Set<net.Socket>();
+  private server: net.Server | null = null;
+  private socketPath: string | null = null;
+
+  constructor(private readonly log?: Logger) {}
+
+  handle(cmd: string, fn: RpcHandler): this {
+    this.handlers.set(cmd, fn);
+    return this;
+  }
+
+  get path(): string | null {
+    return this.socketPath;
+  }
+
+  async listen(socketPath: string, opts: ListenOptions = {}): Promise<void> {
+    const mode = opts.mode ?? 0o660;
+    await fsp.mkdir(path.dirname(socketPath), { recursive: true, mode: 0o755 });
+    await removeStaleSocket(socketPath);
+    const server = net.createServer((sock) => this.serve(sock));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(socketPath, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    this.server = server;
+    this.socketPath = socketPath;
+    // The socket is created with the umask's mode (0755 under the usual 022), which lets
+    // nobody but the owner connect; we only widen it after, so there is no open window.
+    await fsp.chmod(socketPath, mode);
+    if (opts.group !== undefined) await fsp.chown(socketPath, process.getuid?.() ?? 0, opts.group);
+    server.on('error', (err) => this.log?.error({ err }, 'operator socket error'));
+  }
+
+  async close(): Promise<void> {
+    const server = this.server;
+    this.server = null;
+    for (const s of this.sockets) s.destroy();
+    if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
+    if (this.socketPath) await fsp.rm(this.socketPath, { force: true });
+  }
+
+  private serve(sock: net.Socket): void {
+    this.sockets.add(sock);
+    const decoder = new LineDecoder(RPC_MAX_REQUEST_BYTES);
+    const abort = new AbortController();
+    const send = (reply: object): void => {
+      if (sock.destroyed || !sock.writable) return;
+      let line: Buffer;
+      try {
+        line = encode(reply, RPC_MAX_REPLY_BYTES);
+      } catch (err) {
+        const id = (reply as { id?: unknown }).id ?? null;
+        line = encode({ id, error: { code: 'INTERNAL', message: errorMessage(err) } });
+      }
+      sock.write(line);
+    };
+    sock.on('data', (chunk: Buffer) => {
+      for (const ev of decoder.push(chunk)) {
+        if (ev.kind === 'line') this.dispatch(ev.line, send, abort.signal);
+        else if (ev.kind === 'oversize')
+          send({
+            id: null,
+            error: {
+              code: 'PROTOCOL_OVERSIZE',
+              message: `request line of ${ev.bytes} bytes is over the ${ev.limit}-byte cap`,
+            },
+          });
+        else if (ev.kind === 'invalid-utf8')
+          send({
+            id: null,
+            error: { code: 'INPUT_INVALID', message: `request line is not valid UTF-8` },
+          });
+      }
+    });
+    sock.on('error', () => undefined); // the peer went away; 'close' follows
+    sock.on('close', () => {
+      this.sockets.delete(sock);
+      abort.abort();
+    });
+  }
+
+  private dispatch(line: string, send: (reply: object) => void, signal: AbortSignal): void {
+    let raw: unknown;
+    try {
+      raw = JSON.parse(line);
+    } catch (err) {
+      send({
+        id: null,
+        error: { code: 'INPUT_INVALID', message: `request is not JSON: ${errorMessage(err)}` },
+      });
+      return;
+    }
+    const parsed = RequestSchema.safeParse(raw);
+    if (!parsed.success) {
+      const id = idOf(raw);
+      const problems = parsed.error.issues.map((i) => ({
+        field: i.path.join('.') || '(request)',
+        value: valueAt(raw, i.path),
+        message: i.message,
+      }));
+      send({
+        id,
+        error: {
+          code: 'INPUT_INVALID',
+          message: `request must be {id, cmd, args?}: ${problems.map((p) => `${p.field}: ${p.message}`).join('; ')}`,
+          problems,
+        },
+      });
+      return;
+    }
+    const { id, cmd, args = {} } = parsed.data;
+    const handler = this.handlers.get(cmd);
+    if (!handler) {
+      const known = [...this.handlers.keys()].sort().join(', ');
+      send({
+        id,
+        error: {
+          code: 'INPUT_INVALID',
+          message: `unknown command ${JSON.stringify(cmd)}; this daemon knows: ${known || '(none)'}`,
+          problems: [{ field: 'cmd', value: cmd, message: 'unknown command' }],
+        },
+      });
+      return;
+    }
+    let done = false;
+    const ctx: RpcContext = {
+      progress: (event) => {
+        if (!done) send({ id, progress: event });
+      },
+      signal,
+    };
+    Promise.resolve()
+      .then(() => handler(args, ctx))
+      .then(
+        (result) => {
+          done = true;
+          send({ id, result: result === undefined ? null : result });
+        },
+        (err: unknown) => {
+          done = true;
+          if (err instanceof NestError) {
+            send({ id, error: errorBody(err) });
+          } else {
+            this.log?.error({ err, cmd }, 'operator command failed unexpectedly');
+            send({ id, error: { code: 'INTERNAL', message: errorMessage(err) } });
+          }
+        },
+      );
+  }
+}
+
+function errorBody(err: NestError): RpcErrorBody {
+  const body: RpcErrorBody = { code: err.code, message: err.message };
+  if (err.problems.length > 0) body.problems = err.problems;
+  return body;
+}
+
+/**
+ * Removes a socket file left by a daemon that died, but never a live daemon's socket
+ * (a second daemon would silently steal its operators) and never a non-socket file.
+ */
+export async function removeStaleSocket(socketPath: string): Promise<void> {
+  let st;
+  try {
+    st = await fsp.lstat(socketPath);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw err;
+  }
+  if (!st.isSocket()) {
+    throw new NestError(
+      'CONFIG_INVALID',
+      `${socketPath} exists and is not a socket; refusing to replace it`,
+    );
+  }
+  const alive = await new Promise<boolean>((resolve) => {
+    const probe = net.connect(socketPath);
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', () => resolve(false));
+  });
+  if (alive) {
+    throw new NestError('CONFIG_INVALID', `another daemon is already listening on ${socketPath}`);
+  }
+  await fsp.rm(socketPath, { force: true });
+}
+
+export interface CallOptions {
+  onProgress?: (event: unknown) => void;
+  /** Rejects with TIMEOUT after this long; 0 waits for ever. Default 30 s. */
+  timeoutMs?: number;
+}
+
+/** One request, its progress lines, its result. Rejects with a NestError carrying the remote code. */
+export function rpcCall(
+  socketPath: string,
+  cmd: string,
+  args: Record<string, unknown> = {},
+  opts: CallOptions = {},
+): Promise<unknown> {
+  const id = randomUUID();
+  const timeoutMs = opts.timeoutMs ?? 30_000;
+  return new Promise<unknown>((resolve, reject) => {
+    const sock = net.connect(socketPath);
+    const decoder = new LineDecoder(RPC_MAX_REPLY_BYTES);
+    let settled = false;
+    let timer: NodeJS.Timeout | undefined;
+    const finish = (err: NestError | null, result?: unknown): void => {
+      if (settled) return;
+      settled = true;
+      if (timer) clearTimeout(timer);
+      sock.destroy();
+      if (err) reject(err);
+      else resolve(result);
+    };
+    if (timeoutMs > 0) {
+      timer = setTimeout(
+        () =>
+          finish(
+            new NestError(
+              'TIMEOUT',
+              `${cmd} on ${socketPath} did not answer within ${timeoutMs} ms`,
+            ),
+          ),
+        timeoutMs,
+      );
+    }
+    sock.once('connect', () => {
+      try {
+        sock.write(encode({ id, cmd, args }, RPC_MAX_REQUEST_BYTES));
+      } catch (err) {
+        finish(err instanceof NestError ? err : new NestError('INPUT_INVALID', errorMessage(err)));
+      }
+    });
+    sock.on('data', (chunk: Buffer) => {
+      for (const ev of decoder.push(chunk)) {
+        if (ev.kind !== 'line') {
+          finish(new NestError('TRANSPORT', `unreadable reply from ${socketPath} (${ev.kind})`));
+          return;
+        }
+        let reply: { id?: unknown; progress?: unknown; result?: unknown; error?: unknown };
+        try {
+          reply = JSON.parse(ev.line);
+        } catch {
+          finish(new NestError('TRANSPORT', `reply from ${socketPath} is not JSON`));
+          return;
+        }
+        if (reply === null || typeof reply !== 'object') continue;
+        if (reply.id !== id && reply.id !== null) continue;
+        if (reply.error !== undefined) finish(remoteError(reply.error));
+        else if ('result' in reply) finish(null, reply.result);
+        else if ('progress' in reply) opts.onProgress?.(reply.progress);
+      }
+    });
+    sock.on('error', (err: NodeJS.ErrnoException) => finish(connectError(socketPath, err)));
+    sock.on('close', () =>
+      finish(
+        new NestError('TRANSPORT', `${socketPath} closed the connection before answering ${cmd}`),
+      ),
+    );
+  });
+}
+
+function remoteError(body: unknown): NestError {
+  const b = (body ?? {}) as Partial<RpcErrorBody>;
+  const message = typeof b.message === 'string' ? b.message : 'remote error without a message';
+  const problems = Array.isArray(b.problems) ? b.problems : [];
+  if (typeof b.code === 'string' && b.code in ErrorCodes) {
+    return new NestError(b.code as ErrorCode, message, { problems });
+  }
+  return new NestError('INTERNAL', `remote error ${String(b.code)}: ${message}`, { problems });
+}
+
+function connectError(socketPath: string, err: NodeJS.ErrnoException): NestError {
+  switch (err.code) {
+    case 'ENOENT':
+      return new NestError(
+        'TRANSPORT',
+        `no daemon socket at ${socketPath} (is the nestbroker service running? check --socket)`,
+        { cause: err },
+      );
+    case 'ECONNREFUSED':
+      return new NestError(
+        'TRANSPORT',
+        `nothing is listening on ${socketPath} (a stale socket: is the nestbroker service running?)`,
+        { cause: err },
+      );
+    case 'EACCES':
+    case 'EPERM':
+      return new NestError(
+        'UNAUTHORIZED',
+        `permission denied on ${socketPath} (run as root or as a member of the socket's group)`,
+        { cause: err },
+      );
+    default:
+      return new NestError('TRANSPORT', `${socketPath}: ${err.message}`, { cause: err });
+  }
+}
+
+function idOf(raw: unknown): string | number | null {
+  if (raw !== null && typeof raw === 'object' && 'id' in raw) {
+    const id = (raw as { id: unknown }).id;
+    if ((typeof id === 'string' && id.length <= 128) || Number.isSafeInteger(id)) {
+      return id as string | number;
+    }
+  }
+  return null;
+}
+
+function valueAt(raw: unknown, p: (string | number)[]): unknown {
+  let v: unknown = raw;
+  for (const k of p) {
+    if (v === null || typeof v !== 'object') return undefined;
+    v = (v as Record<string | number, unknown>)[k];
+  }
+  return v;
+}
+
+function errorMessage(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}

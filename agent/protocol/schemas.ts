@@ -1,0 +1,366 @@
+/**
+ * zod schemas for every message of messages.ts and for Notice/Outcome of broker/types.ts:
+ * the boundary check of the host↔guest channel (issue 4: "Every message is validated by
+ * schema; an invalid ... line gets an `error` reply that names what was wrong").
+ *
+ * Every object is strict (an unknown field is an error, not silently dropped: a peer on
+ * another version should hear about it), every number finite, non-negative and bounded,
+ * every string and array bounded. Nesting depth and total size are bounded by the 64 KiB
+ * line cap before JSON.parse ever runs (framing.ts).
+ *
+ * test/unit/protocol/schemas-types.test.ts keeps `z.infer` of these and the hand-written
+ * types equal, checked by tsc.
+ */
+import { z } from 'zod';
+import type { ErrorCode } from '../common/errors';
+import type { ErrorMsg, Message } from './messages';
+
+export const ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$/;
+export const MAX_PROJECTS = 10_000;
+export const MAX_CPUS = 4096;
+export const MAX_REASON = 1024;
+export const MAX_ERROR_MESSAGE = 4096;
+/** Problems listed in one error reply (the rest are counted in its message). */
+export const MAX_PROBLEMS = 20;
+
+const id = z.string().regex(ID_PATTERN, 'must be 1–128 of [A-Za-z0-9_.:-], starting alphanumeric');
+const name = id;
+const bytes = z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER);
+const cpus = z.number().finite().nonnegative().max(MAX_CPUS);
+const ms = z.number().finite().nonnegative().max(Number.MAX_SAFE_INTEGER);
+const seq = z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER);
+const isoDate = z.string().max(64).datetime({ offset: true });
+const reason = z.string().max(MAX_REASON);
+const errorCode = z.string().min(1).max(64);
+const errorBody = z
+  .object({ code: errorCode, message: z.string().max(MAX_ERROR_MESSAGE) })
+  .strict();
+
+export const ResourcesSchema = z.object({ cpus, memoryBytes: bytes }).strict();
+
+export const NoticeSchema = z
+  .object({
+    id,
+    guest: name,
+    seq,
+    kind: z.enum(['reclaim', 'restore']),
+    change: ResourcesSchema,
+    allocation: ResourcesSchema,
+    deadline: isoDate,
+    reason,
+    issuedAt: isoDate,
+  })
+  .strict();
+
+const projectAction = z.enum(['unchanged', 'shrunk', 'stopped', 'grown', 'started']);
+const exitKind = z.enum(['graceful', 'killed', 'already-gone', 'timeout']);
+
+export const ProjectLimitsSchema = z
+  .object({
+    memoryHigh: z.union([bytes, z.literal('max')]),
+    memoryMax: z.union([bytes, z.literal('max')]),
+    cpuMax: z.union([cpus, z.literal('max')]),
+    // A cpuset list as the kernel prints it: "0-3,8".
+    cpuset: z
+      .string()
+      .max(1024)
+      .regex(/^[0-9,-]*$/, 'must be a CPU list like "0-3,8"')
+      .optional(),
+  })
+  .strict();
+
+export const ProjectOutcomeSchema = z
+  .object({
+    name,
+    action: projectAction,
+    before: ProjectLimitsSchema,
+    after: ProjectLimitsSchema,
+    exit: exitKind.nullable(),
+    ms,
+    reason,
+    error: errorBody.optional(),
+  })
+  .strict();
+
+export const OutcomeSchema = z
+  .object({
+    noticeId: id,
+    guest: name,
+    status: z.enum(['complete', 'partial', 'failed']),
+    projects: z.array(ProjectOutcomeSchema).max(MAX_PROJECTS),
+    freed: ResourcesSchema,
+    startedAt: isoDate,
+    finishedAt: isoDate,
+    ms,
+  })
+  .strict();
+
+export const InventoryProjectSchema = z
+  .object({
+    name,
+    // Priorities are the guest operator's ranking; they may be below zero.
+    priority: z.number().finite().min(-1_000_000).max(1_000_000),
+    state: z.enum(['running', 'stopped', 'starting', 'stopping', 'failed']),
+  })
+  .strict();
+
+const version = z.number().int().min(1).max(1_000_000);
+
+export const HelloSchema = z
+  .object({
+    type: z.literal('hello'),
+    id,
+    version,
+    guest: name,
+    inventory: z
+      .object({
+        cpus,
+        memoryBytes: bytes,
+        projects: z.array(InventoryProjectSchema).max(MAX_PROJECTS),
+      })
+      .strict(),
+    lastSeq: seq,
+  })
+  .strict();
+
+export const WelcomeSchema = z
+  .object({
+    type: z.literal('welcome'),
+    id,
+    replyTo: id,
+    version,
+    guest: name,
+    heartbeatMs: z.number().int().nonnegative().max(86_400_000),
+  })
+  .strict();
+
+export const NoticeMsgSchema = z
+  .object({ type: z.literal('notice'), id, notice: NoticeSchema })
+  .strict();
+export const RestoreMsgSchema = z
+  .object({ type: z.literal('restore'), id, notice: NoticeSchema })
+  .strict();
+
+export const AckSchema = z
+  .object({
+    type: z.literal('ack'),
+    id,
+    replyTo: id,
+    noticeId: id,
+    state: z.enum(['accepted', 'duplicate', 'rejected', 'cancelled', 'not-cancellable']),
+    error: errorBody.optional(),
+  })
+  .strict();
+
+export const ProgressSchema = z
+  .object({
+    type: z.literal('progress'),
+    id,
+    noticeId: id,
+    project: name,
+    phase: z.enum(['notified', 'shrunk', 'stopping', 'stopped', 'started', 'grown']),
+    action: projectAction,
+    exit: exitKind.nullable().optional(),
+    ms,
+  })
+  .strict();
+
+export const OutcomeMsgSchema = z
+  .object({ type: z.literal('outcome'), id, outcome: OutcomeSchema })
+  .strict();
+
+export const CancelSchema = z.object({ type: z.literal('cancel'), id, noticeId: id }).strict();
+
+export const PingSchema = z.object({ type: z.literal('ping'), id, t: ms }).strict();
+export const PongSchema = z.object({ type: z.literal('pong'), id, replyTo: id, t: ms }).strict();
+
+export const ErrorMsgSchema = z
+  .object({
+    type: z.literal('error'),
+    id,
+    replyTo: id.optional(),
+    code: errorCode,
+    message: z.string().max(MAX_ERROR_MESSAGE),
+    problems: z
+      .array(z.object({ field: z.string().max(256), message: z.string().max(1024) }).strict())
+      .max(MAX_PROBLEMS)
+      .optional(),
+  })
+  .strict();
+
+export const MessageSchema = z
+  .discriminatedUnion('type', [
+    HelloSchema,
+    WelcomeSchema,
+    NoticeMsgSchema,
+    RestoreMsgSchema,
+    AckSchema,
+    ProgressSchema,
+    OutcomeMsgSchema,
+    CancelSchema,
+    PingSchema,
+    PongSchema,
+    ErrorMsgSchema,
+  ])
+  .superRefine((m, ctx) => {
+    // A `notice` message carries a reclaim, a `restore` message a restore: a mismatch
+    // would let one path act on the other's intent.
+    const want = m.type === 'notice' ? 'reclaim' : m.type === 'restore' ? 'restore' : null;
+    if (want !== null && 'notice' in m && m.notice.kind !== want) {
+      ctx.addIssue({
+        code: z.ZodIssueCode.custom,
+        path: ['notice', 'kind'],
+        message: `a ${m.type} message must carry kind "${want}"`,
+      });
+    }
+  });
+
+export const MESSAGE_TYPES = MessageSchema.innerType().options.map(
+  (o) => o.shape.type.value,
+) as Message['type'][];
+
+export interface ProtocolProblem {
+  field: string;
+  message: string;
+}
+
+export interface ParseFailure {
+  code: ErrorCode;
+  message: string;
+  problems: ProtocolProblem[];
+  /** The offending message's id when it had a usable one, for the reply's `replyTo`. */
+  replyTo?: string;
+  /** The `type` it claimed, when a string (a bad `error` message gets no error reply). */
+  type?: string;
+}
+
+export type ParseResult = { ok: true; msg: Message } | { ok: false; error: ParseFailure };
+
+/** JSON text of one line → a validated Message, or every problem found, each naming its field. */
+export function parseMessage(line: string): ParseResult {
+  let raw: unknown;
+  try {
+    raw = JSON.parse(line);
+  } catch (err) {
+    return fail(`line is not JSON (${(err as Error).message}), got ${preview(line)}`, [
+      { field: '(line)', message: `not JSON, got ${preview(line)}` },
+    ]);
+  }
+  const replyTo = usableId(raw);
+  const parsed = MessageSchema.safeParse(raw);
+  if (parsed.success) return { ok: true, msg: parsed.data as Message };
+  const problems = parsed.error.issues.map((issue) => describeIssue(issue, raw));
+  const type = typeOf(raw);
+  const shown = problems.slice(0, MAX_PROBLEMS);
+  const more =
+    problems.length > shown.length ? ` (and ${problems.length - shown.length} more)` : '';
+  const message = clip(
+    `invalid ${type ? `"${type}" message` : 'message'}: ${shown.map((p) => `${p.field}: ${p.message}`).join('; ')}${more}`,
+    MAX_ERROR_MESSAGE,
+  );
+  const failure = fail(message, shown, replyTo);
+  const claimed = claimedType(raw);
+  if (!failure.ok && claimed !== undefined) failure.error.type = claimed;
+  return failure;
+}
+
+/** The `error` reply for a failure (parse, oversize line, bad UTF-8), fit for `send`. */
+export function errorReply(failure: ParseFailure, id: string): ErrorMsg {
+  const reply: ErrorMsg = {
+    type: 'error',
+    id,
+    code: failure.code,
+    message: clip(failure.message, MAX_ERROR_MESSAGE),
+  };
+  if (failure.replyTo !== undefined) reply.replyTo = failure.replyTo;
+  if (failure.problems.length > 0) {
+    reply.problems = failure.problems.slice(0, MAX_PROBLEMS).map((p) => ({
+      field: clip(p.field, 256),
+      message: clip(p.message, 1024),
+    }));
+  }
+  return reply;
+}
+
+function fail(message: string, problems: ProtocolProblem[], replyTo?: string): ParseResult {
+  const error: ParseFailure = { code: 'PROTOCOL_INVALID', message, problems };
+  if (replyTo !== undefined) error.replyTo = replyTo;
+  return { ok: false, error };
+}
+
+function describeIssue(issue: z.ZodIssue, raw: unknown): ProtocolProblem {
+  const field = formatPath(issue.path);
+  if (issue.code === z.ZodIssueCode.invalid_union_discriminator) {
+    return {
+      field,
+      message: `must be one of ${MESSAGE_TYPES.join(', ')}, got ${preview(valueAt(raw, issue.path))}`,
+    };
+  }
+  if (issue.code === z.ZodIssueCode.unrecognized_keys) {
+    return {
+      field,
+      message: `unknown field(s) ${issue.keys.map((k) => `"${clip(k, 64)}"`).join(', ')}`,
+    };
+  }
+  const value = valueAt(raw, issue.path);
+  const got = value === MISSING ? 'missing' : `got ${preview(value)}`;
+  return { field, message: `${issue.message.toLowerCase()}, ${got}` };
+}
+
+const MISSING = Symbol('missing');
+
+function valueAt(raw: unknown, p: (string | number)[]): unknown {
+  let v: unknown = raw;
+  for (const k of p) {
+    if (v === null || typeof v !== 'object' || !(k in v)) return MISSING;
+    v = (v as Record<string | number, unknown>)[k];
+  }
+  return v;
+}
+
+/** `notice.change.cpus`, `inventory.projects[3].name`; '(message)' for the whole. */
+function formatPath(p: (string | number)[]): string {
+  if (p.length === 0) return '(message)';
+  let out = '';
+  for (const k of p) out += typeof k === 'number' ? `[${k}]` : out ? `.${k}` : k;
+  return clip(out, 256);
+}
+
+function preview(v: unknown): string {
+  if (v === MISSING) return 'nothing';
+  let s: string;
+  try {
+    s = JSON.stringify(v) ?? String(v);
+  } catch {
+    s = String(v);
+  }
+  return clip(s, 80);
+}
+
+function clip(s: string, n: number): string {
+  return s.length <= n ? s : s.slice(0, n - 1) + '…';
+}
+
+function typeOf(raw: unknown): string | null {
+  if (raw !== null && typeof raw === 'object' && 'type' in raw) {
+    const t = (raw as { type: unknown }).type;
+    if (typeof t === 'string' && (MESSAGE_TYPES as string[]).includes(t)) return t;
+  }
+  return null;
+}
+
+function claimedType(raw: unknown): string | undefined {
+  if (raw !== null && typeof raw === 'object' && 'type' in raw) {
+    const t = (raw as { type: unknown }).type;
+    if (typeof t === 'string') return clip(t, 64);
+  }
+  return undefined;
+}
+
+function usableId(raw: unknown): string | undefined {
+  if (raw !== null && typeof raw === 'object' && 'id' in raw) {
+    const v = (raw as { id: unknown }).id;
+    if (typeof v === 'string' && ID_PATTERN.test(v)) return v;
+  }
+  return undefined;
+}

@@ -60,6 +60,12 @@ export interface GroupUsage {
   memoryPressure?: PressureStat;
   cpuPressure?: PressureStat;
   pids: number;
+  /**
+   * Interface files that were absent, so the numbers they feed read 0 (e.g. the v2
+   * driver on a hierarchy where the memory controller is not enabled). Absent or empty
+   * when everything was read.
+   */
+  unavailable?: string[];
 }
 
 export interface GroupEvents {
@@ -75,8 +81,24 @@ export interface KillResult {
   ms: number;
 }
 
+/** What a driver can honestly do here; callers check before relying on a limit. */
+export interface Capabilities {
+  /** memory.min / memory.low protection exists (v2 only). */
+  memoryProtection: boolean;
+  /** memory.high throttles and reclaims (v2); on v1 it maps to an advisory soft limit. */
+  memoryHighThrottles: boolean;
+  /** cgroup.kill exists (5.14+); otherwise kill uses freeze + SIGKILL each + thaw. */
+  cgroupKill: boolean;
+  /** cgroup.freeze exists (5.2+). */
+  freeze: boolean;
+  /** Limit controllers available for setLimits. */
+  controllers: { memory: boolean; cpu: boolean; cpuset: boolean; pids: boolean };
+}
+
 export interface CgroupAdapter {
   readonly kind: DriverKind;
+  /** Optional so fakes need not provide it; both real drivers do. */
+  readonly capabilities?: Capabilities;
   /** Absolute path of the claimed root in the unified (membership) hierarchy. */
   readonly root: string;
 

@@ -1,0 +1,288 @@
+/**
+ * Hybrid layout: cgroup2 (unified) for membership, freeze, kill, events and PSI; the v1
+ * memory, cpu, cpuacct, cpuset and pids hierarchies for limits and usage. A group is a
+ * directory in every one of them and a pid joins every one of them.
+ *
+ * The limit mapping (and what does not map) is documented in cgroup-adapter/README.md;
+ * each method below cites the row it implements.
+ */
+import * as path from 'node:path';
+import { BaseDriver, type DriverOptions, type Hierarchy } from './base-driver';
+import { pathExists, readOptional, readProcs, readText, writeText } from './cgfs';
+import { CgroupError, isCgroupError } from './errors';
+import type { V1Controller } from './detect';
+import {
+  parseCpuList,
+  parseCpuStatV2,
+  parseMax,
+  parsePressure,
+  parseUint,
+  printCpuList,
+  printMax,
+} from './formats';
+import {
+  cpuSharesToWeight,
+  cpuWeightToShares,
+  parseCfsQuota,
+  parseCpuStatV1,
+  parseCpuacctUsage,
+  parseCpuShares,
+  parseOomControl,
+  parseV1Bytes,
+  printCfsQuota,
+  printV1Bytes,
+} from './formats-v1';
+import { validateLimits } from './limits';
+import type { Capabilities, CpuMax, GroupUsage, Limits, Max } from './types';
+
+export class HybridDriver extends BaseDriver {
+  readonly kind = 'hybrid' as const;
+  readonly capabilities: Capabilities;
+  /** v1 hierarchy holding each controller (cpu and cpuacct share one when comounted). */
+  private readonly byController: Partial<Record<V1Controller, Hierarchy>>;
+
+  private constructor(
+    unifiedRoot: string,
+    extra: Hierarchy[],
+    byController: Partial<Record<V1Controller, Hierarchy>>,
+    opts: DriverOptions,
+    caps: Capabilities,
+  ) {
+    super(unifiedRoot, extra, opts);
+    this.byController = byController;
+    this.capabilities = caps;
+  }
+
+  /**
+   * @param v1Roots the claimed root's absolute path in each v1 controller's hierarchy;
+   *   controllers that share a mount must share a path (they are one hierarchy).
+   */
+  static async open(
+    unifiedRoot: string,
+    v1Roots: Partial<Record<V1Controller, string>>,
+    opts: DriverOptions,
+  ): Promise<HybridDriver> {
+    const byPath = new Map<string, Hierarchy>();
+    const byController: Partial<Record<V1Controller, Hierarchy>> = {};
+    for (const [c, rootAbs] of Object.entries(v1Roots) as [V1Controller, string][]) {
+      let h = byPath.get(rootAbs);
+      if (h) h.name = `${h.name},${c}`;
+      else byPath.set(rootAbs, (h = { name: c, rootAbs }));
+      byController[c] = h;
+    }
+    const caps: Capabilities = {
+      memoryProtection: false,
+      memoryHighThrottles: false,
+      cgroupKill: await pathExists(path.join(unifiedRoot, 'cgroup.kill')),
+      freeze: await pathExists(path.join(unifiedRoot, 'cgroup.freeze')),
+      controllers: {
+        memory: !!byController.memory,
+        cpu: !!byController.cpu,
+        cpuset: !!byController.cpuset,
+        pids: !!byController.pids,
+      },
+    };
+    return new HybridDriver(unifiedRoot, [...byPath.values()], byController, opts, caps);
+  }
+
+  /** The directory of `group` in the hierarchy of `c`, or UNSUPPORTED naming the field. */
+  private v1Dir(c: V1Controller, group: string, field: string, allowRoot = false): string {
+    const h = this.byController[c];
+    if (!h) {
+      throw new CgroupError(
+        'UNSUPPORTED',
+        `${field}: the v1 ${c} controller is not mounted on this machine`,
+        {
+          field,
+        },
+      );
+    }
+    return this.paths(group, allowRoot)[h.name];
+  }
+
+  /**
+   * A new v1 cpuset group starts with empty cpuset.cpus and cpuset.mems, and the kernel
+   * refuses to attach a task to it (ENOSPC) until both are set: copy the parent's
+   * (Documentation/admin-guide/cgroup-v1/cpusets.rst 1.9).
+   */
+  protected override async afterMkdir(h: Hierarchy, dir: string): Promise<void> {
+    if (h !== this.byController.cpuset) return;
+    const parent = path.dirname(dir);
+    for (const f of ['cpuset.mems', 'cpuset.cpus']) {
+      const v = (await readText(path.join(parent, f))).trim();
+      if (v !== '') await writeText(path.join(dir, f), v);
+    }
+  }
+
+  async setLimits(group: string, limits: Limits): Promise<void> {
+    const l = validateLimits(limits);
+    const m = l.memory ?? {};
+    // Check everything that cannot be mapped before writing anything.
+    for (const k of ['min', 'low'] as const) {
+      if (m[k] !== undefined && m[k] !== 0) {
+        throw new CgroupError(
+          'UNSUPPORTED',
+          `memory.${k} has no cgroup v1 equivalent (no memory protection in v1), got ${m[k]}; check capabilities.memoryProtection`,
+          { field: `limits.memory.${k}`, value: m[k] },
+        );
+      }
+    }
+    const memDir =
+      m.max !== undefined || m.high !== undefined
+        ? this.v1Dir('memory', group, 'limits.memory')
+        : '';
+    const cpuDir =
+      l.cpu?.max || l.cpu?.weight !== undefined ? this.v1Dir('cpu', group, 'limits.cpu') : '';
+    const cpusetDir = l.cpus !== undefined ? this.v1Dir('cpuset', group, 'limits.cpus') : '';
+    const pidsDir = l.pidsMax !== undefined ? this.v1Dir('pids', group, 'limits.pidsMax') : '';
+
+    // memory.max → memory.limit_in_bytes (hard limit; OOM inside the group beyond it).
+    if (m.max !== undefined)
+      await writeText(
+        path.join(memDir, 'memory.limit_in_bytes'),
+        printV1Bytes('memory.max', m.max),
+      );
+    // memory.high → memory.soft_limit_in_bytes: ADVISORY, only reclaimed toward under
+    // global memory pressure; it never throttles (README "What does not map").
+    if (m.high !== undefined) {
+      await writeText(
+        path.join(memDir, 'memory.soft_limit_in_bytes'),
+        printV1Bytes('memory.high', m.high),
+      );
+    }
+    if (l.cpu?.max) await this.writeCfs(cpuDir, l.cpu.max);
+    // cpu.weight → cpu.shares (systemd's formula, formats-v1.ts cpuWeightToShares).
+    if (l.cpu?.weight !== undefined) {
+      await writeText(path.join(cpuDir, 'cpu.shares'), String(cpuWeightToShares(l.cpu.weight)));
+    }
+    if (l.cpus !== undefined) await writeText(path.join(cpusetDir, 'cpuset.cpus'), l.cpus);
+    if (l.pidsMax !== undefined)
+      await writeText(path.join(pidsDir, 'pids.max'), printMax('pids.max', l.pidsMax));
+  }
+
+  /**
+   * cpu.max → cpu.cfs_period_us + cpu.cfs_quota_us: two writes, and the kernel checks the
+   * bandwidth (quota/period) against the hierarchy after EACH write
+   * (Documentation/scheduler/sched-bwc.rst "Hierarchical considerations"). So write first
+   * whichever leaves the lower bandwidth in between — e.g. when the period shrinks with the
+   * quota, the quota goes first — and retry the other order once on EINVAL.
+   */
+  private async writeCfs(dir: string, next: CpuMax): Promise<void> {
+    const qFile = path.join(dir, 'cpu.cfs_quota_us');
+    const pFile = path.join(dir, 'cpu.cfs_period_us');
+    const curQ = parseCfsQuota(await readText(qFile));
+    const curP = parseUint('cpu.cfs_period_us', await readText(pFile));
+    const bw = (q: Max, p: number) => (q === 'max' ? Infinity : q / p);
+    const writeQ = () => writeText(qFile, printCfsQuota(next.quotaUs));
+    const writeP = () =>
+      curP === next.periodUs ? Promise.resolve() : writeText(pFile, String(next.periodUs));
+    const quotaFirst = bw(next.quotaUs, curP) <= bw(curQ, next.periodUs);
+    const order = quotaFirst ? [writeQ, writeP] : [writeP, writeQ];
+    try {
+      for (const w of order) await w();
+    } catch (e) {
+      if (!isCgroupError(e, 'EINVAL')) throw e;
+      for (const w of order.reverse()) await w();
+    }
+  }
+
+  async readLimits(group: string): Promise<Limits> {
+    const out: Limits = {};
+    const d = this.paths(group, false);
+    const mem = this.byController.memory;
+    if (mem) {
+      out.memory = {
+        max: parseV1Bytes(
+          'memory.limit_in_bytes',
+          await readText(path.join(d[mem.name], 'memory.limit_in_bytes')),
+        ),
+        high: parseV1Bytes(
+          'memory.soft_limit_in_bytes',
+          await readText(path.join(d[mem.name], 'memory.soft_limit_in_bytes')),
+        ),
+      };
+    }
+    const cpu = this.byController.cpu;
+    if (cpu) {
+      const dir = d[cpu.name];
+      out.cpu = {
+        max: {
+          quotaUs: parseCfsQuota(await readText(path.join(dir, 'cpu.cfs_quota_us'))),
+          periodUs: parseUint(
+            'cpu.cfs_period_us',
+            await readText(path.join(dir, 'cpu.cfs_period_us')),
+          ),
+        },
+        weight: cpuSharesToWeight(parseCpuShares(await readText(path.join(dir, 'cpu.shares')))),
+      };
+    }
+    const cpuset = this.byController.cpuset;
+    if (cpuset) {
+      const t = await readText(path.join(d[cpuset.name], 'cpuset.cpus'));
+      if (t.trim() !== '') out.cpus = printCpuList(parseCpuList(t));
+    }
+    const pids = this.byController.pids;
+    if (pids)
+      out.pidsMax = parseMax('pids.max', await readText(path.join(d[pids.name], 'pids.max')));
+    return out;
+  }
+
+  async usage(group: string): Promise<GroupUsage> {
+    const d = this.paths(group, true);
+    const unified = d.unified;
+    const unavailable: string[] = [];
+    const u: GroupUsage = {
+      memoryCurrent: 0,
+      memoryEvents: { oom: 0, oomKill: 0 },
+      cpuUsageUs: 0,
+      cpuNrPeriods: 0,
+      cpuNrThrottled: 0,
+      cpuThrottledUs: 0,
+      pids: 0,
+    };
+    const mem = this.byController.memory;
+    if (mem) {
+      const dir = d[mem.name];
+      u.memoryCurrent = parseUint(
+        'memory.usage_in_bytes',
+        await readText(path.join(dir, 'memory.usage_in_bytes')),
+      );
+      const peak = parseV1Bytes(
+        'memory.max_usage_in_bytes',
+        await readText(path.join(dir, 'memory.max_usage_in_bytes')),
+      );
+      if (peak !== 'max') u.memoryPeak = peak;
+      // v1 has no OOM counter of its own: each oom_kill followed an OOM, and under_oom 1
+      // is one in progress (OOM killer disabled). failcnt counts hits of the hard limit,
+      // the nearest thing to v2's `max` event.
+      const oom = parseOomControl(await readText(path.join(dir, 'memory.oom_control')));
+      const failcnt = parseUint('memory.failcnt', await readText(path.join(dir, 'memory.failcnt')));
+      u.memoryEvents = {
+        oom: oom.oomKill + (oom.underOom ? 1 : 0),
+        oomKill: oom.oomKill,
+        max: failcnt,
+      };
+    } else unavailable.push('memory.usage_in_bytes', 'memory.oom_control');
+    const acct = this.byController.cpuacct;
+    if (acct)
+      u.cpuUsageUs = parseCpuacctUsage(await readText(path.join(d[acct.name], 'cpuacct.usage')));
+    else u.cpuUsageUs = parseCpuStatV2(await readText(path.join(unified, 'cpu.stat'))).usageUs;
+    const cpu = this.byController.cpu;
+    if (cpu) {
+      const s = parseCpuStatV1(await readText(path.join(d[cpu.name], 'cpu.stat')));
+      u.cpuNrPeriods = s.nrPeriods;
+      u.cpuNrThrottled = s.nrThrottled;
+      u.cpuThrottledUs = s.throttledUs;
+    } else unavailable.push('cpu.stat');
+    const memP = await readOptional(path.join(unified, 'memory.pressure'));
+    const cpuP = await readOptional(path.join(unified, 'cpu.pressure'));
+    if (memP !== undefined) u.memoryPressure = parsePressure(memP, 'memory.pressure');
+    if (cpuP !== undefined) u.cpuPressure = parsePressure(cpuP, 'cpu.pressure');
+    const pids = this.byController.pids;
+    u.pids = pids
+      ? parseUint('pids.current', await readText(path.join(d[pids.name], 'pids.current')))
+      : (await readProcs(unified)).length;
+    if (unavailable.length > 0) u.unavailable = unavailable;
+    return u;
+  }
+}

@@ -1,0 +1,26 @@
+/** Host totals from systeminformation, per-process usage from pidusage, on this machine. */
+import { spawn } from 'node:child_process';
+import * as os from 'node:os';
+import { clearProcessUsage, hostUsage, processUsage } from '../../../cgroup-adapter/host-usage';
+import { isCgroupError } from '../../../cgroup-adapter/errors';
+import { exited } from './util';
+
+afterAll(() => clearProcessUsage());
+
+it('reports host memory, CPU count and load', async () => {
+  const h = await hostUsage();
+  expect(h.memTotal).toBe(os.totalmem());
+  expect(h.memAvailable).toBeGreaterThan(0);
+  expect(h.memAvailable).toBeLessThanOrEqual(h.memTotal);
+  expect(h.cpuCount).toBe(os.cpus().length);
+  expect(h.load).toHaveLength(3);
+});
+
+it('reports a live process, and ESRCH for one that is gone', async () => {
+  const me = await processUsage(process.pid);
+  expect(me.rssBytes).toBeGreaterThan(10 * 2 ** 20);
+  const c = spawn('/bin/true');
+  await exited(c);
+  const err = await processUsage(c.pid!).catch((e: unknown) => e);
+  expect(isCgroupError(err, 'ESRCH')).toBe(true);
+});

@@ -42,3 +42,65 @@ bench: build
 
 clean:
 	rm -rf dist
+
+# ---- installation (issue 5; docs/install.md) ------------------------------------------
+# `make build && make install` as root. Honours DESTDIR (staging, packaging) and PREFIX.
+# Installs only what exists already: it never builds, so it also works from a read-only
+# tree (the real-guest test runs it from a 9p share inside the guest).
+LIBDIR := $(PREFIX)/lib/nestbroker
+BINDIR := $(PREFIX)/bin
+DOCDIR := $(PREFIX)/share/doc/nestbroker
+UNITDIR ?= /lib/systemd/system
+UDEVRULESDIR ?= /lib/udev/rules.d
+CONFDIR ?= /etc/nestbroker
+# The node the wrappers exec, resolved now (systemd's PATH need not contain it).
+NODE ?= $(shell command -v node 2>/dev/null || echo /usr/bin/node)
+INSTALLED_UNITS := nestbroker-guest.service nestbroker-host.service
+UDEV_RULE := 99-nestbroker.rules
+# Prints the lock file's top-level packages that are not dev-only and are present.
+PROD_MODULES_JS := const fs = require("fs"); const l = JSON.parse(fs.readFileSync("package-lock.json", "utf8")); for (const [p, m] of Object.entries(l.packages)) if (p && !m.dev && p.split("node_modules/").length === 2 && fs.existsSync(p)) console.log(p);
+
+install:
+	@test -f dist/agent/cli/nestbroker.js || { echo "make install: dist/agent/cli/nestbroker.js is missing: run 'make build' first" >&2; exit 1; }
+	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(DOCDIR) \
+	  $(DESTDIR)$(UNITDIR) $(DESTDIR)$(UDEVRULESDIR) $(DESTDIR)$(CONFDIR)
+	rm -rf $(DESTDIR)$(LIBDIR)/dist $(DESTDIR)$(LIBDIR)/node_modules
+	install -d $(DESTDIR)$(LIBDIR)/dist
+	cp -a dist/agent dist/cgroup-adapter $(DESTDIR)$(LIBDIR)/dist/
+	install -m 0644 package.json $(DESTDIR)$(LIBDIR)/package.json
+	@# Production dependencies only, read from the lock file (no npm needed: the guest has
+	@# node alone). Top-level packages not marked "dev"; nested ones come with their parent.
+	set -o pipefail; $(NODE) -e '$(PROD_MODULES_JS)' | xargs -r cp -a --parents -t $(DESTDIR)$(LIBDIR)/
+	test -d $(DESTDIR)$(LIBDIR)/node_modules || { echo "make install: no production node_modules found: run 'make deps'" >&2; exit 1; }
+	printf '#!/bin/sh\nexec %s %s/dist/agent/cli/nestbroker.js "$$@"\n' '$(NODE)' '$(LIBDIR)' >$(DESTDIR)$(BINDIR)/nestbroker
+	printf '#!/bin/sh\nexec %s %s/dist/agent/cli/nestctl.js "$$@"\n' '$(NODE)' '$(LIBDIR)' >$(DESTDIR)$(BINDIR)/nestctl
+	chmod 0755 $(DESTDIR)$(BINDIR)/nestbroker $(DESTDIR)$(BINDIR)/nestctl
+	@# The units name /usr/local paths; rewrite them for another PREFIX.
+	for u in $(INSTALLED_UNITS); do \
+	  sed -e 's|/usr/local/bin/|$(BINDIR)/|g' -e 's|/usr/local/share/doc/|$(PREFIX)/share/doc/|g' \
+	    systemd/$$u >$(DESTDIR)$(UNITDIR)/$$u && chmod 0644 $(DESTDIR)$(UNITDIR)/$$u; done
+	install -m 0644 systemd/$(UDEV_RULE) $(DESTDIR)$(UDEVRULESDIR)/$(UDEV_RULE)
+	for f in guest host; do \
+	  if [ -f examples/$$f.yaml ]; then install -m 0644 examples/$$f.yaml $(DESTDIR)$(CONFDIR)/$$f.yaml.example; fi; done
+	if [ -f docs/install.md ]; then install -m 0644 docs/install.md $(DESTDIR)$(DOCDIR)/install.md; fi
+	@# Live system (no DESTDIR, systemd running): make the new units and rule known.
+	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; \
+	  command -v udevadm >/dev/null && udevadm control --reload || true; fi
+
+# Removes what `install` put in place. Keeps /etc/nestbroker/*.yaml (your configs) and
+# /var/lib/nestbroker (journals). Stops and disables the services first on a live system:
+# projects of the guest agent keep running (KillMode=process) until you stop them.
+uninstall:
+	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+	  systemctl disable --now $(INSTALLED_UNITS) 2>/dev/null || true; fi
+	rm -rf $(DESTDIR)$(LIBDIR) $(DESTDIR)$(DOCDIR)
+	rm -f $(DESTDIR)$(BINDIR)/nestbroker $(DESTDIR)$(BINDIR)/nestctl
+	rm -f $(addprefix $(DESTDIR)$(UNITDIR)/,$(INSTALLED_UNITS)) $(DESTDIR)$(UDEVRULESDIR)/$(UDEV_RULE)
+	rm -f $(DESTDIR)$(CONFDIR)/guest.yaml.example $(DESTDIR)$(CONFDIR)/host.yaml.example
+	rmdir $(DESTDIR)$(CONFDIR) 2>/dev/null || true
+	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+
+# The real-guest test alone (test/e2e, issue 5): builds or reuses the cached Debian guest
+# image, boots it under QEMU, installs there with `make install`. Logs: test/e2e/out/.
+e2e: build
+	npx jest -c jest.e2e.config.js --runInBand

@@ -1,0 +1,298 @@
+/**
+ * The broker role (design.md "Roles: broker and client at every level"): a broker serves
+ * the containers inside its own. Given the steps of a plan and a handle on each child, it
+ *
+ *   1. delivers every affected child its notice BEFORE anything is taken from any child
+ *      (US 8,181,182 claim 1: the second notice, comprising the first, reaches the
+ *      inner container before its resources are deallocated);
+ *   2. carries the steps out in order: steps that share an `order` run in parallel
+ *      (they are independent), groups run one after the other (lowest priority first);
+ *   3. bounds everything by the notice deadline (each child gets an AbortSignal that
+ *      fires at the deadline, and a step that overruns it by `overrunMs` is recorded as
+ *      failed with TIMEOUT);
+ *   4. journals each child's delivery and outcome, so a broker restarted in the middle
+ *      of a notice delivers and acts once per child (idempotent per step).
+ *
+ * The child notice and child outcome are type parameters: the guest agent's children are
+ * projects (ProjectNotice → ProjectOutcome); the host broker's children are guests
+ * (Notice → Outcome), and a project may itself be another agent one level deeper.
+ */
+import type { Logger } from '../common/log';
+import type { Outcome, OutcomeStatus, ProjectOutcome, Resources, Notice } from './types';
+
+/** One child's part of a plan. */
+export interface BrokerStep<CN> {
+  child: string;
+  /** Steps with the same order run together; lower orders first. */
+  order: number;
+  notice: CN;
+  /** False for children that only need to be told (nothing taken, nothing given): delivered, not applied. */
+  act?: boolean;
+}
+
+export interface ChildProgress {
+  child: string;
+  phase: string;
+  [k: string]: unknown;
+}
+
+export interface ChildContext {
+  /** Fires at the notice deadline or when the broker is stopped. */
+  signal: AbortSignal;
+  deadline: Date;
+  log: Logger;
+  /** True when this step was started by an earlier run of the broker that did not finish it. */
+  resumed: boolean;
+  progress(ev: { phase: string; [k: string]: unknown }): void;
+}
+
+export interface ChildHandle<CN, CO> {
+  readonly name: string;
+  /** Tells the child what is coming. Takes nothing. Must be quick and safe to repeat. */
+  deliver(notice: CN, ctx: ChildContext): Promise<void>;
+  /** Carries the child's step out and says how it went. Must honour ctx.signal. */
+  apply(notice: CN, ctx: ChildContext): Promise<CO>;
+}
+
+/** Durable record of each child's step of one notice (see StepJournalRecord). */
+export interface StepJournal<CO> {
+  get(child: string): Promise<StepJournalRecord<CO> | undefined>;
+  put(child: string, rec: StepJournalRecord<CO>): Promise<void>;
+}
+
+export interface StepJournalRecord<CO> {
+  deliveredAt?: string;
+  startedAt?: string;
+  outcome?: CO;
+}
+
+export interface StepResult<CO> {
+  child: string;
+  order: number;
+  outcome: CO;
+  /** The outcome came from the journal: an earlier run had already finished this step. */
+  fromJournal: boolean;
+}
+
+export interface BrokerRunOptions<CN, CO> {
+  noticeId: string;
+  deadline: Date;
+  /** An outside abort (the agent shutting down). The deadline is added to it. */
+  signal?: AbortSignal;
+  journal?: StepJournal<CO>;
+  log: Logger;
+  onProgress?: (ev: ChildProgress) => void;
+  /** Builds the outcome recorded for a step whose child threw, or overran the deadline. */
+  failed(step: BrokerStep<CN>, err: unknown, ms: number): CO;
+  /** How long past the deadline a step may run before it is recorded as failed. */
+  overrunMs?: number;
+  /** Bound on each delivery, so one stuck child cannot hold back everyone else's notice. */
+  deliverTimeoutMs?: number;
+  now?: () => number;
+}
+
+export class BrokerTimeout extends Error {
+  readonly code = 'TIMEOUT';
+}
+
+/** Runs one notice's steps over the children. Returns one result per acting step, in step order. */
+export async function runBroker<CN, CO>(
+  steps: BrokerStep<CN>[],
+  children: ReadonlyMap<string, ChildHandle<CN, CO>>,
+  opts: BrokerRunOptions<CN, CO>,
+): Promise<StepResult<CO>[]> {
+  const now = opts.now ?? Date.now;
+  const log = opts.log.child({ noticeId: opts.noticeId });
+  const overrunMs = opts.overrunMs ?? 10_000;
+  const deliverTimeoutMs = opts.deliverTimeoutMs ?? 5_000;
+  for (const s of steps) {
+    if (!children.has(s.child))
+      throw new Error(`broker step for unknown child ${JSON.stringify(s.child)}`);
+  }
+
+  // One signal for everything: the deadline or the outside abort, whichever comes first.
+  const ac = new AbortController();
+  const untilDeadline = Math.max(0, opts.deadline.getTime() - now());
+  const deadlineTimer = setTimeout(
+    () => ac.abort(new BrokerTimeout(`deadline ${opts.deadline.toISOString()} passed`)),
+    untilDeadline,
+  );
+  const onOutside = (): void => ac.abort(opts.signal?.reason);
+  if (opts.signal?.aborted) onOutside();
+  opts.signal?.addEventListener('abort', onOutside, { once: true });
+
+  const ctxFor = (child: string, resumed: boolean): ChildContext => ({
+    signal: ac.signal,
+    deadline: opts.deadline,
+    log: log.child({ child }),
+    resumed,
+    progress: (ev) => opts.onProgress?.({ ...ev, child }),
+  });
+  const records = new Map<string, StepJournalRecord<CO>>();
+  const save = async (child: string, patch: StepJournalRecord<CO>): Promise<void> => {
+    const rec = { ...(records.get(child) ?? {}), ...patch };
+    records.set(child, rec);
+    await opts.journal?.put(child, rec);
+  };
+
+  try {
+    for (const s of steps) {
+      const rec = await opts.journal?.get(s.child);
+      if (rec) records.set(s.child, rec);
+    }
+
+    // 1. Every child hears of the notice before anything is taken from any of them.
+    await Promise.all(
+      steps.map(async (s) => {
+        const rec = records.get(s.child);
+        if (rec?.deliveredAt || rec?.outcome) return;
+        const child = children.get(s.child)!;
+        const t0 = now();
+        try {
+          await withTimeout(
+            child.deliver(s.notice, ctxFor(s.child, false)),
+            deliverTimeoutMs,
+            `delivering the notice to ${s.child}`,
+          );
+          await save(s.child, { deliveredAt: new Date().toISOString() });
+          opts.onProgress?.({
+            child: s.child,
+            phase: 'notified',
+            ms: now() - t0,
+            action: actionOf(s.notice),
+          });
+        } catch (err) {
+          // The resources go at the deadline whatever happens: a failed delivery is
+          // logged and the step still runs (the child's stop path does not depend on it).
+          log.warn({ err, child: s.child }, 'could not deliver the notice to a child');
+        }
+      }),
+    );
+
+    // 2. The steps, group by group.
+    const acting = steps.filter((s) => s.act !== false);
+    const orders = [...new Set(acting.map((s) => s.order))].sort((a, b) => a - b);
+    const results = new Map<string, StepResult<CO>>();
+    for (const order of orders) {
+      const group = acting.filter((s) => s.order === order);
+      await Promise.all(
+        group.map(async (s) => {
+          const rec = records.get(s.child);
+          if (rec?.outcome !== undefined) {
+            log.info({ child: s.child }, 'step already done before a restart; not repeated');
+            results.set(s.child, {
+              child: s.child,
+              order,
+              outcome: rec.outcome,
+              fromJournal: true,
+            });
+            return;
+          }
+          const resumed = rec?.startedAt !== undefined;
+          await save(s.child, { startedAt: rec?.startedAt ?? new Date().toISOString() });
+          const t0 = now();
+          let outcome: CO;
+          try {
+            outcome = await withTimeout(
+              children.get(s.child)!.apply(s.notice, ctxFor(s.child, resumed)),
+              Math.max(0, opts.deadline.getTime() - now()) + overrunMs,
+              `step of ${s.child} (deadline ${opts.deadline.toISOString()} + ${overrunMs} ms)`,
+            );
+          } catch (err) {
+            log.error({ err, child: s.child }, 'child step failed');
+            outcome = opts.failed(s, err, now() - t0);
+          }
+          await save(s.child, { outcome });
+          results.set(s.child, { child: s.child, order, outcome, fromJournal: false });
+        }),
+      );
+    }
+    return acting.map((s) => results.get(s.child)!);
+  } finally {
+    clearTimeout(deadlineTimer);
+    opts.signal?.removeEventListener('abort', onOutside);
+  }
+}
+
+/** A child notice's action, when it has one (ProjectNotice does), for progress events. */
+function actionOf(n: unknown): unknown {
+  return n !== null && typeof n === 'object' && 'action' in n
+    ? (n as { action: unknown }).action
+    : undefined;
+}
+
+function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    const t = setTimeout(() => reject(new BrokerTimeout(`${what} did not finish in time`)), ms);
+    p.then(
+      (v) => {
+        clearTimeout(t);
+        resolve(v);
+      },
+      (e: unknown) => {
+        clearTimeout(t);
+        reject(e);
+      },
+    );
+  });
+}
+
+/** Limits as numbers for totals: 'max' counts as the whole of `whole`. */
+function num(v: number | 'max', whole: number): number {
+  return v === 'max' ? whole : v;
+}
+
+/**
+ * The outcome a broker of projects reports upward: per project what happened, the totals
+ * and a status: complete (every step as planned), partial (some step failed or ran out of
+ * time), failed (nothing went as planned).
+ *
+ * Totals: what the projects held before and after, each side capped by the allocation it
+ * lived in (limits may add up to more than the allocation: a limit is a ceiling, not a
+ * reservation). A reclaim reports the drop (what was given back), a restore the rise
+ * (what was taken); both ≥ 0. A project `started` held nothing before.
+ */
+export function summariseProjects(
+  notice: Notice,
+  projects: ProjectOutcome[],
+  previous: Resources,
+  startedAt: Date,
+  finishedAt: Date,
+  next: Resources = previous,
+): Outcome {
+  let memBefore = 0;
+  let memAfter = 0;
+  let cpuBefore = 0;
+  let cpuAfter = 0;
+  for (const p of projects) {
+    if (p.action !== 'started') {
+      memBefore += num(p.before.memoryMax, previous.memoryBytes);
+      cpuBefore += num(p.before.cpuMax, previous.cpus);
+    }
+    memAfter += num(p.after.memoryMax, next.memoryBytes);
+    cpuAfter += num(p.after.cpuMax, next.cpus);
+  }
+  memBefore = Math.min(memBefore, previous.memoryBytes);
+  cpuBefore = Math.min(cpuBefore, previous.cpus);
+  memAfter = Math.min(memAfter, next.memoryBytes);
+  cpuAfter = Math.min(cpuAfter, next.cpus);
+  const sign = notice.kind === 'restore' ? -1 : 1;
+  const memory = sign * (memBefore - memAfter);
+  const cpus = sign * (cpuBefore - cpuAfter);
+  const failures = projects.filter((p) => p.error !== undefined).length;
+  let status: OutcomeStatus = 'complete';
+  if (failures > 0) status = failures === projects.length ? 'failed' : 'partial';
+  return {
+    noticeId: notice.id,
+    guest: notice.guest,
+    status,
+    projects,
+    freed: {
+      memoryBytes: Math.max(0, memory),
+      cpus: Math.max(0, Math.round(cpus * 1000) / 1000),
+    },
+    startedAt: startedAt.toISOString(),
+    finishedAt: finishedAt.toISOString(),
+    ms: finishedAt.getTime() - startedAt.getTime(),
+  };
+}

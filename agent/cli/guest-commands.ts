@@ -1,0 +1,276 @@
+/**
+ * `nestctl --guest ...`: the guest agent's operator commands, over its socket
+ * (default /run/nestbroker/guest.sock; `--socket` overrides). Tables for people,
+ * `--json` for scripts; exit codes in format.ts (EXIT).
+ */
+import type { Argv } from 'yargs';
+import { rpcCall } from '../common/rpc';
+import { formatMs } from '../common/units';
+import type { Outcome } from '../broker/types';
+import type { Plan } from '../guest/planner';
+import {
+  EXIT,
+  exitForError,
+  exitForOutcome,
+  fmtBytes,
+  fmtCpus,
+  fmtLimits,
+  formatError,
+  formatOutcome,
+  formatProgress,
+  json,
+  table,
+} from './format';
+
+export const DEFAULT_GUEST_SOCKET = '/run/nestbroker/guest.sock';
+
+export interface GlobalArgs {
+  socket?: string;
+  json?: boolean;
+  guest?: boolean;
+  timeout?: string;
+}
+
+export interface Io {
+  out(s: string): void;
+  err(s: string): void;
+}
+
+const stdio: Io = {
+  out: (s) => process.stdout.write(`${s}\n`),
+  err: (s) => process.stderr.write(`${s}\n`),
+};
+
+function socketOf(a: GlobalArgs): string {
+  return a.socket ?? DEFAULT_GUEST_SOCKET;
+}
+
+async function run(a: GlobalArgs, io: Io, fn: () => Promise<number>): Promise<void> {
+  try {
+    process.exitCode = await fn();
+  } catch (err) {
+    if (a.json) io.out(json({ error: errorJson(err) }));
+    else io.err(formatError(err));
+    process.exitCode = exitForError(err);
+  }
+}
+
+function errorJson(err: unknown): object {
+  const e = err as { code?: string; message?: string; problems?: unknown };
+  return {
+    code: e.code ?? 'INTERNAL',
+    message: e.message ?? String(err),
+    problems: e.problems ?? [],
+  };
+}
+
+function changeArgs(a: Record<string, unknown>): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const k of ['memory', 'cpus', 'deadline', 'reason']) if (a[k] !== undefined) out[k] = a[k];
+  return out;
+}
+
+interface ProjectRow {
+  name: string;
+  priority: number;
+  state: string;
+  stoppedForRoom: boolean;
+  limits: import('../broker/types').ProjectLimits;
+  usage: { memoryBytes: number; cpus?: number; pids: number } | null;
+  pids: number;
+}
+
+function changeOptions<T extends GlobalArgs>(y: Argv<T>) {
+  return y
+    .option('memory', {
+      type: 'string',
+      describe: 'memory that goes away / comes back: bytes, 512MiB, 2G',
+    })
+    .option('cpus', { type: 'string', describe: 'CPUs that go away / come back, e.g. 1 or 0.5' })
+    .option('deadline', {
+      type: 'string',
+      describe: 'when the resources go, from now: 30s, 2m (default 30s)',
+    })
+    .option('reason', { type: 'string', describe: 'why, for the logs and the projects' });
+}
+
+/** Registers the guest commands on a yargs instance. */
+export function registerGuestCommands(y: Argv<GlobalArgs>, io: Io = stdio): Argv<GlobalArgs> {
+  return y
+    .command(
+      'projects',
+      'the projects: priority, state, limits, usage from the cgroup files, pids',
+      (b) => b,
+      (a) =>
+        run(a, io, async () => {
+          const rows = (await rpcCall(socketOf(a), 'projects', {})) as ProjectRow[];
+          if (a.json) io.out(json(rows));
+          else
+            io.out(
+              table(
+                ['name', 'priority', 'state', 'limits', 'memory', 'cpus', 'pids'],
+                rows.map((r) => [
+                  r.name,
+                  r.priority,
+                  r.state + (r.stoppedForRoom && r.state === 'stopped' ? ' (for room)' : ''),
+                  fmtLimits(r.limits),
+                  fmtBytes(r.usage?.memoryBytes),
+                  fmtCpus(r.usage?.cpus),
+                  r.pids,
+                ]),
+              ),
+            );
+          return EXIT.OK;
+        }),
+    )
+    .command(
+      'plan',
+      'dry run: what a reclaim (or --restore) would do to each project, and why; changes nothing',
+      (b) =>
+        changeOptions(b).option('restore', {
+          type: 'boolean',
+          describe: 'plan resources coming back',
+        }),
+      (a) =>
+        run(a, io, async () => {
+          const r = (await rpcCall(socketOf(a), 'plan', {
+            ...changeArgs(a),
+            kind: a.restore ? 'restore' : 'reclaim',
+          })) as { allocation: { memoryBytes: number; cpus: number }; plan: Plan };
+          if (a.json) io.out(json(r));
+          else {
+            io.out(
+              table(
+                ['order', 'project', 'action', 'before', 'after', 'why'],
+                r.plan.decisions.map((d) => [
+                  d.order,
+                  d.project,
+                  d.action,
+                  fmtLimits(d.before),
+                  d.action === 'stopped' ? 'stopped' : fmtLimits(d.after),
+                  d.reason,
+                ]),
+              ),
+            );
+            io.out('');
+            io.out(
+              `guest allocation after: ${fmtBytes(r.allocation.memoryBytes)} memory, ${fmtCpus(r.allocation.cpus)} CPUs`,
+            );
+            for (const line of r.plan.reasons) io.out(`- ${line}`);
+            io.out('(dry run: nothing was changed)');
+          }
+          return EXIT.OK;
+        }),
+    )
+    .command(
+      'reclaim',
+      'take memory/CPUs from this guest now: project notices, shrinks, graceful stops',
+      (b) => changeOptions(b),
+      (a) => noticeCommand('reclaim', a, io),
+    )
+    .command(
+      'restore',
+      'give memory/CPUs back: limits raised, projects stopped for room started again',
+      (b) => changeOptions(b),
+      (a) => noticeCommand('restore', a, io),
+    )
+    .command(
+      'notices',
+      'the notices this guest received (from the host or an operator), newest first',
+      (b) => b,
+      (a) =>
+        run(a, io, async () => {
+          const rows = (await rpcCall(socketOf(a), 'notices', {})) as {
+            id: string;
+            kind: string;
+            source: string;
+            seq: number;
+            state: string;
+            status: string | null;
+            receivedAt: string;
+            runs: number;
+            change: { memoryBytes: number; cpus: number };
+            outcome: Outcome | null;
+            reason: string;
+          }[];
+          if (a.json) io.out(json(rows));
+          else
+            io.out(
+              table(
+                [
+                  'id',
+                  'kind',
+                  'from',
+                  'seq',
+                  'state',
+                  'status',
+                  'change',
+                  'received',
+                  'took',
+                  'reason',
+                ],
+                rows.map((r) => [
+                  r.id,
+                  r.kind,
+                  r.source,
+                  r.seq,
+                  r.state,
+                  r.status ?? '-',
+                  `${fmtBytes(r.change.memoryBytes)}, ${fmtCpus(r.change.cpus)} CPUs`,
+                  r.receivedAt,
+                  r.outcome ? formatMs(r.outcome.ms) : '-',
+                  r.reason,
+                ]),
+              ),
+            );
+          return EXIT.OK;
+        }),
+    )
+    .command(
+      'cancel <noticeId>',
+      'withdraw a notice whose work has not started',
+      (b) => b.positional('noticeId', { type: 'string', demandOption: true }),
+      (a) =>
+        run(a, io, async () => {
+          const r = (await rpcCall(socketOf(a), 'cancel', { noticeId: a.noticeId })) as {
+            state: string;
+          };
+          io.out(a.json ? json(r) : `notice ${String(a.noticeId)}: ${r.state}`);
+          return r.state === 'cancelled' ? EXIT.OK : EXIT.REJECTED;
+        }),
+    )
+    .command(
+      'status',
+      'the guest agent: allocation, reserve, cgroup driver, upstream, notices',
+      (b) => b,
+      (a) =>
+        run(a, io, async () => {
+          const r = (await rpcCall(socketOf(a), 'status', {})) as Record<string, unknown>;
+          if (a.json) io.out(json(r));
+          else
+            for (const [k, v] of Object.entries(r))
+              io.out(`${k.padEnd(18)} ${typeof v === 'object' ? JSON.stringify(v) : String(v)}`);
+          return EXIT.OK;
+        }),
+    );
+}
+
+async function noticeCommand(
+  kind: 'reclaim' | 'restore',
+  a: GlobalArgs & Record<string, unknown>,
+  io: Io,
+): Promise<void> {
+  await run(a, io, async () => {
+    const r = (await rpcCall(socketOf(a), kind, changeArgs(a), {
+      // Long waits show progress; the notice's own deadline bounds the wait (plus slack).
+      timeoutMs: 0,
+      onProgress: (ev) => {
+        if (a.json) return;
+        const line = formatProgress(ev as Record<string, unknown>);
+        if (line) io.err(line);
+      },
+    })) as { outcome: Outcome };
+    io.out(a.json ? json(r) : formatOutcome(r.outcome, kind));
+    return exitForOutcome(r.outcome);
+  });
+}

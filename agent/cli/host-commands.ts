@@ -1,0 +1,396 @@
+/**
+ * `nestctl <command>`: the host broker's operator commands over its socket
+ * (default /run/nestbroker/host.sock; `--socket` overrides). Tables for people, `--json`
+ * for scripts. Exit codes: format.ts EXIT, plus HOST_EXIT below (docs/host-broker.md).
+ */
+import type { Argv } from 'yargs';
+import { rpcCall } from '../common/rpc';
+import { formatMs, parseDuration } from '../common/units';
+import type { NoticeView } from '../host/api';
+import type { GuestStatus, HostProgress } from '../host/host-broker';
+import { DEFAULT_HOST_SOCKET } from '../host/config';
+import {
+  EXIT,
+  exitForError,
+  exitForOutcome,
+  fmtBytes,
+  fmtCpus,
+  formatError,
+  formatOutcome,
+  json,
+  table,
+} from './format';
+
+/** Exit codes only host commands give (after format.ts's 0–6). */
+export const HOST_EXIT = {
+  /** The guest sent no outcome by the deadline (GUEST_LATE); nothing was removed unless --force. */
+  LATE: 7,
+  /** The notice was cancelled before it was carried out. */
+  CANCELLED: 8,
+  /** The guest answered, but the VM's limits or balloon could not be set (see the table). */
+  ACTUATION: 9,
+} as const;
+
+export const HOST_EXIT_HELP = `Host exit codes (besides 0-6):
+  ${HOST_EXIT.LATE}  the guest was late (no outcome by the deadline); nothing removed unless --force
+  ${HOST_EXIT.CANCELLED}  the notice was cancelled
+  ${HOST_EXIT.ACTUATION}  the guest answered but the VM cgroup limits or balloon could not be set`;
+
+interface G {
+  socket?: string;
+  json?: boolean;
+}
+
+export interface Io {
+  out(s: string): void;
+  err(s: string): void;
+}
+
+const stdio: Io = {
+  out: (s) => process.stdout.write(`${s}\n`),
+  err: (s) => process.stderr.write(`${s}\n`),
+};
+
+const sock = (a: G): string => a.socket ?? DEFAULT_HOST_SOCKET;
+
+async function run(a: G, io: Io, fn: () => Promise<number>): Promise<void> {
+  try {
+    process.exitCode = await fn();
+  } catch (err) {
+    const e = err as { code?: string; message?: string; problems?: unknown };
+    if (a.json)
+      io.out(
+        json({
+          error: {
+            code: e.code ?? 'INTERNAL',
+            message: e.message ?? String(err),
+            problems: e.problems ?? [],
+          },
+        }),
+      );
+    else io.err(formatError(err));
+    process.exitCode =
+      e.code === 'GUEST_UNKNOWN'
+        ? EXIT.USAGE
+        : e.code === 'GUEST_LATE'
+          ? HOST_EXIT.LATE
+          : exitForError(err);
+  }
+}
+
+/** The exit code of a finished notice: what happened, in one number. */
+export function exitForNotice(n: NoticeView): number {
+  if (n.state === 'cancelled') return HOST_EXIT.CANCELLED;
+  if (n.state === 'late' || n.late) return HOST_EXIT.LATE;
+  if (n.state === 'refused') return EXIT.REJECTED;
+  if (n.actuation && n.actuation.errors.length > 0) return HOST_EXIT.ACTUATION;
+  if (n.outcome) return exitForOutcome(n.outcome);
+  return n.state === 'done' ? EXIT.OK : EXIT.ERROR;
+}
+
+const res = (r: { memoryBytes: number; cpus: number } | undefined): string =>
+  r ? `${fmtBytes(r.memoryBytes)}, ${fmtCpus(r.cpus)} CPUs` : '-';
+
+function guestsTable(gs: GuestStatus[]): string {
+  return table(
+    ['guest', 'prio', 'connected', 'granted', 'allocation', 'floor', 'projects', 'pending'],
+    gs.map((g) => [
+      g.name,
+      g.priority,
+      g.connected ? 'yes' : 'no',
+      res(g.books.granted),
+      res(g.books.allocation),
+      res(g.books.floor),
+      g.inventory ? String(g.inventory.projects.length) : '-',
+      g.pending.length ? g.pending.join(',') : '-',
+    ]),
+  );
+}
+
+function noticesTable(ns: NoticeView[]): string {
+  return table(
+    ['id', 'kind', 'state', 'change', 'allocation', 'deadline', 'outcome'],
+    ns.map((n) => [
+      n.id,
+      n.kind,
+      n.late && n.state !== 'late' ? `${n.state} (late)` : n.state,
+      res(n.change),
+      res(n.allocation),
+      n.deadline.slice(11, 19),
+      n.outcome ? `${n.outcome.status} in ${formatMs(n.outcome.ms)}` : (n.error?.code ?? '-'),
+    ]),
+  );
+}
+
+export function formatNotice(n: NoticeView): string {
+  const lines: string[] = [];
+  if (n.outcome) lines.push(formatOutcome(n.outcome), '');
+  lines.push(
+    `notice ${n.id} (${n.kind} of ${res(n.change)} ${n.kind === 'reclaim' ? 'from' : 'to'} ${n.guest}): ${n.state}${n.late ? ' (guest late)' : ''}`,
+  );
+  if (n.actuation) {
+    const a = n.actuation;
+    const mem = a.cgroup?.after.memory?.max;
+    const cpu = a.cgroup?.after.cpu?.max;
+    lines.push(
+      `VM ${a.direction === 'down' ? 'lowered' : 'raised'} to ${res(a.target)}` +
+        (a.cgroup
+          ? `; cgroup ${a.cgroup.group}: memory ${fmtBytes(mem ?? 'max')}, cpu.max ${cpu ? `${cpu.quotaUs} ${cpu.periodUs}` : '-'}`
+          : '') +
+        (a.balloon
+          ? `; balloon ${fmtBytes(a.balloon.actualBytes)} of ${fmtBytes(a.balloon.targetBytes)}${a.balloon.reached ? '' : ' (short)'}`
+          : ''),
+    );
+    for (const e of a.errors) lines.push(`  ${e.step} failed (${e.code}): ${e.message}`);
+  }
+  if (n.error) lines.push(`${n.error.code}: ${n.error.message}`);
+  return lines.join('\n');
+}
+
+export function formatHostProgress(ev: HostProgress): string {
+  const t = ev.at.slice(11, 23);
+  if (ev.project)
+    return `${t}  ${ev.guest}/${ev.project}: ${ev.phase}${ev.exit ? `, ${ev.exit}` : ''}${ev.ms !== undefined ? ` (${formatMs(ev.ms)})` : ''}`;
+  return `${t}  ${ev.guest}: ${ev.phase}`;
+}
+
+function changeOpts<T>(y: Argv<T>, required: boolean) {
+  return y
+    .positional('vm', { type: 'string', demandOption: true, describe: 'guest (VM) name' })
+    .option('memory', {
+      type: 'string',
+      describe: `memory to ${required ? 'take' : 'give back'}: 2GiB, 512M, bytes`,
+    })
+    .option('cpus', { type: 'string', describe: 'CPUs, e.g. 1 or 0.5' });
+}
+
+function changeArgs(a: Record<string, unknown>): Record<string, unknown> {
+  // The guest is the positional `vm`: `--guest` is nestctl's global switch (nestctl.ts).
+  const out: Record<string, unknown> = { guest: a.vm };
+  for (const k of ['memory', 'cpus', 'deadline', 'reason', 'force'])
+    if (a[k] !== undefined) out[k] = a[k];
+  return out;
+}
+
+function noticeCommand(kind: 'reclaim' | 'restore', io: Io) {
+  return async (a: G & Record<string, unknown>): Promise<void> =>
+    run(a, io, async () => {
+      const d = parseDuration(a.deadline ?? '60s');
+      // Wait for the deadline, the actuation after it (a balloon may take a while), and slack.
+      const timeoutMs = d.ok ? d.value + 120_000 : 0;
+      const n = (await rpcCall(sock(a), kind, changeArgs(a), {
+        timeoutMs,
+        onProgress: (ev) => {
+          if (!a.json) io.out(formatHostProgress(ev as HostProgress));
+        },
+      })) as NoticeView;
+      io.out(a.json ? json(n) : `\n${formatNotice(n)}`);
+      return exitForNotice(n);
+    });
+}
+
+export function registerHostCommands(y: Argv, io: Io = stdio): Argv {
+  return y
+    .command(
+      'guests',
+      'list the guests: connection, books (granted / allocation / floor), pending notices',
+      (c) => c,
+      (a) =>
+        run(a as G, io, async () => {
+          const gs = (await rpcCall(sock(a as G), 'guests')) as GuestStatus[];
+          io.out((a as G).json ? json(gs) : guestsTable(gs));
+          return EXIT.OK;
+        }),
+    )
+    .command(
+      'status',
+      'the host: guests, notices in flight, host memory, VM cgroups, trigger state',
+      (c) => c,
+      (a) =>
+        run(a as G, io, async () => {
+          const s = (await rpcCall(sock(a as G), 'status')) as {
+            guests: GuestStatus[];
+            notices: NoticeView[];
+            host: {
+              host: {
+                memoryAvailableBytes?: number;
+                memoryTotalBytes?: number;
+                memoryPsiSomeAvg10?: number;
+              };
+              vms: {
+                guest: string;
+                usage?: { memoryCurrent: number; pids: number };
+                limits?: {
+                  memory?: { max?: number | 'max' };
+                  cpu?: { max?: { quotaUs: number | 'max'; periodUs: number } };
+                };
+              }[];
+            } | null;
+            trigger: { enabled: boolean } | null;
+          };
+          if ((a as G).json) {
+            io.out(json(s));
+            return EXIT.OK;
+          }
+          const h = s.host?.host;
+          io.out(
+            `host: ${h ? `${fmtBytes(h.memoryAvailableBytes)} available of ${fmtBytes(h.memoryTotalBytes)}, memory PSI some avg10 ${h.memoryPsiSomeAvg10 ?? '-'}` : 'not sampled yet'}; trigger ${s.trigger?.enabled ? 'on' : 'off'}`,
+          );
+          io.out('');
+          io.out(guestsTable(s.guests));
+          if (s.host?.vms.length) {
+            io.out('');
+            io.out(
+              table(
+                ['guest', 'vm memory', 'vm memory limit', 'vm cpu.max', 'pids'],
+                s.host.vms.map((v) => [
+                  v.guest,
+                  fmtBytes(v.usage?.memoryCurrent),
+                  fmtBytes(v.limits?.memory?.max),
+                  v.limits?.cpu?.max
+                    ? `${v.limits.cpu.max.quotaUs} ${v.limits.cpu.max.periodUs}`
+                    : '-',
+                  v.usage ? v.usage.pids : '-',
+                ]),
+              ),
+            );
+          }
+          if (s.notices.length) {
+            io.out('');
+            io.out(noticesTable(s.notices));
+          }
+          return EXIT.OK;
+        }),
+    )
+    .command(
+      'projects <vm>',
+      "a guest's projects, from its last hello",
+      (c) =>
+        c.positional('vm', { type: 'string', demandOption: true, describe: 'guest (VM) name' }),
+      (a) =>
+        run(a as G, io, async () => {
+          const p = (await rpcCall(sock(a as G), 'projects', { guest: a.vm })) as {
+            guest: string;
+            connected: boolean;
+            helloAt: string;
+            cpus: number;
+            memoryBytes: number;
+            projects: { name: string; priority: number; state: string }[];
+          };
+          if ((a as G).json) io.out(json(p));
+          else {
+            io.out(
+              `${p.guest}: ${fmtBytes(p.memoryBytes)}, ${fmtCpus(p.cpus)} CPUs; ${p.connected ? 'connected' : 'NOT connected'}; inventory of ${p.helloAt}`,
+            );
+            io.out(
+              table(
+                ['project', 'priority', 'state'],
+                p.projects.map((x) => [x.name, x.priority, x.state]),
+              ),
+            );
+          }
+          return EXIT.OK;
+        }),
+    )
+    .command(
+      'plan <vm>',
+      'dry run: what a reclaim would leave the guest, checked against its books and floor',
+      (c) => changeOpts(c, true),
+      (a) =>
+        run(a as G, io, async () => {
+          const p = (await rpcCall(sock(a as G), 'plan', changeArgs(a))) as {
+            ok: boolean;
+            allocation?: { memoryBytes: number; cpus: number };
+            books: {
+              granted: { memoryBytes: number; cpus: number };
+              floor: { memoryBytes: number; cpus: number };
+            };
+            problems: { field: string; message: string }[];
+            inventory: { projects: { name: string; priority: number; state: string }[] } | null;
+            note: string;
+          };
+          if ((a as G).json) io.out(json(p));
+          else {
+            io.out(
+              p.ok
+                ? `${String(a.vm)}: ${res(p.books.granted)} now → ${res(p.allocation)} after (floor ${res(p.books.floor)})`
+                : `${String(a.vm)}: refused\n${p.problems.map((x) => `  ${x.field}: ${x.message}`).join('\n')}`,
+            );
+            if (p.inventory) {
+              io.out('');
+              io.out(
+                table(
+                  ['project', 'priority', 'state'],
+                  [...p.inventory.projects]
+                    .sort((x, y) => x.priority - y.priority)
+                    .map((x) => [x.name, x.priority, x.state]),
+                ),
+              );
+              io.out('(lowest priority gives first; ' + p.note + ')');
+            }
+          }
+          return p.ok ? EXIT.OK : EXIT.REJECTED;
+        }),
+    )
+    .command(
+      'reclaim <vm>',
+      'take memory/CPUs from a guest: notice → guest cascade → outcome → VM limits lowered',
+      (c) =>
+        changeOpts(c, true)
+          .option('deadline', {
+            type: 'string',
+            default: '60s',
+            describe: 'time the guest has: 30s, 2m',
+          })
+          .option('force', {
+            type: 'boolean',
+            default: false,
+            describe: 'remove the resources at the deadline even if the guest is late',
+          })
+          .option('reason', { type: 'string', describe: 'said to the guest and its projects' })
+          .example('$0 reclaim vm1 --memory 2GiB --cpus 1 --deadline 60s --reason maintenance', ''),
+      (a) => noticeCommand('reclaim', io)(a as G & Record<string, unknown>),
+    )
+    .command(
+      'restore <vm>',
+      'give resources back: VM limits raised first, then the guest is told (default: all taken)',
+      (c) =>
+        changeOpts(c, false)
+          .option('deadline', {
+            type: 'string',
+            default: '60s',
+            describe: 'time the guest has to answer',
+          })
+          .option('reason', { type: 'string' }),
+      (a) => noticeCommand('restore', io)(a as G & Record<string, unknown>),
+    )
+    .command(
+      'cancel <id>',
+      'withdraw a reclaim before its deadline (the guest must agree it has not carried it out)',
+      (c) => c.positional('id', { type: 'string', demandOption: true }),
+      (a) =>
+        run(a as G, io, async () => {
+          const n = (await rpcCall(sock(a as G), 'cancel', { id: a.id })) as NoticeView;
+          io.out((a as G).json ? json(n) : formatNotice(n));
+          return EXIT.OK;
+        }),
+    )
+    .command(
+      // `--guest` is nestctl's switch to the guest agent's commands (nestctl.ts), so the
+      // guest to filter on is a positional here: `nestctl notices vm1`.
+      'notices [name]',
+      "the notice journal: every notice (or one guest's), its state and outcome",
+      (c) => c.positional('name', { type: 'string', describe: 'only this guest' }),
+      (a) =>
+        run(a as G, io, async () => {
+          const ns = (await rpcCall(
+            sock(a as G),
+            'notices',
+            a.name ? { guest: a.name } : {},
+          )) as NoticeView[];
+          io.out((a as G).json ? json(ns) : ns.length ? noticesTable(ns) : '(no notices)');
+          return EXIT.OK;
+        }),
+    )
+    .epilogue(HOST_EXIT_HELP);
+}

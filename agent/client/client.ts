@@ -1,0 +1,237 @@
+/**
+ * The client role (design.md "Roles"): links a level to the broker above it. It sits on
+ * one channel to that broker (the guest is the server end: virtio-serial port, unix or
+ * TLS socket), says `hello` with its inventory and the last notice seq it applied, and
+ * answers what comes down:
+ *
+ *   notice | restore → ack (accepted | duplicate | rejected) → progress* → outcome
+ *   cancel           → ack (cancelled | not-cancellable | rejected)
+ *   ping             → pong
+ *   anything invalid → error (the connection and all state stay)
+ *
+ * The checking, journaling and exactly-once execution live in the NoticeBook; this file
+ * only speaks the protocol. A duplicate notice id gets its journaled outcome again.
+ */
+import type { Logger } from '../common/log';
+import { isNestError } from '../common/errors';
+import {
+  PROTOCOL_VERSION,
+  newMessageId,
+  type Hello,
+  type Message,
+  type Progress,
+} from '../protocol/messages';
+import { errorReply, parseMessage } from '../protocol/schemas';
+import type { Notice, Outcome } from '../broker/types';
+import type { ChildProgress } from '../broker/broker';
+import type { Channel } from '../transport/channel';
+import type { NoticeBook } from './notices';
+
+/** The channel to the broker above (agent/transport): validated messages in, messages out. */
+export type ClientChannel = Channel;
+
+export interface ClientOptions {
+  channel: ClientChannel;
+  book: NoticeBook;
+  inventory(): Promise<Hello['inventory']>;
+  log: Logger;
+}
+
+const PROGRESS_PHASES = new Set<Progress['phase']>([
+  'notified',
+  'shrunk',
+  'stopping',
+  'stopped',
+  'started',
+  'grown',
+]);
+
+export class Client {
+  private open = false;
+  private readonly channel: ClientChannel;
+  private readonly book: NoticeBook;
+  private readonly log: Logger;
+  /** Notices whose outcome this connection still owes (sent when done, or again on reconnect). */
+  private readonly owed = new Set<string>();
+  private inbox: Promise<void> = Promise.resolve();
+
+  constructor(private readonly opts: ClientOptions) {
+    this.channel = opts.channel;
+    this.book = opts.book;
+    this.log = opts.log.child({ role: 'client' });
+    this.channel.on('open', () => {
+      this.open = true;
+      void this.hello();
+    });
+    this.channel.on('close', () => {
+      this.open = false;
+    });
+    // Messages are handled one after another, in the order they came: two notices in
+    // flight at once must be checked (seq) and journaled in order.
+    this.channel.on('message', (m) => {
+      this.inbox = this.inbox
+        .then(() => this.onMessage(m))
+        .catch((err: unknown) => this.log.error({ err }, 'message handling failed'));
+    });
+    this.book.on('progress', (noticeId: string, ev: ChildProgress) => this.progress(noticeId, ev));
+  }
+
+  /** For a channel that was already open when the client was attached. */
+  opened(): void {
+    this.open = true;
+    void this.hello();
+  }
+
+  private send(msg: Message): void {
+    if (!this.open) return;
+    try {
+      this.channel.send(msg);
+    } catch (err) {
+      this.log.warn({ err, type: msg.type }, 'could not send to the broker above');
+    }
+  }
+
+  private async hello(): Promise<void> {
+    const inventory = await this.opts.inventory();
+    this.send({
+      type: 'hello',
+      id: newMessageId(),
+      version: PROTOCOL_VERSION,
+      guest: this.book.name,
+      inventory,
+      lastSeq: this.book.lastSeq,
+    });
+    // Outcomes finished while the channel was down are sent again; the broker above
+    // journals by notice id, so a repeat is harmless.
+    for (const id of this.owed) {
+      const rec = this.book.get(id);
+      if (rec?.outcome) this.sendOutcome(rec.outcome);
+    }
+  }
+
+  private async onMessage(raw: Message | string): Promise<void> {
+    // Channels hand over validated messages; a raw line (a test, a bare socket) is checked here.
+    const parsed = parseMessage(typeof raw === 'string' ? raw : JSON.stringify(raw));
+    if (!parsed.ok) {
+      this.log.warn({ problems: parsed.error.problems }, 'invalid message from the broker above');
+      this.send(errorReply(parsed.error, newMessageId()));
+      return;
+    }
+    const msg = parsed.msg;
+    switch (msg.type) {
+      case 'notice':
+      case 'restore':
+        return this.onNotice(msg.id, msg.notice, msg.type);
+      case 'cancel': {
+        try {
+          const state = await this.book.cancel(msg.noticeId);
+          this.send({
+            type: 'ack',
+            id: newMessageId(),
+            replyTo: msg.id,
+            noticeId: msg.noticeId,
+            state,
+          });
+        } catch (err) {
+          this.send({
+            type: 'ack',
+            id: newMessageId(),
+            replyTo: msg.id,
+            noticeId: msg.noticeId,
+            state: 'rejected',
+            error: errorOf(err),
+          });
+        }
+        return;
+      }
+      case 'ping':
+        this.send({ type: 'pong', id: newMessageId(), replyTo: msg.id, t: msg.t });
+        return;
+      case 'welcome':
+        this.log.info({ heartbeatMs: msg.heartbeatMs }, 'welcomed by the broker above');
+        return;
+      case 'pong':
+      case 'error':
+        if (msg.type === 'error') this.log.warn({ msg }, 'the broker above reported an error');
+        return;
+      default:
+        this.send({
+          type: 'error',
+          id: newMessageId(),
+          replyTo: msg.id,
+          code: 'PROTOCOL_INVALID',
+          message: `a client does not accept "${msg.type}" messages`,
+        });
+    }
+  }
+
+  private async onNotice(msgId: string, notice: Notice, type: 'notice' | 'restore'): Promise<void> {
+    const expected = type === 'notice' ? 'reclaim' : 'restore';
+    if (notice.kind !== expected) {
+      this.send({
+        type: 'ack',
+        id: newMessageId(),
+        replyTo: msgId,
+        noticeId: notice.id,
+        state: 'rejected',
+        error: {
+          code: 'PROTOCOL_INVALID',
+          message: `a "${type}" message must carry a ${expected} notice, got kind "${notice.kind}"`,
+        },
+      });
+      return;
+    }
+    let sub;
+    try {
+      sub = await this.book.submit(notice, 'upstream');
+    } catch (err) {
+      sub = { state: 'rejected' as const, error: errorOf(err), outcome: undefined };
+    }
+    const ack: Message = {
+      type: 'ack',
+      id: newMessageId(),
+      replyTo: msgId,
+      noticeId: notice.id,
+      state: sub.state,
+    };
+    if (sub.error) ack.error = { code: sub.error.code, message: sub.error.message };
+    this.send(ack);
+    if (!sub.outcome) return;
+    this.owed.add(notice.id);
+    // The outcome follows when it is ready; the next message need not wait for it.
+    sub.outcome.then(
+      (outcome) => this.sendOutcome(outcome),
+      (err: unknown) =>
+        this.log.error({ err, noticeId: notice.id }, 'notice ended without an outcome'),
+    );
+  }
+
+  private sendOutcome(outcome: Outcome): void {
+    if (!this.open) return; // sent again after the next hello
+    this.send({ type: 'outcome', id: newMessageId(), outcome });
+    this.owed.delete(outcome.noticeId);
+  }
+
+  private progress(noticeId: string, ev: ChildProgress): void {
+    const phase = ev.phase as Progress['phase'];
+    if (!PROGRESS_PHASES.has(phase)) return;
+    const rec = this.book.get(noticeId);
+    if (!rec || rec.source !== 'upstream') return;
+    const msg: Progress = {
+      type: 'progress',
+      id: newMessageId(),
+      noticeId,
+      project: ev.child,
+      phase,
+      action: (ev.action as Progress['action']) ?? 'unchanged',
+      ms: typeof ev.ms === 'number' ? Math.max(0, Math.round(ev.ms)) : 0,
+    };
+    if (ev.exit !== undefined) msg.exit = ev.exit as Progress['exit'];
+    this.send(msg);
+  }
+}
+
+function errorOf(err: unknown): { code: string; message: string } {
+  if (isNestError(err)) return { code: err.code, message: err.message };
+  return { code: 'INTERNAL', message: err instanceof Error ? err.message : String(err) };
+}

@@ -1,0 +1,292 @@
+/**
+ * The notice book of a client: every notice a level receives (from the broker above, or
+ * from a local operator) is checked, journaled BEFORE anything is done, carried out by
+ * the local broker one at a time, and its outcome journaled. The same notice id has
+ * effect once: a duplicate gets the journaled outcome (or waits for the one in flight),
+ * and after a restart the notices that were accepted but not finished are resumed,
+ * exactly once, with the per-child step journal (broker.ts) so no child is acted on twice.
+ */
+import { createHash } from 'node:crypto';
+import { EventEmitter } from 'node:events';
+import * as path from 'node:path';
+import { Journal } from '../common/journal';
+import { NestError, isNestError, type Problem } from '../common/errors';
+import type { Logger } from '../common/log';
+import type { Notice, Outcome } from '../broker/types';
+import type { ChildProgress, StepJournal, StepJournalRecord } from '../broker/broker';
+
+export type NoticeSource = 'upstream' | 'local';
+export type NoticeState = 'accepted' | 'running' | 'done' | 'cancelled' | 'rejected';
+
+export interface NoticeRecord {
+  notice: Notice;
+  source: NoticeSource;
+  state: NoticeState;
+  receivedAt: string;
+  startedAt?: string;
+  finishedAt?: string;
+  /** How many times carrying it out was started (1, or 2 after a restart mid-notice). */
+  runs: number;
+  outcome?: Outcome;
+  error?: { code: string; message: string };
+}
+
+export interface CarryOutContext {
+  signal: AbortSignal;
+  log: Logger;
+  /** True when an earlier run of this agent started this notice and did not finish it. */
+  resumed: boolean;
+  steps: StepJournal<unknown>;
+  onProgress(ev: ChildProgress): void;
+}
+
+/** The local broker as the client sees it. */
+export interface LocalBroker {
+  /** This level's name: a notice for another name is refused. */
+  readonly name: string;
+  /** Why this notice cannot be carried out (does not fit, ...); empty when it can. */
+  check(notice: Notice): Promise<Problem[]>;
+  carryOut(notice: Notice, ctx: CarryOutContext): Promise<Outcome>;
+}
+
+export type AckState = 'accepted' | 'duplicate' | 'rejected';
+
+export interface Submitted {
+  state: AckState;
+  error?: { code: string; message: string; problems?: Problem[] };
+  /** Resolves with the outcome (journaled first); absent when rejected. */
+  outcome?: Promise<Outcome>;
+}
+
+/** Journal keys are file names: a notice id that is not one becomes a hash. */
+export function noticeKey(id: string): string {
+  // ≤ 60 characters, so `<key>--<project>` (project ≤ 63) stays within a journal key (128).
+  return /^[A-Za-z0-9][A-Za-z0-9_.-]{0,59}$/.test(id)
+    ? id
+    : `h-${createHash('sha256').update(id).digest('hex').slice(0, 40)}`;
+}
+
+export class NoticeBook extends EventEmitter {
+  private readonly notices: Journal<NoticeRecord>;
+  private readonly steps: Journal<StepJournalRecord<unknown>>;
+  private readonly records = new Map<string, NoticeRecord>();
+  private readonly inflight = new Map<string, Promise<Outcome>>();
+  private queue: Promise<unknown> = Promise.resolve();
+  private admitting: Promise<void> = Promise.resolve();
+  private readonly stopping = new AbortController();
+  private lastSeqValue = 0;
+
+  constructor(
+    stateDir: string,
+    private readonly broker: LocalBroker,
+    private readonly log: Logger,
+  ) {
+    super();
+    this.notices = new Journal(path.join(stateDir, 'notices'));
+    this.steps = new Journal(path.join(stateDir, 'steps'));
+  }
+
+  get name(): string {
+    return this.broker.name;
+  }
+
+  /** Highest seq of an upstream notice accepted here (for `hello`). */
+  get lastSeq(): number {
+    return this.lastSeqValue;
+  }
+
+  /** Loads the journal. Call resume() once the local broker is ready to act. */
+  async init(): Promise<void> {
+    await this.notices.init();
+    await this.steps.init();
+    for (const { value } of await this.notices.all()) {
+      this.records.set(value.notice.id, value);
+      this.noteSeq(value);
+    }
+  }
+
+  /** Carries out, once, every notice an earlier run accepted and did not finish. */
+  resume(): Promise<Outcome>[] {
+    const unfinished = [...this.records.values()]
+      .filter((r) => r.state === 'accepted' || r.state === 'running')
+      .sort((a, b) => a.receivedAt.localeCompare(b.receivedAt) || a.notice.seq - b.notice.seq);
+    return unfinished.map((r) => {
+      this.log.info(
+        { noticeId: r.notice.id, state: r.state },
+        'resuming a notice left unfinished by an earlier run',
+      );
+      return this.enqueue(r);
+    });
+  }
+
+  list(): NoticeRecord[] {
+    return [...this.records.values()].sort((a, b) => b.receivedAt.localeCompare(a.receivedAt));
+  }
+
+  get(id: string): NoticeRecord | undefined {
+    return this.records.get(id);
+  }
+
+  /**
+   * Validate → journal → queue. Never acts on a notice it could not journal. Admissions
+   * are one at a time, so the duplicate and seq checks see every earlier notice.
+   */
+  submit(notice: Notice, source: NoticeSource): Promise<Submitted> {
+    const p = this.admitting.then(() => this.admit(notice, source));
+    this.admitting = p.then(
+      () => undefined,
+      () => undefined,
+    );
+    return p;
+  }
+
+  private async admit(notice: Notice, source: NoticeSource): Promise<Submitted> {
+    const log = this.log.child({ noticeId: notice.id });
+    const known = this.records.get(notice.id);
+    if (known) {
+      log.info({ state: known.state }, 'duplicate notice: not acted on again');
+      if (known.state === 'rejected') return { state: 'rejected', error: known.error };
+      if (known.state === 'done' && known.outcome)
+        return { state: 'duplicate', outcome: Promise.resolve(known.outcome) };
+      const running = this.inflight.get(notice.id);
+      return {
+        state: 'duplicate',
+        outcome: running ?? Promise.reject(new NestError('NOTICE_UNKNOWN', 'notice was cancelled')),
+      };
+    }
+    const problems = await this.validate(notice, source);
+    if (problems.length > 0) {
+      const code = problems.some((p) => p.field === 'seq') ? 'NOTICE_STALE' : 'NOTICE_REJECTED';
+      const error = {
+        code,
+        message: problems.map((p) => `${p.field}: ${p.message}`).join('; '),
+        problems,
+      };
+      log.warn({ problems }, 'notice rejected');
+      // A rejected notice is remembered (best effort) so a replay gets the same answer.
+      const rec: NoticeRecord = {
+        notice,
+        source,
+        state: 'rejected',
+        receivedAt: new Date().toISOString(),
+        runs: 0,
+        error: { code, message: error.message },
+      };
+      await this.notices.put(noticeKey(notice.id), rec).then(
+        () => this.records.set(notice.id, rec),
+        () => undefined,
+      );
+      return { state: 'rejected', error };
+    }
+    const rec: NoticeRecord = {
+      notice,
+      source,
+      state: 'accepted',
+      receivedAt: new Date().toISOString(),
+      runs: 0,
+    };
+    try {
+      await this.notices.put(noticeKey(notice.id), rec);
+    } catch (err) {
+      const message = isNestError(err) ? err.message : String(err);
+      log.error({ err }, 'could not journal the notice: refused, nothing done');
+      return { state: 'rejected', error: { code: 'JOURNAL_WRITE', message } };
+    }
+    this.records.set(notice.id, rec);
+    this.noteSeq(rec);
+    log.info({ source, kind: notice.kind, seq: notice.seq }, 'notice accepted and journaled');
+    return { state: 'accepted', outcome: this.enqueue(rec) };
+  }
+
+  /** Withdraws a notice whose work has not started. */
+  async cancel(id: string): Promise<'cancelled' | 'not-cancellable'> {
+    const rec = this.records.get(id);
+    if (!rec) throw new NestError('NOTICE_UNKNOWN', `no notice has id ${JSON.stringify(id)}`);
+    if (rec.state !== 'accepted')
+      return rec.state === 'cancelled' ? 'cancelled' : 'not-cancellable';
+    rec.state = 'cancelled';
+    rec.finishedAt = new Date().toISOString();
+    await this.notices.put(noticeKey(id), rec);
+    this.log.info({ noticeId: id }, 'notice cancelled before work started');
+    return 'cancelled';
+  }
+
+  /** Stops taking new work; a notice in flight sees its signal abort. */
+  close(): void {
+    this.stopping.abort(new NestError('INTERNAL', 'agent stopping'));
+  }
+
+  /** Waits for everything queued so far. */
+  async idle(): Promise<void> {
+    await this.queue.catch(() => undefined);
+  }
+
+  private async validate(notice: Notice, source: NoticeSource): Promise<Problem[]> {
+    const problems: Problem[] = [];
+    if (notice.guest !== this.broker.name)
+      problems.push({
+        field: 'guest',
+        value: notice.guest,
+        message: `this is ${JSON.stringify(this.broker.name)}, not ${JSON.stringify(notice.guest)}`,
+      });
+    if (source === 'upstream' && notice.seq <= this.lastSeqValue)
+      problems.push({
+        field: 'seq',
+        value: notice.seq,
+        message: `stale: notice seq ${notice.seq} is not after ${this.lastSeqValue}, already applied`,
+      });
+    if (Number.isNaN(Date.parse(notice.deadline)))
+      problems.push({ field: 'deadline', value: notice.deadline, message: 'not a date' });
+    if (problems.length === 0) problems.push(...(await this.broker.check(notice)));
+    return problems;
+  }
+
+  private noteSeq(rec: NoticeRecord): void {
+    if (rec.source === 'upstream' && rec.state !== 'rejected')
+      this.lastSeqValue = Math.max(this.lastSeqValue, rec.notice.seq);
+  }
+
+  private enqueue(rec: NoticeRecord): Promise<Outcome> {
+    const id = rec.notice.id;
+    const p = this.queue.then(() => this.run(rec));
+    this.queue = p.catch(() => undefined);
+    this.inflight.set(id, p);
+    p.then(
+      () => this.inflight.delete(id),
+      () => this.inflight.delete(id),
+    );
+    return p;
+  }
+
+  private async run(rec: NoticeRecord): Promise<Outcome> {
+    const { notice } = rec;
+    const log = this.log.child({ noticeId: notice.id });
+    if (rec.state === 'cancelled')
+      throw new NestError('NOTICE_UNKNOWN', `notice ${notice.id} was cancelled`);
+    const resumed = rec.state === 'running';
+    rec.state = 'running';
+    rec.startedAt ??= new Date().toISOString();
+    rec.runs += 1;
+    await this.notices.put(noticeKey(notice.id), rec);
+    const key = noticeKey(notice.id);
+    const steps: StepJournal<unknown> = {
+      get: (child) => this.steps.get(`${key}--${child}`),
+      put: (child, r) => this.steps.put(`${key}--${child}`, r),
+    };
+    log.info({ resumed, kind: notice.kind }, 'carrying out notice');
+    const outcome = await this.broker.carryOut(notice, {
+      signal: this.stopping.signal,
+      log,
+      resumed,
+      steps,
+      onProgress: (ev) => this.emit('progress', notice.id, ev),
+    });
+    rec.state = 'done';
+    rec.outcome = outcome;
+    rec.finishedAt = new Date().toISOString();
+    await this.notices.put(noticeKey(notice.id), rec);
+    log.info({ status: outcome.status, freed: outcome.freed, ms: outcome.ms }, 'notice done');
+    this.emit('outcome', outcome);
+    return outcome;
+  }
+}

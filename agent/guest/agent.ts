@@ -1,0 +1,237 @@
+/**
+ * The guest agent: the client of the host broker and the broker of this guest's projects
+ * (design.md "Roles"). This file only wires the parts together:
+ *
+ *   config ─► cgroup adapter ─► project registry (groups, limits, start / re-adopt)
+ *                 │                   │
+ *   upstream channel ─► Client ─► NoticeBook (journal, exactly once) ─► GuestBroker
+ *   operator socket  ─► operator API ───┘                     (plan → runBroker → outcome)
+ *
+ * Start order matters: projects are re-adopted before any notice is resumed, and the
+ * notice book is loaded before the upstream channel says hello (its lastSeq).
+ */
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { promises as fsp } from 'node:fs';
+import { openCgroupAdapter } from '../../cgroup-adapter';
+import type { CgroupAdapter } from '../../cgroup-adapter/types';
+import { Journal } from '../common/journal';
+import type { Logger } from '../common/log';
+import { RpcServer } from '../common/rpc';
+import type { Resources } from '../broker/types';
+import type { Hello } from '../protocol/messages';
+import { NoticeBook } from '../client/notices';
+import { minimumsAbove, type GuestConfig } from './config';
+import { GuestBroker, type AllocationBook } from './executor';
+import { registerOperatorApi } from './operator';
+import { ProjectNoticeBoard } from './project-notices';
+import { ProjectRegistry } from './projects';
+import { UsageSampler } from './usage';
+import { openUpstream, type Upstream } from './upstream';
+
+export interface GuestAgentOptions {
+  log: Logger;
+  /** A ready adapter (tests); opened from cfg.cgroup otherwise. */
+  adapter?: CgroupAdapter;
+}
+
+class JournaledAllocation implements AllocationBook {
+  private value: Resources;
+  constructor(
+    private readonly journal: Journal<Resources>,
+    initial: Resources,
+  ) {
+    this.value = initial;
+  }
+  current(): Resources {
+    return this.value;
+  }
+  async set(r: Resources): Promise<void> {
+    await this.journal.put('allocation', r);
+    this.value = { ...r };
+  }
+}
+
+export class GuestAgent {
+  readonly startedAt = new Date();
+  private upstream: Upstream | null = null;
+
+  private constructor(
+    readonly cfg: GuestConfig,
+    readonly adapter: CgroupAdapter,
+    readonly registry: ProjectRegistry,
+    readonly board: ProjectNoticeBoard,
+    readonly usage: UsageSampler,
+    readonly allocation: JournaledAllocation,
+    readonly broker: GuestBroker,
+    readonly book: NoticeBook,
+    readonly rpc: RpcServer,
+    private readonly log: Logger,
+  ) {}
+
+  static async start(cfg: GuestConfig, opts: GuestAgentOptions): Promise<GuestAgent> {
+    const log = opts.log.child({ guest: cfg.guest });
+    for (const w of cfg.warnings) log.warn({ field: w.field, value: w.value }, w.message);
+    await fsp.mkdir(cfg.stateDir, { recursive: true, mode: 0o700 });
+    await fsp.mkdir(cfg.runDir, { recursive: true, mode: 0o755 });
+
+    const adapter =
+      opts.adapter ??
+      (await openCgroupAdapter({
+        root: cfg.cgroup.root === 'self' ? { self: true, leaf: 'agent' } : cfg.cgroup.root,
+        driver: cfg.cgroup.driver,
+        create: cfg.cgroup.root !== 'self',
+        log: log.child({ part: 'cgroup' }),
+      }));
+
+    const agentJournal = new Journal<Resources>(path.join(cfg.stateDir, 'agent'));
+    await agentJournal.init();
+    const initial = (await agentJournal.get('allocation')) ??
+      cfg.resources ?? { memoryBytes: os.totalmem(), cpus: os.cpus().length };
+    for (const w of minimumsAbove(cfg, initial))
+      log.warn({ field: w.field, value: w.value }, w.message);
+    const allocation = new JournaledAllocation(agentJournal, initial);
+
+    const board = new ProjectNoticeBoard(
+      cfg.runDir,
+      cfg.projectSocket,
+      log.child({ part: 'project-socket' }),
+    );
+    const registry = new ProjectRegistry(cfg, adapter, board, log.child({ part: 'projects' }));
+    const usage = new UsageSampler(
+      adapter,
+      () => cfg.projects.map((p) => ({ name: p.name, group: registry.group(p.name) })),
+      cfg.usageIntervalMs,
+      log.child({ part: 'usage' }),
+    );
+    const broker = new GuestBroker(
+      cfg,
+      registry,
+      board,
+      adapter,
+      usage,
+      allocation,
+      log.child({ part: 'broker' }),
+    );
+    const book = new NoticeBook(cfg.stateDir, broker, log.child({ part: 'notices' }));
+    const rpc = new RpcServer(log.child({ part: 'operator' }));
+    const agent = new GuestAgent(
+      cfg,
+      adapter,
+      registry,
+      board,
+      usage,
+      allocation,
+      broker,
+      book,
+      rpc,
+      log,
+    );
+
+    // The operator socket first: a second agent on the same config fails here, before it
+    // has started or adopted anything. Commands wait until the projects are up.
+    let ready!: () => void;
+    const isReady = new Promise<void>((resolve) => (ready = resolve));
+    registerOperatorApi(rpc, agent, isReady);
+    await rpc.listen(cfg.socket, { mode: 0o660, group: await groupId(cfg.socketGroup) });
+    await board.listen();
+    await book.init();
+    await registry.init();
+    ready();
+    usage.start();
+    for (const p of book.resume())
+      p.catch((err: unknown) => log.error({ err }, 'a resumed notice ended without an outcome'));
+    agent.upstream = await openUpstream(
+      cfg,
+      book,
+      () => agent.inventory(),
+      log.child({ part: 'upstream' }),
+    );
+    log.info(
+      {
+        socket: cfg.socket,
+        projects: cfg.projects.length,
+        allocation: initial,
+        upstream: cfg.upstream.transport,
+      },
+      'guest agent ready',
+    );
+    return agent;
+  }
+
+  async stop(): Promise<void> {
+    this.usage.stop();
+    this.book.close();
+    await this.upstream?.close();
+    await this.rpc.close();
+    await this.board.close();
+  }
+
+  async inventory(): Promise<Hello['inventory']> {
+    const a = this.allocation.current();
+    const projects: Hello['inventory']['projects'] = [];
+    for (const p of this.cfg.projects)
+      projects.push({
+        name: p.name,
+        priority: p.priority,
+        state: await this.registry.stateOf(p.name),
+      });
+    return { cpus: a.cpus, memoryBytes: a.memoryBytes, projects };
+  }
+
+  status(): object {
+    const all = this.book.list();
+    return {
+      guest: this.cfg.guest,
+      pid: process.pid,
+      startedAt: this.startedAt.toISOString(),
+      allocation: this.allocation.current(),
+      reserve: this.cfg.reserve,
+      projectAllocation: this.broker.net(this.allocation.current()),
+      cgroup: { driver: this.adapter.kind, root: this.adapter.root },
+      upstream: {
+        transport: this.cfg.upstream.transport,
+        connected: this.upstream?.connected() ?? false,
+      },
+      projects: this.cfg.projects.length,
+      notices: {
+        total: all.length,
+        running: all.filter((r) => r.state === 'running' || r.state === 'accepted').length,
+        lastSeq: this.book.lastSeq,
+      },
+    };
+  }
+
+  async projectRows(): Promise<object[]> {
+    const usage = await this.usage.fresh();
+    const rows: object[] = [];
+    for (const p of this.cfg.projects) {
+      const group = this.registry.group(p.name);
+      const kernel = await this.adapter.readLimits(group).catch(() => null);
+      rows.push({
+        name: p.name,
+        priority: p.priority,
+        state: await this.registry.stateOf(p.name),
+        stoppedForRoom: this.registry.stoppedForRoom(p.name),
+        group,
+        limits: this.registry.limits(p.name),
+        kernel,
+        usage: usage[p.name] ?? null,
+        // Processes (cgroup.procs), not tasks: a Node project has a dozen threads.
+        pids: (await this.registry.pids(p.name).catch(() => [])).length,
+      });
+    }
+    return rows;
+  }
+}
+
+/** A group name or gid → gid (from /etc/group). */
+async function groupId(g: string | number): Promise<number | undefined> {
+  if (typeof g === 'number') return g;
+  const text = await fsp.readFile('/etc/group', 'utf8').catch(() => '');
+  for (const line of text.split('\n')) {
+    const f = line.split(':');
+    if (f[0] === g) return Number(f[2]);
+  }
+  return undefined;
+}

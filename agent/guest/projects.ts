@@ -1,0 +1,280 @@
+/**
+ * The project registry: one cgroup per project under the agent's subtree
+ * (`projects/<name>`, or the adopted group), its limits, its processes and its state.
+ *
+ * Start: a `command` project is started INSIDE its cgroup with spawnInto (no window in
+ * which it or a fork runs outside it), with the env, cwd and user of its config; an
+ * `adopt` project has its pids moved in (or its existing group taken over).
+ *
+ * Restart of the agent (`KillMode=process` keeps projects running): a project whose group
+ * has processes is re-adopted as it is, limits untouched; nothing healthy is restarted or
+ * stopped. Whether a project with an empty group was stopped for lack of room (and so
+ * waits for a restore) is remembered in the state dir.
+ */
+import type { ChildProcess } from 'node:child_process';
+import { promises as fsp, openSync, closeSync } from 'node:fs';
+import * as path from 'node:path';
+import type { CgroupAdapter, Limits } from '../../cgroup-adapter/types';
+import { spawnInto } from '../../cgroup-adapter/spawn';
+import { Journal } from '../common/journal';
+import { NestError } from '../common/errors';
+import type { Logger } from '../common/log';
+import type { ProjectLimits } from '../broker/types';
+import type { GuestConfig, ProjectConfig } from './config';
+import type { ProjectNoticeBoard } from './project-notices';
+
+export type ProjectState = 'running' | 'stopped' | 'starting' | 'stopping' | 'failed';
+
+export interface ProjectRecord {
+  /** Stopped by a notice for lack of room: a restore may start it again. */
+  stoppedForRoom: boolean;
+  /** The limits last applied (what `before` is in the next outcome). */
+  limits: ProjectLimits;
+}
+
+export const CPU_PERIOD_US = 100_000;
+
+export class ProjectRegistry {
+  private readonly state: Journal<Record<string, ProjectRecord>>;
+  private records: Record<string, ProjectRecord> = {};
+  private readonly transient = new Map<string, ProjectState>();
+  private readonly children = new Map<string, ChildProcess>();
+  private saving: Promise<void> = Promise.resolve();
+
+  constructor(
+    private readonly cfg: GuestConfig,
+    private readonly adapter: CgroupAdapter,
+    private readonly board: ProjectNoticeBoard,
+    private readonly log: Logger,
+  ) {
+    this.state = new Journal(path.join(cfg.stateDir, 'agent'));
+  }
+
+  get configs(): readonly ProjectConfig[] {
+    return this.cfg.projects;
+  }
+
+  config(name: string): ProjectConfig {
+    const p = this.cfg.projects.find((x) => x.name === name);
+    if (!p) throw new NestError('PROJECT_UNKNOWN', `no project named ${JSON.stringify(name)}`);
+    return p;
+  }
+
+  group(name: string): string {
+    const p = this.config(name);
+    return p.adopt && 'cgroup' in p.adopt ? p.adopt.cgroup : `projects/${name}`;
+  }
+
+  limits(name: string): ProjectLimits {
+    return this.records[name]?.limits ?? initialLimits(this.config(name));
+  }
+
+  stoppedForRoom(name: string): boolean {
+    return this.records[name]?.stoppedForRoom ?? false;
+  }
+
+  async pids(name: string): Promise<number[]> {
+    return this.adapter.pids(this.group(name));
+  }
+
+  async stateOf(name: string): Promise<ProjectState> {
+    const t = this.transient.get(name);
+    if (t) return t;
+    return (await this.pids(name)).length > 0 ? 'running' : 'stopped';
+  }
+
+  /**
+   * Brings every configured project up: re-adopts running ones untouched, creates and
+   * starts the others. Called once at agent start.
+   */
+  async init(): Promise<void> {
+    await this.state.init();
+    this.records = (await this.state.get('projects')) ?? {};
+    for (const p of this.cfg.projects) {
+      const group = this.group(p.name);
+      const log = this.log.child({ project: p.name });
+      await this.board.prepare(p.name, await ownerOf(p));
+      const exists = await this.adapter.exists(group);
+      const running = exists && (await this.adapter.pids(group)).length > 0;
+      if (running && this.records[p.name]) {
+        // Ours from before a restart: re-adopted as it is, limits and processes untouched.
+        log.info({ group }, 're-adopted a running project; left as it was');
+        continue;
+      }
+      if (running) {
+        // Seen for the first time with processes in it (adopt.cgroup): taken over, and
+        // from now on it lives under our limits.
+        const rec = { stoppedForRoom: false, limits: initialLimits(p) };
+        this.records[p.name] = rec;
+        await this.adapter.setLimits(group, toAdapterLimits(rec.limits, p));
+        log.info({ group }, 'took over a running cgroup');
+        continue;
+      }
+      if (!exists) await this.adapter.create(group);
+      const rec = (this.records[p.name] ??= { stoppedForRoom: false, limits: initialLimits(p) });
+      await this.adapter.setLimits(group, toAdapterLimits(rec.limits, p));
+      if (rec.stoppedForRoom) {
+        log.info('stopped for lack of room; waits for a restore');
+        continue;
+      }
+      if (p.command) await this.start(p.name);
+      else if (p.adopt && 'pids' in p.adopt) await this.adoptPids(p.name, p.adopt.pids);
+    }
+    await this.save();
+  }
+
+  /** Writes are chained: steps of one notice run in parallel and share this record. */
+  save(): Promise<void> {
+    const snapshot = JSON.parse(JSON.stringify(this.records)) as Record<string, ProjectRecord>;
+    const next = this.saving.then(() => this.state.put('projects', snapshot));
+    this.saving = next.catch(() => undefined);
+    return next;
+  }
+
+  /** Writes new limits to the kernel (in the safe order) and records them. */
+  async applyLimits(name: string, limits: ProjectLimits): Promise<void> {
+    const p = this.config(name);
+    await this.adapter.setLimits(this.group(name), toAdapterLimits(limits, p));
+    this.records[name] = { ...(this.records[name] ?? { stoppedForRoom: false }), limits };
+    await this.save();
+  }
+
+  async setRecord(name: string, patch: Partial<ProjectRecord>): Promise<void> {
+    this.records[name] = {
+      ...(this.records[name] ?? { stoppedForRoom: false, limits: this.limits(name) }),
+      ...patch,
+    };
+    await this.save();
+  }
+
+  setTransient(name: string, s: ProjectState | undefined): void {
+    if (s) this.transient.set(name, s);
+    else this.transient.delete(name);
+  }
+
+  /** Starts a command project inside its cgroup. */
+  async start(name: string, log: Logger = this.log): Promise<void> {
+    const p = this.config(name);
+    if (!p.command)
+      throw new NestError(
+        'PROJECT_UNKNOWN',
+        `project ${name} is adopted, not started by the agent: nothing to start`,
+      );
+    const group = this.group(name);
+    if (!(await this.adapter.exists(group))) await this.adapter.create(group);
+    const owner = await ownerOf(p);
+    const out = path.join(this.board.dir(name), 'output.log');
+    await fsp.mkdir(path.dirname(out), { recursive: true });
+    // The project's output goes to a file, not to a pipe to us: it must outlive the agent.
+    const fd = openSync(out, 'a', 0o640);
+    try {
+      const child = await spawnInto(
+        this.adapter,
+        group,
+        p.command.argv[0],
+        p.command.argv.slice(1),
+        {
+          env: {
+            PATH: '/usr/sbin:/usr/bin:/sbin:/bin',
+            ...p.command.env,
+            ...this.projectEnv(name),
+          },
+          cwd: p.command.cwd,
+          uid: owner?.uid,
+          gid: owner?.gid,
+          stdio: ['ignore', fd, fd],
+          // Its own session: a Ctrl-C at the agent's terminal is not the project's.
+          detached: true,
+        },
+      );
+      child.on('exit', (code, signal) =>
+        log.info({ project: name, code, signal }, 'project process exited'),
+      );
+      child.on('error', (err) => log.warn({ project: name, err }, 'project process error'));
+      child.unref();
+      this.children.set(name, child);
+      log.info({ project: name, pid: child.pid, group }, 'project started');
+    } finally {
+      closeSync(fd);
+    }
+    await this.setRecord(name, { stoppedForRoom: false });
+  }
+
+  async adoptPids(name: string, pids: number[]): Promise<void> {
+    const group = this.group(name);
+    for (const pid of pids) {
+      try {
+        await this.adapter.movePid(group, pid);
+      } catch (err) {
+        if ((err as { code?: string }).code === 'ESRCH') {
+          this.log.warn({ project: name, pid }, 'pid to adopt is gone');
+          continue;
+        }
+        throw err;
+      }
+    }
+  }
+
+  /** What a project's processes are told of the agent (docs/guest-agent.md, "Projects"). */
+  projectEnv(name: string): Record<string, string> {
+    return {
+      NESTBROKER_PROJECT: name,
+      NESTBROKER_NOTICE_DIR: this.board.dir(name),
+      NESTBROKER_PROJECT_SOCKET: this.cfg.projectSocket,
+    };
+  }
+
+  /** Starts a pre-stop hook inside the project's group (local config only). */
+  async spawnHook(name: string, group: string, argv: string[]): Promise<ChildProcess> {
+    const p = this.config(name);
+    const owner = await ownerOf(p);
+    const child = await spawnInto(this.adapter, group, argv[0], argv.slice(1), {
+      env: {
+        PATH: '/usr/sbin:/usr/bin:/sbin:/bin',
+        ...(p.command?.env ?? {}),
+        ...this.projectEnv(name),
+      },
+      cwd: p.command?.cwd,
+      uid: owner?.uid,
+      gid: owner?.gid,
+      stdio: 'ignore',
+    });
+    return child;
+  }
+}
+
+/** Limits as the config asks before any notice: the project's max for both memory files. */
+export function initialLimits(p: ProjectConfig): ProjectLimits {
+  return { memoryHigh: p.memory.max, memoryMax: p.memory.max, cpuMax: p.cpu.max };
+}
+
+/** Our limits → the adapter's (cpu.max in µs over a 100 ms period; cgroup-v2.rst "cpu.max"). */
+export function toAdapterLimits(l: ProjectLimits, p: ProjectConfig): Limits {
+  const quotaUs =
+    l.cpuMax === 'max' ? ('max' as const) : Math.max(1000, Math.round(l.cpuMax * CPU_PERIOD_US));
+  const out: Limits = {
+    memory: { high: l.memoryHigh, max: l.memoryMax },
+    cpu: { max: { quotaUs, periodUs: CPU_PERIOD_US }, weight: p.cpu.weight },
+  };
+  if (l.cpuset !== undefined) out.cpus = l.cpuset;
+  if (p.pidsMax !== undefined) out.pidsMax = p.pidsMax;
+  return out;
+}
+
+/** A config user (name or uid) → uid/gid from /etc/passwd. */
+export async function ownerOf(p: ProjectConfig): Promise<{ uid: number; gid: number } | undefined> {
+  const user = p.command?.user;
+  if (user === undefined) return undefined;
+  const passwd = await fsp.readFile('/etc/passwd', 'utf8').catch(() => '');
+  for (const line of passwd.split('\n')) {
+    const f = line.split(':');
+    if (f.length < 4) continue;
+    if (f[0] === String(user) || f[2] === String(user))
+      return { uid: Number(f[2]), gid: Number(f[3]) };
+  }
+  if (typeof user === 'number') return { uid: user, gid: user };
+  throw new NestError(
+    'CONFIG_INVALID',
+    `project ${p.name}: user ${JSON.stringify(user)} does not exist`,
+  );
+}

@@ -1,0 +1,188 @@
+/**
+ * The graceful stop of one project (issue 3; design.md "A reclaim, step by step" 5):
+ *
+ *   pre-stop hook (local config only, run INSIDE the project's cgroup, its own timeout)
+ *   → stop signal to every process of the group (cgroup.procs read at that moment)
+ *   → wait up to the grace period, never past the notice deadline; a project that answers
+ *     `done` on the project socket ends its grace early
+ *   → kill the whole group (cgroup.kill, forks included) → wait until it is empty.
+ *
+ * How it ended is a named fact, never a bool (style.md on kubelet): `already-gone` (nothing
+ * ran when we came), `graceful` (the group emptied before the grace ran out, or the
+ * project said it was done and only then was the rest killed), `killed`.
+ */
+import type { ChildProcess } from 'node:child_process';
+import type { CgroupAdapter } from '../../cgroup-adapter/types';
+import type { Logger } from '../common/log';
+import type { ExitKind } from '../broker/types';
+
+export interface StopSpec {
+  signal: string;
+  gracePeriodMs: number;
+  preStop?: { command: string[]; timeoutMs: number };
+}
+
+export interface StopDeps {
+  adapter: CgroupAdapter;
+  /** Starts argv inside `group` (spawnInto); the hook's stdio goes wherever the caller says. */
+  spawnHook(group: string, argv: string[]): Promise<ChildProcess>;
+  /** Resolves true when the project answers `done` for this notice. */
+  waitDone(signal: AbortSignal): Promise<boolean>;
+  log: Logger;
+  now?: () => number;
+}
+
+export interface StopResult {
+  exit: ExitKind;
+  ms: number;
+  reason: string;
+  /** Milliseconds into the stop at which each phase began (for the outcome and tests). */
+  phases: { preStop?: number; signalled?: number; killed?: number; empty: number };
+  hook?: 'ok' | 'failed' | 'timed-out';
+  signalled: number;
+}
+
+/** Kill grace: cgroup.kill empties a group in milliseconds; this only bounds a stuck kernel. */
+const KILL_TIMEOUT_MS = 10_000;
+
+export async function stopProject(
+  group: string,
+  spec: StopSpec,
+  deadline: Date,
+  deps: StopDeps,
+): Promise<StopResult> {
+  const now = deps.now ?? Date.now;
+  const t0 = now();
+  const at = (): number => now() - t0;
+  const left = (): number => Math.max(0, deadline.getTime() - now());
+  const phases: StopResult['phases'] = { empty: 0 };
+  const log = deps.log;
+
+  if ((await deps.adapter.pids(group)).length === 0) {
+    phases.empty = at();
+    return {
+      exit: 'already-gone',
+      ms: at(),
+      reason: 'no process was running',
+      phases,
+      signalled: 0,
+    };
+  }
+
+  // 1. Pre-stop hook: its own timeout, and never past the deadline.
+  let hook: StopResult['hook'];
+  if (spec.preStop && spec.preStop.command.length > 0) {
+    phases.preStop = at();
+    hook = await runHook(group, spec.preStop, Math.min(spec.preStop.timeoutMs, left()), deps);
+    log.info({ hook, ms: at() - phases.preStop }, 'pre-stop hook finished');
+  }
+
+  // 2. The stop signal to every process in the group as the kernel lists it now.
+  const graceMs = Math.min(spec.gracePeriodMs, left());
+  phases.signalled = at();
+  const signalled = await signalGroup(deps.adapter, group, spec.signal);
+  log.info({ signal: spec.signal, pids: signalled, graceMs }, 'stop signal sent');
+
+  // 3. Wait for the group to empty, for the project's `done`, or for the grace to run out.
+  const ac = new AbortController();
+  const waited = await Promise.race([
+    deps.adapter.waitEmpty(group, graceMs).then(
+      () => 'empty' as const,
+      () => 'grace-over' as const,
+    ),
+    deps.waitDone(ac.signal).then((d) => (d ? ('done' as const) : ('grace-over' as const))),
+  ]);
+  ac.abort();
+  const graceUsed = at() - phases.signalled;
+  if (waited === 'empty') {
+    phases.empty = at();
+    return {
+      exit: 'graceful',
+      ms: at(),
+      reason: `exited ${graceUsed} ms after ${spec.signal} (grace ${graceMs} ms)`,
+      phases,
+      hook,
+      signalled,
+    };
+  }
+
+  // 4. Kill the whole group, forks included, and wait until it is empty.
+  phases.killed = at();
+  const capped = graceMs < spec.gracePeriodMs;
+  await deps.adapter.kill(group, KILL_TIMEOUT_MS);
+  phases.empty = at();
+  if (waited === 'done') {
+    return {
+      exit: 'graceful',
+      ms: at(),
+      reason: `answered done ${graceUsed} ms after ${spec.signal}; what was left was killed`,
+      phases,
+      hook,
+      signalled,
+    };
+  }
+  return {
+    exit: 'killed',
+    ms: at(),
+    reason: capped
+      ? `still running when the notice deadline capped its grace at ${graceMs} ms (configured ${spec.gracePeriodMs} ms); killed`
+      : `still running after its ${graceMs} ms grace period; killed`,
+    phases,
+    hook,
+    signalled,
+  };
+}
+
+/** Sends `signal` to each pid in the group's cgroup.procs now; returns how many got it. */
+export async function signalGroup(
+  adapter: CgroupAdapter,
+  group: string,
+  signal: string,
+): Promise<number> {
+  let n = 0;
+  for (const pid of await adapter.pids(group)) {
+    try {
+      process.kill(pid, signal as NodeJS.Signals);
+      n++;
+    } catch (err) {
+      // ESRCH: it exited after cgroup.procs was read: nothing left to signal.
+      if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
+    }
+  }
+  return n;
+}
+
+async function runHook(
+  group: string,
+  preStop: { command: string[] },
+  timeoutMs: number,
+  deps: StopDeps,
+): Promise<StopResult['hook']> {
+  let child: ChildProcess;
+  try {
+    child = await deps.spawnHook(group, preStop.command);
+  } catch (err) {
+    deps.log.warn({ err, command: preStop.command }, 'pre-stop hook could not start');
+    return 'failed';
+  }
+  return new Promise((resolve) => {
+    let settled = false;
+    const timer = setTimeout(() => {
+      if (settled) return;
+      settled = true;
+      // The hook is our own child (not yet reaped), so its pid cannot have been reused.
+      child.kill('SIGKILL');
+      deps.log.warn({ timeoutMs, command: preStop.command }, 'pre-stop hook timed out; killed');
+      resolve('timed-out');
+    }, timeoutMs);
+    const done = (code: number | null): void => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      resolve(code === 0 ? 'ok' : 'failed');
+    };
+    if (child.exitCode !== null) done(child.exitCode);
+    child.once('exit', (code) => done(code));
+    child.once('error', () => done(-1));
+  });
+}

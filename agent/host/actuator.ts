@@ -1,0 +1,120 @@
+/**
+ * The host's one narrow actuation interface (style.md, kubelet's PodTerminator): set a
+ * VM to an allocation. Lowering happens only after the guest's outcome (or a forced
+ * deadline); raising happens before the guest is told (design.md steps 6 and "restore").
+ *
+ *   down: balloon first (the guest hands pages back, QEMU's RSS falls), then the VM
+ *         cgroup's memory limit, then its cpu.max
+ *   up:   the cgroup limits first, then let the balloon go
+ *
+ * The cgroup writes go through cgroup-adapter (the only code touching cgroupfs). On a
+ * hybrid host the memory limit is v1 memory.limit_in_bytes and cpu.max the CFS quota and
+ * period (cgroup-v1/memory.rst, scheduler/sched-bwc.rst); on v2 memory.max and cpu.max.
+ */
+import type { CgroupAdapter, Limits } from '../../cgroup-adapter/types';
+import type { Resources } from '../broker/types';
+import { isNestError } from '../common/errors';
+import type { Logger } from '../common/log';
+import type { GuestConfig } from './config';
+import { withQmp, type BalloonResult } from './qmp';
+
+/** CFS period for a VM's cpu.max: the kernel default, 100 ms. */
+export const CPU_PERIOD_US = 100_000;
+
+export interface ActuationReport {
+  direction: 'down' | 'up';
+  target: Resources;
+  startedAt: string;
+  finishedAt: string;
+  cgroup?: { group: string; before: Limits; after: Limits };
+  balloon?: BalloonResult;
+  /** Each failed step, with its code (the rest still ran). */
+  errors: { step: 'cgroup' | 'balloon'; code: string; message: string }[];
+}
+
+export interface VmActuator {
+  apply(guest: GuestConfig, target: Resources, direction: 'down' | 'up'): Promise<ActuationReport>;
+}
+
+export function cgroupLimitsFor(target: Resources, memoryOverheadBytes = 0): Limits {
+  const quotaUs = Math.max(1000, Math.round(target.cpus * CPU_PERIOD_US));
+  return {
+    memory: { max: target.memoryBytes + memoryOverheadBytes },
+    cpu: { max: { quotaUs, periodUs: CPU_PERIOD_US } },
+  };
+}
+
+export class CgroupQmpActuator implements VmActuator {
+  constructor(
+    private readonly adapter: CgroupAdapter | null,
+    private readonly log: Logger,
+  ) {}
+
+  async apply(
+    guest: GuestConfig,
+    target: Resources,
+    direction: 'down' | 'up',
+  ): Promise<ActuationReport> {
+    const report: ActuationReport = {
+      direction,
+      target,
+      startedAt: new Date().toISOString(),
+      finishedAt: '',
+      errors: [],
+    };
+    const log = this.log.child({ guest: guest.name, direction });
+    const balloon = async (): Promise<void> => {
+      if (!guest.qmp) return;
+      try {
+        report.balloon = await withQmp(guest.qmp, (q) =>
+          q.balloonTo(target.memoryBytes, { timeoutMs: guest.balloonTimeoutMs }),
+        );
+        if (!report.balloon.reached)
+          log.warn({ balloon: report.balloon }, 'balloon did not reach its target in time');
+      } catch (err) {
+        report.errors.push({ step: 'balloon', ...codeOf(err) });
+        log.error({ err }, 'QMP balloon failed');
+      }
+    };
+    const cgroup = async (): Promise<void> => {
+      if (!guest.cgroup || !this.adapter) return;
+      const group = guest.cgroup;
+      try {
+        const before = await this.adapter.readLimits(group);
+        const limits = cgroupLimitsFor(target, guest.memoryOverheadBytes);
+        if (direction === 'down') {
+          // Memory before CPU: a memory write the kernel refuses (usage above the new
+          // limit) leaves the CPUs as they were, and the report says which step failed.
+          await this.adapter.setLimits(group, { memory: limits.memory });
+          await this.adapter.setLimits(group, { cpu: limits.cpu });
+        } else {
+          await this.adapter.setLimits(group, { cpu: limits.cpu });
+          await this.adapter.setLimits(group, { memory: limits.memory });
+        }
+        report.cgroup = { group, before, after: await this.adapter.readLimits(group) };
+      } catch (err) {
+        report.errors.push({ step: 'cgroup', ...codeOf(err) });
+        log.error({ err, group }, 'VM cgroup limits could not be set');
+      }
+    };
+    if (direction === 'down') {
+      await balloon();
+      await cgroup();
+    } else {
+      await cgroup();
+      await balloon();
+    }
+    report.finishedAt = new Date().toISOString();
+    log.info({ report }, 'VM actuated');
+    return report;
+  }
+}
+
+function codeOf(err: unknown): { code: string; message: string } {
+  if (isNestError(err)) return { code: err.code, message: err.message };
+  const e = err as { code?: unknown; message?: unknown };
+  return {
+    code: typeof e?.code === 'string' ? e.code : 'INTERNAL',
+    message: typeof e?.message === 'string' ? e.message : String(err),
+  };
+}

@@ -1,0 +1,213 @@
+/**
+ * The host broker's operator API (issue 4): commands on the unix socket, served by
+ * RpcServer (agent/common/rpc.ts), used by `nestctl` (agent/cli/host-commands.ts).
+ * Every argument is validated here, at the boundary, with every problem named.
+ *
+ * `plan` is answered by the host from what it knows: the books (what the reclaim would
+ * leave, floors) and the guest's inventory from its last hello. It cannot say which
+ * projects would shrink or stop: only the guest knows their minimums and usage, and the
+ * protocol carries no dry-run request (on purpose: the guest's own `nestctl plan` on the
+ * guest's socket answers that). See docs/host-broker.md.
+ */
+import { NestError, type Problem } from '../common/errors';
+import { RpcServer, type RpcContext } from '../common/rpc';
+import { parseCpus, parseDuration, parseSize } from '../common/units';
+import type { Resources } from '../broker/types';
+import type { HostBroker, HostNoticeRecord, HostProgress } from './host-broker';
+import type { Watcher } from './watcher';
+
+export const DEFAULT_DEADLINE_MS = 60_000;
+
+function args(a: Record<string, unknown>) {
+  const problems: Problem[] = [];
+  const str = (k: string, required: boolean): string | undefined => {
+    const v = a[k];
+    if (v === undefined && !required) return undefined;
+    if (typeof v !== 'string' || v.length === 0) {
+      problems.push({ field: k, value: v, message: `${k} must be a non-empty string` });
+      return undefined;
+    }
+    return v;
+  };
+  const change = (required: boolean): Resources => {
+    const out = { memoryBytes: 0, cpus: 0 };
+    if (a.memory !== undefined) {
+      const r = parseSize(a.memory);
+      if (r.ok) out.memoryBytes = r.value;
+      else problems.push({ field: 'memory', value: a.memory, message: `memory ${r.message}` });
+    }
+    if (a.cpus !== undefined) {
+      const r = parseCpus(a.cpus);
+      if (r.ok) out.cpus = r.value;
+      else problems.push({ field: 'cpus', value: a.cpus, message: `cpus ${r.message}` });
+    }
+    if (required && a.memory === undefined && a.cpus === undefined)
+      problems.push({ field: 'memory', value: undefined, message: 'give --memory and/or --cpus' });
+    return out;
+  };
+  const deadline = (): number => {
+    if (a.deadline === undefined) return DEFAULT_DEADLINE_MS;
+    const r = parseDuration(a.deadline);
+    if (!r.ok || r.value < 100) {
+      problems.push({
+        field: 'deadline',
+        value: a.deadline,
+        message: r.ok ? 'deadline must be at least 100ms' : `deadline ${r.message}`,
+      });
+      return 0;
+    }
+    return r.value;
+  };
+  const done = (): void => {
+    if (problems.length)
+      throw new NestError('INPUT_INVALID', problems.map((p) => p.message).join('; '), {
+        problems,
+      });
+  };
+  return { str, change, deadline, done };
+}
+
+/** The JSON shape a notice has on the API (and in `nestctl --json`). */
+export function noticeView(r: HostNoticeRecord) {
+  return {
+    id: r.notice.id,
+    guest: r.notice.guest,
+    seq: r.notice.seq,
+    kind: r.notice.kind,
+    state: r.state,
+    late: r.late ?? false,
+    force: r.force,
+    source: r.source,
+    change: r.notice.change,
+    allocation: r.notice.allocation,
+    deadline: r.notice.deadline,
+    reason: r.notice.reason,
+    issuedAt: r.notice.issuedAt,
+    sentAt: r.sentAt,
+    ackedAt: r.ackedAt,
+    outcomeAt: r.outcomeAt,
+    actuatedAt: r.actuatedAt,
+    finishedAt: r.finishedAt,
+    outcome: r.outcome,
+    credited: r.credited,
+    actuation: r.actuation,
+    error: r.error,
+  };
+}
+
+export type NoticeView = ReturnType<typeof noticeView>;
+
+export function registerHostApi(
+  server: RpcServer,
+  broker: HostBroker,
+  watcher?: Watcher,
+): RpcServer {
+  server.handle('guests', async () => broker.guests());
+
+  server.handle('status', async () => ({
+    guests: broker.guests(),
+    host: watcher?.last() ?? null,
+    trigger: watcher?.triggerState() ?? null,
+    notices: broker
+      .notices()
+      .filter((r) => !['done', 'late', 'refused', 'cancelled'].includes(r.state))
+      .map(noticeView),
+  }));
+
+  server.handle('projects', async (a) => {
+    const v = args(a);
+    const guest = v.str('guest', true);
+    v.done();
+    const s = broker.status(guest!);
+    if (!s.inventory)
+      throw new NestError(
+        'GUEST_UNREACHABLE',
+        `guest "${guest}" has not said hello since the host broker started: no inventory`,
+      );
+    return { guest: s.name, connected: s.connected, helloAt: s.helloAt, ...s.inventory };
+  });
+
+  server.handle('plan', async (a) => {
+    const v = args(a);
+    const guest = v.str('guest', true);
+    const kind = a.restore === true ? 'restore' : 'reclaim';
+    const change = v.change(kind === 'reclaim');
+    v.done();
+    const r = broker.check(kind, guest!, change);
+    const s = broker.status(guest!);
+    return {
+      guest,
+      kind,
+      change,
+      books: r.books,
+      ok: r.ok,
+      allocation: r.ok ? r.allocation : undefined,
+      problems: r.ok ? [] : r.problems,
+      inventory: s.inventory ?? null,
+      note: 'which projects shrink or stop is decided by the guest; run `nestctl plan` on the guest for its project-level dry run',
+    };
+  });
+
+  const runNotice = async (
+    kind: 'reclaim' | 'restore',
+    a: Record<string, unknown>,
+    ctx: RpcContext,
+  ) => {
+    const v = args(a);
+    const guest = v.str('guest', true);
+    const reason = v.str('reason', false);
+    const change = v.change(kind === 'reclaim');
+    const deadlineMs = v.deadline();
+    v.done();
+    const { record, done } = await broker.issue(kind, {
+      guest: guest!,
+      change,
+      deadlineMs,
+      force: a.force === true,
+      reason,
+    });
+    ctx.progress({
+      noticeId: record.notice.id,
+      guest,
+      phase: 'issued',
+      at: record.notice.issuedAt,
+    });
+    if (a.wait === false) return noticeView(record);
+    const onProgress = (ev: HostProgress): void => {
+      if (ev.noticeId === record.notice.id && ev.phase !== 'issued') ctx.progress(ev);
+    };
+    broker.on('progress', onProgress);
+    try {
+      return noticeView(await done);
+    } finally {
+      broker.off('progress', onProgress);
+    }
+  };
+  server.handle('reclaim', (a, ctx) => runNotice('reclaim', a, ctx));
+  server.handle('restore', (a, ctx) => runNotice('restore', a, ctx));
+
+  server.handle('cancel', async (a) => {
+    const v = args(a);
+    const id = v.str('id', true);
+    v.done();
+    return noticeView(await broker.cancel(id!));
+  });
+
+  server.handle('notices', async (a) => {
+    const v = args(a);
+    const guest = v.str('guest', false);
+    v.done();
+    return broker.notices(guest).map(noticeView);
+  });
+
+  server.handle('notice', async (a) => {
+    const v = args(a);
+    const id = v.str('id', true);
+    v.done();
+    const r = broker.notice(id!);
+    if (!r) throw new NestError('NOTICE_UNKNOWN', `no notice with id "${id}"`);
+    return noticeView(r);
+  });
+
+  return server;
+}

@@ -1,0 +1,174 @@
+/**
+ * `nestbroker host [--config FILE]`: the host broker daemon. Wires the parts together:
+ * config → cgroup adapter (VM cgroups under cgroup.root) → actuator (cgroup + QMP) →
+ * broker (journal, books, notices) → channels to guests → watcher (trigger) → operator
+ * socket. Stops cleanly on SIGTERM/SIGINT; notices in flight stay in the journal and are
+ * resumed by the next start.
+ */
+import { promises as fs } from 'node:fs';
+import yargs from 'yargs';
+import { openCgroupAdapter } from '../../cgroup-adapter/index';
+import type { CgroupAdapter } from '../../cgroup-adapter/types';
+import { isNestError } from '../common/errors';
+import { createLogger, type Logger } from '../common/log';
+import { RpcServer } from '../common/rpc';
+import { ReconnectingChannel, type Clock } from '../transport/reconnect';
+import { connectTls } from '../transport/tls';
+import { connectUnix } from '../transport/unix';
+import { CgroupQmpActuator } from './actuator';
+import { registerHostApi } from './api';
+import {
+  DEFAULT_HOST_CONFIG_PATH,
+  loadHostConfig,
+  type GuestConfig,
+  type HostConfig,
+} from './config';
+import { HostBroker } from './host-broker';
+import { Watcher } from './watcher';
+
+export interface RunningHost {
+  config: Readonly<HostConfig>;
+  broker: HostBroker;
+  server: RpcServer;
+  watcher: Watcher;
+  stop(): Promise<void>;
+}
+
+async function groupId(name: string | undefined): Promise<number | undefined> {
+  if (name === undefined) return undefined;
+  if (/^\d+$/.test(name)) return Number(name);
+  const text = await fs.readFile('/etc/group', 'utf8');
+  for (const line of text.split('\n')) {
+    const [n, , gid] = line.split(':');
+    if (n === name) return Number(gid);
+  }
+  throw new Error(`socketGroup "${name}" is not in /etc/group`);
+}
+
+/**
+ * The host's side of each guest channel: one long-lived ReconnectingChannel
+ * (agent/transport/reconnect.ts) per guest, which reconnects with exponential backoff and
+ * jitter and pings every heartbeat.interval; a guest that answers none of
+ * ceil(timeout / interval) pings in a row is dropped and reconnected (issue 4: "Reconnect
+ * with backoff; heartbeats detect a dead peer"). The connection underneath answers the
+ * guest's pings itself (channel.ts, answerPings). A guest that is down is not an error:
+ * its notices wait in the journal and are sent when it says hello.
+ */
+export function channelFactory(
+  cfg: Readonly<HostConfig>,
+  log: Logger,
+  clock?: Clock,
+): (g: GuestConfig) => ReconnectingChannel {
+  return (g: GuestConfig) => {
+    const chLog = log.child({ guest: g.name, transport: g.channel.transport });
+    const c = g.channel;
+    const connect =
+      c.transport === 'unix'
+        ? () => connectUnix(c.path, { log: chLog })
+        : async () =>
+            connectTls({
+              host: c.host,
+              port: c.port,
+              cert: await fs.readFile(c.cert),
+              key: await fs.readFile(c.key),
+              ca: await fs.readFile(c.ca),
+              servername: c.servername,
+              log: chLog,
+            });
+    return new ReconnectingChannel({
+      connect,
+      backoff: { initialMs: cfg.reconnect.minMs, maxMs: cfg.reconnect.maxMs },
+      heartbeat: heartbeatFor(cfg.heartbeat),
+      clock,
+      log: chLog,
+    }).start();
+  };
+}
+
+/** heartbeat.timeout as a count of missed pings: the first whole number of intervals past it. */
+export function heartbeatFor(h: HostConfig['heartbeat']): { intervalMs: number; missed: number } {
+  return { intervalMs: h.intervalMs, missed: Math.max(1, Math.ceil(h.timeoutMs / h.intervalMs)) };
+}
+
+export async function startHost(cfg: Readonly<HostConfig>, log: Logger): Promise<RunningHost> {
+  let adapter: CgroupAdapter | null = null;
+  if (cfg.guests.some((g) => g.cgroup)) {
+    // The VM cgroups are libvirt's (or the demo's): we never create or remove them,
+    // only read them and set their limits. systemd-style names (machine-qemu\x2d1…).
+    adapter = await openCgroupAdapter({
+      root: cfg.cgroup.root,
+      driver: cfg.cgroup.driver,
+      names: 'systemd',
+      log: log.child({ part: 'cgroup' }),
+    });
+  }
+  const broker = new HostBroker({
+    config: cfg,
+    actuator: new CgroupQmpActuator(adapter, log.child({ part: 'actuator' })),
+    connect: channelFactory(cfg, log),
+    log,
+  });
+  await broker.start();
+  const watcher = new Watcher(cfg, broker, adapter, log.child({ part: 'watcher' }));
+  watcher.start();
+  const server = registerHostApi(new RpcServer(log.child({ part: 'api' })), broker, watcher);
+  await server.listen(cfg.socket, { mode: cfg.socketMode, group: await groupId(cfg.socketGroup) });
+  log.info({ socket: cfg.socket, guests: cfg.guests.map((g) => g.name) }, 'host broker ready');
+  return {
+    config: cfg,
+    broker,
+    server,
+    watcher,
+    async stop() {
+      watcher.stop();
+      await server.close();
+      await broker.stop();
+    },
+  };
+}
+
+/** Entry of `nestbroker host` (agent/cli/nestbroker.ts). Resolves with the exit code. */
+export async function runHost(argv: string[]): Promise<number> {
+  // nestbroker.ts passes its whole argv: drop the subcommand's own name.
+  const a = await yargs(argv[0] === 'host' ? argv.slice(1) : argv)
+    .scriptName('nestbroker host')
+    .usage('$0 [--config FILE]\n\nRuns the host broker (the VM-level broker) in the foreground.')
+    .option('config', {
+      alias: 'c',
+      type: 'string',
+      default: DEFAULT_HOST_CONFIG_PATH,
+      describe: 'host config (YAML); see docs/host-broker.md',
+    })
+    .option('check', {
+      type: 'boolean',
+      default: false,
+      describe: 'validate the config, print every problem, and exit',
+    })
+    .strict()
+    .help()
+    .parseAsync();
+  const log = createLogger('nestbroker-host');
+  let cfg: Readonly<HostConfig>;
+  try {
+    cfg = await loadHostConfig(a.config);
+  } catch (err) {
+    if (isNestError(err)) {
+      process.stderr.write(`${err.message}\n`);
+      return 2;
+    }
+    throw err;
+  }
+  if (a.check) {
+    process.stdout.write(`${a.config}: OK (${cfg.guests.length} guests)\n`);
+    return 0;
+  }
+  const host = await startHost(cfg, log);
+  return new Promise<number>((resolve) => {
+    const stop = (sig: string): void => {
+      log.info({ signal: sig }, 'stopping');
+      void host.stop().then(() => resolve(0));
+    };
+    process.once('SIGTERM', () => stop('SIGTERM'));
+    process.once('SIGINT', () => stop('SIGINT'));
+  });
+}

@@ -1,0 +1,339 @@
+/**
+ * A whole nestbroker stack on one machine, as separate processes: one host broker and
+ * guest agents, each "VM" a cgroup (`<root>/vmN` in every hierarchy) whose limits play the
+ * VM's allocation, each guest agent managing its projects beneath its VM cgroup. Used by
+ * `make demo` (demo/demo.ts) and by the host integration tests (test/integration/host/),
+ * which pass a per-run root (`nestbroker-test-<pid>-…`) instead of `nestbroker-demo`.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import YAML from 'yaml';
+import { openCgroupAdapter, type CgroupDriver } from '../cgroup-adapter/index';
+import { rpcCall } from '../agent/common/rpc';
+
+/** The compiled tree: this file runs from dist/demo/, or from demo/ under ts-jest. */
+export const DIST =
+  path.basename(path.dirname(__dirname)) === 'dist'
+    ? path.resolve(__dirname, '..')
+    : path.resolve(__dirname, '..', 'dist');
+export const NESTBROKER = path.join(DIST, 'agent', 'cli', 'nestbroker.js');
+export const NESTCTL = path.join(DIST, 'agent', 'cli', 'nestctl.js');
+export const PROJECT = path.join(DIST, 'demo', 'project.js');
+
+export interface ProjectSpec {
+  name: string;
+  priority: number;
+  memoryMin: string;
+  memoryMax: string;
+  cpuMin: number;
+  cpuMax: number;
+  /** MiB the process allocates. */
+  holdMiB: number;
+  /** Share of one CPU it burns. */
+  burn: number;
+  gracePeriod?: string;
+}
+
+export interface GuestSpec {
+  name: string;
+  priority: number;
+  memory: string;
+  cpus: number;
+  floor: { memory: string; cpus: number };
+  projects: ProjectSpec[];
+}
+
+export interface TlsFiles {
+  ca: string;
+  serverCert: string;
+  serverKey: string;
+  clientCert: string;
+  clientKey: string;
+}
+
+export interface StackOptions {
+  /** cgroup root beneath each hierarchy's mount: `nestbroker-demo` or a per-run test root. */
+  root: string;
+  dir: string;
+  guests: GuestSpec[];
+  transport: 'unix' | 'tls';
+  tls?: TlsFiles;
+  /** Where each process's stdout/stderr go (a log file per process by default). */
+  logDir?: string;
+  heartbeat?: { interval: string; timeout: string };
+}
+
+export interface Proc {
+  name: string;
+  child: ChildProcess;
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+}
+
+export interface GuestRun {
+  spec: GuestSpec;
+  config: string;
+  channel: string;
+  socket: string;
+  port?: number;
+  proc: Proc | null;
+}
+
+function spawnProc(name: string, argv: string[], logFile: string): Promise<Proc> {
+  return fs.open(logFile, 'a').then((fh) => {
+    const child = spawn(process.execPath, argv, {
+      stdio: ['ignore', fh.fd, fh.fd],
+      env: { ...process.env, NESTBROKER_LOG_LEVEL: process.env.NESTBROKER_LOG_LEVEL ?? 'info' },
+    });
+    const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+      child.once('exit', (code, signal) => {
+        void fh.close();
+        resolve({ code, signal });
+      }),
+    );
+    return { name, child, exited };
+  });
+}
+
+export async function waitFor<T>(
+  what: string,
+  fn: () => Promise<T | undefined | null | false>,
+  timeoutMs = 20_000,
+  everyMs = 100,
+): Promise<T> {
+  const t0 = Date.now();
+  let lastErr: unknown;
+  for (;;) {
+    try {
+      const v = await fn();
+      if (v) return v;
+    } catch (err) {
+      lastErr = err;
+    }
+    if (Date.now() - t0 > timeoutMs)
+      throw new Error(
+        `timed out after ${timeoutMs} ms waiting for ${what}${lastErr ? `: ${String(lastErr)}` : ''}`,
+      );
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+}
+
+async function freePort(): Promise<number> {
+  const net = await import('node:net');
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => resolve(port));
+    });
+    s.on('error', reject);
+  });
+}
+
+export class Stack {
+  readonly hostSocket: string;
+  readonly hostConfig: string;
+  readonly guests: GuestRun[] = [];
+  host: Proc | null = null;
+  driver!: CgroupDriver;
+  private readonly logDir: string;
+
+  constructor(readonly opts: StackOptions) {
+    this.hostSocket = path.join(opts.dir, 'host.sock');
+    this.hostConfig = path.join(opts.dir, 'host.yaml');
+    this.logDir = opts.logDir ?? path.join(opts.dir, 'logs');
+  }
+
+  /** The VM cgroups, with the VMs' allocations as their limits. */
+  async createVms(): Promise<void> {
+    this.driver = await openCgroupAdapter({ root: this.opts.root, create: true });
+    for (const g of this.opts.guests) {
+      const { parseSize } = await import('../agent/common/units');
+      const mem = parseSize(g.memory);
+      if (!mem.ok) throw new Error(`guest ${g.name} memory ${mem.message}`);
+      await this.driver.create(g.name, {
+        memory: { max: mem.value },
+        cpu: { max: { quotaUs: Math.round(g.cpus * 100_000), periodUs: 100_000 } },
+      });
+    }
+  }
+
+  async writeConfigs(): Promise<void> {
+    await fs.mkdir(this.logDir, { recursive: true });
+    const tls = this.opts.tls;
+    for (const g of this.opts.guests) {
+      const gdir = path.join(this.opts.dir, g.name);
+      await fs.mkdir(gdir, { recursive: true });
+      const run: GuestRun = {
+        spec: g,
+        config: path.join(gdir, 'guest.yaml'),
+        channel: path.join(gdir, 'channel.sock'),
+        socket: path.join(gdir, 'guest.sock'),
+        proc: null,
+      };
+      if (this.opts.transport === 'tls') run.port = await freePort();
+      const guestYaml = {
+        guest: g.name,
+        stateDir: path.join(gdir, 'state'),
+        runDir: path.join(gdir, 'run'),
+        socket: run.socket,
+        projectSocket: path.join(gdir, 'projects.sock'),
+        cgroup: { root: `${this.opts.root}/${g.name}` },
+        resources: { cpus: g.cpus, memory: g.memory },
+        reserve: { memory: '32MiB', cpus: 0 },
+        upstream:
+          this.opts.transport === 'unix'
+            ? { transport: 'unix', path: run.channel }
+            : {
+                transport: 'tls',
+                listen: { host: '127.0.0.1', port: run.port },
+                tls: { cert: tls!.serverCert, key: tls!.serverKey, ca: tls!.ca },
+              },
+        usageInterval: '500ms',
+        projects: g.projects.map((p) => ({
+          name: p.name,
+          priority: p.priority,
+          memory: { min: p.memoryMin, max: p.memoryMax },
+          cpu: { min: p.cpuMin, max: p.cpuMax },
+          stop: { signal: 'SIGTERM', gracePeriod: p.gracePeriod ?? '5s' },
+          restartOnRestore: true,
+          command: {
+            argv: [
+              process.execPath,
+              PROJECT,
+              '--name',
+              p.name,
+              '--memory',
+              String(p.holdMiB),
+              '--cpu',
+              String(p.burn),
+              '--marker',
+              this.markerOf(g.name, p.name),
+            ],
+          },
+        })),
+      };
+      await fs.writeFile(run.config, YAML.stringify(guestYaml));
+      this.guests.push(run);
+    }
+    const hostYaml = {
+      stateDir: path.join(this.opts.dir, 'host-state'),
+      socket: this.hostSocket,
+      cgroup: { root: this.opts.root },
+      heartbeat: this.opts.heartbeat ?? { interval: '1s', timeout: '4s' },
+      reconnect: { min: '100ms', max: '1s' },
+      guests: this.guests.map((r) => ({
+        name: r.spec.name,
+        priority: r.spec.priority,
+        allocation: { cpus: r.spec.cpus, memory: r.spec.memory },
+        floor: r.spec.floor,
+        cgroup: r.spec.name,
+        channel:
+          this.opts.transport === 'unix'
+            ? { transport: 'unix', path: r.channel }
+            : {
+                transport: 'tls',
+                host: '127.0.0.1',
+                port: r.port,
+                cert: tls!.clientCert,
+                key: tls!.clientKey,
+                ca: tls!.ca,
+                servername: 'localhost',
+              },
+      })),
+    };
+    await fs.writeFile(this.hostConfig, YAML.stringify(hostYaml));
+  }
+
+  markerOf(guest: string, project: string): string {
+    return path.join(this.opts.dir, guest, `${project}.saved`);
+  }
+
+  async startGuest(name: string): Promise<GuestRun> {
+    const run = this.guests.find((g) => g.spec.name === name)!;
+    run.proc = await spawnProc(
+      `guest ${name}`,
+      [NESTBROKER, 'guest', '--config', run.config],
+      path.join(this.logDir, `guest-${name}.log`),
+    );
+    await waitFor(`guest ${name}'s operator socket`, async () => {
+      if (run.proc && run.proc.child.exitCode !== null)
+        throw new Error(`guest ${name} exited with ${run.proc.child.exitCode}; see ${this.logDir}`);
+      await rpcCall(run.socket, 'status', {}, { timeoutMs: 2000 });
+      return true;
+    });
+    return run;
+  }
+
+  async startHost(): Promise<Proc> {
+    this.host = await spawnProc(
+      'host',
+      [NESTBROKER, 'host', '--config', this.hostConfig],
+      path.join(this.logDir, 'host.log'),
+    );
+    await waitFor('the host broker socket', async () => {
+      if (this.host && this.host.child.exitCode !== null)
+        throw new Error(
+          `host exited with ${this.host.child.exitCode}; see ${this.logDir}/host.log`,
+        );
+      await rpcCall(this.hostSocket, 'guests', {}, { timeoutMs: 2000 });
+      return true;
+    });
+    return this.host;
+  }
+
+  /** Waits until the host sees every running guest connected (hello received). */
+  async waitConnected(
+    names = this.guests.filter((g) => g.proc).map((g) => g.spec.name),
+  ): Promise<void> {
+    await waitFor(
+      `guests ${names.join(', ')} connected to the host`,
+      async () => {
+        const gs = (await rpcCall(this.hostSocket, 'guests')) as {
+          name: string;
+          connected: boolean;
+          inventory?: { projects: { state: string }[] };
+        }[];
+        return names.every((n) => gs.find((g) => g.name === n)?.connected);
+      },
+      30_000,
+    );
+  }
+
+  async stopProc(
+    p: Proc | null,
+    signal: NodeJS.Signals = 'SIGTERM',
+    timeoutMs = 10_000,
+  ): Promise<void> {
+    if (!p || p.child.exitCode !== null || p.child.signalCode !== null) return;
+    p.child.kill(signal);
+    const t = setTimeout(() => p.child.kill('SIGKILL'), timeoutMs);
+    await p.exited;
+    clearTimeout(t);
+  }
+
+  /** Stops every process by pid, then kills whatever is left in the cgroups and removes them. */
+  async teardown(): Promise<void> {
+    await this.stopProc(this.host);
+    for (const g of this.guests) await this.stopProc(g.proc);
+    if (this.driver) await this.driver.removeRoot(10_000);
+  }
+}
+
+/** Removes a root left behind by an interrupted run: kills its members via the cgroup. */
+export async function removeLeftoverRoot(root: string): Promise<boolean> {
+  const mounts = await fs.readdir('/sys/fs/cgroup');
+  const present = await Promise.all(
+    mounts.map((m) =>
+      fs.stat(path.join('/sys/fs/cgroup', m, root)).then(
+        () => true,
+        () => false,
+      ),
+    ),
+  );
+  if (!present.some(Boolean)) return false;
+  // Opened with create so that a root left in only some hierarchies is still found whole.
+  const d = await openCgroupAdapter({ root, create: true });
+  await d.removeRoot(10_000);
+  return true;
+}

@@ -1,0 +1,209 @@
+/**
+ * The host broker's lifecycle branches that a real guest agent cannot be made to take on
+ * demand: the host broker (in this process), its reconnecting unix channel, the actuator
+ * and the VM cgroup are all real; the guest is a ScriptedGuest on a real socket that
+ * answers as each story needs (rejects, fails, agrees to a cancel, stops answering pings).
+ */
+import { promises as fs, readFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { silentLogger } from '../../../agent/common/log';
+import { CgroupQmpActuator } from '../../../agent/host/actuator';
+import { validateHostConfig } from '../../../agent/host/config';
+import { HostBroker } from '../../../agent/host/host-broker';
+import { channelFactory } from '../../../agent/host/main';
+import { newMessageId } from '../../../agent/protocol/messages';
+import { waitFor } from '../../../demo/stack';
+import { openTestAdapter, type TestAdapter } from '../../helpers/cgroup-root';
+import { ScriptedGuest } from './scripted-guest';
+
+const MiB = 1024 * 1024;
+const log = silentLogger();
+let t: TestAdapter;
+let dir: string;
+let guest: ScriptedGuest;
+let broker: HostBroker;
+
+const kernel = (ctrl: string, file: string): string =>
+  readFileSync(path.join('/sys/fs/cgroup', ctrl, t.rootName, 'vm1', file), 'utf8').trim();
+const VM_LIMITS = {
+  memory: { max: 1024 * MiB },
+  cpu: { max: { quotaUs: 200_000, periodUs: 100_000 } },
+};
+
+beforeAll(async () => {
+  t = await openTestAdapter('branches');
+  await t.adapter.create('vm1', VM_LIMITS);
+});
+afterAll(async () => {
+  await t?.dispose();
+});
+
+beforeEach(async () => {
+  await t.adapter.setLimits('vm1', VM_LIMITS);
+  dir = await fs.mkdtemp(path.join(os.tmpdir(), 'nb-host-branches-'));
+  const channel = path.join(dir, 'vm1.sock');
+  guest = await ScriptedGuest.listen('vm1', channel);
+  const config = validateHostConfig({
+    stateDir: path.join(dir, 'state'),
+    socket: path.join(dir, 'host.sock'),
+    cgroup: { root: t.rootName },
+    heartbeat: { interval: '100ms', timeout: '300ms' },
+    reconnect: { min: '50ms', max: '200ms' },
+    guests: [
+      {
+        name: 'vm1',
+        priority: 10,
+        allocation: { cpus: 2, memory: '1GiB' },
+        floor: { cpus: 0.5, memory: '256MiB' },
+        cgroup: 'vm1',
+        channel: { transport: 'unix', path: channel },
+      },
+    ],
+  });
+  broker = new HostBroker({
+    config,
+    actuator: new CgroupQmpActuator(t.adapter, log),
+    connect: channelFactory(config, log),
+    log,
+    cancelTimeoutMs: 2000,
+  });
+  await broker.start();
+  await waitFor('vm1 connected', async () => broker.status('vm1').connected, 5000, 20);
+});
+
+afterEach(async () => {
+  await broker?.stop();
+  await guest?.close();
+  await fs.rm(dir, { recursive: true, force: true });
+});
+
+const reclaim = (force = false, deadlineMs = 5000) =>
+  broker.issue('reclaim', {
+    guest: 'vm1',
+    change: { memoryBytes: 256 * MiB, cpus: 0.5 },
+    deadlineMs,
+    force,
+  });
+const granted = () => broker.status('vm1').books.granted;
+
+test('one ping from the guest gets exactly one pong (the channel answers; the broker does not answer again)', async () => {
+  const id = newMessageId();
+  guest.send({ type: 'ping', id, t: 42 });
+  await guest.next('pong', 2000, (p) => p.replyTo === id);
+  await new Promise((r) => setTimeout(r, 300)); // room for a second pong, if one were sent
+  const pongs = guest.received.filter((m) => m.type === 'pong' && m.replyTo === id);
+  expect(pongs).toHaveLength(1);
+  expect(pongs[0]).toMatchObject({ t: 42 });
+});
+
+test('a guest that stops answering pings is dropped by the heartbeat and reconnected with backoff', async () => {
+  expect(guest.opens).toBe(1);
+  guest.answerPings = false; // a hung agent behind a live socket: only the heartbeat sees it
+  await waitFor(
+    'the host to drop the silent guest',
+    async () => !broker.status('vm1').connected,
+    3000,
+    20,
+  );
+  guest.answerPings = true;
+  await waitFor(
+    'the host to reconnect',
+    async () => guest.opens >= 2 && broker.status('vm1').connected,
+    3000,
+    20,
+  );
+  // Each connection was greeted: hello → welcome again.
+  expect(guest.received.filter((m) => m.type === 'welcome').length).toBeGreaterThanOrEqual(2);
+});
+
+test('a guest that rejects the notice: refused with its code, the books give it back, the VM is untouched', async () => {
+  const { record, done } = await reclaim();
+  expect(granted()).toEqual({ memoryBytes: 768 * MiB, cpus: 1.5 }); // booked at issue
+  const msg = await guest.next('notice');
+  expect(msg.notice.id).toBe(record.notice.id);
+  guest.ack(msg.id, msg.notice.id, 'rejected', {
+    code: 'NOTICE_STALE',
+    message: 'seq: stale: notice seq 1 is not after 7, already applied',
+  });
+  const r = await done;
+  expect(r).toMatchObject({ state: 'refused', error: { code: 'NOTICE_STALE' } });
+  expect(r.actuation).toBeUndefined();
+  expect(granted()).toEqual({ memoryBytes: 1024 * MiB, cpus: 2 });
+  expect(kernel('memory', 'memory.limit_in_bytes')).toBe(String(1024 * MiB));
+  expect(kernel('cpu', 'cpu.cfs_quota_us')).toBe('200000');
+});
+
+test('a guest outcome with status failed: refused without --force (nothing taken), carried out with it', async () => {
+  const first = await reclaim();
+  let msg = await guest.next('notice');
+  guest.ack(msg.id, msg.notice.id, 'accepted');
+  guest.outcome(msg.notice, 'failed', { memoryBytes: 0, cpus: 0 });
+  const r = await first.done;
+  expect(r).toMatchObject({ state: 'refused', error: { code: 'NOTICE_REJECTED' } });
+  expect(r.outcome?.status).toBe('failed');
+  expect(r.actuation).toBeUndefined();
+  expect(granted()).toEqual({ memoryBytes: 1024 * MiB, cpus: 2 });
+  expect(kernel('memory', 'memory.limit_in_bytes')).toBe(String(1024 * MiB));
+
+  const forced = await reclaim(true);
+  msg = await guest.next('notice', 5000, (m) => m.notice.id === forced.record.notice.id);
+  guest.ack(msg.id, msg.notice.id, 'accepted');
+  guest.outcome(msg.notice, 'failed', { memoryBytes: 0, cpus: 0 });
+  const f = await forced.done;
+  expect(f.state).toBe('done');
+  expect(f.actuation?.errors).toEqual([]);
+  expect(kernel('memory', 'memory.limit_in_bytes')).toBe(String(768 * MiB));
+  expect(kernel('cpu', 'cpu.cfs_quota_us')).toBe('150000');
+  expect(granted()).toEqual({ memoryBytes: 768 * MiB, cpus: 1.5 });
+});
+
+test('cancel before the deadline: the guest agrees, the books give it back, the VM is untouched', async () => {
+  const { record, done } = await reclaim();
+  const msg = await guest.next('notice');
+  guest.ack(msg.id, msg.notice.id, 'accepted');
+  await waitFor('acked', async () => broker.notice(record.notice.id)?.state === 'acked', 2000, 10);
+  const cancelled = broker.cancel(record.notice.id);
+  const c = await guest.next('cancel');
+  expect(c.noticeId).toBe(record.notice.id);
+  guest.ack(c.id, c.noticeId, 'cancelled');
+  expect(await cancelled).toMatchObject({ state: 'cancelled' });
+  expect((await done).state).toBe('cancelled');
+  expect(granted()).toEqual({ memoryBytes: 1024 * MiB, cpus: 2 });
+  expect(kernel('memory', 'memory.limit_in_bytes')).toBe(String(1024 * MiB));
+  // A guest that sends an outcome anyway changes nothing: the notice stays cancelled.
+  guest.outcome(msg.notice, 'complete');
+  await new Promise((r) => setTimeout(r, 200));
+  expect(broker.notice(record.notice.id)?.state).toBe('cancelled');
+  expect(kernel('memory', 'memory.limit_in_bytes')).toBe(String(1024 * MiB));
+});
+
+test('cancel refused when the guest has already started (not-cancellable): the reclaim goes on to its outcome', async () => {
+  const { record, done } = await reclaim();
+  const msg = await guest.next('notice');
+  guest.ack(msg.id, msg.notice.id, 'accepted');
+  await waitFor('acked', async () => broker.notice(record.notice.id)?.state === 'acked', 2000, 10);
+  const cancelled = broker.cancel(record.notice.id).catch((e: unknown) => e);
+  const c = await guest.next('cancel');
+  guest.ack(c.id, c.noticeId, 'not-cancellable');
+  expect(await cancelled).toMatchObject({ code: 'NOTICE_REJECTED' });
+  guest.outcome(msg.notice, 'complete');
+  expect((await done).state).toBe('done');
+  expect(kernel('memory', 'memory.limit_in_bytes')).toBe(String(768 * MiB));
+});
+
+test('cancel after the deadline is refused, and a late guest without --force costs it nothing', async () => {
+  const { record, done } = await reclaim(false, 300);
+  const msg = await guest.next('notice');
+  guest.ack(msg.id, msg.notice.id, 'accepted'); // …and then never an outcome
+  const r = await done;
+  expect(r).toMatchObject({ state: 'late', late: true, error: { code: 'GUEST_LATE' } });
+  // The host told the guest it gave up.
+  expect((await guest.next('cancel')).noticeId).toBe(record.notice.id);
+  await expect(broker.cancel(record.notice.id)).rejects.toMatchObject({
+    code: 'NOTICE_REJECTED',
+    problems: [{ field: 'id', message: expect.stringContaining('late') }],
+  });
+  expect(granted()).toEqual({ memoryBytes: 1024 * MiB, cpus: 2 });
+  expect(kernel('memory', 'memory.limit_in_bytes')).toBe(String(1024 * MiB));
+});

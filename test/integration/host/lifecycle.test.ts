@@ -1,0 +1,173 @@
+/**
+ * A late guest and a cancel, with the real thing: the host broker and two guest agents as
+ * processes over unix sockets, each VM a cgroup under this run's root, driven through the
+ * real `nestctl`. A guest is made late by SIGSTOPping its agent (SIGCONT after, always).
+ */
+import { spawn } from 'node:child_process';
+import { promises as fs, readFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { rpcCall } from '../../../agent/common/rpc';
+import type { NoticeView } from '../../../agent/host/api';
+import { HOST_EXIT } from '../../../agent/cli/host-commands';
+import { EXIT } from '../../../agent/cli/format';
+import { NESTCTL, Stack, waitFor, type GuestRun } from '../../../demo/stack';
+
+const MiB = 1024 * 1024;
+const root = `nestbroker-test-${process.pid}-life`;
+const guests = ['vm1', 'vm2'].map((name, i) => ({
+  name,
+  priority: 10 * (i + 1),
+  memory: '1GiB',
+  cpus: 2,
+  floor: { memory: '256MiB', cpus: 0.5 },
+  projects: [
+    {
+      name: 'web',
+      priority: 100,
+      memoryMin: '64MiB',
+      memoryMax: '256MiB',
+      cpuMin: 0.1,
+      cpuMax: 0.5,
+      holdMiB: 8,
+      burn: 0.01,
+    },
+  ],
+}));
+const kernel = (ctrl: string, group: string, file: string): string =>
+  readFileSync(path.join('/sys/fs/cgroup', ctrl, root, group, file), 'utf8').trim();
+
+let dir: string;
+let stack: Stack;
+const run = (name: string): GuestRun => stack.guests.find((g) => g.spec.name === name)!;
+
+beforeAll(async () => {
+  dir = await fs.mkdtemp(path.join(os.tmpdir(), 'nb-host-life-'));
+  stack = new Stack({ root, dir, guests, transport: 'unix' });
+  await stack.createVms();
+  await stack.writeConfigs();
+  await stack.startGuest('vm1');
+  await stack.startGuest('vm2');
+  await stack.startHost();
+  await stack.waitConnected();
+}, 60_000);
+
+afterAll(async () => {
+  for (const g of stack?.guests ?? []) g.proc?.child.kill('SIGCONT');
+  await stack?.teardown();
+  await fs.rm(dir, { recursive: true, force: true });
+}, 30_000);
+
+/** Runs the real nestctl; resolves with its exit code and output. */
+function nestctl(...args: string[]): Promise<{ code: number | null; out: string; err: string }> {
+  return new Promise((resolve) => {
+    const p = spawn(process.execPath, [NESTCTL, '--socket', stack.hostSocket, ...args]);
+    let out = '';
+    let err = '';
+    p.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    p.stderr.on('data', (d: Buffer) => (err += d.toString()));
+    p.on('close', (code) => resolve({ code, out, err }));
+  });
+}
+
+const books = async (name: string) => {
+  const gs = (await rpcCall(stack.hostSocket, 'guests')) as {
+    name: string;
+    connected: boolean;
+    books: { granted: { memoryBytes: number; cpus: number } };
+  }[];
+  return gs.find((g) => g.name === name)!;
+};
+
+/** SIGSTOP the guest's agent for the length of `fn`, and SIGCONT it whatever happens. */
+async function whileStopped<T>(name: string, fn: () => Promise<T>): Promise<T> {
+  const child = run(name).proc!.child;
+  child.kill('SIGSTOP');
+  try {
+    return await fn();
+  } finally {
+    child.kill('SIGCONT');
+  }
+}
+
+test('a late guest without --force: notice `late`, the books give it back, VM limits untouched, nestctl exits 7', async () => {
+  const r = await whileStopped('vm1', () =>
+    nestctl('reclaim', 'vm1', '--memory', '256MiB', '--cpus', '0.5', '--deadline', '1s'),
+  );
+  expect(r.code).toBe(HOST_EXIT.LATE);
+  expect(r.out).toContain(': late (guest late)');
+  expect(r.out).toContain('GUEST_LATE');
+  const [n] = (await rpcCall(stack.hostSocket, 'notices', { guest: 'vm1' })) as NoticeView[];
+  expect(n).toMatchObject({ state: 'late', late: true, error: { code: 'GUEST_LATE' } });
+  // Reported at the deadline, not a delivery timeout after it.
+  expect(Date.parse(n.finishedAt!) - Date.parse(n.deadline)).toBeLessThan(1000);
+  expect(n.actuation).toBeUndefined();
+  expect((await books('vm1')).books.granted).toEqual({ memoryBytes: 1024 * MiB, cpus: 2 });
+  expect(kernel('memory', 'vm1', 'memory.limit_in_bytes')).toBe(String(1024 * MiB));
+  expect(kernel('cpu', 'vm1', 'cpu.cfs_quota_us')).toBe('200000');
+  // Cancel after the deadline is refused (the notice is over), nestctl says so by its code.
+  const c = await nestctl('cancel', n.id);
+  expect(c.code).toBe(EXIT.REJECTED);
+  expect(c.err).toContain('it is late');
+  // The agent comes back and is seen connected again (its heartbeat answers resume).
+  await stack.waitConnected(['vm1']);
+}, 60_000);
+
+test('a late guest with --force: the VM limits are lowered anyway at the deadline', async () => {
+  const r = await whileStopped('vm2', () =>
+    nestctl(
+      'reclaim',
+      'vm2',
+      '--memory',
+      '256MiB',
+      '--cpus',
+      '0.5',
+      '--deadline',
+      '1s',
+      '--force',
+      '--json',
+    ),
+  );
+  expect(r.code).toBe(HOST_EXIT.LATE); // late is still what happened
+  const n = JSON.parse(r.out) as NoticeView;
+  expect(n).toMatchObject({ state: 'done', late: true, force: true });
+  expect(n.outcome).toBeUndefined(); // removed without the guest's word
+  expect(n.actuation?.errors).toEqual([]);
+  expect(kernel('memory', 'vm2', 'memory.limit_in_bytes')).toBe(String(768 * MiB));
+  expect(kernel('cpu', 'vm2', 'cpu.cfs_quota_us')).toBe('150000');
+  expect((await books('vm2')).books.granted).toEqual({ memoryBytes: 768 * MiB, cpus: 1.5 });
+  await stack.waitConnected(['vm2']);
+}, 60_000);
+
+test('cancel before the deadline while the guest is away: accepted, the guest is told on its hello and never acts', async () => {
+  await stack.stopProc(run('vm1').proc);
+  await waitFor('vm1 seen as disconnected', async () => !(await books('vm1')).connected);
+  const issued = (await rpcCall(stack.hostSocket, 'reclaim', {
+    guest: 'vm1',
+    memory: '256MiB',
+    deadline: '30s',
+    wait: false,
+  })) as NoticeView;
+  expect(issued.state).toBe('issued');
+  expect((await books('vm1')).books.granted.memoryBytes).toBe(768 * MiB);
+  const c = await nestctl('cancel', issued.id, '--json');
+  expect(c.code).toBe(EXIT.OK);
+  expect(JSON.parse(c.out)).toMatchObject({ id: issued.id, state: 'cancelled' });
+  expect((await books('vm1')).books.granted.memoryBytes).toBe(1024 * MiB);
+  await stack.startGuest('vm1');
+  await stack.waitConnected(['vm1']);
+  await new Promise((r) => setTimeout(r, 500));
+  // The guest never journaled it as work to do; the VM and its project are untouched.
+  const gn = (await rpcCall(run('vm1').socket, 'notices', {})) as {
+    notice?: { id: string };
+    id?: string;
+    state?: string;
+  }[];
+  expect(gn.filter((x) => (x.notice?.id ?? x.id) === issued.id && x.state !== 'rejected')).toEqual(
+    [],
+  );
+  expect(kernel('memory', 'vm1', 'memory.limit_in_bytes')).toBe(String(1024 * MiB));
+  const all = (await rpcCall(stack.hostSocket, 'notices', { guest: 'vm1' })) as NoticeView[];
+  const after = all.find((x) => x.id === issued.id)!;
+  expect(after.state).toBe('cancelled');
+}, 60_000);

@@ -1,0 +1,129 @@
+import { validateHostConfig, loadHostConfig } from '../../../agent/host/config';
+import { isNestError, type NestError } from '../../../agent/common/errors';
+import { promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+const good = {
+  stateDir: '/var/lib/nestbroker/host',
+  cgroup: { root: 'machine.slice' },
+  guests: [
+    {
+      name: 'vm1',
+      priority: 10,
+      allocation: { cpus: 2, memory: '4GiB' },
+      floor: { cpus: 0.5, memory: '1GiB' },
+      channel: {
+        transport: 'unix',
+        path: '/var/lib/libvirt/qemu/channel/target/vm1.org.nestbroker.0',
+      },
+      cgroup: 'machine-qemu\\x2d1\\x2dvm1.scope',
+      qmp: '/run/nestbroker/vm1.qmp',
+    },
+    {
+      name: 'vm2',
+      priority: 20,
+      allocation: { cpus: '1.5', memory: 2147483648 },
+      channel: {
+        transport: 'tls',
+        host: '10.0.0.2',
+        port: 7443,
+        cert: 'h.crt',
+        key: 'h.key',
+        ca: 'ca.crt',
+      },
+    },
+  ],
+};
+
+function problemsOf(raw: unknown): NestError['problems'] {
+  try {
+    validateHostConfig(raw, '/etc/nestbroker');
+  } catch (e) {
+    if (isNestError(e, 'CONFIG_INVALID')) return e.problems;
+    throw e;
+  }
+  throw new Error('expected CONFIG_INVALID');
+}
+
+test('a good config: units parsed, defaults filled, relative paths resolved, result frozen', () => {
+  const c = validateHostConfig(good, '/etc/nestbroker');
+  expect(c.socket).toBe('/run/nestbroker/host.sock');
+  expect(c.socketMode).toBe(0o660);
+  expect(c.trigger.enabled).toBe(false);
+  expect(c.guests[0]).toMatchObject({
+    allocation: { cpus: 2, memoryBytes: 4 * 1024 ** 3 },
+    floor: { cpus: 0.5, memoryBytes: 1024 ** 3 },
+    cgroup: 'machine-qemu\\x2d1\\x2dvm1.scope',
+  });
+  expect(c.guests[1].floor).toEqual({ cpus: 0, memoryBytes: 0 });
+  expect(c.guests[1].channel).toMatchObject({
+    cert: '/etc/nestbroker/h.crt',
+    ca: '/etc/nestbroker/ca.crt',
+  });
+  expect(Object.isFrozen(c.guests[0].allocation)).toBe(true);
+});
+
+test('every problem at once, each naming its field and value', () => {
+  const bad = structuredClone(good) as Record<string, unknown> & {
+    guests: Record<string, unknown>[];
+  };
+  bad.colour = 'blue';
+  bad.guests[0].floor = { cpus: 3, memory: '1GiB' };
+  bad.guests[0].allocation = { cpus: 2, memory: '4 parsecs' };
+  bad.guests[1].name = 'vm1';
+  bad.guests[1].cgroup = '../escape';
+  bad.trigger = { enabled: true, for: 'soon' };
+  const problems = problemsOf(bad);
+  // zod shape errors come first and alone (unknown key); fix them and the rest appear.
+  expect(problems).toEqual([
+    { field: 'colour', value: ['colour'], message: expect.stringContaining('unknown') },
+  ]);
+  delete bad.colour;
+  const fields = problemsOf(bad).map((p) => [p.field, p.value]);
+  expect(fields).toEqual(
+    expect.arrayContaining([
+      ['guests[0].allocation.memory', '4 parsecs'],
+      ['guests[0].floor.cpus', 3],
+      ['guests[1].name', 'vm1'],
+      ['guests[1].cgroup', '../escape'],
+      ['trigger.for', 'soon'],
+      ['trigger', expect.anything()],
+      ['trigger.step', undefined],
+    ]),
+  );
+});
+
+test('wrong shapes are reported by path: a tls channel without its key, a bad transport', () => {
+  const bad = structuredClone(good) as { guests: Record<string, unknown>[] };
+  bad.guests[1].channel = { transport: 'tls', host: 'h', port: 1, cert: 'c', ca: 'a' };
+  bad.guests[0].channel = { transport: 'tcp', host: 'h' };
+  const fields = problemsOf(bad).map((p) => p.field);
+  expect(fields).toEqual(
+    expect.arrayContaining(['guests[1].channel.key', 'guests[0].channel.transport']),
+  );
+});
+
+test('two guests on one channel socket are refused', () => {
+  const bad = structuredClone(good) as { guests: Record<string, unknown>[] };
+  bad.guests[1].channel = { ...(bad.guests[0].channel as object) };
+  expect(problemsOf(bad).map((p) => p.field)).toEqual(['guests[1].channel']);
+});
+
+test('loadHostConfig reads YAML and reports an unreadable file with its own code', async () => {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'nb-hostcfg-'));
+  try {
+    const f = path.join(dir, 'host.yaml');
+    await fs.writeFile(
+      f,
+      'guests:\n  - name: vm1\n    priority: 1\n    allocation: {cpus: 1, memory: 1GiB}\n    channel: {transport: unix, path: ch.sock}\n',
+    );
+    const c = await loadHostConfig(f);
+    expect(c.guests[0].channel).toEqual({ transport: 'unix', path: path.join(dir, 'ch.sock') });
+    await expect(loadHostConfig(path.join(dir, 'missing.yaml'))).rejects.toMatchObject({
+      code: 'CONFIG_UNREADABLE',
+    });
+  } finally {
+    await fs.rm(dir, { recursive: true, force: true });
+  }
+});

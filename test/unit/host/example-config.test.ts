@@ -1,0 +1,69 @@
+/**
+ * examples/host.yaml is a valid config, and docs/host-broker.md keeps step with the config
+ * code: every default in HOST_DEFAULTS and every top-level key appears in its reference.
+ */
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { HOST_DEFAULTS, loadHostConfig } from '../../../agent/host/config';
+
+const ROOT = path.resolve(__dirname, '../../..');
+const MiB = 1024 * 1024;
+
+test('examples/host.yaml validates, with the values it spells out', async () => {
+  const cfg = await loadHostConfig(path.join(ROOT, 'examples', 'host.yaml'));
+  expect(cfg.guests.map((g) => [g.name, g.channel.transport])).toEqual([
+    ['vm1', 'unix'],
+    ['db1', 'tls'],
+  ]);
+  expect(cfg.guests[0]).toMatchObject({
+    allocation: { cpus: 4, memoryBytes: 8192 * MiB },
+    floor: { cpus: 1, memoryBytes: 2048 * MiB },
+    cgroup: 'machine-qemu\\x2d1\\x2dvm1.scope',
+    qmp: '/run/nestbroker/qmp/vm1.sock',
+    memoryOverheadBytes: 256 * MiB,
+  });
+  expect(cfg.trigger).toMatchObject({ enabled: true, forMs: 30_000, cooldownMs: 120_000 });
+  expect(cfg.socketMode).toBe(0o660);
+});
+
+test('docs/host-broker.md names every default and every key of the config', async () => {
+  const doc = await fs.readFile(path.join(ROOT, 'docs', 'host-broker.md'), 'utf8');
+  for (const [k, v] of Object.entries(HOST_DEFAULTS)) {
+    const shown = typeof v === 'number' ? `0${v.toString(8)}` : v;
+    expect({ k, found: doc.includes(`\`${shown}\``) }).toEqual({ k, found: true });
+  }
+  for (const key of [
+    'stateDir',
+    'socket',
+    'socketGroup',
+    'socketMode',
+    'cgroup.root',
+    'cgroup.driver',
+    'heartbeat.interval',
+    'heartbeat.timeout',
+    'reconnect.min',
+    'reconnect.max',
+    'trigger.enabled',
+    'trigger.memoryAvailableBelow',
+    'trigger.memoryPsiAbove',
+    'trigger.for',
+    'trigger.step.memory',
+    'trigger.step.cpus',
+    'trigger.deadline',
+    'trigger.interval',
+    'trigger.cooldown',
+    'guests[].name',
+    'guests[].priority',
+    'guests[].allocation.cpus',
+    'guests[].allocation.memory',
+    'guests[].floor.cpus',
+    'guests[].floor.memory',
+    'guests[].channel.transport',
+    'guests[].cgroup',
+    'guests[].qmp',
+    'guests[].balloonTimeout',
+    'guests[].memoryOverhead',
+  ])
+    expect({ key, found: doc.includes(`| \`${key}\``) }).toEqual({ key, found: true });
+  expect(doc).toContain("<target type='virtio' name='org.nestbroker.0'/>");
+});

@@ -37,8 +37,17 @@ check: build
 demo: build
 	node dist/demo/demo.js
 
+# Every benchmark in sequence (issue 6; docs/performance.md), as root; JSON in bench/results/.
+# One alone: `make bench-cascade`, `make bench-footprint`, `make bench-graceful-vs-oom`,
+# `make bench-cgroup-ops`, `make bench-planner-scale`; options through BENCH_ARGS, e.g.
+# `make bench-cascade BENCH_ARGS="--sizes 1x100 --runs 50"`.
+BENCH_ARGS ?=
 bench: build
 	node dist/bench/run-all.js
+
+bench-%: build
+	@test -f bench/$*.ts || { echo "no benchmark bench/$*.ts" >&2; exit 2; }
+	node dist/bench/$*.js $(BENCH_ARGS)
 
 clean:
 	rm -rf dist

@@ -108,6 +108,8 @@ export function describe(v: unknown): string {
   try {
     return JSON.stringify(v) ?? String(v);
   } catch {
-    return String(v);
+    // Both JSON.stringify and String() recurse: a value nested thousands deep overflows
+    // the stack (found by test/fuzz); say what it is instead.
+    return `(${Array.isArray(v) ? 'a list' : typeof v} too deeply nested to show)`;
   }
 }

@@ -332,7 +332,9 @@ function preview(v: unknown): string {
   try {
     s = JSON.stringify(v) ?? String(v);
   } catch {
-    s = String(v);
+    // JSON.stringify and String() both recurse: JSON nested some 10 000 deep still fits
+    // in a 64 KiB line and would overflow the stack here (found by test/fuzz).
+    s = `(${Array.isArray(v) ? 'an array' : typeof v} too deeply nested to show)`;
   }
   return clip(s, 80);
 }

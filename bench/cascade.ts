@@ -1,0 +1,598 @@
+#!/usr/bin/env node
+/**
+ * Cascade latency (issue 6, part 1): an operator `reclaim` on the host's operator socket
+ * (rpcCall, as nestctl does) → the host journals and sends the notice → each guest agent
+ * plans, writes every project's new limits and sends the stop signals → the projects exit
+ * (at once: no grace time) → the outcome is back at the host, the VM cgroup lowered, and
+ * the operator answered. Timed from the request to that answer, p50/p99 over --runs runs;
+ * a `restore` after each run (not timed) puts every project back.
+ *
+ * Real host broker and guest agents (separate processes, unix sockets), real cgroups under
+ * `nestbroker-bench-<pid>/<size>`, real project processes (a shell each). Every project is
+ * touched: the higher-priority half is shrunk to its minimum (limit files rewritten), the
+ * lower half is stopped (SIGTERM, exit 0). With several guests, all are reclaimed at once
+ * and the run ends when the last answers.
+ *
+ * The floor, in the same run and interleaved with it: the same final limit writes, the same
+ * signals and the same wait for the stopped groups to empty, done by this process in one
+ * loop through cgroup-adapter, on an equal set of groups and shells of its own.
+ *
+ *   make build && node dist/bench/cascade.js [--sizes 1x10,1x100,1x500,10x50,50x50] [--runs 30]
+ *
+ * Options: --warmup N (untimed runs first, default 2), --profile (node --cpu-prof in every
+ * agent; the hot spots go in the JSON), --root NAME, --out FILE, --log-level LEVEL.
+ */
+import { type ChildProcess } from 'node:child_process';
+import { promises as fs, readFileSync, readdirSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { openCgroupAdapter, spawnInto, type CgroupDriver } from '../cgroup-adapter/index';
+import type { Limits } from '../cgroup-adapter/types';
+import { rpcCall } from '../agent/common/rpc';
+import type { NoticeView } from '../agent/host/api';
+import { removeLeftoverRoot } from '../demo/stack';
+import {
+  fitLine,
+  intArg,
+  nowMs,
+  parseArgs,
+  r3,
+  RESULTS_DIR,
+  requireRoot,
+  say,
+  summarise,
+  table,
+  writeResult,
+  type Summary,
+} from './lib/common';
+import { summariseProfiles, type ProfileSummary } from './lib/cpuprofile';
+import {
+  BenchStack,
+  PROJECT_CPU,
+  PROJECT_MEMORY,
+  SHELL_PROJECT,
+  guestMemory,
+  projectName,
+} from './lib/stack';
+
+const OPTIONS = {
+  sizes: 'guests×projects list, e.g. 1x10,1x100,1x500,10x50,50x50',
+  runs: 'timed runs per size (default 30)',
+  warmup: 'untimed runs per size first (default 2)',
+  profile: 'run the agents under node --cpu-prof and summarise where the time goes',
+  root: 'cgroup root (default nestbroker-bench-<pid>)',
+  out: 'JSON file (default bench/results/cascade.json)',
+  'log-level': "the agents' log level (default: theirs, info)",
+  budget:
+    'seconds per size after which no new run starts (default 300; fewer runs are reported as such)',
+  deadline: 'notice deadline (default 600s: a slow cascade is measured, not cut off)',
+  'keep-logs': "keep the agents' configs, journals and logs (the directory is printed)",
+};
+
+export const DEFAULT_SIZES = '1x10,1x100,1x500,10x50,50x50';
+
+interface Size {
+  guests: number;
+  projects: number;
+  label: string;
+}
+
+function parseSizes(s: string): Size[] {
+  return s.split(',').map((x) => {
+    const m = /^(\d+)x(\d+)$/.exec(x.trim());
+    if (!m || Number(m[1]) < 1 || Number(m[2]) < 2)
+      throw new Error(`--sizes: "${x}" is not GUESTSxPROJECTS (at least 1 guest, 2 projects)`);
+    return { guests: Number(m[1]), projects: Number(m[2]), label: `${m[1]}x${m[2]}` };
+  });
+}
+
+/** Projects kept (shrunk to their minimum) by the reclaim; the rest are stopped. */
+const keptOf = (projects: number): number => Math.ceil(projects / 2);
+/** What one reclaim takes from a guest: all but `kept` × the minimum (plus the reserve). */
+const reclaimBytes = (projects: number): number =>
+  guestMemory(projects) - (guestMemory(0) + keptOf(projects) * PROJECT_MEMORY.min);
+
+// ---------------------------------------------------------------- feasibility
+
+interface Feasibility {
+  ok: boolean;
+  why: string[];
+  needTasks: number;
+  freeTasks: number;
+  needMemoryBytes: number;
+  availableMemoryBytes: number;
+}
+
+/** Each project is 2 tasks (sh + sleep); an agent ~12 threads and ~90 MiB at most. */
+function feasibility(size: Size): Feasibility {
+  const projects = size.guests * size.projects;
+  const needTasks = projects * 2 * 2 /* the floor's own set */ + size.guests * 12 + 200;
+  const pidMax = Number(readFileSync('/proc/sys/kernel/pid_max', 'utf8'));
+  const used = readdirSync('/proc').filter((d) => /^\d+$/.test(d)).length;
+  const freeTasks = pidMax - used * 4; // threads are not listed in /proc: be generous
+  const meminfo = readFileSync('/proc/meminfo', 'utf8');
+  const avail = Number(/^MemAvailable:\s+(\d+)/m.exec(meminfo)?.[1] ?? 0) * 1024;
+  const needMemoryBytes = size.guests * 90 * 2 ** 20 + projects * 2 * 1.5 * 2 ** 20;
+  const why: string[] = [];
+  if (needTasks > freeTasks)
+    why.push(`needs ~${needTasks} tasks, pid_max ${pidMax} leaves ~${freeTasks}`);
+  if (needMemoryBytes > avail * 0.8)
+    why.push(
+      `needs ~${Math.round(needMemoryBytes / 2 ** 20)} MiB, ${Math.round(avail / 2 ** 20)} MiB available`,
+    );
+  return {
+    ok: why.length === 0,
+    why,
+    needTasks,
+    freeTasks,
+    needMemoryBytes,
+    availableMemoryBytes: avail,
+  };
+}
+
+// ---------------------------------------------------------------- the floor
+
+/**
+ * The same work as the cascade, minus everything but the kernel calls: one loop over the
+ * projects writing the kept ones' final limits and signalling the stopped ones, then
+ * waiting until every stopped group is empty.
+ */
+class Floor {
+  private readonly children = new Set<ChildProcess>();
+  readonly groups: string[] = [];
+  constructor(
+    private readonly driver: CgroupDriver,
+    private readonly size: Size,
+  ) {
+    for (let g = 0; g < size.guests; g++)
+      for (let i = 0; i < size.projects; i++) this.groups.push(`floor/g${g}/${projectName(i)}`);
+  }
+
+  static initial(): Limits {
+    return {
+      memory: { high: PROJECT_MEMORY.max, max: PROJECT_MEMORY.max },
+      cpu: { max: { quotaUs: PROJECT_CPU * 100_000, periodUs: 100_000 }, weight: 100 },
+    };
+  }
+  static shrunk(): Limits {
+    return {
+      memory: { high: PROJECT_MEMORY.min, max: PROJECT_MEMORY.min },
+      cpu: { max: { quotaUs: PROJECT_CPU * 100_000, periodUs: 100_000 }, weight: 100 },
+    };
+  }
+
+  private kept(i: number): boolean {
+    return i % this.size.projects < keptOf(this.size.projects);
+  }
+
+  async start(): Promise<void> {
+    for (const g of this.groups) {
+      await this.driver.create(g, Floor.initial());
+      await this.spawn(g);
+    }
+  }
+
+  private async spawn(group: string): Promise<void> {
+    const child = await spawnInto(this.driver, group, SHELL_PROJECT[0], SHELL_PROJECT.slice(1), {
+      stdio: 'ignore',
+    });
+    this.children.add(child);
+    child.once('exit', () => this.children.delete(child));
+  }
+
+  /** One timed run: {writes and signals done, every stopped group empty} in ms. */
+  async run(): Promise<{ signalledMs: number; emptyMs: number }> {
+    const t0 = nowMs();
+    const stopped: string[] = [];
+    for (let i = 0; i < this.groups.length; i++) {
+      const g = this.groups[i];
+      if (this.kept(i)) {
+        await this.driver.setLimits(g, Floor.shrunk());
+        continue;
+      }
+      for (const pid of await this.driver.pids(g)) {
+        try {
+          process.kill(pid, 'SIGTERM');
+        } catch {
+          // gone already
+        }
+      }
+      stopped.push(g);
+    }
+    const t1 = nowMs();
+    await Promise.all(stopped.map((g) => this.driver.waitEmpty(g, 10_000)));
+    const t2 = nowMs();
+    return { signalledMs: t1 - t0, emptyMs: t2 - t0 };
+  }
+
+  /** Untimed: limits back, shells started again. */
+  async reset(): Promise<void> {
+    for (let i = 0; i < this.groups.length; i++) {
+      const g = this.groups[i];
+      if (this.kept(i)) await this.driver.setLimits(g, Floor.initial());
+      else await this.spawn(g);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- one size
+
+interface SizeResult {
+  size: string;
+  guests: number;
+  projectsPerGuest: number;
+  projects: number;
+  kept: number;
+  stopped: number;
+  runs: number;
+  /** runs asked for; `runs` may be fewer when the size's time budget ran out */
+  runsAsked: number;
+  budgetExhausted?: boolean;
+  error?: string;
+  skipped?: string[];
+  feasibility: Feasibility;
+  /** request → operator answer (outcome back at the host, VM actuated), ms */
+  latencyMs?: Summary;
+  /** per run: the slowest guest's own cascade (outcome.ms: notice received → outcome), ms */
+  guestMs?: Summary;
+  floorSignalledMs?: Summary;
+  floorMs?: Summary;
+  ratioP50?: number;
+  ratioP99?: number;
+  perProjectUs?: { cascadeP50: number; floorP50: number };
+  samples?: { latencyMs: number[]; guestMs: number[]; floorMs: number[] };
+  exits?: Record<string, number>;
+  startMs?: number;
+  profile?: { host: ProfileSummary; guests: ProfileSummary };
+}
+
+async function runSize(
+  size: Size,
+  base: string,
+  opts: {
+    runs: number;
+    warmup: number;
+    profile: boolean;
+    logLevel?: string;
+    keepLogs?: boolean;
+    budgetS: number;
+    deadline: string;
+  },
+): Promise<SizeResult> {
+  const projects = size.guests * size.projects;
+  const kept = keptOf(size.projects) * size.guests;
+  const res: SizeResult = {
+    size: size.label,
+    guests: size.guests,
+    projectsPerGuest: size.projects,
+    projects,
+    kept,
+    stopped: projects - kept,
+    runs: 0,
+    runsAsked: opts.runs,
+    feasibility: feasibility(size),
+  };
+  if (!res.feasibility.ok) {
+    res.skipped = res.feasibility.why;
+    say(`  ${size.label}: skipped: ${res.feasibility.why.join('; ')}`);
+    return res;
+  }
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), `nestbroker-bench-cascade-${size.label}-`));
+  const root = `${base}/s${size.label}`;
+  const profDir = path.join(RESULTS_DIR, 'profiles', `cascade-${size.label}`);
+  if (opts.profile) {
+    await fs.rm(profDir, { recursive: true, force: true });
+    await fs.mkdir(profDir, { recursive: true });
+  }
+  const prof = (who: string): string[] =>
+    opts.profile ? ['--cpu-prof', `--cpu-prof-dir=${path.join(profDir, who)}`] : [];
+  const stack = new BenchStack({
+    root,
+    dir,
+    guests: Array.from({ length: size.guests }, (_, g) => ({
+      name: `g${String(g).padStart(2, '0')}`,
+      projects: size.projects,
+    })),
+    nodeArgs: { host: prof('host'), guest: prof('guest') },
+    logLevel: opts.logLevel,
+  });
+  const latency: number[] = [];
+  const guestMs: number[] = [];
+  const floorSig: number[] = [];
+  const floorAll: number[] = [];
+  const exits: Record<string, number> = {};
+  try {
+    const t0 = nowMs();
+    await stack.prepare();
+    await stack.startGuests();
+    await stack.startHost();
+    await stack.waitConnected();
+    await stack.waitProjectsRunning();
+    res.startMs = Math.round(nowMs() - t0);
+    const floor = new Floor(stack.driver, size);
+    await floor.start();
+
+    const bytes = reclaimBytes(size.projects);
+    const budgetEnd = nowMs() + opts.budgetS * 1000;
+    for (let run = -opts.warmup; run < opts.runs; run++) {
+      if (run > 0 && nowMs() > budgetEnd) {
+        res.budgetExhausted = true;
+        say(`  ${size.label}: time budget of ${opts.budgetS} s spent after ${run} runs`);
+        break;
+      }
+      // The cascade.
+      const a = nowMs();
+      const views = (await Promise.all(
+        stack.guests.map((g) =>
+          rpcCall(
+            stack.hostSocket,
+            'reclaim',
+            { guest: g.spec.name, memory: bytes, deadline: opts.deadline, reason: 'bench' },
+            { timeoutMs: 0 },
+          ),
+        ),
+      )) as NoticeView[];
+      const ms = nowMs() - a;
+      for (const v of views) {
+        const o = v.outcome;
+        const shrunk = o?.projects.filter((p) => p.action === 'shrunk').length ?? 0;
+        const stopped = o?.projects.filter((p) => p.action === 'stopped') ?? [];
+        if (
+          v.state !== 'done' ||
+          o?.status !== 'complete' ||
+          shrunk + stopped.length !== size.projects
+        )
+          throw new Error(
+            `run ${run}: ${v.guest}'s reclaim ended ${v.state}/${o?.status} with ${shrunk} shrunk, ${stopped.length} stopped of ${size.projects}: ${JSON.stringify(v.error ?? null)}`,
+          );
+        if (run >= 0)
+          for (const p of stopped) exits[p.exit ?? 'none'] = (exits[p.exit ?? 'none'] ?? 0) + 1;
+      }
+      if (run >= 0) {
+        res.runs++;
+        latency.push(ms);
+        guestMs.push(Math.max(...views.map((v) => v.outcome?.ms ?? 0)));
+      }
+      // The floor, right after, on the same machine state.
+      const f = await floor.run();
+      if (run >= 0) {
+        floorSig.push(f.signalledMs);
+        floorAll.push(f.emptyMs);
+      }
+      // Reset (untimed): restore every guest, restart the floor's shells.
+      const back = (await Promise.all(
+        stack.guests.map((g) =>
+          rpcCall(
+            stack.hostSocket,
+            'restore',
+            { guest: g.spec.name, deadline: opts.deadline },
+            { timeoutMs: 0 },
+          ),
+        ),
+      )) as NoticeView[];
+      for (const v of back)
+        if (v.state !== 'done' || v.outcome?.status !== 'complete')
+          throw new Error(
+            `run ${run}: restore of ${v.guest} ended ${v.state}: ${JSON.stringify(v.error ?? null)}`,
+          );
+      await floor.reset();
+      await stack.waitProjectsRunning();
+      if (run >= 0 && (run + 1) % 10 === 0)
+        say(
+          `  ${size.label}: ${run + 1}/${opts.runs} runs, last ${r3(ms)} ms (floor ${r3(f.emptyMs)} ms)`,
+        );
+    }
+  } catch (err) {
+    res.error = err instanceof Error ? err.message : String(err);
+    say(`  ${size.label}: FAILED: ${res.error}`);
+  } finally {
+    await stack.teardown().catch((err: unknown) => say(`  teardown: ${String(err)}`));
+    if (opts.keepLogs) say(`  ${size.label}: logs kept in ${dir}`);
+    else await fs.rm(dir, { recursive: true, force: true });
+  }
+  if (latency.length === 0) return res;
+  res.latencyMs = summarise(latency);
+  res.guestMs = summarise(guestMs);
+  res.floorSignalledMs = summarise(floorSig);
+  res.floorMs = summarise(floorAll);
+  res.ratioP50 = r3(res.latencyMs.p50 / res.floorMs.p50);
+  res.ratioP99 = r3(res.latencyMs.p99 / res.floorMs.p99);
+  res.perProjectUs = {
+    cascadeP50: Math.round((res.latencyMs.p50 / projects) * 1000),
+    floorP50: Math.round((res.floorMs.p50 / projects) * 1000),
+  };
+  res.samples = {
+    latencyMs: latency.map(r3),
+    guestMs,
+    floorMs: floorAll.map(r3),
+  };
+  res.exits = exits;
+  if (opts.profile) {
+    res.profile = {
+      host: summariseProfiles(path.join(profDir, 'host'), 15),
+      guests: summariseProfiles(path.join(profDir, 'guest'), 15),
+    };
+  }
+  return res;
+}
+
+// ---------------------------------------------------------------- goals
+
+interface Goal {
+  goal: string;
+  measured: string;
+  met: boolean | null;
+}
+
+function goals(results: SizeResult[]): { goals: Goal[]; linearity: object | null } {
+  const by = (l: string) => results.find((r) => r.size === l && r.latencyMs);
+  const out: Goal[] = [];
+  const s100 = by('1x100');
+  out.push({
+    goal: '1 guest × 100 projects: p99 ≤ 25 ms',
+    measured: s100 ? `p99 ${s100.latencyMs!.p99} ms` : 'not run',
+    met: s100 ? s100.latencyMs!.p99 <= 25 : null,
+  });
+  const s2500 = by('50x50');
+  out.push({
+    goal: '50 guests × 50 projects: p99 ≤ 500 ms',
+    measured: s2500 ? `p99 ${s2500.latencyMs!.p99} ms` : 'not run',
+    met: s2500 ? s2500.latencyMs!.p99 <= 500 : null,
+  });
+  for (const r of results.filter((x) => x.latencyMs))
+    out.push({
+      goal: `${r.size}: within 10× of the floor${r.runs < r.runsAsked ? ` (${r.runs} runs)` : ''}`,
+      measured: `p50 ${r.ratioP50}×, p99 ${r.ratioP99}×`,
+      met: r.ratioP50! <= 10 && r.ratioP99! <= 10,
+    });
+  const single = results.filter((r) => r.guests === 1 && r.latencyMs);
+  let linearity: object | null = null;
+  if (single.length >= 2) {
+    const xs = single.map((r) => r.projects);
+    const ys = single.map((r) => r.latencyMs!.p50);
+    const f = fitLine(xs, ys);
+    const big = single[single.length - 1];
+    const mid = single.length >= 3 ? single[single.length - 2] : single[0];
+    // Marginal cost between the two largest sizes vs the average cost per project of the
+    // fit: growing worse than linearly would make the marginal cost climb.
+    const marginal = (big.latencyMs!.p50 - mid.latencyMs!.p50) / (big.projects - mid.projects);
+    linearity = {
+      fit: { interceptMs: r3(f.a), msPerProject: r3(f.b), r2: r3(f.r2) },
+      marginalMsPerProject: r3(marginal),
+      sizes: single.map((r) => r.size),
+    };
+    out.push({
+      goal: 'cost grows linearly with projects (1 guest: R² of a straight line ≥ 0.98, marginal cost at the top ≤ 1.5× the fitted slope)',
+      measured: `${r3(f.b * 1000)} µs/project + ${r3(f.a)} ms, R² ${r3(f.r2)}; marginal ${r3(marginal * 1000)} µs/project between ${mid.size} and ${big.size}`,
+      met: f.r2 >= 0.98 && marginal <= 1.5 * f.b,
+    });
+  }
+  return { goals: out, linearity };
+}
+
+// ---------------------------------------------------------------- main
+
+export async function main(argv = process.argv.slice(2)): Promise<number> {
+  const a = parseArgs(argv, OPTIONS);
+  requireRoot('bench/cascade');
+  const sizes = parseSizes(a.sizes ?? DEFAULT_SIZES);
+  const runs = intArg(a.runs, 'runs', 30);
+  const warmup = intArg(a.warmup, 'warmup', 2, 0);
+  const base = a.root ?? `nestbroker-bench-${process.pid}`;
+  const budgetS = intArg(a.budget, 'budget', 300);
+  const deadline = a.deadline ?? '600s';
+  say(
+    `cascade: operator reclaim → outcome at the host; ${runs} runs per size (+${warmup} warm-up), root ${base}`,
+  );
+  const results: SizeResult[] = [];
+  const cleanup = async (): Promise<void> => {
+    await removeLeftoverRoot(base).catch((err: unknown) => say(`cleanup: ${String(err)}`));
+  };
+  const onSignal = (): void => {
+    void cleanup().finally(() => process.exit(130));
+  };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  try {
+    // The base root in every hierarchy, so that one removal cleans up every size.
+    await openCgroupAdapter({ root: base, create: true });
+    for (const size of sizes) {
+      say(`\n${size.label}: ${size.guests} guest(s) × ${size.projects} projects`);
+      results.push(
+        await runSize(size, base, {
+          runs,
+          warmup,
+          profile: a.profile === 'true',
+          logLevel: a['log-level'],
+          keepLogs: a['keep-logs'] === 'true',
+          budgetS,
+          deadline,
+        }),
+      );
+      // After every size: an interrupted bench still leaves what it measured.
+      writeResult('cascade', { runs, warmup, complete: false, sizes: results }, a.out);
+    }
+  } finally {
+    await cleanup();
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
+
+  say(
+    '\ncascade latency (ms): request → outcome back at the host; floor = same writes + signals + exits, one loop',
+  );
+  say(
+    table([
+      [
+        'size',
+        'projects',
+        'runs',
+        'p50',
+        'p99',
+        'max',
+        'guest p50',
+        'floor p50',
+        'floor p99',
+        '×floor p50',
+        '×floor p99',
+        'µs/project',
+      ],
+      ...results.map((r) =>
+        r.latencyMs
+          ? [
+              r.size,
+              r.projects,
+              r.runs,
+              r.latencyMs.p50,
+              r.latencyMs.p99,
+              r.latencyMs.max,
+              r.guestMs!.p50,
+              r.floorMs!.p50,
+              r.floorMs!.p99,
+              r.ratioP50!,
+              r.ratioP99!,
+              r.perProjectUs!.cascadeP50,
+            ]
+          : [
+              r.size,
+              r.projects,
+              r.runs,
+              r.skipped ? `skipped: ${r.skipped.join('; ')}` : `failed: ${r.error}`,
+            ],
+      ),
+    ]),
+  );
+  const g = goals(results);
+  say('\ngoals');
+  say(
+    table([
+      ['goal', 'measured', 'met'],
+      ...g.goals.map((x) => [x.goal, x.measured, x.met === null ? '-' : x.met ? 'yes' : 'NO']),
+    ]),
+  );
+  for (const r of results)
+    if (r.profile) {
+      say(
+        `\nprofile ${r.size}: guest agents ${r.profile.guests.totalMs} ms busy, host ${r.profile.host.totalMs} ms busy; guest hot spots:`,
+      );
+      say(
+        table([
+          ['function', 'self ms', '%'],
+          ...r.profile.guests.byFunction.slice(0, 10).map((h) => [h.what, h.selfMs, h.share]),
+        ]),
+      );
+    }
+  const out = writeResult('cascade', { runs, warmup, complete: true, sizes: results, ...g }, a.out);
+  say(`\nwrote ${out}`);
+  return results.some((r) => r.error) ? 1 : 0;
+}
+
+if (require.main === module) {
+  main().then(
+    (code) => process.exit(code),
+    (err: unknown) => {
+      console.error(err instanceof Error ? err.stack : String(err));
+      process.exit(1);
+    },
+  );
+}

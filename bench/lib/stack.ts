@@ -1,0 +1,278 @@
+/**
+ * A bench stack: one real host broker and real guest agents as separate processes over
+ * unix sockets, each "VM" a real cgroup `<root>/<guest>` (every hierarchy), each guest's
+ * projects real processes in `<root>/<guest>/projects/<name>`. Like demo/stack.ts, but
+ * with many cheap projects (a shell that exits 0 on SIGTERM) and sizes chosen by the bench.
+ *
+ * Every project has memory {min 8MiB, max 16MiB} and cpu {min = max = 0.01}, a distinct
+ * priority (p0000 highest), so that a reclaim to `keep` × 8MiB keeps the `keep` highest
+ * at their minimum (shrunk: every limit file rewritten) and stops all the others
+ * (stop signal, exit at once): every project of the guest is touched.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { promises as fs } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import YAML from 'yaml';
+import { openCgroupAdapter, type CgroupDriver } from '../../cgroup-adapter/index';
+import { rpcCall } from '../../agent/common/rpc';
+import { NESTBROKER, waitFor } from '../../demo/stack';
+
+const MiB = 1024 * 1024;
+export const PROJECT_MEMORY = { min: 8 * MiB, max: 16 * MiB };
+export const PROJECT_CPU = 0.01;
+export const RESERVE_MEMORY = 32 * MiB;
+
+/**
+ * The project: exits 0 at once on SIGTERM, its sleep with it. `sleep & wait` rather than a `sleep 1` loop:
+ * 2 500 shells forking a sleep every second would load the machine we measure on. The
+ * stop signal goes to every pid of the group (the sleep too), and `wait` returns at once
+ * for a trapped signal, so the group empties within a millisecond or two.
+ */
+export const SHELL_PROJECT = [
+  '/bin/sh',
+  '-c',
+  // `kill $!`: a signal that lands between the fork of the sleep and the read of
+  // cgroup.procs would otherwise leave the sleep behind, holding the group for its grace.
+  'trap "kill \\$! 2>/dev/null; exit 0" TERM; while :; do sleep 3600 & wait; done',
+];
+
+export interface BenchGuest {
+  name: string;
+  projects: number;
+  /** argv of every project (SHELL_PROJECT by default); `{name}` is replaced. */
+  argv?: string[];
+  /** The VM's CPUs (guestCpus(projects) by default): more leaves room a reclaim can take. */
+  cpus?: number;
+}
+
+export interface BenchStackOptions {
+  /** cgroup root beneath each hierarchy's mount, e.g. `nestbroker-bench-<pid>`. */
+  root: string;
+  dir: string;
+  guests: BenchGuest[];
+  /** Guest usage sampling interval (the agent's default is 1s). */
+  usageInterval?: string;
+  /** Host heartbeat (the host's default, 5s/15s, when unset). */
+  heartbeat?: { interval: string; timeout: string };
+  /** Extra node options for the agents, e.g. ['--cpu-prof', '--cpu-prof-dir=…']. */
+  nodeArgs?: { host?: string[]; guest?: string[] };
+  /** NESTBROKER_LOG_LEVEL of the agents (their default, info, when unset). */
+  logLevel?: string;
+  /** How many guest agents start at once. */
+  startConcurrency?: number;
+}
+
+export interface AgentProc {
+  name: string;
+  child: ChildProcess;
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+}
+
+export interface GuestRun {
+  spec: BenchGuest;
+  config: string;
+  channel: string;
+  socket: string;
+  proc: AgentProc | null;
+}
+
+export function guestMemory(projects: number): number {
+  return projects * PROJECT_MEMORY.max + RESERVE_MEMORY;
+}
+/**
+ * At least every online CPU: a guest allocated fewer whole CPUs than the machine has gets
+ * its projects pinned (cpuset) on a reclaim, a write the floor would not do.
+ */
+export function guestCpus(projects: number): number {
+  return Math.max(os.cpus().length, Math.ceil(projects * PROJECT_CPU * 100) / 100);
+}
+const cpusOf = (g: BenchGuest): number => g.cpus ?? guestCpus(g.projects);
+export const projectName = (i: number): string => `p${String(i).padStart(4, '0')}`;
+
+export class BenchStack {
+  readonly hostSocket: string;
+  readonly hostConfig: string;
+  readonly guests: GuestRun[] = [];
+  readonly logDir: string;
+  host: AgentProc | null = null;
+  driver!: CgroupDriver;
+
+  constructor(readonly opts: BenchStackOptions) {
+    this.hostSocket = path.join(opts.dir, 'host.sock');
+    this.hostConfig = path.join(opts.dir, 'host.yaml');
+    this.logDir = path.join(opts.dir, 'logs');
+  }
+
+  /** VM cgroups with the VMs' allocations as their limits; then the agents' configs. */
+  async prepare(): Promise<void> {
+    this.driver = await openCgroupAdapter({ root: this.opts.root, create: true });
+    await fs.mkdir(this.logDir, { recursive: true });
+    for (const g of this.opts.guests) {
+      await this.driver.create(g.name, {
+        memory: { max: guestMemory(g.projects) },
+        cpu: { max: { quotaUs: Math.round(cpusOf(g) * 100_000), periodUs: 100_000 } },
+      });
+      const gdir = path.join(this.opts.dir, g.name);
+      await fs.mkdir(gdir, { recursive: true });
+      const run: GuestRun = {
+        spec: g,
+        config: path.join(gdir, 'guest.yaml'),
+        channel: path.join(gdir, 'channel.sock'),
+        socket: path.join(gdir, 'guest.sock'),
+        proc: null,
+      };
+      const argv = g.argv ?? SHELL_PROJECT;
+      const guestYaml = {
+        guest: g.name,
+        stateDir: path.join(gdir, 'state'),
+        runDir: path.join(gdir, 'run'),
+        socket: run.socket,
+        projectSocket: path.join(gdir, 'projects.sock'),
+        cgroup: { root: `${this.opts.root}/${g.name}` },
+        resources: { cpus: cpusOf(g), memory: guestMemory(g.projects) },
+        reserve: { memory: RESERVE_MEMORY, cpus: 0 },
+        upstream: { transport: 'unix', path: run.channel },
+        ...(this.opts.usageInterval ? { usageInterval: this.opts.usageInterval } : {}),
+        projects: Array.from({ length: g.projects }, (_, i) => ({
+          name: projectName(i),
+          priority: g.projects - i,
+          memory: { min: PROJECT_MEMORY.min, max: PROJECT_MEMORY.max },
+          cpu: { min: PROJECT_CPU, max: PROJECT_CPU },
+          stop: { signal: 'SIGTERM', gracePeriod: '10s' },
+          restartOnRestore: true,
+          command: { argv: argv.map((a) => a.replace('{name}', projectName(i))) },
+        })),
+      };
+      await fs.writeFile(run.config, YAML.stringify(guestYaml));
+      this.guests.push(run);
+    }
+    const hostYaml = {
+      stateDir: path.join(this.opts.dir, 'host-state'),
+      socket: this.hostSocket,
+      cgroup: { root: this.opts.root },
+      ...(this.opts.heartbeat ? { heartbeat: this.opts.heartbeat } : {}),
+      reconnect: { min: '100ms', max: '1s' },
+      guests: this.guests.map((r) => ({
+        name: r.spec.name,
+        priority: 10,
+        allocation: { cpus: cpusOf(r.spec), memory: guestMemory(r.spec.projects) },
+        floor: { memory: RESERVE_MEMORY, cpus: 0.01 },
+        cgroup: r.spec.name,
+        channel: { transport: 'unix', path: r.channel },
+      })),
+    };
+    await fs.writeFile(this.hostConfig, YAML.stringify(hostYaml));
+  }
+
+  private async spawnAgent(name: string, argv: string[], extra: string[]): Promise<AgentProc> {
+    const fh = await fs.open(path.join(this.logDir, `${name.replace(/\s+/g, '-')}.log`), 'a');
+    const env = { ...process.env };
+    if (this.opts.logLevel) env.NESTBROKER_LOG_LEVEL = this.opts.logLevel;
+    const child = spawn(process.execPath, [...extra, ...argv], {
+      stdio: ['ignore', fh.fd, fh.fd],
+      env,
+    });
+    const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+      child.once('exit', (code, signal) => {
+        void fh.close();
+        resolve({ code, signal });
+      }),
+    );
+    return { name, child, exited };
+  }
+
+  async startGuests(): Promise<void> {
+    const queue = [...this.guests];
+    const worker = async (): Promise<void> => {
+      for (let run = queue.shift(); run; run = queue.shift()) await this.startGuest(run);
+    };
+    await Promise.all(Array.from({ length: this.opts.startConcurrency ?? 4 }, worker));
+  }
+
+  async startGuest(run: GuestRun): Promise<void> {
+    run.proc = await this.spawnAgent(
+      `guest ${run.spec.name}`,
+      [NESTBROKER, 'guest', '--config', run.config],
+      this.opts.nodeArgs?.guest ?? [],
+    );
+    await waitFor(
+      `guest ${run.spec.name}'s operator socket`,
+      async () => {
+        if (run.proc && run.proc.child.exitCode !== null)
+          throw new Error(`guest ${run.spec.name} exited; see ${this.logDir}`);
+        await rpcCall(run.socket, 'status', {}, { timeoutMs: 5000 });
+        return true;
+      },
+      120_000,
+    );
+  }
+
+  async startHost(): Promise<void> {
+    this.host = await this.spawnAgent(
+      'host',
+      [NESTBROKER, 'host', '--config', this.hostConfig],
+      this.opts.nodeArgs?.host ?? [],
+    );
+    await waitFor('the host broker socket', async () => {
+      if (this.host && this.host.child.exitCode !== null)
+        throw new Error(`host exited; see ${this.logDir}/host.log`);
+      await rpcCall(this.hostSocket, 'guests', {}, { timeoutMs: 5000 });
+      return true;
+    });
+  }
+
+  async waitConnected(): Promise<void> {
+    const names = this.guests.map((g) => g.spec.name);
+    await waitFor(
+      'every guest connected to the host',
+      async () => {
+        const gs = (await rpcCall(this.hostSocket, 'guests', {}, { timeoutMs: 10_000 })) as {
+          name: string;
+          connected: boolean;
+        }[];
+        return names.every((n) => gs.find((g) => g.name === n)?.connected);
+      },
+      120_000,
+      200,
+    );
+  }
+
+  /** Waits until every project of every guest (or of `guests`) has a process. */
+  async waitProjectsRunning(guests = this.guests, timeoutMs = 120_000): Promise<void> {
+    await waitFor(
+      'every project running',
+      async () => {
+        for (const g of guests)
+          for (let i = 0; i < g.spec.projects; i++)
+            if ((await this.driver.pids(`${g.spec.name}/projects/${projectName(i)}`)).length === 0)
+              return false;
+        return true;
+      },
+      timeoutMs,
+      100,
+    );
+  }
+
+  agentPids(): { host: number | undefined; guests: Record<string, number | undefined> } {
+    return {
+      host: this.host?.child.pid,
+      guests: Object.fromEntries(this.guests.map((g) => [g.spec.name, g.proc?.child.pid])),
+    };
+  }
+
+  async stopAgent(p: AgentProc | null, timeoutMs = 15_000): Promise<void> {
+    if (!p || p.child.exitCode !== null || p.child.signalCode !== null) return;
+    p.child.kill('SIGTERM');
+    const t = setTimeout(() => p.child.kill('SIGKILL'), timeoutMs);
+    await p.exited;
+    clearTimeout(t);
+  }
+
+  /** Stops every agent by pid, kills what is left through the cgroups, removes the root. */
+  async teardown(): Promise<void> {
+    await this.stopAgent(this.host);
+    await Promise.all(this.guests.map((g) => this.stopAgent(g.proc)));
+    if (this.driver) await this.driver.removeRoot(20_000);
+  }
+}

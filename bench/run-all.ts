@@ -1,0 +1,56 @@
+#!/usr/bin/env node
+/**
+ * `make bench`: every benchmark in sequence, each as its own process with its default
+ * sizes, each writing bench/results/<name>.json. Names on the command line run only those
+ * (`node dist/bench/run-all.js cascade footprint`); `make bench-<name>` runs one alone.
+ *
+ * Runs as root (cgroups). Takes a while on a 2-core machine: the cascade's five sizes ×
+ * 30 runs are most of it (see docs/performance.md for the times seen).
+ */
+import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import path from 'node:path';
+import { nowMs, say, table } from './lib/common';
+
+/** In order: the cheap, machine-independent ones first. */
+export const BENCHES = ['cgroup-ops', 'planner-scale', 'graceful-vs-oom', 'footprint', 'cascade'];
+
+function runOne(name: string): Promise<{ code: number | null; ms: number }> {
+  const file = path.join(__dirname, `${name}.js`);
+  const t0 = nowMs();
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [file], { stdio: 'inherit' });
+    child.once('exit', (code, signal) => resolve({ code: signal ? 128 : code, ms: nowMs() - t0 }));
+  });
+}
+
+export async function main(argv = process.argv.slice(2)): Promise<number> {
+  const unknown = argv.filter((a) => !BENCHES.includes(a));
+  if (unknown.length) {
+    process.stderr.write(`unknown bench ${unknown.join(', ')}; known: ${BENCHES.join(', ')}\n`);
+    return 2;
+  }
+  const chosen = argv.length ? BENCHES.filter((b) => argv.includes(b)) : BENCHES;
+  const rows: (string | number)[][] = [];
+  let failed = 0;
+  for (const name of chosen) {
+    if (!existsSync(path.join(__dirname, `${name}.js`))) {
+      say(`\n### ${name}: not built (dist/bench/${name}.js missing): skipped`);
+      rows.push([name, 'missing', '-']);
+      failed++;
+      continue;
+    }
+    say(`\n### ${name}`);
+    const r = await runOne(name);
+    rows.push([name, r.code === 0 ? 'ok' : `exit ${r.code}`, Math.round(r.ms / 1000)]);
+    if (r.code !== 0) failed++;
+  }
+  say('\n### summary');
+  say(table([['bench', 'result', 'seconds'], ...rows]));
+  say(`results in ${path.resolve(__dirname, '..', '..', 'bench', 'results')}`);
+  return failed ? 1 : 0;
+}
+
+if (require.main === module) {
+  main().then((code) => process.exit(code));
+}

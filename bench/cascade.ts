@@ -66,6 +66,7 @@ const OPTIONS = {
   budget:
     'seconds per size after which no new run starts (default 300; fewer runs are reported as such)',
   deadline: 'notice deadline (default 600s: a slow cascade is measured, not cut off)',
+  resume: 'a cascade JSON of an earlier run: its measured sizes are kept, the others run',
   'keep-logs': "keep the agents' configs, journals and logs (the directory is printed)",
 };
 
@@ -217,6 +218,9 @@ class Floor {
 
 // ---------------------------------------------------------------- one size
 
+/** The stack of the size being measured: an interrupted bench stops its agents too. */
+let current: BenchStack | null = null;
+
 interface SizeResult {
   size: string;
   guests: number;
@@ -296,6 +300,7 @@ async function runSize(
     nodeArgs: { host: prof('host'), guest: prof('guest') },
     logLevel: opts.logLevel,
   });
+  current = stack;
   const latency: number[] = [];
   const guestMs: number[] = [];
   const floorSig: number[] = [];
@@ -387,6 +392,7 @@ async function runSize(
     say(`  ${size.label}: FAILED: ${res.error}`);
   } finally {
     await stack.teardown().catch((err: unknown) => say(`  teardown: ${String(err)}`));
+    current = null;
     if (opts.keepLogs) say(`  ${size.label}: logs kept in ${dir}`);
     else await fs.rm(dir, { recursive: true, force: true });
   }
@@ -447,7 +453,13 @@ function goals(results: SizeResult[]): { goals: Goal[]; linearity: object | null
     });
   const single = results.filter((r) => r.guests === 1 && r.latencyMs);
   let linearity: object | null = null;
-  if (single.length >= 2) {
+  if (single.length < 3)
+    out.push({
+      goal: 'cost grows linearly with projects (1 guest, 3 sizes or more)',
+      measured: `only ${single.map((r) => r.size).join(', ') || 'no size'} measured`,
+      met: null,
+    });
+  else {
     const xs = single.map((r) => r.projects);
     const ys = single.map((r) => r.latencyMs!.p50);
     const f = fitLine(xs, ys);
@@ -489,14 +501,28 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     await removeLeftoverRoot(base).catch((err: unknown) => say(`cleanup: ${String(err)}`));
   };
   const onSignal = (): void => {
-    void cleanup().finally(() => process.exit(130));
+    const stack = current;
+    void (stack?.teardown() ?? Promise.resolve())
+      .catch(() => undefined)
+      .then(() => (stack ? fs.rm(stack.opts.dir, { recursive: true, force: true }) : undefined))
+      .then(cleanup)
+      .finally(() => process.exit(130));
   };
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
   try {
     // The base root in every hierarchy, so that one removal cleans up every size.
     await openCgroupAdapter({ root: base, create: true });
+    const earlier: SizeResult[] = a.resume
+      ? (JSON.parse(readFileSync(a.resume, 'utf8')) as { sizes: SizeResult[] }).sizes
+      : [];
     for (const size of sizes) {
+      const kept = earlier.find((r) => r.size === size.label && (r.latencyMs || r.error));
+      if (kept) {
+        say(`\n${size.label}: kept from ${a.resume}`);
+        results.push(kept);
+        continue;
+      }
       say(`\n${size.label}: ${size.guests} guest(s) × ${size.projects} projects`);
       results.push(
         await runSize(size, base, {
@@ -557,7 +583,9 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
               r.size,
               r.projects,
               r.runs,
-              r.skipped ? `skipped: ${r.skipped.join('; ')}` : `failed: ${r.error}`,
+              r.skipped
+                ? `skipped: ${r.skipped.join('; ')}`
+                : `failed: ${String(r.error).slice(0, 90)}…`,
             ],
       ),
     ]),

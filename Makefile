@@ -84,9 +84,10 @@ install:
 	printf '#!/bin/sh\nexec %s %s/dist/agent/cli/nestbroker.js "$$@"\n' '$(NODE)' '$(LIBDIR)' >$(DESTDIR)$(BINDIR)/nestbroker
 	printf '#!/bin/sh\nexec %s %s/dist/agent/cli/nestctl.js "$$@"\n' '$(NODE)' '$(LIBDIR)' >$(DESTDIR)$(BINDIR)/nestctl
 	chmod 0755 $(DESTDIR)$(BINDIR)/nestbroker $(DESTDIR)$(BINDIR)/nestctl
+	install -D -m 0755 systemd/nestbroker-guest-release $(DESTDIR)$(LIBDIR)/libexec/nestbroker-guest-release
 	@# The units name /usr/local paths; rewrite them for another PREFIX.
 	for u in $(INSTALLED_UNITS); do \
-	  sed -e 's|/usr/local/bin/|$(BINDIR)/|g' -e 's|/usr/local/share/doc/|$(PREFIX)/share/doc/|g' \
+	  sed -e 's|/usr/local/bin/|$(BINDIR)/|g' -e 's|/usr/local/lib/nestbroker/|$(LIBDIR)/|g' -e 's|/usr/local/share/doc/|$(PREFIX)/share/doc/|g' \
 	    systemd/$$u >$(DESTDIR)$(UNITDIR)/$$u && chmod 0644 $(DESTDIR)$(UNITDIR)/$$u; done
 	install -m 0644 systemd/$(UDEV_RULE) $(DESTDIR)$(UDEVRULESDIR)/$(UDEV_RULE)
 	for f in guest host; do \

@@ -91,6 +91,8 @@ export abstract class BaseDriver implements CgroupAdapter {
   protected async afterMkdir(_h: Hierarchy, _dir: string): Promise<void> {}
   /** Called before mkdir of a child under `parentDir` (v2: enable controllers). */
   protected async beforeChild(_h: Hierarchy, _parentDir: string): Promise<void> {}
+  /** True while claimSelf makes the leaf: no beforeChild for it (see there). */
+  private claiming = false;
 
   abstract setLimits(group: string, limits: Limits): Promise<void>;
   abstract readLimits(group: string): Promise<Limits>;
@@ -111,7 +113,7 @@ export abstract class BaseDriver implements CgroupAdapter {
       for (const h of this.hierarchies) {
         let cur = h.rootAbs;
         for (const seg of segs) {
-          await this.beforeChild(h, cur);
+          if (!this.claiming) await this.beforeChild(h, cur);
           const next = resolveBeneath(cur, seg, { mode: this.opts.names });
           if (await mkdirOnce(next)) {
             made.push(next);
@@ -294,7 +296,16 @@ export abstract class BaseDriver implements CgroupAdapter {
    * ("no internal processes", cgroup-v2.rst).
    */
   async claimSelf(leaf: string): Promise<void> {
-    await this.create(leaf);
+    // The leaf is made WITHOUT beforeChild: v2 would enable controllers in the root while
+    // this process is still in it. cpuset and cpu (threaded controllers) are then accepted
+    // and turn the root into a thread root, and `+memory` fails with EOPNOTSUPP
+    // (cgroup-v2.rst "Threads"; seen in the real-guest test, issue 5).
+    this.claiming = true;
+    try {
+      await this.create(leaf);
+    } finally {
+      this.claiming = false;
+    }
     await this.movePid(leaf, process.pid);
     await this.enableControllers();
   }

@@ -21,7 +21,7 @@ import {
   printMax,
 } from './formats';
 import { validateLimits } from './limits';
-import type { Capabilities, GroupUsage, Limits } from './types';
+import type { Capabilities, GroupUsage, Limits, SampleFiles } from './types';
 
 /** Controllers we enable for children, in the order cgroup-v2.rst lists them. */
 export const V2_CONTROLLERS = ['cpuset', 'cpu', 'memory', 'pids'] as const;
@@ -80,6 +80,20 @@ export class V2Driver extends BaseDriver {
     await this.enableIn(this.root);
   }
 
+  /**
+   * Enables the controllers again on every level above `group` where they are off. They
+   * are turned off while the guest agent is away: systemd < 254 can only start the next
+   * agent in its unit's cgroup when that cgroup's subtree_control is empty, so the unit's
+   * ExecStopPost clears it down the tree (systemd/nestbroker-guest-release, issue 5).
+   */
+  private async enablePath(group: string): Promise<void> {
+    let cur = this.root;
+    for (const seg of group.split('/').filter(Boolean)) {
+      await this.enableIn(cur);
+      cur = path.join(cur, seg);
+    }
+  }
+
   private async need(dir: string, file: string, controller: string): Promise<string> {
     const f = path.join(dir, file);
     if ((await readOptional(f)) === undefined) {
@@ -95,6 +109,7 @@ export class V2Driver extends BaseDriver {
   async setLimits(group: string, limits: Limits): Promise<void> {
     const l = validateLimits(limits);
     const dir = this.dir(group);
+    await this.enablePath(group);
     const m = l.memory ?? {};
     for (const k of ['min', 'low', 'high', 'max'] as const) {
       const v = m[k];
@@ -139,6 +154,15 @@ export class V2Driver extends BaseDriver {
     const pidsMax = await rd('pids.max');
     if (pidsMax !== undefined) out.pidsMax = parseMax('pids.max', pidsMax);
     return out;
+  }
+
+  sampleFiles(group: string): SampleFiles {
+    const dir = this.dir(group, true);
+    return {
+      memory: path.join(dir, 'memory.current'),
+      cpu: { path: path.join(dir, 'cpu.stat'), format: 'cpu.stat' },
+      procs: path.join(dir, 'cgroup.procs'),
+    };
   }
 
   async usage(group: string): Promise<GroupUsage> {

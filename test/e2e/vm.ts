@@ -378,15 +378,18 @@ export class Vm {
   async collectLogs(): Promise<void> {
     const save = async (file: string, cmd: string) => {
       try {
-        const r = await this.run(cmd, 30_000);
+        const r = await this.run(cmd, 20_000);
         await fsp.writeFile(path.join(this.opts.outDir, file), r.stdout + r.stderr);
       } catch (e) {
         await fsp.writeFile(path.join(this.opts.outDir, file), `could not collect: ${String(e)}\n`);
       }
     };
-    await save('guest-journal.txt', 'journalctl -b --no-pager -o short-monotonic');
-    await save('guest-dmesg.txt', 'dmesg');
-    await save('guest-agent.log', 'journalctl -b --no-pager -o cat -u nestbroker-guest');
+    // In parallel (the runner runs each request in its own process): bounded by ~50 s in all.
+    await Promise.all([
+      save('guest-journal.txt', 'journalctl -b --no-pager -o short-monotonic'),
+      save('guest-dmesg.txt', 'dmesg'),
+      save('guest-agent.log', 'journalctl -b --no-pager -o cat -u nestbroker-guest'),
+    ]);
   }
 
   /** Powers the guest off from inside; falls back to QMP quit, then to SIGKILL of our pid. */

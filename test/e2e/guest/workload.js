@@ -17,6 +17,8 @@ const chunks = [];
 for (let i = 0; i < Number(mib); i++) chunks.push(Buffer.alloc(1024 * 1024, i & 0xff));
 fs.mkdirSync(markerDir, { recursive: true });
 fs.writeFileSync(path.join(markerDir, `${name}.started`), `${process.pid} ${Date.now()}\n`);
+// One line per start: the test counts them (a notice applied twice would start twice).
+fs.appendFileSync(path.join(markerDir, `${name}.starts`), `${process.pid} ${Date.now()}\n`);
 process.on('SIGTERM', () => {
   fs.writeFileSync(
     path.join(markerDir, `${name}.graceful`),
@@ -24,6 +26,7 @@ process.on('SIGTERM', () => {
   );
   process.exit(0);
 });
+// Touch a page of every chunk now and then: the memory stays in the working set.
 // Touch a page of every chunk now and then: the memory stays in the working set.
 let k = 0;
 setInterval(() => {

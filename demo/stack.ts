@@ -62,6 +62,11 @@ export interface StackOptions {
   /** Where each process's stdout/stderr go (a log file per process by default). */
   logDir?: string;
   heartbeat?: { interval: string; timeout: string };
+  /** The daemons' `limits` (issue 7); absent: their defaults. */
+  limits?: {
+    guest?: { messagesPerSecond?: number; messageBurst?: number; pendingNotices?: number };
+    host?: { messagesPerSecond?: number; messageBurst?: number; pendingNoticesPerGuest?: number };
+  };
 }
 
 export interface Proc {
@@ -79,11 +84,20 @@ export interface GuestRun {
   proc: Proc | null;
 }
 
-function spawnProc(name: string, argv: string[], logFile: string): Promise<Proc> {
+function spawnProc(
+  name: string,
+  argv: string[],
+  logFile: string,
+  extraEnv: Record<string, string> = {},
+): Promise<Proc> {
   return fs.open(logFile, 'a').then((fh) => {
     const child = spawn(process.execPath, argv, {
       stdio: ['ignore', fh.fd, fh.fd],
-      env: { ...process.env, NESTBROKER_LOG_LEVEL: process.env.NESTBROKER_LOG_LEVEL ?? 'info' },
+      env: {
+        ...process.env,
+        NESTBROKER_LOG_LEVEL: process.env.NESTBROKER_LOG_LEVEL ?? 'info',
+        ...extraEnv,
+      },
     });
     const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
       child.once('exit', (code, signal) => {
@@ -190,6 +204,7 @@ export class Stack {
                 tls: { cert: tls!.serverCert, key: tls!.serverKey, ca: tls!.ca },
               },
         usageInterval: '500ms',
+        ...(this.opts.limits?.guest ? { limits: this.opts.limits.guest } : {}),
         projects: g.projects.map((p) => ({
           name: p.name,
           priority: p.priority,
@@ -222,6 +237,7 @@ export class Stack {
       cgroup: { root: this.opts.root },
       heartbeat: this.opts.heartbeat ?? { interval: '1s', timeout: '4s' },
       reconnect: { min: '100ms', max: '1s' },
+      ...(this.opts.limits?.host ? { limits: this.opts.limits.host } : {}),
       guests: this.guests.map((r) => ({
         name: r.spec.name,
         priority: r.spec.priority,
@@ -249,12 +265,14 @@ export class Stack {
     return path.join(this.opts.dir, guest, `${project}.saved`);
   }
 
-  async startGuest(name: string): Promise<GuestRun> {
+  /** `env` adds to the agent's environment (test/faults: NESTBROKER_FAULT). */
+  async startGuest(name: string, env: Record<string, string> = {}): Promise<GuestRun> {
     const run = this.guests.find((g) => g.spec.name === name)!;
     run.proc = await spawnProc(
       `guest ${name}`,
       [NESTBROKER, 'guest', '--config', run.config],
       path.join(this.logDir, `guest-${name}.log`),
+      env,
     );
     await waitFor(`guest ${name}'s operator socket`, async () => {
       if (run.proc && run.proc.child.exitCode !== null)
@@ -265,11 +283,12 @@ export class Stack {
     return run;
   }
 
-  async startHost(): Promise<Proc> {
+  async startHost(env: Record<string, string> = {}): Promise<Proc> {
     this.host = await spawnProc(
       'host',
       [NESTBROKER, 'host', '--config', this.hostConfig],
       path.join(this.logDir, 'host.log'),
+      env,
     );
     await waitFor('the host broker socket', async () => {
       if (this.host && this.host.child.exitCode !== null)

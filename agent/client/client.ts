@@ -22,10 +22,12 @@ import {
   type Progress,
 } from '../protocol/messages';
 import { errorReply, parseMessage } from '../protocol/schemas';
+import { outcomeMessages } from '../protocol/outcome-parts';
 import type { Notice, Outcome } from '../broker/types';
 import type { ChildProgress } from '../broker/broker';
-import type { Channel } from '../transport/channel';
+import { TokenBucket, type Channel } from '../transport/channel';
 import type { NoticeBook } from './notices';
+import { faultPoint } from '../common/fault';
 
 /** The channel to the broker above (agent/transport): validated messages in, messages out. */
 export type ClientChannel = Channel;
@@ -36,6 +38,15 @@ export interface ClientOptions {
   inventory(): Promise<Hello['inventory']>;
   log: Logger;
 }
+
+/**
+ * Progress is best effort, the outcome is not: progress lines beyond this rate are not
+ * sent (counted and logged), so that a cascade over hundreds of projects (~2.5 progress
+ * lines a project) stays within the broker's rate limit (agent/transport/channel.ts,
+ * default 200/s, burst 400) with room for what must arrive: acks, outcome parts, the
+ * outcome (issue 6: a 100-project bench saw the host drop the outcome with the progress).
+ */
+export const PROGRESS_RATE = Object.freeze({ perSecond: 100, burst: 200 });
 
 const PROGRESS_PHASES = new Set<Progress['phase']>([
   'notified',
@@ -54,6 +65,9 @@ export class Client {
   /** Notices whose outcome this connection still owes (sent when done, or again on reconnect). */
   private readonly owed = new Set<string>();
   private inbox: Promise<void> = Promise.resolve();
+  private readonly progressBucket = new TokenBucket(PROGRESS_RATE);
+  /** Progress lines not sent because of PROGRESS_RATE (for logs and tests). */
+  progressDropped = 0;
 
   constructor(private readonly opts: ClientOptions) {
     this.channel = opts.channel;
@@ -82,12 +96,14 @@ export class Client {
     void this.hello();
   }
 
-  private send(msg: Message): void {
-    if (!this.open) return;
+  /** False when the message did not go (no peer, or it could not be encoded). */
+  private send(msg: Message): boolean {
+    if (!this.open) return false;
     try {
-      this.channel.send(msg);
+      return this.channel.send(msg) !== false;
     } catch (err) {
       this.log.warn({ err, type: msg.type }, 'could not send to the broker above');
+      return false;
     }
   }
 
@@ -197,6 +213,7 @@ export class Client {
     if (sub.error) ack.error = { code: sub.error.code, message: sub.error.message };
     this.send(ack);
     if (!sub.outcome) return;
+    if (sub.state === 'accepted') faultPoint('after-ack');
     this.owed.add(notice.id);
     // The outcome follows when it is ready; the next message need not wait for it.
     sub.outcome.then(
@@ -208,7 +225,11 @@ export class Client {
 
   private sendOutcome(outcome: Outcome): void {
     if (!this.open) return; // sent again after the next hello
-    this.send({ type: 'outcome', id: newMessageId(), outcome });
+    // One line, or outcome-part messages then the summary when it is over the line cap
+    // (issue 6: ~190+ projects). Each send is whole: a resend repeats every part.
+    for (const msg of outcomeMessages(outcome)) {
+      if (!this.send(msg)) return; // cut short: still owed, sent again after the next hello
+    }
     this.owed.delete(outcome.noticeId);
   }
 
@@ -227,6 +248,11 @@ export class Client {
       ms: typeof ev.ms === 'number' ? Math.max(0, Math.round(ev.ms)) : 0,
     };
     if (ev.exit !== undefined) msg.exit = ev.exit as Progress['exit'];
+    if (!this.progressBucket.take()) {
+      if (this.progressDropped++ % 1000 === 0)
+        this.log.info({ dropped: this.progressDropped }, 'progress over its rate: not sent');
+      return;
+    }
     this.send(msg);
   }
 }

@@ -13,7 +13,14 @@ import { Journal } from '../common/journal';
 import { NestError, isNestError, type Problem } from '../common/errors';
 import type { Logger } from '../common/log';
 import type { Notice, Outcome } from '../broker/types';
-import type { ChildProgress, StepJournal, StepJournalRecord } from '../broker/broker';
+import {
+  NoticeStepJournal,
+  type ChildProgress,
+  type StepJournal,
+  type StepJournalRecord,
+  type StepStore,
+} from '../broker/broker';
+import { faultPoint } from '../common/fault';
 
 export type NoticeSource = 'upstream' | 'local';
 export type NoticeState = 'accepted' | 'running' | 'done' | 'cancelled' | 'rejected';
@@ -66,6 +73,27 @@ export function noticeKey(id: string): string {
     : `h-${createHash('sha256').update(id).digest('hex').slice(0, 40)}`;
 }
 
+export interface NoticeBookOptions {
+  /**
+   * Notices accepted and not yet finished beyond which a new one is refused with
+   * NOTICE_BACKLOG (issue 7: a cap on pending notices). Default 64.
+   */
+  maxPending?: number;
+  now?: () => number;
+}
+
+export const DEFAULT_MAX_PENDING_NOTICES = 64;
+
+/**
+ * Finished notices (done, cancelled, rejected) kept in memory (issue 7, "memory flat"):
+ * older ones are dropped from memory only. Their journal records stay, and a replay of
+ * one is answered from the journal on disk, as before.
+ */
+export const RETAIN_FINAL_NOTICES = 256;
+
+const isFinal = (r: NoticeRecord): boolean =>
+  r.state === 'done' || r.state === 'cancelled' || r.state === 'rejected';
+
 export class NoticeBook extends EventEmitter {
   private readonly notices: Journal<NoticeRecord>;
   private readonly steps: Journal<StepJournalRecord<unknown>>;
@@ -75,13 +103,18 @@ export class NoticeBook extends EventEmitter {
   private admitting: Promise<void> = Promise.resolve();
   private readonly stopping = new AbortController();
   private lastSeqValue = 0;
+  private readonly maxPending: number;
+  private readonly now: () => number;
 
   constructor(
     stateDir: string,
     private readonly broker: LocalBroker,
     private readonly log: Logger,
+    opts: NoticeBookOptions = {},
   ) {
     super();
+    this.maxPending = opts.maxPending ?? DEFAULT_MAX_PENDING_NOTICES;
+    this.now = opts.now ?? Date.now;
     this.notices = new Journal(path.join(stateDir, 'notices'));
     this.steps = new Journal(path.join(stateDir, 'steps'));
   }
@@ -103,6 +136,27 @@ export class NoticeBook extends EventEmitter {
       this.records.set(value.notice.id, value);
       this.noteSeq(value);
     }
+    this.evict();
+  }
+
+  /** Drops the oldest finished records beyond RETAIN_FINAL_NOTICES from memory. */
+  private evict(): void {
+    let finals = 0;
+    for (const r of this.records.values()) if (isFinal(r)) finals++;
+    if (finals <= RETAIN_FINAL_NOTICES) return;
+    // A Map iterates in insertion order: the oldest first.
+    for (const [id, r] of this.records) {
+      if (finals <= RETAIN_FINAL_NOTICES) break;
+      if (!isFinal(r) || this.inflight.has(id)) continue;
+      this.records.delete(id);
+      finals--;
+    }
+  }
+
+  /** A record no longer in memory, from the journal (its id checked: keys may be hashes). */
+  private async recall(id: string): Promise<NoticeRecord | undefined> {
+    const rec = await this.notices.get(noticeKey(id)).catch(() => undefined);
+    return rec?.notice.id === id ? rec : undefined;
   }
 
   /** Carries out, once, every notice an earlier run accepted and did not finish. */
@@ -142,7 +196,7 @@ export class NoticeBook extends EventEmitter {
 
   private async admit(notice: Notice, source: NoticeSource): Promise<Submitted> {
     const log = this.log.child({ noticeId: notice.id });
-    const known = this.records.get(notice.id);
+    const known = this.records.get(notice.id) ?? (await this.recall(notice.id));
     if (known) {
       log.info({ state: known.state }, 'duplicate notice: not acted on again');
       if (known.state === 'rejected') return { state: 'rejected', error: known.error };
@@ -154,9 +208,20 @@ export class NoticeBook extends EventEmitter {
         outcome: running ?? Promise.reject(new NestError('NOTICE_UNKNOWN', 'notice was cancelled')),
       };
     }
+    const pending = this.pendingCount();
+    if (pending >= this.maxPending) {
+      // Not journaled: the refusal is about now, not about the notice; a resend later may fit.
+      const message = `${pending} notices are pending (cap ${this.maxPending}); refused, nothing done`;
+      log.warn({ pending, cap: this.maxPending }, 'notice refused: too many pending');
+      return { state: 'rejected', error: { code: 'NOTICE_BACKLOG', message } };
+    }
     const problems = await this.validate(notice, source);
     if (problems.length > 0) {
-      const code = problems.some((p) => p.field === 'seq') ? 'NOTICE_STALE' : 'NOTICE_REJECTED';
+      // A replayed seq, or a deadline already past on arrival (the broker above has given
+      // up on it: a guest stopped past the deadline must not act on it when it wakes).
+      const code = problems.some((p) => p.field === 'seq' || p.field === 'deadline')
+        ? 'NOTICE_STALE'
+        : 'NOTICE_REJECTED';
       const error = {
         code,
         message: problems.map((p) => `${p.field}: ${p.message}`).join('; '),
@@ -173,7 +238,10 @@ export class NoticeBook extends EventEmitter {
         error: { code, message: error.message },
       };
       await this.notices.put(noticeKey(notice.id), rec).then(
-        () => this.records.set(notice.id, rec),
+        () => {
+          this.records.set(notice.id, rec);
+          this.evict();
+        },
         () => undefined,
       );
       return { state: 'rejected', error };
@@ -198,15 +266,30 @@ export class NoticeBook extends EventEmitter {
     return { state: 'accepted', outcome: this.enqueue(rec) };
   }
 
-  /** Withdraws a notice whose work has not started. */
-  async cancel(id: string): Promise<'cancelled' | 'not-cancellable'> {
-    const rec = this.records.get(id);
+  /**
+   * Withdraws a notice whose work has not started. Serialised behind admissions: a cancel
+   * that arrives while its notice is still being checked and journaled is answered about
+   * that notice (issue 7), never "unknown notice" while the notice goes ahead.
+   */
+  cancel(id: string): Promise<'cancelled' | 'not-cancellable'> {
+    const p = this.admitting.then(() => this.withdraw(id));
+    this.admitting = p.then(
+      () => undefined,
+      () => undefined,
+    );
+    return p;
+  }
+
+  private async withdraw(id: string): Promise<'cancelled' | 'not-cancellable'> {
+    const rec = this.records.get(id) ?? (await this.recall(id));
     if (!rec) throw new NestError('NOTICE_UNKNOWN', `no notice has id ${JSON.stringify(id)}`);
-    if (rec.state !== 'accepted')
-      return rec.state === 'cancelled' ? 'cancelled' : 'not-cancellable';
+    // A refused notice was never acted on and never will be: as good as cancelled.
+    if (rec.state === 'rejected' || rec.state === 'cancelled') return 'cancelled';
+    if (rec.state !== 'accepted') return 'not-cancellable';
     rec.state = 'cancelled';
     rec.finishedAt = new Date().toISOString();
     await this.notices.put(noticeKey(id), rec);
+    this.evict();
     this.log.info({ noticeId: id }, 'notice cancelled before work started');
     return 'cancelled';
   }
@@ -235,10 +318,24 @@ export class NoticeBook extends EventEmitter {
         value: notice.seq,
         message: `stale: notice seq ${notice.seq} is not after ${this.lastSeqValue}, already applied`,
       });
-    if (Number.isNaN(Date.parse(notice.deadline)))
+    const deadline = Date.parse(notice.deadline);
+    if (Number.isNaN(deadline))
       problems.push({ field: 'deadline', value: notice.deadline, message: 'not a date' });
+    else if (deadline <= this.now())
+      problems.push({
+        field: 'deadline',
+        value: notice.deadline,
+        message: `stale: the deadline passed ${this.now() - deadline} ms before the notice arrived; nothing done`,
+      });
     if (problems.length === 0) problems.push(...(await this.broker.check(notice)));
     return problems;
+  }
+
+  /** Accepted or running, not yet finished. */
+  pendingCount(): number {
+    let n = 0;
+    for (const r of this.records.values()) if (r.state === 'accepted' || r.state === 'running') n++;
+    return n;
   }
 
   private noteSeq(rec: NoticeRecord): void {
@@ -251,10 +348,11 @@ export class NoticeBook extends EventEmitter {
     const p = this.queue.then(() => this.run(rec));
     this.queue = p.catch(() => undefined);
     this.inflight.set(id, p);
-    p.then(
-      () => this.inflight.delete(id),
-      () => this.inflight.delete(id),
-    );
+    const settled = (): void => {
+      this.inflight.delete(id);
+      this.evict();
+    };
+    p.then(settled, settled);
     return p;
   }
 
@@ -269,10 +367,11 @@ export class NoticeBook extends EventEmitter {
     rec.runs += 1;
     await this.notices.put(noticeKey(notice.id), rec);
     const key = noticeKey(notice.id);
-    const steps: StepJournal<unknown> = {
-      get: (child) => this.steps.get(`${key}--${child}`),
-      put: (child, r) => this.steps.put(`${key}--${child}`, r),
-    };
+    // One record for all the notice's steps, group-committed (issue 6; broker.ts).
+    const steps: StepJournal<unknown> = new NoticeStepJournal<unknown>(
+      this.steps as unknown as StepStore<unknown>,
+      `${key}--steps`,
+    );
     log.info({ resumed, kind: notice.kind }, 'carrying out notice');
     const outcome = await this.broker.carryOut(notice, {
       signal: this.stopping.signal,
@@ -285,6 +384,7 @@ export class NoticeBook extends EventEmitter {
     rec.outcome = outcome;
     rec.finishedAt = new Date().toISOString();
     await this.notices.put(noticeKey(notice.id), rec);
+    faultPoint('before-outcome');
     log.info({ status: outcome.status, freed: outcome.freed, ms: outcome.ms }, 'notice done');
     this.emit('outcome', outcome);
     return outcome;

@@ -12,6 +12,7 @@ export const ErrorCodes = {
   NOTICE_REJECTED: 'a notice does not fit the allocation books',
   NOTICE_STALE: 'a notice is older than one already applied',
   NOTICE_UNKNOWN: 'no notice has that id',
+  NOTICE_BACKLOG: 'too many notices are pending; this one was refused, nothing done',
   GUEST_UNKNOWN: 'no guest has that name',
   GUEST_UNREACHABLE: 'the guest is not connected',
   GUEST_LATE: 'the guest did not answer by the deadline',

@@ -113,7 +113,9 @@ export class GuestAgent {
       allocation,
       log.child({ part: 'broker' }),
     );
-    const book = new NoticeBook(cfg.stateDir, broker, log.child({ part: 'notices' }));
+    const book = new NoticeBook(cfg.stateDir, broker, log.child({ part: 'notices' }), {
+      maxPending: cfg.limits.pendingNotices,
+    });
     const rpc = new RpcServer(log.child({ part: 'operator' }));
     const agent = new GuestAgent(
       cfg,

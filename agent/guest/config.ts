@@ -85,6 +85,8 @@ export interface GuestConfig {
   reserve: Resources;
   upstream: UpstreamConfig;
   usageIntervalMs: number;
+  /** Issue 7: per-connection rate limit on the upstream channel; cap on pending notices. */
+  limits: { messagesPerSecond: number; messageBurst: number; pendingNotices: number };
   projects: ProjectConfig[];
   /**
    * Things that are allowed but probably not meant (e.g. minimums above the configured
@@ -113,6 +115,7 @@ export const GUEST_DEFAULTS = Object.freeze({
     path: '/dev/virtio-ports/org.nestbroker.0',
   }),
   usageIntervalMs: 1000,
+  limits: Object.freeze({ messagesPerSecond: 200, messageBurst: 400, pendingNotices: 64 }),
   project: Object.freeze({
     memory: Object.freeze({ min: 0, max: 'max' as const }),
     cpu: Object.freeze({ min: 0, max: 'max' as const, weight: 100 }),
@@ -516,6 +519,17 @@ const guestSchema = z
     reserve: resourcesSchema('reserve', D.reserve.cpus, D.reserve.memoryBytes).default({}),
     upstream: upstreamSchema.default({ ...D.upstream }),
     usageInterval: dflt(checkUsageInterval, D.usageIntervalMs),
+    limits: z
+      .object({
+        messagesPerSecond: dflt(
+          checkInt(1, 1_000_000, 'messages a second'),
+          D.limits.messagesPerSecond,
+        ),
+        messageBurst: dflt(checkInt(1, 1_000_000, 'messages'), D.limits.messageBurst),
+        pendingNotices: dflt(checkInt(1, 100_000, 'notices'), D.limits.pendingNotices),
+      })
+      .strict()
+      .default({}),
     projects: z.array(projectSchema).max(1000, 'must list at most 1000 projects'),
   })
   .strict();
@@ -916,6 +930,11 @@ function normalise(p: Parsed, warnings: Problem[], source: string): GuestConfig 
     reserve: { cpus: p.reserve.cpus, memoryBytes: p.reserve.memory },
     upstream: p.upstream as UpstreamConfig,
     usageIntervalMs: p.usageInterval,
+    limits: {
+      messagesPerSecond: p.limits.messagesPerSecond,
+      messageBurst: p.limits.messageBurst,
+      pendingNotices: p.limits.pendingNotices,
+    },
     projects,
     warnings,
     source,

@@ -29,7 +29,11 @@ export async function openUpstream(
   const up = cfg.upstream;
   let channel: Channel;
   // The Client answers pings itself (ping → pong is part of its role at every level).
-  const opts = { log, answerPings: false };
+  const opts = {
+    log,
+    answerPings: false,
+    rateLimit: { perSecond: cfg.limits.messagesPerSecond, burst: cfg.limits.messageBurst },
+  };
   switch (up.transport) {
     case 'none':
       return null;

@@ -93,8 +93,17 @@ export interface HostConfig {
   /** Reconnect backoff toward guests. */
   reconnect: { minMs: number; maxMs: number };
   trigger: TriggerConfig;
+  /** Issue 7: per-connection rate limit on each guest channel; cap on pending notices per guest. */
+  limits: { messagesPerSecond: number; messageBurst: number; pendingNoticesPerGuest: number };
   guests: GuestConfig[];
 }
+
+/** Defaults of `limits` (docs/host-broker.md repeats them). */
+export const HOST_LIMIT_DEFAULTS = Object.freeze({
+  messagesPerSecond: 200,
+  messageBurst: 400,
+  pendingNoticesPerGuest: 16,
+});
 
 export const HOST_DEFAULTS = {
   stateDir: '/var/lib/nestbroker/host',
@@ -184,6 +193,14 @@ const hostSchema = z
       .strict()
       .optional(),
     trigger: triggerSchema.optional(),
+    limits: z
+      .object({
+        messagesPerSecond: z.number().int().min(1).max(1_000_000).optional(),
+        messageBurst: z.number().int().min(1).max(1_000_000).optional(),
+        pendingNoticesPerGuest: z.number().int().min(1).max(100_000).optional(),
+      })
+      .strict()
+      .optional(),
     guests: z.array(guestSchema),
   })
   .strict();
@@ -470,6 +487,7 @@ export function validateHostConfig(raw: unknown, baseDir = process.cwd()): Reado
     heartbeat,
     reconnect,
     trigger,
+    limits: { ...HOST_LIMIT_DEFAULTS, ...c.limits },
     guests,
   });
 }

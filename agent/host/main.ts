@@ -62,9 +62,11 @@ export function channelFactory(
   return (g: GuestConfig) => {
     const chLog = log.child({ guest: g.name, transport: g.channel.transport });
     const c = g.channel;
+    // Issue 7: each connection to a guest takes at most this many lines from it.
+    const rateLimit = { perSecond: cfg.limits.messagesPerSecond, burst: cfg.limits.messageBurst };
     const connect =
       c.transport === 'unix'
-        ? () => connectUnix(c.path, { log: chLog })
+        ? () => connectUnix(c.path, { log: chLog, rateLimit })
         : async () =>
             connectTls({
               host: c.host,
@@ -74,6 +76,7 @@ export function channelFactory(
               ca: await fs.readFile(c.ca),
               servername: c.servername,
               log: chLog,
+              rateLimit,
             });
     return new ReconnectingChannel({
       connect,

@@ -79,9 +79,51 @@ export interface ChannelOptions {
    * a virtio port, which cannot be closed from here, drops its oldest messages).
    */
   maxBufferedBytes?: number;
+  /**
+   * Per-connection token bucket on received lines (issue 7, "Per-connection rate limits"):
+   * `perSecond` lines a second on average, `burst` at once. A line over the limit is
+   * dropped unread; the peer gets an `error` RATE_LIMITED (at most one a second, so a flood
+   * is not answered line for line) and keeps its connection. Unset: no limit (the daemons
+   * always set one from their config: limits.messagesPerSecond / limits.messageBurst).
+   */
+  rateLimit?: RateLimit;
+  now?: () => number;
 }
 
+export interface RateLimit {
+  perSecond: number;
+  burst: number;
+}
+
+export const DEFAULT_RATE_LIMIT: Readonly<RateLimit> = Object.freeze({
+  perSecond: 200,
+  burst: 400,
+});
 export const DEFAULT_MAX_BUFFERED_BYTES = 8 * 1024 * 1024;
+
+/** A token bucket: `take()` is true while the rate allows one more. */
+export class TokenBucket {
+  private tokens: number;
+  private at: number;
+  constructor(
+    private readonly limit: RateLimit,
+    private readonly now: () => number = Date.now,
+  ) {
+    this.tokens = limit.burst;
+    this.at = now();
+  }
+  take(): boolean {
+    const t = this.now();
+    this.tokens = Math.min(
+      this.limit.burst,
+      this.tokens + ((t - this.at) * this.limit.perSecond) / 1000,
+    );
+    this.at = t;
+    if (this.tokens < 1) return false;
+    this.tokens -= 1;
+    return true;
+  }
+}
 
 /** Framing, validation, ping answering and the open/close state common to every channel. */
 export abstract class ChannelBase extends TypedEmitter<ChannelEvents> implements Channel {
@@ -98,9 +140,17 @@ export abstract class ChannelBase extends TypedEmitter<ChannelEvents> implements
    * it (virtio's 0xFF) has already reset it at the right byte, so it must not be reset again.
    */
   private receiving = false;
+  private readonly rateLimit?: RateLimit;
+  private readonly now: () => number;
+  private bucket: TokenBucket | null = null;
+  private lastLimitedReplyAt = -Infinity;
+  /** Lines dropped by the rate limit since this channel was made (for tests and logs). */
+  rateLimited = 0;
 
   constructor(opts: ChannelOptions = {}) {
     super();
+    this.rateLimit = opts.rateLimit;
+    this.now = opts.now ?? Date.now;
     this.log = opts.log ?? silentLogger();
     this.answerPings = opts.answerPings ?? true;
     this.maxBufferedBytes = opts.maxBufferedBytes ?? DEFAULT_MAX_BUFFERED_BYTES;
@@ -132,6 +182,8 @@ export abstract class ChannelBase extends TypedEmitter<ChannelEvents> implements
     if (!this.receiving) this.decoder.reset();
     this.up = true;
     this.linesSinceOpen = 0;
+    // Each connection gets a full bucket of its own.
+    this.bucket = this.rateLimit ? new TokenBucket(this.rateLimit, this.now) : null;
     this.write(RESYNC);
     this.emit('open');
   }
@@ -159,7 +211,13 @@ export abstract class ChannelBase extends TypedEmitter<ChannelEvents> implements
 
   private handleFrames(chunk: Buffer): void {
     for (const ev of this.decoder.push(chunk)) {
-      if (ev.kind !== 'resync') this.linesSinceOpen++;
+      if (ev.kind !== 'resync') {
+        this.linesSinceOpen++;
+        if (this.bucket && !this.bucket.take()) {
+          this.limited();
+          continue;
+        }
+      }
       switch (ev.kind) {
         case 'line':
           this.line(ev.line);
@@ -204,6 +262,25 @@ export abstract class ChannelBase extends TypedEmitter<ChannelEvents> implements
       this.send({ type: 'pong', id: newMessageId(), replyTo: msg.id, t: msg.t });
     }
     this.emit('message', msg);
+  }
+
+  /** A line over the rate limit: dropped; the peer hears of it at most once a second. */
+  private limited(): void {
+    this.rateLimited++;
+    const t = this.now();
+    if (t - this.lastLimitedReplyAt < 1000) return;
+    this.lastLimitedReplyAt = t;
+    const limit = this.rateLimit!;
+    this.log.warn(
+      { dropped: this.rateLimited, ...limit },
+      'peer over its rate limit: lines dropped',
+    );
+    this.send({
+      type: 'error',
+      id: newMessageId(),
+      code: 'RATE_LIMITED',
+      message: `over ${limit.perSecond} messages/s (burst ${limit.burst}): lines are being dropped unread; ${this.rateLimited} so far on this channel`,
+    });
   }
 
   /**

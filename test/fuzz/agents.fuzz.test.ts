@@ -16,7 +16,7 @@
  * restores and cancels are kept out of the storm (they would act); they are sent on
  * purpose afterwards.
  */
-import { promises as fsp, readFileSync } from 'node:fs';
+import { existsSync, promises as fsp, readFileSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -177,7 +177,16 @@ let stack: Stack;
 beforeAll(async () => {
   ensureBuilt();
   dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'nb-fuzz-agents-'));
-  stack = new Stack({ root, dir, guests: [guestSpec], transport: 'unix' });
+  // The storm is 10 000 lines at once: the per-connection rate limits (issue 7, tested in
+  // test/faults/limits.test.ts) are lifted here so every line reaches the parser.
+  const unlimited = { messagesPerSecond: 1_000_000, messageBurst: 1_000_000 };
+  stack = new Stack({
+    root,
+    dir,
+    guests: [guestSpec],
+    transport: 'unix',
+    limits: { guest: unlimited, host: unlimited },
+  });
   await stack.createVms();
   await stack.writeConfigs();
 }, 60_000);
@@ -190,6 +199,9 @@ afterAll(async () => {
 test(`a live guest agent survives ${LINES} hostile lines, refuses bad notices, and still acts on a good one`, async () => {
   const run = await stack.startGuest('vm1');
   const pid = run.proc!.child.pid!;
+  // The operator socket answers before the upstream channel listens (agent.ts start order).
+  for (let i = 0; i < 100 && !existsSync(run.channel); i++)
+    await new Promise((r) => setTimeout(r, 50));
   const sock = net.connect(run.channel);
   await new Promise<void>((resolve, reject) => sock.once('connect', resolve).once('error', reject));
   const peer = new RawPeer(sock, true);

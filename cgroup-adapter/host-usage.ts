@@ -19,15 +19,50 @@ export interface HostUsage {
   currentLoadPct: number;
 }
 
+/** The previous /proc/stat `cpu` totals, for the busy share since the last call. */
+let lastCpu: { busy: number; total: number } | undefined;
+
+/**
+ * Cheap by design (issue 6: the host broker calls this every trigger interval; through
+ * systeminformation each call spawned a process and read dozens of files, a CPU spike
+ * every tick): /proc/meminfo and /proc/stat, one read each (proc(5)), where Linux has
+ * them; systeminformation elsewhere.
+ */
 export async function hostUsage(): Promise<HostUsage> {
-  const [mem, cpu, load] = await Promise.all([si.mem(), si.cpu(), si.currentLoad()]);
   const [l1, l5, l15] = os.loadavg();
+  let meminfo: string;
+  let stat: string;
+  try {
+    meminfo = fs.readFileSync('/proc/meminfo', 'utf8');
+    stat = fs.readFileSync('/proc/stat', 'utf8');
+  } catch {
+    const [mem, cpu, load] = await Promise.all([si.mem(), si.cpu(), si.currentLoad()]);
+    return {
+      memTotal: mem.total,
+      memAvailable: mem.available,
+      cpuCount: cpu.cores,
+      load: [l1, l5, l15],
+      currentLoadPct: load.currentLoad,
+    };
+  }
+  const kb = (key: string): number | undefined => {
+    const m = new RegExp(`^${key}:\\s+(\\d+) kB$`, 'm').exec(meminfo);
+    return m ? Number(m[1]) * 1024 : undefined;
+  };
+  // cpu  user nice system idle iowait irq softirq steal ...: idle + iowait are not busy.
+  const f = (/^cpu\s+(.*)$/m.exec(stat)?.[1] ?? '').trim().split(/\s+/).map(Number);
+  const total = f.slice(0, 8).reduce((a, b) => a + (Number.isFinite(b) ? b : 0), 0);
+  const busy = total - (f[3] ?? 0) - (f[4] ?? 0);
+  const prev = lastCpu;
+  lastCpu = { busy, total };
+  const dt = prev ? total - prev.total : 0;
+  const memTotal = os.totalmem();
   return {
-    memTotal: mem.total,
-    memAvailable: mem.available,
-    cpuCount: cpu.cores,
+    memTotal,
+    memAvailable: Math.min(memTotal, kb('MemAvailable') ?? os.freemem()),
+    cpuCount: os.cpus().length,
     load: [l1, l5, l15],
-    currentLoadPct: load.currentLoad,
+    currentLoadPct: dt > 0 ? Math.round(((busy - prev!.busy) / dt) * 10000) / 100 : 0,
   };
 }
 

@@ -33,7 +33,7 @@ import {
   printV1Bytes,
 } from './formats-v1';
 import { validateLimits } from './limits';
-import type { Capabilities, CpuMax, GroupUsage, Limits, Max } from './types';
+import type { Capabilities, CpuMax, GroupUsage, Limits, Max, SampleFiles } from './types';
 
 export class HybridDriver extends BaseDriver {
   readonly kind = 'hybrid' as const;
@@ -224,6 +224,19 @@ export class HybridDriver extends BaseDriver {
     const pids = this.byController.pids;
     if (pids)
       out.pidsMax = parseMax('pids.max', await readText(path.join(d[pids.name], 'pids.max')));
+    return out;
+  }
+
+  sampleFiles(group: string): SampleFiles {
+    const d = this.paths(group, true);
+    const out: SampleFiles = {};
+    const mem = this.byController.memory;
+    if (mem) out.memory = path.join(d[mem.name], 'memory.usage_in_bytes');
+    const acct = this.byController.cpuacct;
+    out.cpu = acct
+      ? { path: path.join(d[acct.name], 'cpuacct.usage'), format: 'cpuacct.usage' }
+      : { path: path.join(d.unified, 'cpu.stat'), format: 'cpu.stat' };
+    out.procs = path.join(d.unified, 'cgroup.procs');
     return out;
   }
 

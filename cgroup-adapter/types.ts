@@ -73,6 +73,19 @@ export interface GroupEvents {
   frozen: boolean;
 }
 
+/**
+ * The few files a periodic sampler re-reads (sampler.ts): memory in use and CPU time.
+ * Absolute paths; a file the layout lacks is left out (it then reads as 0).
+ */
+export interface SampleFiles {
+  /** memory.current (v2) or memory.usage_in_bytes (v1): bytes. */
+  memory?: string;
+  /** cpuacct.usage (v1, ns) or cpu.stat (v2, its usage_usec line). */
+  cpu?: { path: string; format: 'cpuacct.usage' | 'cpu.stat' };
+  /** cgroup.procs of the membership hierarchy (for a read at the moment of signalling). */
+  procs?: string;
+}
+
 export type DriverKind = 'v2' | 'hybrid';
 
 export interface KillResult {
@@ -116,6 +129,8 @@ export interface CgroupAdapter {
   setLimits(group: string, limits: Limits): Promise<void>;
   readLimits(group: string): Promise<Limits>;
   usage(group: string): Promise<GroupUsage>;
+  /** The files for a cheap sampler (sampler.ts); optional so fakes need not provide it. */
+  sampleFiles?(group: string): SampleFiles;
   events(group: string): Promise<GroupEvents>;
 
   freeze(group: string, timeoutMs?: number): Promise<void>;

@@ -66,6 +66,47 @@ export interface StepJournalRecord<CO> {
   outcome?: CO;
 }
 
+/** Where NoticeStepJournal keeps its one record per notice. */
+export interface StepStore<CO> {
+  get(key: string): Promise<Record<string, StepJournalRecord<CO>> | undefined>;
+  put(key: string, value: Record<string, StepJournalRecord<CO>>): Promise<void>;
+}
+
+/**
+ * Every child's step record of one notice in ONE journal record (`<key>--steps`), so the
+ * steps of a phase that end together are made durable by one write (issue 6: a record a
+ * child and step cost an fsync each, ~10 a project). The store's group commit (Journal)
+ * merges the puts that arrive while a write is on the disk; each put still resolves only
+ * once a write holding it is durable, so "journaled before acting" holds per child.
+ */
+export class NoticeStepJournal<CO> implements StepJournal<CO> {
+  private recs: Record<string, StepJournalRecord<CO>> | undefined;
+  private loading: Promise<void> | undefined;
+
+  constructor(
+    private readonly store: StepStore<CO>,
+    private readonly key: string,
+  ) {}
+
+  private load(): Promise<void> {
+    this.loading ??= this.store.get(this.key).then((v) => {
+      this.recs = v ?? {};
+    });
+    return this.loading;
+  }
+
+  async get(child: string): Promise<StepJournalRecord<CO> | undefined> {
+    await this.load();
+    return this.recs![child];
+  }
+
+  async put(child: string, rec: StepJournalRecord<CO>): Promise<void> {
+    await this.load();
+    this.recs![child] = rec;
+    await this.store.put(this.key, this.recs!);
+  }
+}
+
 export interface StepResult<CO> {
   child: string;
   order: number;
@@ -88,6 +129,11 @@ export interface BrokerRunOptions<CN, CO> {
   overrunMs?: number;
   /** Bound on each delivery, so one stuck child cannot hold back everyone else's notice. */
   deliverTimeoutMs?: number;
+  /**
+   * Awaited after the deliveries and before any step acts (the caller's own record, such
+   * as the plan, written meanwhile); a rejection ends the run with nothing taken.
+   */
+  ready?: Promise<unknown>;
   now?: () => number;
 }
 
@@ -168,6 +214,8 @@ export async function runBroker<CN, CO>(
         }
       }),
     );
+
+    if (opts.ready) await opts.ready;
 
     // 2. The steps, group by group.
     const acting = steps.filter((s) => s.act !== false);

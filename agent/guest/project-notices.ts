@@ -1,7 +1,7 @@
 /**
  * Project notices (issue 3, "Notices and graceful stops"): before anything is taken from a
  * project, its notice (the original notice inside) is
- *   - written atomically to `<runDir>/projects/<name>/notice.json` (temp file, fsync, rename),
+ *   - written atomically to `<runDir>/projects/<name>/notice.json` (temp file, rename),
  *   - sent, where the project's config names a `notify.signal`, as that signal to every
  *     process of the project's cgroup (read at the moment of signalling: never a stale pid),
  *   - pushed as a JSON line to every process of that project connected to the project socket.
@@ -15,7 +15,7 @@
  * the connection belongs to that project: another project cannot end someone else's grace.
  */
 import { randomBytes } from 'node:crypto';
-import { promises as fsp, constants } from 'node:fs';
+import { promises as fsp, constants, existsSync } from 'node:fs';
 import net from 'node:net';
 import * as path from 'node:path';
 import type { Logger } from '../common/log';
@@ -100,8 +100,12 @@ export class ProjectNoticeBoard {
    */
   async deliver(pn: ProjectNotice, notify: { signal?: string; pids: number[] }): Promise<void> {
     const dir = this.dir(pn.project);
-    await fsp.mkdir(dir, { recursive: true, mode: 0o750 });
-    await writeAtomic(path.join(dir, 'notice.json'), `${JSON.stringify(pn, null, 2)}\n`, 0o644);
+    if (!existsSync(dir)) await fsp.mkdir(dir, { recursive: true, mode: 0o750 });
+    // Replaced atomically (a reader sees the old or the new file, whole) but not fsync'd:
+    // what makes the delivery durable is the broker's step record, and a notice not yet
+    // recorded as delivered is delivered again after a crash (issue 6: one fsync'd file
+    // per project, ×2 with the directory, was most of the cost of the notices).
+    await writeReplace(path.join(dir, 'notice.json'), `${JSON.stringify(pn, null, 2)}\n`, 0o644);
     this.current.set(pn.project, pn);
     for (const s of this.subs) if (s.project === pn.project) this.write(s.sock, noticeLine(pn));
     if (notify.signal) {
@@ -213,6 +217,13 @@ export class ProjectNoticeBoard {
 
 function noticeLine(pn: ProjectNotice): object {
   return { type: 'notice', notice: pn };
+}
+
+/** Temp file, rename: a reader sees the old or the new file, whole (not made durable). */
+async function writeReplace(file: string, text: string, mode: number): Promise<void> {
+  const tmp = `${file}.${process.pid}.tmp`;
+  await fsp.writeFile(tmp, text, { mode });
+  await fsp.rename(tmp, file);
 }
 
 /** Temp file, fsync, rename, fsync the directory: a reader sees the old or the new file, whole. */

@@ -39,7 +39,6 @@ export class ProjectRegistry {
   private records: Record<string, ProjectRecord> = {};
   private readonly transient = new Map<string, ProjectState>();
   private readonly children = new Map<string, ChildProcess>();
-  private saving: Promise<void> = Promise.resolve();
 
   constructor(
     private readonly cfg: GuestConfig,
@@ -123,18 +122,43 @@ export class ProjectRegistry {
     await this.save();
   }
 
-  /** Writes are chained: steps of one notice run in parallel and share this record. */
+  /**
+   * Steps of one notice run in parallel and share this record: the journal's group commit
+   * (common/journal.ts) turns their saves into one write of the record as it is by then,
+   * instead of one fsync'd rewrite of every project's record per project (issue 6).
+   */
   save(): Promise<void> {
-    const snapshot = JSON.parse(JSON.stringify(this.records)) as Record<string, ProjectRecord>;
-    const next = this.saving.then(() => this.state.put('projects', snapshot));
-    this.saving = next.catch(() => undefined);
-    return next;
+    return this.state.put('projects', this.records);
   }
 
   /** Writes new limits to the kernel (in the safe order) and records them. */
   async applyLimits(name: string, limits: ProjectLimits): Promise<void> {
-    const p = this.config(name);
-    await this.adapter.setLimits(this.group(name), toAdapterLimits(limits, p));
+    await this.writeLimits(name, limits);
+    this.records[name] = { ...(this.records[name] ?? { stoppedForRoom: false }), limits };
+    await this.save();
+  }
+
+  /**
+   * Writes limits to the kernel only, for an intermediate step whose record would be
+   * overwritten moments later (a shrink's memory.high before its memory.max): a notice
+   * resumed after a crash re-applies its step from the plan, not from this record.
+   */
+  async writeLimits(
+    name: string,
+    limits: ProjectLimits,
+    which: 'all' | 'but-memory-max' = 'all',
+  ): Promise<void> {
+    const l = toAdapterLimits(limits, this.config(name));
+    if (which === 'but-memory-max' && l.memory) delete l.memory.max;
+    await this.adapter.setLimits(this.group(name), l);
+  }
+
+  /**
+   * The last write of a shrink: memory.max alone (everything else was written by
+   * writeLimits(…, 'but-memory-max') before usage came down), and the record, once.
+   */
+  async applyMemoryMax(name: string, limits: ProjectLimits): Promise<void> {
+    await this.adapter.setLimits(this.group(name), { memory: { max: limits.memoryMax } });
     this.records[name] = { ...(this.records[name] ?? { stoppedForRoom: false }), limits };
     await this.save();
   }
@@ -145,6 +169,11 @@ export class ProjectRegistry {
       ...patch,
     };
     await this.save();
+  }
+
+  /** A state set while the agent acts on the project (starting, stopping), if any. */
+  transientState(name: string): ProjectState | undefined {
+    return this.transient.get(name);
   }
 
   setTransient(name: string, s: ProjectState | undefined): void {

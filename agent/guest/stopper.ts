@@ -15,6 +15,7 @@ import type { ChildProcess } from 'node:child_process';
 import type { CgroupAdapter } from '../../cgroup-adapter/types';
 import type { Logger } from '../common/log';
 import type { ExitKind } from '../broker/types';
+import { faultPoint } from '../common/fault';
 
 export interface StopSpec {
   signal: string;
@@ -28,6 +29,18 @@ export interface StopDeps {
   spawnHook(group: string, argv: string[]): Promise<ChildProcess>;
   /** Resolves true when the project answers `done` for this notice. */
   waitDone(signal: AbortSignal): Promise<boolean>;
+  /**
+   * Awaited before the pre-stop hook and the signal: this project's turn (executor.ts
+   * SignalTurns: the stop signals of a notice go out in rank order).
+   */
+  turn?: () => Promise<void>;
+  /** Called once the stop signal has gone to the group (the next project's turn). */
+  onSignalled?: () => void;
+  /**
+   * cgroup.procs read synchronously (cgroup-adapter GroupSampler), so that the signals
+   * of many stops in turn do not each wait for the thread pool; null: use the adapter.
+   */
+  readPids?: () => number[] | null;
   log: Logger;
   now?: () => number;
 }
@@ -52,7 +65,7 @@ export async function stopProject(
   deps: StopDeps,
 ): Promise<StopResult> {
   const now = deps.now ?? Date.now;
-  const t0 = now();
+  let t0 = now();
   const at = (): number => now() - t0;
   const left = (): number => Math.max(0, deadline.getTime() - now());
   const phases: StopResult['phases'] = { empty: 0 };
@@ -69,6 +82,11 @@ export async function stopProject(
     };
   }
 
+  if (deps.turn) {
+    await deps.turn();
+    t0 = now(); // the stop is timed from its turn: the wait for others' signals is theirs
+  }
+
   // 1. Pre-stop hook: its own timeout, and never past the deadline.
   let hook: StopResult['hook'];
   if (spec.preStop && spec.preStop.command.length > 0) {
@@ -80,7 +98,9 @@ export async function stopProject(
   // 2. The stop signal to every process in the group as the kernel lists it now.
   const graceMs = Math.min(spec.gracePeriodMs, left());
   phases.signalled = at();
-  const signalled = await signalGroup(deps.adapter, group, spec.signal);
+  const signalled = await signalGroup(deps.adapter, group, spec.signal, deps.readPids);
+  deps.onSignalled?.();
+  faultPoint('mid-stop');
   log.info({ signal: spec.signal, pids: signalled, graceMs }, 'stop signal sent');
 
   // 3. Wait for the group to empty, for the project's `done`, or for the grace to run out.
@@ -138,9 +158,11 @@ export async function signalGroup(
   adapter: CgroupAdapter,
   group: string,
   signal: string,
+  readPids?: () => number[] | null,
 ): Promise<number> {
   let n = 0;
-  for (const pid of await adapter.pids(group)) {
+  const now = readPids?.() ?? (await adapter.pids(group));
+  for (const pid of now) {
     try {
       process.kill(pid, signal as NodeJS.Signals);
       n++;

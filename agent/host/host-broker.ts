@@ -25,6 +25,7 @@ import { NestError, isNestError } from '../common/errors';
 import type { Logger } from '../common/log';
 import { newMessageId, PROTOCOL_VERSION, type Hello, type Message } from '../protocol/messages';
 import { parseMessage } from '../protocol/schemas';
+import { OutcomeAssembler } from '../protocol/outcome-parts';
 import {
   addCpus,
   checkReclaim,
@@ -36,6 +37,8 @@ import {
   type GuestBooks,
 } from './books';
 import type { GuestConfig, HostConfig } from './config';
+import { HOST_LIMIT_DEFAULTS } from './config';
+import { faultPoint } from '../common/fault';
 import type { ActuationReport, VmActuator } from './actuator';
 
 /** What the host side needs of a channel to one guest (agent/transport's Channel has it). */
@@ -116,6 +119,22 @@ export interface GuestStatus {
 
 const FINAL: ReadonlySet<HostNoticeState> = new Set(['done', 'late', 'refused', 'cancelled']);
 
+/**
+ * Final notices kept in memory per guest (issue 7, "memory flat"): older final ones are
+ * folded into the guest's ledger base (what they did to the books) and dropped from memory;
+ * their journal files stay on disk. Without this the host's memory (and the cost of
+ * replaying the books) grows with every notice ever issued.
+ */
+export const RETAIN_FINAL_NOTICES = 256;
+
+/** What the notices folded out of memory did to one guest's books. */
+interface LedgerBase {
+  seq: number;
+  granted: Resources;
+  actuated?: Resources;
+  folded: number;
+}
+
 /** Whether a notice's change is on the books (see the ledger in booksFor). */
 function counts(rec: HostNoticeRecord): boolean {
   if (rec.notice.kind === 'restore') return rec.state !== 'cancelled' && rec.state !== 'refused';
@@ -128,7 +147,14 @@ interface Link {
   hello?: Hello;
   helloAt?: string;
   ackWaiters: Map<string, (ack: Extract<Message, { type: 'ack' }>) => void>;
+  /** Outcome parts of this connection (issue 6: outcomes larger than one line). */
+  parts: OutcomeAssembler;
+  /** Times an outcome with missing parts was asked for again, per notice, on this connection. */
+  partRetries: Map<string, number>;
 }
+
+/** How often one connection asks again for an outcome whose parts did not all arrive. */
+const OUTCOME_PART_RETRIES = 3;
 
 export interface HostBrokerDeps {
   config: Readonly<HostConfig>;
@@ -144,6 +170,8 @@ export interface HostBrokerDeps {
 export class HostBroker extends EventEmitter {
   private readonly journal: Journal<HostNoticeRecord>;
   private readonly records = new Map<string, HostNoticeRecord>();
+  /** The same records by guest (issue 6: books and status read one guest's, not all). */
+  private readonly byGuest = new Map<string, Map<string, HostNoticeRecord>>();
   private readonly links = new Map<string, Link>();
   private readonly running = new Map<string, Promise<HostNoticeRecord>>();
   private readonly aborts = new Map<string, AbortController>();
@@ -151,6 +179,7 @@ export class HostBroker extends EventEmitter {
   private readonly outcomeWaiters = new Map<string, (o: Outcome | NestError) => void>();
   private readonly guestsByName = new Map<string, GuestConfig>();
   private readonly saving = new Map<string, Promise<void>>();
+  private readonly bases = new Map<string, LedgerBase>();
   private readonly log: Logger;
   private stopped = false;
 
@@ -167,8 +196,9 @@ export class HostBroker extends EventEmitter {
     await this.journal.init();
     for (const { value } of await this.journal.all()) {
       value.progress ??= [];
-      this.records.set(value.notice.id, value);
+      this.keep(value);
     }
+    for (const g of this.deps.config.guests) this.compact(g.name);
     for (const g of this.deps.config.guests) this.attach(g);
     // Resume every unfinished notice (a host restarted mid-notice: issue 4).
     for (const rec of this.sorted()) {
@@ -192,7 +222,13 @@ export class HostBroker extends EventEmitter {
 
   private attach(g: GuestConfig): void {
     const channel = this.deps.connect(g);
-    const link: Link = { channel, open: false, ackWaiters: new Map() };
+    const link: Link = {
+      channel,
+      open: false,
+      ackWaiters: new Map(),
+      parts: new OutcomeAssembler(),
+      partRetries: new Map(),
+    };
     this.links.set(g.name, link);
     const log = this.log.child({ guest: g.name });
     channel.on('open', () => {
@@ -203,6 +239,8 @@ export class HostBroker extends EventEmitter {
       if (link.open) log.warn('channel to guest closed');
       link.open = false;
       link.hello = undefined;
+      link.parts.clear();
+      link.partRetries.clear();
     });
     channel.on('message', (raw) => this.onMessage(g, link, raw));
   }
@@ -213,8 +251,16 @@ export class HostBroker extends EventEmitter {
   booksFor(guest: string): GuestBooks {
     const g = this.guest(guest);
     const books = newBooks(g.name, g.allocation, g.floor);
-    for (const rec of this.sorted()) {
-      if (rec.notice.guest !== guest) continue;
+    const base = this.bases.get(guest);
+    if (base) {
+      books.seq = base.seq;
+      books.granted = {
+        memoryBytes: books.granted.memoryBytes + base.granted.memoryBytes,
+        cpus: addCpus(books.granted.cpus, base.granted.cpus),
+      };
+      if (base.actuated) books.actuated = base.actuated;
+    }
+    for (const rec of this.ofGuest(guest)) {
       books.seq = Math.max(books.seq, rec.notice.seq);
       if (!counts(rec)) continue;
       const sign = rec.notice.kind === 'reclaim' ? -1 : 1;
@@ -234,6 +280,64 @@ export class HostBroker extends EventEmitter {
         problems: [{ field: 'guest', value: name, message: 'not configured' }],
       });
     return g;
+  }
+
+  /** One guest's notices in memory, in seq order. */
+  private ofGuest(guest: string): HostNoticeRecord[] {
+    const out = [...(this.byGuest.get(guest)?.values() ?? [])];
+    return out.sort((a, b) => a.notice.seq - b.notice.seq);
+  }
+
+  private keep(rec: HostNoticeRecord): void {
+    this.records.set(rec.notice.id, rec);
+    let mine = this.byGuest.get(rec.notice.guest);
+    if (!mine) this.byGuest.set(rec.notice.guest, (mine = new Map()));
+    mine.set(rec.notice.id, rec);
+  }
+
+  private drop(rec: HostNoticeRecord): void {
+    this.records.delete(rec.notice.id);
+    this.byGuest.get(rec.notice.guest)?.delete(rec.notice.id);
+  }
+
+  /**
+   * Folds the oldest final notices of a guest beyond RETAIN_FINAL_NOTICES into its ledger
+   * base. Only those older (by seq) than every unfinished one: the books replay in seq
+   * order, and the base is applied first.
+   */
+  private compact(guest: string): void {
+    const all = this.ofGuest(guest);
+    const finals = all.filter((r) => FINAL.has(r.state));
+    let excess = finals.length - RETAIN_FINAL_NOTICES;
+    if (excess <= 0) return;
+    const firstOpen = Math.min(
+      ...all.filter((r) => !FINAL.has(r.state)).map((r) => r.notice.seq),
+      Infinity,
+    );
+    const base = this.bases.get(guest) ?? {
+      seq: 0,
+      granted: { memoryBytes: 0, cpus: 0 },
+      folded: 0,
+    };
+    for (const rec of finals) {
+      // In seq order, stopping at the first that must stay: one still being written, or a
+      // cancel the guest has yet to hear (told at its next hello).
+      if (excess <= 0 || rec.notice.seq >= firstOpen) break;
+      if (this.saving.has(rec.notice.id) || rec.cancelPending) break;
+      base.seq = Math.max(base.seq, rec.notice.seq);
+      if (counts(rec)) {
+        const sign = rec.notice.kind === 'reclaim' ? -1 : 1;
+        base.granted = {
+          memoryBytes: base.granted.memoryBytes + sign * rec.notice.change.memoryBytes,
+          cpus: addCpus(base.granted.cpus, sign * rec.notice.change.cpus),
+        };
+      }
+      if (rec.actuation) base.actuated = rec.actuation.target;
+      base.folded++;
+      this.drop(rec);
+      excess--;
+    }
+    this.bases.set(guest, base);
   }
 
   private sorted(): HostNoticeRecord[] {
@@ -268,6 +372,20 @@ export class HostBroker extends EventEmitter {
         : req.change;
     const r = kind === 'reclaim' ? checkReclaim(books, change) : checkRestore(books, change);
     if (!r.ok) throw rejected(kind, g.name, r.problems);
+    // Issue 7: a cap on what one guest may have in flight; nothing journaled or booked.
+    const cap =
+      this.deps.config.limits?.pendingNoticesPerGuest ?? HOST_LIMIT_DEFAULTS.pendingNoticesPerGuest;
+    const pending = this.notices(g.name).filter((x) => !FINAL.has(x.state)).length;
+    if (pending >= cap)
+      throw new NestError(
+        'NOTICE_BACKLOG',
+        `guest "${g.name}" has ${pending} notices pending (cap limits.pendingNoticesPerGuest = ${cap}); refused, nothing done`,
+        {
+          problems: [
+            { field: 'guest', value: g.name, message: `${pending} notices pending, cap ${cap}` },
+          ],
+        },
+      );
     const seq = books.seq + 1;
     const now = new Date();
     const notice: Notice = {
@@ -291,6 +409,7 @@ export class HostBroker extends EventEmitter {
     // Journal first: the notice exists (and, being on the ledger, its resources are
     // marked deallocated in the books) before anything is sent (design.md step 2).
     await this.save(rec);
+    faultPoint('after-journal');
     this.note(rec, 'issued');
     return { record: rec, done: this.track(rec) };
   }
@@ -332,8 +451,9 @@ export class HostBroker extends EventEmitter {
   }
 
   notices(guest?: string): HostNoticeRecord[] {
-    if (guest !== undefined) this.guest(guest);
-    return this.sorted().filter((r) => guest === undefined || r.notice.guest === guest);
+    if (guest === undefined) return this.sorted();
+    this.guest(guest);
+    return this.ofGuest(guest);
   }
 
   notice(id: string): HostNoticeRecord | undefined {
@@ -384,6 +504,7 @@ export class HostBroker extends EventEmitter {
       .finally(() => {
         this.running.delete(id);
         this.aborts.delete(id);
+        this.compact(rec.notice.guest);
       });
     this.running.set(id, p);
     return p;
@@ -460,6 +581,7 @@ export class HostBroker extends EventEmitter {
     }
 
     // The outcome (or the forced deadline) is journaled: now, and only now, take it away.
+    faultPoint('before-actuation');
     this.note(rec, 'actuating');
     rec.actuation = await this.deps.actuator.apply(g, rec.notice.allocation, 'down');
     rec.actuatedAt = new Date().toISOString();
@@ -589,10 +711,20 @@ export class HostBroker extends EventEmitter {
         });
         return;
       }
-      case 'outcome':
-        return void this.onOutcome(g, msg.outcome).catch((err: unknown) =>
+      case 'outcome-part': {
+        // Held only for a notice of this guest still waiting for its outcome.
+        const rec = this.records.get(msg.noticeId);
+        if (rec && rec.notice.guest === g.name && !rec.outcome) link.parts.add(msg);
+        return;
+      }
+      case 'outcome': {
+        const whole = link.parts.complete(msg);
+        if (!whole.ok) return this.outcomeIncomplete(g, link, msg.outcome.noticeId, whole);
+        link.partRetries.delete(msg.outcome.noticeId);
+        return void this.onOutcome(g, whole.outcome).catch((err: unknown) =>
           log.error({ err }, 'could not record an outcome'),
         );
+      }
       // The channel answers every ping itself (agent/transport/channel.ts, answerPings):
       // answering here too would send two pongs for one ping. Pongs feed the heartbeat of
       // ReconnectingChannel (agent/transport/reconnect.ts), not the broker.
@@ -641,16 +773,15 @@ export class HostBroker extends EventEmitter {
     this.emit('hello', g.name);
     // Cancels the guest missed while away come first; then, in seq order, every notice
     // it has not answered. A notice it already has is answered from its journal.
-    for (const rec of this.sorted()) {
-      if (rec.notice.guest !== g.name) continue;
+    for (const rec of this.ofGuest(g.name)) {
       if (rec.cancelPending) {
         this.sendTo(link, { type: 'cancel', id: newMessageId(), noticeId: rec.notice.id });
         rec.cancelPending = false;
         await this.save(rec);
       }
     }
-    for (const rec of this.sorted()) {
-      if (rec.notice.guest !== g.name || rec.outcome) continue;
+    for (const rec of this.ofGuest(g.name)) {
+      if (rec.outcome) continue;
       if (rec.state !== 'issued' && rec.state !== 'acked') continue;
       if (rec.notice.kind === 'restore' && !rec.actuation) continue;
       log.info({ noticeId: rec.notice.id, seq: rec.notice.seq }, 'sending an unanswered notice');
@@ -680,6 +811,33 @@ export class HostBroker extends EventEmitter {
       void this.save(rec);
       this.note(rec, 'acked');
     }
+  }
+
+  /**
+   * An outcome summary whose parts did not all arrive (lines lost to a reconnect or a
+   * rate limit): not recorded. The notice is sent again; the guest answers the duplicate
+   * from its journal with the whole outcome, every part again (a bounded number of times
+   * per connection; after that the next hello resends it, or the deadline ends it).
+   */
+  private outcomeIncomplete(
+    g: GuestConfig,
+    link: Link,
+    noticeId: string,
+    got: { missing: number[]; count: number },
+  ): void {
+    const log = this.log.child({ guest: g.name, noticeId });
+    const rec = this.records.get(noticeId);
+    if (!rec || rec.notice.guest !== g.name || rec.outcome) return;
+    const tries = (link.partRetries.get(noticeId) ?? 0) + 1;
+    link.partRetries.set(noticeId, tries);
+    log.warn(
+      { missing: got.missing.slice(0, 20), count: got.count, tries },
+      'outcome arrived without all of its parts; not recorded',
+    );
+    if (tries > OUTCOME_PART_RETRIES) return;
+    this.request(link, noticeId, this.noticeMessage(rec.notice))
+      .then((ack) => this.onAck(rec, ack))
+      .catch((err: unknown) => log.warn({ err }, 'asking again for the outcome failed'));
   }
 
   private async onOutcome(g: GuestConfig, outcome: Outcome): Promise<void> {
@@ -739,6 +897,7 @@ export class HostBroker extends EventEmitter {
       if (rec && (msg.type === 'notice' || msg.type === 'restore')) {
         rec.sentAt ??= new Date().toISOString();
         this.note(rec, 'sent');
+        faultPoint('after-send');
       }
     });
   }
@@ -757,7 +916,7 @@ export class HostBroker extends EventEmitter {
       .catch(() => undefined)
       .then(async () => {
         await this.journal.put(`notice.${id}`, rec);
-        this.records.set(id, rec);
+        this.keep(rec);
       });
     this.saving.set(id, next);
     void next

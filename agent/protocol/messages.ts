@@ -5,12 +5,13 @@
  * The zod schemas that validate these at the boundary are in schemas.ts and must stay
  * in step with these types (a test checks it).
  *
- * Flow: hello → welcome; notice|restore → ack → progress* → outcome; cancel → ack;
+ * Flow: hello → welcome; notice|restore → ack → progress* → outcome-part* → outcome;
+ * cancel → ack;
  * ping → pong; anything invalid → error (the connection and all state stay).
  * Only resource targets cross the channel: nothing in a message is ever executed.
  */
 import { randomUUID } from 'node:crypto';
-import type { Notice, Outcome, ProjectAction, ExitKind } from '../broker/types';
+import type { Notice, Outcome, ProjectAction, ExitKind, ProjectOutcome } from '../broker/types';
 
 export const PROTOCOL_VERSION = 1;
 export const MAX_LINE_BYTES = 64 * 1024;
@@ -78,7 +79,27 @@ export interface Progress {
 export interface OutcomeMsg {
   type: 'outcome';
   id: string;
+  /**
+   * With `parts`, `outcome.projects` is empty: the per-project results came just before,
+   * in `parts` outcome-part messages (outcome-parts.ts), and the receiver assembles them.
+   * Without it (an outcome that fits one line, or an older peer) the outcome is whole.
+   */
   outcome: Outcome;
+  parts?: number;
+}
+
+/**
+ * One chunk of an outcome's per-project results, for an outcome too large for one line
+ * (≈ 340 bytes a project: more than ~190 projects overflow MAX_LINE_BYTES). Parts
+ * 0 … count-1 precede the `outcome` message that names `parts: count`.
+ */
+export interface OutcomePart {
+  type: 'outcome-part';
+  id: string;
+  noticeId: string;
+  index: number;
+  count: number;
+  projects: ProjectOutcome[];
 }
 
 export interface Cancel {
@@ -117,6 +138,7 @@ export type Message =
   | Ack
   | Progress
   | OutcomeMsg
+  | OutcomePart
   | Cancel
   | Ping
   | Pong

@@ -165,8 +165,27 @@ export const ProgressSchema = z
   })
   .strict();
 
+/** Parts one outcome may come in: at most one a project. */
+export const MAX_OUTCOME_PARTS = MAX_PROJECTS;
+const partCount = z.number().int().min(1).max(MAX_OUTCOME_PARTS);
+
 export const OutcomeMsgSchema = z
-  .object({ type: z.literal('outcome'), id, outcome: OutcomeSchema })
+  .object({ type: z.literal('outcome'), id, outcome: OutcomeSchema, parts: partCount.optional() })
+  .strict();
+
+export const OutcomePartSchema = z
+  .object({
+    type: z.literal('outcome-part'),
+    id,
+    noticeId: id,
+    index: z
+      .number()
+      .int()
+      .nonnegative()
+      .max(MAX_OUTCOME_PARTS - 1),
+    count: partCount,
+    projects: z.array(ProjectOutcomeSchema).min(1).max(MAX_PROJECTS),
+  })
   .strict();
 
 export const CancelSchema = z.object({ type: z.literal('cancel'), id, noticeId: id }).strict();
@@ -197,6 +216,7 @@ export const MessageSchema = z
     AckSchema,
     ProgressSchema,
     OutcomeMsgSchema,
+    OutcomePartSchema,
     CancelSchema,
     PingSchema,
     PongSchema,
@@ -211,6 +231,21 @@ export const MessageSchema = z
         code: z.ZodIssueCode.custom,
         path: ['notice', 'kind'],
         message: `a ${m.type} message must carry kind "${want}"`,
+      });
+    }
+    if (m.type === 'outcome-part' && m.index >= m.count) {
+      ctx.addIssue({
+        code: z.ZodIssueCode.custom,
+        path: ['index'],
+        message: `must be below count ${m.count}, got ${m.index}`,
+      });
+    }
+    // Parts carry the projects; the summary must not carry them too (which would count twice).
+    if (m.type === 'outcome' && m.parts !== undefined && m.outcome.projects.length > 0) {
+      ctx.addIssue({
+        code: z.ZodIssueCode.custom,
+        path: ['outcome', 'projects'],
+        message: `must be empty when the outcome comes in ${m.parts} parts, got ${m.outcome.projects.length} projects`,
       });
     }
   });

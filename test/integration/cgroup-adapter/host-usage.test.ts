@@ -14,6 +14,13 @@ it('reports host memory, CPU count and load', async () => {
   expect(h.memAvailable).toBeLessThanOrEqual(h.memTotal);
   expect(h.cpuCount).toBe(os.cpus().length);
   expect(h.load).toHaveLength(3);
+  // The busy share since the previous call (/proc/stat), after some work of our own.
+  const until = Date.now() + 50;
+  while (Date.now() < until);
+  const again = await hostUsage();
+  expect(again.currentLoadPct).toBeGreaterThan(0);
+  expect(again.currentLoadPct).toBeLessThanOrEqual(100);
+  expect(again.memAvailable).toBeGreaterThan(0);
 });
 
 it('reports a live process, and ESRCH for one that is gone', async () => {

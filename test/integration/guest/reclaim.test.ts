@@ -164,24 +164,25 @@ describe('reclaim 3.5GiB and 0.5 CPU with a 6 s deadline', () => {
     expect(outcome.status).toBe('complete');
   });
 
-  test('projects stop one at a time, lowest priority first', () => {
+  test('stop signals go lowest priority first; the exits are awaited together (issue 6)', () => {
     const events = r.stderr
       .split('\n')
       .map((l) => /\s(\w+): (stopping|stopped)/.exec(l))
       .filter((m): m is RegExpExecArray => m !== null)
       .map((m) => `${m[2]} ${m[1]}`);
-    expect(events).toEqual([
+    // `stopping` is each project's turn to be signalled (after its pre-stop hook), in rank order.
+    expect(events.filter((e) => e.startsWith('stopping '))).toEqual([
       'stopping forker',
-      'stopped forker',
       'stopping hook',
-      'stopped hook',
       'stopping stubborn',
-      'stopped stubborn',
       'stopping batch',
-      'stopped batch',
       'stopping slow',
-      'stopped slow',
     ]);
+    for (const p of ['forker', 'hook', 'stubborn', 'batch', 'slow'])
+      expect(events.indexOf(`stopping ${p}`)).toBeLessThan(events.indexOf(`stopped ${p}`));
+    // Not one at a time: the stubborn project's 1 s grace had not run out when `batch`
+    // (which exits at once on SIGTERM) was signalled.
+    expect(events.indexOf('stopping batch')).toBeLessThan(events.indexOf('stopped stubborn'));
   });
 
   test('every affected project got its notice before anything was taken', async () => {

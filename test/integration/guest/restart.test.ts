@@ -79,10 +79,22 @@ test('kill -9 mid-notice, restart: the notice finishes and each project is stopp
   );
   const ctlExit = new Promise<number | null>((r) => ctl.on('exit', (code) => r(code)));
 
-  // `a` is stopped (its handler ran) and `b` has had its SIGTERM: b is in its grace period.
+  // The stop signals go lowest priority first without waiting for each exit (issue 6):
+  // `a` and `c` exit at once on SIGTERM and their steps are journaled done, while the
+  // stubborn `b` has had its SIGTERM and is in its 3 s grace period. Then the crash.
   await waitFor('b to get its SIGTERM', () =>
     env.markerLines('b').some((l) => l.startsWith('ignored ')),
   );
+  await waitFor('the stops of a and c journaled as done', async () => {
+    const dir = `${env.stateDir}/steps`;
+    const file = (await fsp.readdir(dir)).find((f) => f.endsWith('--steps.json'));
+    if (!file) return false;
+    const steps = JSON.parse(await fsp.readFile(`${dir}/${file}`, 'utf8')) as Record<
+      string,
+      { outcome?: unknown }
+    >;
+    return steps.a?.outcome !== undefined && steps.c?.outcome !== undefined;
+  });
   expect(env.markerLines('a').filter((l) => l.startsWith('term '))).toHaveLength(1);
   process.kill(first.pid, 'SIGKILL');
   await first.exited;

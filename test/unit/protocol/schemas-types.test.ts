@@ -26,6 +26,7 @@ expectType<Equal<z.infer<typeof S.RestoreMsgSchema>, M.RestoreMsg>>();
 expectType<Equal<z.infer<typeof S.AckSchema>, M.Ack>>();
 expectType<Equal<z.infer<typeof S.ProgressSchema>, M.Progress>>();
 expectType<Equal<z.infer<typeof S.OutcomeMsgSchema>, M.OutcomeMsg>>();
+expectType<Equal<z.infer<typeof S.OutcomePartSchema>, M.OutcomePart>>();
 expectType<Equal<z.infer<typeof S.CancelSchema>, M.Cancel>>();
 expectType<Equal<z.infer<typeof S.PingSchema>, M.Ping>>();
 expectType<Equal<z.infer<typeof S.PongSchema>, M.Pong>>();
@@ -42,6 +43,7 @@ test('the type checks above are compiled by tsc; at run time the type lists agre
     ack: true,
     progress: true,
     outcome: true,
+    'outcome-part': true,
     cancel: true,
     ping: true,
     pong: true,

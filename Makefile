@@ -26,9 +26,11 @@ lint: deps
 	npx prettier --check .
 
 # The README's test command: installs what it needs, then type-checks, lints and runs
-# every test (unit, integration on the real kernel as root).
+# every test: unit, integration on the real kernel as root, then the real-guest test
+# under QEMU (test/e2e; it installs its Debian packages itself and caches the image).
 test: build typecheck lint
 	npx jest --runInBand
+	npx jest -c jest.e2e.config.js --runInBand
 
 # Faster edit loop: build and the unit tests only.
 check: build

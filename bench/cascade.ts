@@ -53,6 +53,7 @@ import {
   SHELL_PROJECT,
   guestMemory,
   projectName,
+  waitShellsReady,
 } from './lib/stack';
 
 const OPTIONS = {
@@ -171,6 +172,7 @@ class Floor {
       await this.driver.create(g, Floor.initial());
       await this.spawn(g);
     }
+    await waitShellsReady(this.driver, this.groups);
   }
 
   private async spawn(group: string): Promise<void> {
@@ -213,6 +215,8 @@ class Floor {
       if (this.kept(i)) await this.driver.setLimits(g, Floor.initial());
       else await this.spawn(g);
     }
+    // The next timed run signals these shells: not before their sleep is exec'd.
+    await waitShellsReady(this.driver, this.groups);
   }
 }
 

@@ -7,8 +7,9 @@
  * `adopt` project has its pids moved in (or its existing group taken over).
  *
  * Restart of the agent (`KillMode=process` keeps projects running): a project whose group
- * has processes is re-adopted as it is, limits untouched; nothing healthy is restarted or
- * stopped. Whether a project with an empty group was stopped for lack of room (and so
+ * has processes is re-adopted with its processes untouched and its recorded limits written
+ * again (they may have been reset while the agent was down); nothing healthy is restarted,
+ * signalled or stopped. Whether a project with an empty group was stopped for lack of room (and so
  * waits for a restore) is remembered in the state dir.
  */
 import type { ChildProcess } from 'node:child_process';
@@ -83,8 +84,8 @@ export class ProjectRegistry {
   }
 
   /**
-   * Brings every configured project up: re-adopts running ones untouched, creates and
-   * starts the others. Called once at agent start.
+   * Brings every configured project up: re-adopts running ones (processes untouched, recorded
+   * limits re-applied), creates and starts the others. Called once at agent start.
    */
   async init(): Promise<void> {
     await this.state.init();
@@ -95,9 +96,28 @@ export class ProjectRegistry {
       await this.board.prepare(p.name, await ownerOf(p));
       const exists = await this.adapter.exists(group);
       const running = exists && (await this.adapter.pids(group)).length > 0;
-      if (running && this.records[p.name]) {
-        // Ours from before a restart: re-adopted as it is, limits and processes untouched.
-        log.info({ group }, 're-adopted a running project; left as it was');
+      const known = this.records[p.name];
+      if (running && known) {
+        // Ours from before a restart: re-adopted with its processes untouched (nothing is
+        // restarted or signalled). Its recorded limits are written again, because the
+        // kernel may no longer hold them: on a v2 guest, systemd's ExecStopPost
+        // (nestbroker-guest-release, docs/install.md) turns the subtree's controllers off
+        // when the agent stops, and turning them back on starts every project at
+        // memory.max "max" (cgroup-v2.rst, "Controlling Controllers"). Writing the same
+        // value again is harmless where they survived.
+        try {
+          await this.adapter.setLimits(group, toAdapterLimits(known.limits, p));
+        } catch (err) {
+          // A limit the kernel refuses now (v1 memory.limit_in_bytes below usage: EBUSY) must
+          // not keep the agent, and every other project, from starting; the next notice
+          // writes the project's limits again.
+          log.error({ group, err, limits: known.limits }, 'could not re-apply recorded limits');
+          continue;
+        }
+        log.info(
+          { group, limits: known.limits },
+          're-adopted a running project; its recorded limits re-applied',
+        );
         continue;
       }
       if (running) {

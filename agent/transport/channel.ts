@@ -85,6 +85,8 @@ export interface ChannelOptions {
    * dropped unread; the peer gets an `error` RATE_LIMITED (at most one a second, so a flood
    * is not answered line for line) and keeps its connection. Unset: no limit (the daemons
    * always set one from their config: limits.messagesPerSecond / limits.messageBurst).
+   * The replies that finish an exchange (RATE_EXEMPT) count against the bucket but are
+   * never dropped: see handleFrames.
    */
   rateLimit?: RateLimit;
   now?: () => number;
@@ -100,6 +102,31 @@ export const DEFAULT_RATE_LIMIT: Readonly<RateLimit> = Object.freeze({
   burst: 400,
 });
 export const DEFAULT_MAX_BUFFERED_BYTES = 8 * 1024 * 1024;
+
+/**
+ * Messages delivered even over the rate limit (they still take a token when there is one):
+ * the replies that finish an exchange the receiver started or is waiting for. A dropped
+ * `outcome` or `outcome-part` would leave a notice unfinished until its deadline; a dropped
+ * `ack`, `welcome` or `hello` would stall the handshake or make the host resend; a dropped
+ * `pong` would look like a dead peer; a dropped `cancel` would let a notice run on. None of
+ * them is answered by the channel, so delivering them cannot amplify a flood. Not exempt:
+ * `ping` (the channel answers it), `notice`, `restore`, `progress`, `error`, and any line
+ * that fails to parse — a flood of those is still cut to the rate.
+ */
+export const RATE_EXEMPT: ReadonlySet<Message['type']> = new Set<Message['type']>([
+  'ack',
+  'outcome',
+  'outcome-part',
+  'pong',
+  'welcome',
+  'hello',
+  'cancel',
+]);
+/**
+ * Cheap first look at a line over the limit: only a line that names an exempt type is
+ * parsed (and then delivered only if it really is one); the rest is dropped unread.
+ */
+const MAY_BE_EXEMPT = /"type"\s*:\s*"(?:ack|outcome|outcome-part|pong|welcome|hello|cancel)"/;
 
 /** A token bucket: `take()` is true while the rate allows one more. */
 export class TokenBucket {
@@ -214,7 +241,11 @@ export abstract class ChannelBase extends TypedEmitter<ChannelEvents> implements
       if (ev.kind !== 'resync') {
         this.linesSinceOpen++;
         if (this.bucket && !this.bucket.take()) {
-          this.limited();
+          // Over the limit. A reply that finishes an exchange is delivered all the same
+          // (RATE_EXEMPT); anything else, valid or not, is dropped.
+          const exempt = ev.kind === 'line' ? this.exemptMessage(ev.line) : null;
+          if (exempt) this.deliver(exempt);
+          else this.limited();
           continue;
         }
       }
@@ -257,7 +288,17 @@ export abstract class ChannelBase extends TypedEmitter<ChannelEvents> implements
       this.reject(r.error, r.error.type === 'error');
       return;
     }
-    const msg = r.msg;
+    this.deliver(r.msg);
+  }
+
+  /** A line over the rate limit that is a valid RATE_EXEMPT message, or null. */
+  private exemptMessage(line: string): Message | null {
+    if (!MAY_BE_EXEMPT.test(line)) return null;
+    const r = parseMessage(line);
+    return r.ok && RATE_EXEMPT.has(r.msg.type) ? r.msg : null;
+  }
+
+  private deliver(msg: Message): void {
     if (msg.type === 'ping' && this.answerPings) {
       this.send({ type: 'pong', id: newMessageId(), replyTo: msg.id, t: msg.t });
     }

@@ -37,6 +37,42 @@ export const SHELL_PROJECT = [
   'trap "kill \\$! 2>/dev/null; exit 0" TERM; while :; do sleep 3600 & wait; done',
 ];
 
+/**
+ * A SHELL_PROJECT is ready for a stop signal once its `sleep` has been exec'd: two
+ * processes in its group, one of them `sleep`. Before that the forked child is still a copy
+ * of the shell with the shell's TERM trap: a SIGTERM landing there (the stop signals every
+ * pid of the group) is caught and forgotten, the child execs `sleep 3600` anyway, and the
+ * group stays populated until the 10 s grace ends in SIGKILL — a 10 s outlier in a run that
+ * reclaims right after the restore that started it. After the exec the sleep has the default
+ * action for SIGTERM and dies with the shell.
+ */
+export async function shellProjectReady(driver: CgroupDriver, group: string): Promise<boolean> {
+  const pids = await driver.pids(group);
+  if (pids.length !== 2) return false;
+  for (const pid of pids) {
+    const comm = await fs.readFile(`/proc/${pid}/comm`, 'utf8').catch(() => '');
+    if (comm.trim() === 'sleep') return true;
+  }
+  return false;
+}
+
+/** Waits until every group holds a SHELL_PROJECT that is ready (shellProjectReady). */
+export async function waitShellsReady(
+  driver: CgroupDriver,
+  groups: readonly string[],
+  timeoutMs = 120_000,
+): Promise<void> {
+  await waitFor(
+    `${groups.length} shell projects to have their sleep`,
+    async () => {
+      for (const g of groups) if (!(await shellProjectReady(driver, g))) return false;
+      return true;
+    },
+    timeoutMs,
+    50,
+  );
+}
+
 export interface BenchGuest {
   name: string;
   projects: number;
@@ -238,15 +274,24 @@ export class BenchStack {
     );
   }
 
-  /** Waits until every project of every guest (or of `guests`) has a process. */
+  /**
+   * Waits until every project of every guest (or of `guests`) is running; for the default
+   * SHELL_PROJECT, until it is ready for the next stop signal (shellProjectReady), so that
+   * a timed reclaim right after a restore never catches a shell between fork and exec.
+   * Projects with their own argv: until they have a process.
+   */
   async waitProjectsRunning(guests = this.guests, timeoutMs = 120_000): Promise<void> {
     await waitFor(
       'every project running',
       async () => {
         for (const g of guests)
-          for (let i = 0; i < g.spec.projects; i++)
-            if ((await this.driver.pids(`${g.spec.name}/projects/${projectName(i)}`)).length === 0)
-              return false;
+          for (let i = 0; i < g.spec.projects; i++) {
+            const group = `${g.spec.name}/projects/${projectName(i)}`;
+            const up = g.spec.argv
+              ? (await this.driver.pids(group)).length > 0
+              : await shellProjectReady(this.driver, group);
+            if (!up) return false;
+          }
         return true;
       },
       timeoutMs,

@@ -18,8 +18,10 @@ SUITE=bookworm
 MIRROR=http://deb.debian.org/debian
 # Pinned exactly: the chroot and the host may see different kernel ABIs, and the cache key
 # must say which one is inside. bookworm main carried 6.1.0-50 (6.1.176-1) when this was
-# written; when a point release drops it, bump both together (`apt-cache madison
-# linux-image-amd64` shows what the mirror has).
+# written; when a point release drops it, bump all three together (`apt-cache madison
+# linux-image-amd64` shows what the mirror has). Until then kernel() falls back, loudly, to
+# the package linux-image-amd64 depends on (timings.json records the kernel actually used;
+# the cache key is of this recipe, so that image stays cached until the pin is bumped).
 KERNEL_PKG=linux-image-6.1.0-50-amd64
 KERNEL_VER=6.1.176-1
 KERNEL_ABI=6.1.0-50-amd64
@@ -96,11 +98,51 @@ rootfs() {
     { tail -30 "$WORK/mmdebstrap.log" >&2; return 1; }
 }
 
+# The kernel that linux-image-amd64 depends on now, as "<package> <version>"
+# (e.g. "linux-image-6.1.0-56-amd64 6.1.192-2"), from the host's package lists.
+current_kernel() {
+  local pkg ver
+  pkg=$(apt-cache depends linux-image-amd64 2>/dev/null |
+    awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }')
+  [ -n "$pkg" ] || return 1
+  ver=$(apt-cache show --no-all-versions "$pkg" 2>/dev/null | awk '$1 == "Version:" { print $2; exit }')
+  [ -n "$ver" ] || return 1
+  printf '%s %s\n' "$pkg" "$ver"
+}
+
+kernel_download() { # kernel_download PKG VER: into $WORK/kernel
+  (cd "$WORK/kernel" && apt-get download "$1=$2" >&2 2>/dev/null)
+}
+
 kernel() {
   mkdir -p "$WORK/kernel"
-  (cd "$WORK/kernel" && apt-get download "$KERNEL_PKG=$KERNEL_VER" >&2 2>/dev/null) ||
-    { log "cannot download $KERNEL_PKG=$KERNEL_VER: update the pin (apt-cache madison linux-image-amd64)"; return 1; }
-  dpkg -x "$WORK/kernel/${KERNEL_PKG}_${KERNEL_VER}_amd64.deb" "$WORK/kernel/x"
+  # The pin first; stale package lists are the commonest reason it is not found.
+  if ! kernel_download "$KERNEL_PKG" "$KERNEL_VER"; then
+    log "cannot download the pinned $KERNEL_PKG=$KERNEL_VER; apt-get update and retry"
+    apt-get update -qq >&2 || log "apt-get update failed; trying with the lists as they are"
+  fi
+  if ! ls "$WORK/kernel/${KERNEL_PKG}_"*_amd64.deb >/dev/null 2>&1 &&
+    ! kernel_download "$KERNEL_PKG" "$KERNEL_VER"; then
+    # A Debian point release dropped the pin: take what linux-image-amd64 depends on now,
+    # so the e2e test keeps working, and say so loudly (the pin wants a bump).
+    local cur pinned="$KERNEL_PKG=$KERNEL_VER"
+    cur=$(current_kernel) ||
+      { log "cannot download $pinned and linux-image-amd64 names no kernel package: update the pin (apt-cache madison linux-image-amd64)"; return 1; }
+    KERNEL_PKG=${cur%% *}
+    KERNEL_VER=${cur#* }
+    KERNEL_ABI=${KERNEL_PKG#linux-image-}
+    log "################################################################################"
+    log "WARNING: pinned kernel $pinned is gone from the mirror."
+    log "WARNING: FALLING BACK to $KERNEL_PKG=$KERNEL_VER (what linux-image-amd64 depends on)."
+    log "WARNING: update KERNEL_PKG/KERNEL_VER/KERNEL_ABI in $0."
+    log "################################################################################"
+    kernel_download "$KERNEL_PKG" "$KERNEL_VER" ||
+      { log "cannot download the fallback $KERNEL_PKG=$KERNEL_VER either"; return 1; }
+  fi
+  # Debian kernel versions carry no epoch, but apt would write one as %3a: match any.
+  local deb
+  deb=$(ls "$WORK/kernel/${KERNEL_PKG}_"*_amd64.deb | head -1)
+  dpkg -x "$deb" "$WORK/kernel/x"
   cp "$WORK/kernel/x/boot/vmlinuz-$KERNEL_ABI" "$WORK/vmlinuz"
   # The guest gets every module (modprobe of e.g. a filesystem works inside it).
   mkdir -p "$ROOT/lib/modules"

@@ -13,6 +13,14 @@ import { openTestAdapter, type TestAdapter } from '../../helpers/cgroup-root';
 import { BUSY_LOOP, Children, FORKER, MiB, cpuTicks, exited, output, sleep, until } from './util';
 
 let t: TestAdapter;
+/** /proc/<pid>/comm: the program a pid runs now ('' once it is gone). */
+const comm = (pid: number): string => {
+  try {
+    return readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
+  } catch {
+    return '';
+  }
+};
 const kids = new Children();
 
 beforeAll(async () => {
@@ -38,17 +46,19 @@ describe('the v2 driver on the unified hierarchy of this kernel', () => {
       '-c',
       'cat /proc/self/cgroup; exec sleep 30',
     ]);
+    const out = output(c); // read from the start: the cat's line is the proof of membership
     await until('populated', async () => (await t.adapter.events('members')).populated);
-    // The `cat` fork is a member too until it exits; then only the shell (exec'd sleep).
-    await until(
-      'only the sleeper left',
-      async () => (await t.adapter.pids('members')).length === 1,
-    );
+    // Wait for STATES, not a pid count: right after start the group already holds one pid
+    // (the spawn gate, before the shell forks its `cat`), so "one member" alone says
+    // nothing. Only once the shell has exec'd `sleep` has the `cat` fork been and gone
+    // (the shell waited for it); under load that can take seconds.
+    await until('the shell to exec sleep', () => comm(c.pid!) === 'sleep', 20_000);
+    // The `cat` fork was a member too; now only the shell (exec'd sleep) is left.
     expect(await t.adapter.pids('members')).toEqual([c.pid]);
     const cg = readFileSync(`/proc/${c.pid}/cgroup`, 'utf8');
     expect(cg).toContain(`0::/${t.rootName}/members\n`);
     c.kill('SIGKILL');
-    expect(await output(c)).toContain(`0::/${t.rootName}/members`);
+    expect(await out).toContain(`0::/${t.rootName}/members`);
     await t.adapter.waitEmpty('members', 5000);
     expect((await t.adapter.events('members')).populated).toBe(false);
     await t.adapter.remove('members');

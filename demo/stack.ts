@@ -19,6 +19,14 @@ export const DIST =
     : path.resolve(__dirname, '..', 'dist');
 export const NESTBROKER = path.join(DIST, 'agent', 'cli', 'nestbroker.js');
 export const NESTCTL = path.join(DIST, 'agent', 'cli', 'nestctl.js');
+/**
+ * Node flags the daemons run with, as the installed `nestbroker` wrapper gives them
+ * (Makefile NODE_DAEMON_FLAGS; issue 6): V8's default young generation (16 MiB semi-spaces
+ * on 64-bit) kept an idle guest agent with 200 projects at ~100 MiB RSS; 2 MiB semi-spaces
+ * bring it to ~68 MiB, and the cascade is no slower (bench/footprint, bench/cascade).
+ * Flags, not NODE_OPTIONS: the environment would reach the projects the agent starts.
+ */
+export const AGENT_NODE_FLAGS: readonly string[] = ['--max-semi-space-size=2'];
 export const PROJECT = path.join(DIST, 'demo', 'project.js');
 
 export interface ProjectSpec {
@@ -270,7 +278,7 @@ export class Stack {
     const run = this.guests.find((g) => g.spec.name === name)!;
     run.proc = await spawnProc(
       `guest ${name}`,
-      [NESTBROKER, 'guest', '--config', run.config],
+      [...AGENT_NODE_FLAGS, NESTBROKER, 'guest', '--config', run.config],
       path.join(this.logDir, `guest-${name}.log`),
       env,
     );
@@ -286,7 +294,7 @@ export class Stack {
   async startHost(env: Record<string, string> = {}): Promise<Proc> {
     this.host = await spawnProc(
       'host',
-      [NESTBROKER, 'host', '--config', this.hostConfig],
+      [...AGENT_NODE_FLAGS, NESTBROKER, 'host', '--config', this.hostConfig],
       path.join(this.logDir, 'host.log'),
       env,
     );

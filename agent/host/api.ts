@@ -106,7 +106,7 @@ export function registerHostApi(
 
   server.handle('status', async () => ({
     guests: broker.guests(),
-    host: watcher?.last() ?? null,
+    host: watcher ? await watcher.observe() : null,
     trigger: watcher?.triggerState() ?? null,
     notices: broker
       .notices()

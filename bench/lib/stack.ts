@@ -16,7 +16,7 @@ import path from 'node:path';
 import YAML from 'yaml';
 import { openCgroupAdapter, type CgroupDriver } from '../../cgroup-adapter/index';
 import { rpcCall } from '../../agent/common/rpc';
-import { NESTBROKER, waitFor } from '../../demo/stack';
+import { AGENT_NODE_FLAGS, NESTBROKER, waitFor } from '../../demo/stack';
 
 const MiB = 1024 * 1024;
 export const PROJECT_MEMORY = { min: 8 * MiB, max: 16 * MiB };
@@ -205,7 +205,7 @@ export class BenchStack {
     const fh = await fs.open(path.join(this.logDir, `${name.replace(/\s+/g, '-')}.log`), 'a');
     const env = { ...process.env };
     if (this.opts.logLevel) env.NESTBROKER_LOG_LEVEL = this.opts.logLevel;
-    const child = spawn(process.execPath, [...extra, ...argv], {
+    const child = spawn(process.execPath, [...AGENT_NODE_FLAGS, ...extra, ...argv], {
       stdio: ['ignore', fh.fd, fh.fd],
       env,
     });

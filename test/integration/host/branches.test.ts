@@ -8,13 +8,11 @@ import { promises as fs, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { silentLogger } from '../../../agent/common/log';
-import { CgroupQmpActuator } from '../../../agent/host/actuator';
-import { validateHostConfig } from '../../../agent/host/config';
 import { HostBroker } from '../../../agent/host/host-broker';
-import { channelFactory } from '../../../agent/host/main';
 import { newMessageId } from '../../../agent/protocol/messages';
 import { waitFor } from '../../../demo/stack';
 import { openTestAdapter, type TestAdapter } from '../../helpers/cgroup-root';
+import { startOneGuestBroker } from './one-guest-broker';
 import { ScriptedGuest } from './scripted-guest';
 
 const MiB = 1024 * 1024;
@@ -44,32 +42,15 @@ beforeEach(async () => {
   dir = await fs.mkdtemp(path.join(os.tmpdir(), 'nb-host-branches-'));
   const channel = path.join(dir, 'vm1.sock');
   guest = await ScriptedGuest.listen('vm1', channel);
-  const config = validateHostConfig({
-    stateDir: path.join(dir, 'state'),
-    socket: path.join(dir, 'host.sock'),
-    cgroup: { root: t.rootName },
-    heartbeat: { interval: '100ms', timeout: '300ms' },
-    reconnect: { min: '50ms', max: '200ms' },
-    guests: [
-      {
-        name: 'vm1',
-        priority: 10,
-        allocation: { cpus: 2, memory: '1GiB' },
-        floor: { cpus: 0.5, memory: '256MiB' },
-        cgroup: 'vm1',
-        channel: { transport: 'unix', path: channel },
-      },
-    ],
-  });
-  broker = new HostBroker({
-    config,
-    actuator: new CgroupQmpActuator(t.adapter, log),
-    connect: channelFactory(config, log),
+  broker = await startOneGuestBroker({
+    dir,
+    root: t.rootName,
+    adapter: t.adapter,
+    channel,
     log,
+    heartbeatTimeout: '300ms',
     cancelTimeoutMs: 2000,
   });
-  await broker.start();
-  await waitFor('vm1 connected', async () => broker.status('vm1').connected, 5000, 20);
 });
 
 afterEach(async () => {

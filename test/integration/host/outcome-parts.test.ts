@@ -16,14 +16,11 @@ import { Client } from '../../../agent/client/client';
 import { NoticeBook, type LocalBroker } from '../../../agent/client/notices';
 import type { Notice, Outcome, ProjectOutcome } from '../../../agent/broker/types';
 import { silentLogger } from '../../../agent/common/log';
-import { CgroupQmpActuator } from '../../../agent/host/actuator';
-import { validateHostConfig } from '../../../agent/host/config';
 import { HostBroker } from '../../../agent/host/host-broker';
-import { channelFactory } from '../../../agent/host/main';
 import { MAX_LINE_BYTES, type Message } from '../../../agent/protocol/messages';
 import { UnixChannelServer } from '../../../agent/transport/unix';
-import { waitFor } from '../../../demo/stack';
 import { openTestAdapter, type TestAdapter } from '../../helpers/cgroup-root';
+import { startOneGuestBroker } from './one-guest-broker';
 
 const MiB = 1024 * 1024;
 const PROJECTS = 500;
@@ -121,31 +118,14 @@ beforeEach(async () => {
     log,
     inventory: async () => ({ cpus: 2, memoryBytes: 1024 * MiB, projects: [] }),
   });
-  const config = validateHostConfig({
-    stateDir: path.join(dir, 'host-state'),
-    socket: path.join(dir, 'host.sock'),
-    cgroup: { root: t.rootName },
-    heartbeat: { interval: '100ms', timeout: '1s' },
-    reconnect: { min: '50ms', max: '200ms' },
-    guests: [
-      {
-        name: 'vm1',
-        priority: 10,
-        allocation: { cpus: 2, memory: '1GiB' },
-        floor: { cpus: 0.5, memory: '256MiB' },
-        cgroup: 'vm1',
-        channel: { transport: 'unix', path: socket },
-      },
-    ],
-  });
-  broker = new HostBroker({
-    config,
-    actuator: new CgroupQmpActuator(t.adapter, log),
-    connect: channelFactory(config, log),
+  broker = await startOneGuestBroker({
+    dir,
+    root: t.rootName,
+    adapter: t.adapter,
+    channel: socket,
     log,
+    heartbeatTimeout: '1s',
   });
-  await broker.start();
-  await waitFor('vm1 connected', async () => broker.status('vm1').connected, 5000, 20);
 });
 
 afterEach(async () => {

@@ -288,6 +288,12 @@ export class Stack {
       await rpcCall(run.socket, 'status', {}, { timeoutMs: 2000 });
       return true;
     });
+    // The operator socket answers before the upstream channel listens (agent.ts start
+    // order): a caller that connects to the channel next must not race it.
+    if (this.opts.transport === 'unix')
+      await waitFor(`guest ${name}'s channel socket`, async () =>
+        (await fs.stat(run.channel)).isSocket(),
+      );
     return run;
   }
 

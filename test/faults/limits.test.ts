@@ -98,7 +98,10 @@ test('guest agent: a flood is cut to the rate, told RATE_LIMITED once, and the c
   expect(pongs).toBeLessThanOrEqual(
     LIMITS.messageBurst + Math.ceil(elapsed * LIMITS.messagesPerSecond) + 1,
   );
-  expect(peer.count(isLimited)).toBe(1); // not one error per dropped line
+  // Not one error per dropped line (~900 were dropped): at most one a second, so a flood
+  // whose reading spans a second boundary on a loaded machine may get a second one.
+  expect(peer.count(isLimited)).toBeGreaterThanOrEqual(1);
+  expect(peer.count(isLimited)).toBeLessThanOrEqual(1 + Math.floor(elapsed));
   const err = peer.got.find(isLimited) as Extract<Message, { type: 'error' }>;
   expect(err.message).toMatch(/over 50 messages\/s \(burst 100\)/);
   expect(peer.closed).toBe(false);

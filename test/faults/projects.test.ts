@@ -166,25 +166,33 @@ test('a project pid reused by an unrelated process after it exits is never signa
   const strangerMarker = path.join(env.dir, 'stranger.marker');
   let stranger: ChildProcess | null = null;
   let oldPid = 0;
-  for (let attempt = 0; attempt < 20 && !stranger; attempt++) {
-    // A process of the project (in its cgroup, as a project's own child would be)...
-    const x = spawn('/bin/sleep', ['1000'], { stdio: 'ignore' });
-    await new Promise((r) => x.once('spawn', r));
-    await t.adapter.movePid(group, x.pid!);
-    expect(await t.adapter.pids(group)).toContain(x.pid);
-    oldPid = x.pid!;
-    // ...exits (and is reaped)...
-    x.kill('SIGKILL');
-    await new Promise((r) => x.once('exit', r));
-    expect(await t.adapter.pids(group)).not.toContain(oldPid);
-    // ...and an unrelated process, outside the project, gets its pid.
-    stranger = spawnWithPid(oldPid, [
-      '/bin/sh',
-      '-c',
-      `trap 'echo TERM >> ${strangerMarker}' TERM; while :; do sleep 0.05; done`,
-    ]);
+  // Every project here forks (the storm hundreds of times a second, even at pids.max: a
+  // refused fork has already taken a pid), racing our ns_last_pid write: hold them still
+  // while we take the pid (a CI run lost 20 of 20 races with them running).
+  await t.adapter.freeze('guest/projects');
+  try {
+    for (let attempt = 0; attempt < 100 && !stranger; attempt++) {
+      // A process of the project (in its cgroup, as a project's own child would be)...
+      const x = spawn('/bin/sleep', ['1000'], { stdio: 'ignore' });
+      await new Promise((r) => x.once('spawn', r));
+      await t.adapter.movePid(group, x.pid!);
+      expect(await t.adapter.pids(group)).toContain(x.pid);
+      oldPid = x.pid!;
+      // ...exits (and is reaped)...
+      x.kill('SIGKILL');
+      await new Promise((r) => x.once('exit', r));
+      expect(await t.adapter.pids(group)).not.toContain(oldPid);
+      // ...and an unrelated process, outside the project, gets its pid.
+      stranger = spawnWithPid(oldPid, [
+        '/bin/sh',
+        '-c',
+        `trap 'echo TERM >> ${strangerMarker}' TERM; while :; do sleep 0.05; done`,
+      ]);
+    }
+  } finally {
+    await t.adapter.thaw('guest/projects');
   }
-  if (!stranger) throw new Error('could not get a pid reused in 20 attempts (ns_last_pid)');
+  if (!stranger) throw new Error('could not get a pid reused in 100 attempts (ns_last_pid)');
   strangers.push(stranger);
   expect(stranger.pid).toBe(oldPid);
   expect(readFileSync(`/proc/${oldPid}/cgroup`, 'utf8')).not.toContain(`${t.rootName}/guest`);

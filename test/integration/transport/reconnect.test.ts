@@ -92,17 +92,21 @@ test('a host started before its guest retries with growing delays, then connects
 test('when the guest agent restarts, the host reconnects by itself and the guest says hello again', async () => {
   let guest = await UnixChannelServer.listen(sockPath);
   let hellos = 0;
-  const sayHello = (g: UnixChannelServer) =>
-    g.on('open', () =>
-      g.send({
+  // As the guest agent's upstream does: the host retries every 10–50 ms, so it may be
+  // connected already when `listen` resolves (the socket's chmod is a tick after listen).
+  const sayHello = (g: UnixChannelServer): void => {
+    const hello = (): void =>
+      void g.send({
         type: 'hello',
         id: `h${++hellos}`,
         version: 1,
         guest: 'vm1',
         inventory: { cpus: 1, memoryBytes: 1, projects: [] },
         lastSeq: 0,
-      }),
-    );
+      });
+    g.on('open', hello);
+    if (g.connected) hello();
+  };
   sayHello(guest);
   const ch = new ReconnectingChannel({
     connect: () => connectUnix(sockPath),

@@ -15,8 +15,9 @@
  * in rank order, lowest first (SignalTurns: a project's stop signal goes only once every
  * lower-ranked one's has gone; their exits are awaited together, each with its own grace
  * capped by the deadline: issue 6, waiting for each to exit before signalling the next
- * cost a grace's worth of latency a project); then the shrinks together (independent);
- * the grows together; the starts one at a time, highest rank first.
+ * cost a grace's worth of latency a project), and the shrinks in the same group, beside
+ * them (independent: each takes from its own project only); the grows together; the
+ * starts one at a time, highest rank first.
  */
 import type { CgroupAdapter } from '../../cgroup-adapter/types';
 import type { Logger } from '../common/log';
@@ -379,13 +380,19 @@ export function toSteps(
   graceOf: (name: string) => number,
 ): BrokerStep<ProjectNotice>[] {
   const deadlineLeft = Math.max(0, Date.parse(notice.deadline) - Date.now());
-  const firstOf = (action: string): number =>
-    Math.min(...decisions.filter((d) => d.action === action).map((d) => d.order));
-  const together = new Set(['stopped', 'shrunk', 'grown']);
+  // Steps of one class run as one broker group. Stops and shrinks are one class: each
+  // takes only from its own project, the plan already made them fit together, and the
+  // stop signals keep their rank order through SignalTurns; run one after the other they
+  // cost the sum of both phases (issue 6: ~15 ms of a 1×10 cascade's ~60 in the guest).
+  const classOf = (action: string): string | undefined =>
+    action === 'stopped' || action === 'shrunk' ? 'take' : action === 'grown' ? 'grown' : undefined;
+  const firstOf = (cls: string): number =>
+    Math.min(...decisions.filter((d) => classOf(d.action) === cls).map((d) => d.order));
   const steps: BrokerStep<ProjectNotice>[] = [];
   for (const d of decisions) {
     if (d.action === 'unchanged') continue;
-    const order = together.has(d.action) ? firstOf(d.action) : d.order;
+    const cls = classOf(d.action);
+    const order = cls ? firstOf(cls) : d.order;
     steps.push({
       child: d.project,
       order,

@@ -84,7 +84,9 @@ test.each(STEPS)('kill -9 at %s: on restart the notice completes exactly once', 
     expect(s.count('vm1', 'batch', 'term')).toBe(terms);
   } else if (step === 'mid-shrink') {
     expect(mine[0].state).toBe('running');
-    expect(stepOf('batch')?.outcome).toBeDefined(); // the stop before it is done
+    // The stop runs beside the shrink (one broker group: agent/guest/executor.ts): begun,
+    // perhaps not finished.
+    expect(stepOf('batch')?.startedAt).toBeDefined();
     expect(stepOf('web')?.startedAt).toBeDefined();
     expect(stepOf('web')?.outcome).toBeUndefined();
     // Half-limited: memory.high (the v1 soft limit) is at the target, memory.max is not.

@@ -79,6 +79,8 @@ export interface NoticeBookOptions {
    * NOTICE_BACKLOG (issue 7: a cap on pending notices). Default 64.
    */
   maxPending?: number;
+  /** Finished records kept on disk (default RETAIN_FINAL_ON_DISK). */
+  retainOnDisk?: number;
   now?: () => number;
 }
 
@@ -86,10 +88,19 @@ export const DEFAULT_MAX_PENDING_NOTICES = 64;
 
 /**
  * Finished notices (done, cancelled, rejected) kept in memory (issue 7, "memory flat"):
- * older ones are dropped from memory only. Their journal records stay, and a replay of
- * one is answered from the journal on disk, as before.
+ * older ones are dropped from memory only. Their journal records stay (up to
+ * RETAIN_FINAL_ON_DISK), and a replay of one is answered from the journal on disk.
  */
 export const RETAIN_FINAL_NOTICES = 256;
+
+/**
+ * Finished notices kept on disk (issue 7, "nothing grows without bound": every notice,
+ * even a rejected replay, is a journal file). Beyond this the oldest finished records
+ * and their step records are deleted. A replay of a deleted upstream notice is still
+ * refused as stale by its seq: the record holding the highest upstream seq is never
+ * deleted, so `lastSeq` survives restarts.
+ */
+export const RETAIN_FINAL_ON_DISK = 1024;
 
 const isFinal = (r: NoticeRecord): boolean =>
   r.state === 'done' || r.state === 'cancelled' || r.state === 'rejected';
@@ -103,6 +114,12 @@ export class NoticeBook extends EventEmitter {
   private admitting: Promise<void> = Promise.resolve();
   private readonly stopping = new AbortController();
   private lastSeqValue = 0;
+  /** The record that set lastSeqValue: kept on disk whatever its age. */
+  private lastSeqId: string | undefined;
+  /** Ids of finished records on disk, oldest finish first (a Set keeps insertion order). */
+  private readonly finalOnDisk = new Set<string>();
+  private pruning: Promise<void> = Promise.resolve();
+  private readonly retainOnDisk: number;
   private readonly maxPending: number;
   private readonly now: () => number;
 
@@ -115,6 +132,7 @@ export class NoticeBook extends EventEmitter {
     super();
     this.maxPending = opts.maxPending ?? DEFAULT_MAX_PENDING_NOTICES;
     this.now = opts.now ?? Date.now;
+    this.retainOnDisk = opts.retainOnDisk ?? RETAIN_FINAL_ON_DISK;
     this.notices = new Journal(path.join(stateDir, 'notices'));
     this.steps = new Journal(path.join(stateDir, 'steps'));
   }
@@ -132,15 +150,52 @@ export class NoticeBook extends EventEmitter {
   async init(): Promise<void> {
     await this.notices.init();
     await this.steps.init();
-    for (const { value } of await this.notices.all()) {
+    const loaded = (await this.notices.all()).map((r) => r.value);
+    for (const value of loaded) this.noteSeq(value);
+    const finished = (r: NoticeRecord): string => r.finishedAt ?? r.receivedAt;
+    for (const value of loaded.sort((a, b) => finished(a).localeCompare(finished(b))))
       this.records.set(value.notice.id, value);
-      this.noteSeq(value);
-    }
     this.evict();
+  }
+
+  /** Resolves once the deletions of old records decided so far are done (for tests). */
+  async pruned(): Promise<void> {
+    await this.pruning;
+  }
+
+  /**
+   * Deletes the oldest finished records beyond retainOnDisk, with their step records.
+   * Called from evict, i.e. after a finished record's write resolved; the deletions run
+   * one after another in the background, and a failure is logged, never fatal.
+   */
+  private prune(): void {
+    for (const [id, r] of this.records) if (isFinal(r)) this.finalOnDisk.add(id);
+    let excess = this.finalOnDisk.size - this.retainOnDisk;
+    if (excess <= 0) return;
+    const doomed: string[] = [];
+    for (const id of this.finalOnDisk) {
+      if (excess <= 0) break;
+      if (id === this.lastSeqId || this.inflight.has(id)) continue;
+      doomed.push(id);
+      excess--;
+    }
+    for (const id of doomed) {
+      this.finalOnDisk.delete(id);
+      this.records.delete(id);
+    }
+    this.pruning = this.pruning.then(async () => {
+      for (const id of doomed) {
+        const key = noticeKey(id);
+        await Promise.all([this.notices.delete(key), this.steps.delete(`${key}--steps`)]).catch(
+          (err: unknown) => this.log.warn({ err, noticeId: id }, 'could not delete an old notice'),
+        );
+      }
+    });
   }
 
   /** Drops the oldest finished records beyond RETAIN_FINAL_NOTICES from memory. */
   private evict(): void {
+    this.prune();
     let finals = 0;
     for (const r of this.records.values()) if (isFinal(r)) finals++;
     if (finals <= RETAIN_FINAL_NOTICES) return;
@@ -339,8 +394,14 @@ export class NoticeBook extends EventEmitter {
   }
 
   private noteSeq(rec: NoticeRecord): void {
-    if (rec.source === 'upstream' && rec.state !== 'rejected')
-      this.lastSeqValue = Math.max(this.lastSeqValue, rec.notice.seq);
+    if (
+      rec.source === 'upstream' &&
+      rec.state !== 'rejected' &&
+      rec.notice.seq > this.lastSeqValue
+    ) {
+      this.lastSeqValue = rec.notice.seq;
+      this.lastSeqId = rec.notice.id;
+    }
   }
 
   private enqueue(rec: NoticeRecord): Promise<Outcome> {

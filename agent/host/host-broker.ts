@@ -120,10 +120,11 @@ export interface GuestStatus {
 const FINAL: ReadonlySet<HostNoticeState> = new Set(['done', 'late', 'refused', 'cancelled']);
 
 /**
- * Final notices kept in memory per guest (issue 7, "memory flat"): older final ones are
- * folded into the guest's ledger base (what they did to the books) and dropped from memory;
- * their journal files stay on disk. Without this the host's memory (and the cost of
- * replaying the books) grows with every notice ever issued.
+ * Final notices kept per guest (issue 7, "memory flat", and nothing grows on disk either):
+ * older final ones are folded into the guest's ledger base (what they did to the books),
+ * dropped from memory, and their journal files deleted once the base that holds them is
+ * durable (`ledger/base.<guest>.json`). Without this the host's memory, its disk and the
+ * cost of replaying the books grow with every notice ever issued.
  */
 export const RETAIN_FINAL_NOTICES = 256;
 
@@ -180,12 +181,16 @@ export class HostBroker extends EventEmitter {
   private readonly guestsByName = new Map<string, GuestConfig>();
   private readonly saving = new Map<string, Promise<void>>();
   private readonly bases = new Map<string, LedgerBase>();
+  /** The ledger bases on disk; a base is written before the notices it folds are deleted. */
+  private readonly ledger: Journal<LedgerBase>;
+  private pruning: Promise<void> = Promise.resolve();
   private readonly log: Logger;
   private stopped = false;
 
   constructor(private readonly deps: HostBrokerDeps) {
     super();
     this.journal = new Journal<HostNoticeRecord>(`${deps.config.stateDir}/notices`);
+    this.ledger = new Journal<LedgerBase>(`${deps.config.stateDir}/ledger`);
     this.log = deps.log.child({ role: 'host-broker' });
     for (const g of deps.config.guests) this.guestsByName.set(g.name, g);
   }
@@ -194,10 +199,21 @@ export class HostBroker extends EventEmitter {
 
   async start(): Promise<void> {
     await this.journal.init();
+    await this.ledger.init();
+    for (const { key, value } of await this.ledger.all())
+      if (key.startsWith('base.')) this.bases.set(key.slice('base.'.length), value);
+    const leftovers: string[] = [];
     for (const { value } of await this.journal.all()) {
+      // Folded into a durable base already (a restart between the base's write and the
+      // deletion of its notices): on the books through the base, never twice.
+      if (value.notice.seq <= (this.bases.get(value.notice.guest)?.seq ?? 0)) {
+        leftovers.push(value.notice.id);
+        continue;
+      }
       value.progress ??= [];
       this.keep(value);
     }
+    this.deleteNotices(leftovers);
     for (const g of this.deps.config.guests) this.compact(g.name);
     for (const g of this.deps.config.guests) this.attach(g);
     // Resume every unfinished notice (a host restarted mid-notice: issue 4).
@@ -218,6 +234,7 @@ export class HostBroker extends EventEmitter {
     for (const ac of this.aborts.values())
       ac.abort(new NestError('TRANSPORT', 'host broker stopping'));
     await Promise.allSettled([...this.running.values()]);
+    await this.pruning;
   }
 
   private attach(g: GuestConfig): void {
@@ -319,11 +336,14 @@ export class HostBroker extends EventEmitter {
       granted: { memoryBytes: 0, cpus: 0 },
       folded: 0,
     };
+    const folded: string[] = [];
     for (const rec of finals) {
       // In seq order, stopping at the first that must stay: one still being written, or a
-      // cancel the guest has yet to hear (told at its next hello).
+      // cancel the guest has yet to hear (told at its next hello). So the folded notices
+      // are exactly those with seq ≤ base.seq, which is what start() relies on.
       if (excess <= 0 || rec.notice.seq >= firstOpen) break;
       if (this.saving.has(rec.notice.id) || rec.cancelPending) break;
+      folded.push(rec.notice.id);
       base.seq = Math.max(base.seq, rec.notice.seq);
       if (counts(rec)) {
         const sign = rec.notice.kind === 'reclaim' ? -1 : 1;
@@ -338,6 +358,37 @@ export class HostBroker extends EventEmitter {
       excess--;
     }
     this.bases.set(guest, base);
+    if (folded.length === 0) return;
+    // The base first, then the files: a crash between the two leaves notices that start()
+    // recognises as folded (seq ≤ base.seq) and deletes then.
+    const snapshot: LedgerBase = JSON.parse(JSON.stringify(base)) as LedgerBase;
+    this.pruning = this.pruning.then(async () => {
+      try {
+        await this.ledger.put(`base.${guest}`, snapshot);
+      } catch (err) {
+        this.log.warn({ err, guest }, 'could not write the ledger base; old notices kept');
+        return;
+      }
+      await this.deleteNoticeFiles(folded);
+    });
+  }
+
+  private deleteNotices(ids: string[]): void {
+    if (ids.length > 0) this.pruning = this.pruning.then(() => this.deleteNoticeFiles(ids));
+  }
+
+  private async deleteNoticeFiles(ids: string[]): Promise<void> {
+    for (const id of ids)
+      await this.journal
+        .delete(`notice.${id}`)
+        .catch((err: unknown) =>
+          this.log.warn({ err, noticeId: id }, 'could not delete an old notice record'),
+        );
+  }
+
+  /** Resolves once the ledger writes and deletions decided so far are done (for tests). */
+  async pruned(): Promise<void> {
+    await this.pruning;
   }
 
   private sorted(): HostNoticeRecord[] {

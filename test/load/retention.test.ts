@@ -81,11 +81,17 @@ test(`host: ${N} notices, at most ${HOST_RETAIN} kept in memory, the books exact
       });
       expect((await done).state).toBe('done');
     }
-    const files = (await fs.readdir(path.join(dir, 'state', 'notices'))).filter((f) =>
-      f.endsWith('.json'),
-    );
-    expect(files).toHaveLength(N); // all on disk
+    // What was folded is off the disk too, once its base is: as many files as in memory.
+    await broker.pruned();
+    const noticeFiles = async (): Promise<string[]> =>
+      (await fs.readdir(path.join(dir, 'state', 'notices'))).filter((f) => f.endsWith('.json'));
     expect(broker.notices('vm1').length).toBeLessThanOrEqual(HOST_RETAIN);
+    expect((await noticeFiles()).length).toBe(broker.notices('vm1').length);
+    const base = JSON.parse(
+      await fs.readFile(path.join(dir, 'state', 'ledger', 'base.vm1.json'), 'utf8'),
+    ) as { seq: number; folded: number };
+    expect(base.seq + broker.notices('vm1').length).toBe(N);
+    expect(base.folded).toBe(base.seq);
     const books = broker.status('vm1').books;
     expect(books).toMatchObject({ seq: N, granted: { cpus: 2, memoryBytes: 1024 * MiB } });
     // One more reclaim: checked against the folded books, numbered after all of them.
@@ -98,12 +104,26 @@ test(`host: ${N} notices, at most ${HOST_RETAIN} kept in memory, the books exact
     expect((await last.done).state).toBe('done');
     const after = broker.status('vm1').books;
     expect(after.granted).toEqual({ cpus: 1.5, memoryBytes: 896 * MiB });
-    // A restart loads the whole journal and folds it the same way.
+    // A restart loads the base and the notices left, and folds them the same way.
     await broker.stop();
     broker = make();
     await broker.start();
     expect(broker.status('vm1').books).toEqual(after);
     expect(broker.notices('vm1').length).toBeLessThanOrEqual(HOST_RETAIN);
+    // A crash after a base was written and before the notices it folded were deleted:
+    // such a notice, still on disk, is not counted twice, and is deleted at the start.
+    await broker.stop();
+    const stale = path.join(dir, 'state', 'notices', 'notice.vm1-1-stale.json');
+    // A reclaim that was done: on the books it would take 128 MiB and 0.5 CPU again.
+    const reclaim = broker.notices('vm1').find((r) => r.notice.kind === 'reclaim')!;
+    expect(reclaim.state).toBe('done');
+    const first = { ...reclaim, notice: { ...reclaim.notice, id: 'vm1-1-stale', seq: 1 } };
+    await fs.writeFile(stale, JSON.stringify(first));
+    broker = make();
+    await broker.start();
+    expect(broker.status('vm1').books).toEqual(after);
+    await broker.pruned();
+    await expect(fs.stat(stale)).rejects.toMatchObject({ code: 'ENOENT' });
   } finally {
     await broker.stop();
     await guest.close();
@@ -163,4 +183,75 @@ test(`guest: ${N} notices, at most ${RETAIN_FINAL_NOTICES} in memory, a replay o
   expect(book.list().length).toBeLessThanOrEqual(RETAIN_FINAL_NOTICES);
   expect((await book.submit(notice(2), 'upstream')).state).toBe('duplicate');
   expect(carried).toBe(N);
+});
+
+test('guest: beyond retainOnDisk the oldest finished records leave the disk; a replay of one is refused as stale, lastSeq kept', async () => {
+  let carried = 0;
+  const broker: LocalBroker = {
+    name: 'g',
+    check: async () => [],
+    carryOut: async (notice: Notice, ctx): Promise<Outcome> => {
+      carried++;
+      await ctx.steps.put('_plan', { outcome: { seq: notice.seq } }); // a step record, as the guest's
+      const now = new Date().toISOString();
+      return {
+        noticeId: notice.id,
+        guest: 'g',
+        status: 'complete',
+        projects: [],
+        freed: { memoryBytes: 0, cpus: 0 },
+        startedAt: now,
+        finishedAt: now,
+        ms: 0,
+      };
+    },
+  };
+  const notice = (id: string, seq: number): Notice => ({
+    id,
+    guest: 'g',
+    seq,
+    kind: 'reclaim',
+    change: { memoryBytes: 0, cpus: 0 },
+    allocation: { memoryBytes: 1024 * MiB, cpus: 1 },
+    deadline: new Date(Date.now() + 60_000).toISOString(),
+    reason: 'pruning',
+    issuedAt: new Date().toISOString(),
+  });
+  const RETAIN = 50;
+  const files = async (sub: string): Promise<string[]> =>
+    (await fs.readdir(path.join(dir, sub))).filter((f) => f.endsWith('.json')).sort();
+  let book = new NoticeBook(dir, broker, log, { retainOnDisk: RETAIN });
+  await book.init();
+  for (let seq = 1; seq <= 120; seq++) {
+    const sub = await book.submit(notice(`u-${seq}`, seq), 'upstream');
+    await sub.outcome;
+  }
+  // Then local notices (nestctl on the guest: no seq order), more than RETAIN of them:
+  // the newest upstream record must stay, or a restart would forget lastSeq.
+  for (let i = 1; i <= 80; i++) await (await book.submit(notice(`l-${i}`, 0), 'local')).outcome;
+  await book.pruned();
+  const kept = await files('notices');
+  expect(kept).toHaveLength(RETAIN);
+  expect(kept).toContain('u-120.json');
+  expect(kept).not.toContain('u-119.json');
+  expect(kept).not.toContain('l-1.json'); // the oldest local ones went
+  expect(kept).toContain('l-80.json');
+  // Step records go with their notices.
+  expect((await files('steps')).map((f) => f.replace('--steps', ''))).toEqual(kept);
+  // A replay of a deleted notice: refused as stale (its seq), not carried out again.
+  expect(await book.submit(notice('u-3', 3), 'upstream')).toMatchObject({
+    state: 'rejected',
+    error: { code: 'NOTICE_STALE' },
+  });
+  expect(carried).toBe(200);
+  // After a restart: lastSeq from the record kept for it, and the replay still refused.
+  book = new NoticeBook(dir, broker, log, { retainOnDisk: RETAIN });
+  await book.init();
+  expect(book.lastSeq).toBe(120);
+  expect((await book.submit(notice('u-7', 7), 'upstream')).state).toBe('rejected');
+  expect((await book.submit(notice('u-121', 121), 'upstream')).state).toBe('accepted');
+  await book.idle();
+  expect(carried).toBe(201);
+  await book.pruned();
+  expect((await files('notices')).length).toBeLessThanOrEqual(RETAIN);
 });

@@ -29,6 +29,18 @@ export const RPC_MAX_REQUEST_BYTES = MAX_LINE_BYTES;
  */
 export const RPC_MAX_REPLY_BYTES = 4 * 1024 * 1024;
 
+/**
+ * Bounds on what one operator connection may hold (issue 7: memory bounded, per-connection
+ * limits). The socket is root/group only, but a stuck script or a runaway loop must not
+ * grow the daemon: requests beyond RPC_MAX_INFLIGHT unanswered on one connection are
+ * refused with RATE_LIMITED (nothing done), connections beyond RPC_MAX_CONNECTIONS are
+ * closed at once, and a caller that does not read its replies is disconnected once
+ * RPC_MAX_UNREAD_BYTES are queued for it.
+ */
+export const RPC_MAX_INFLIGHT = 32;
+export const RPC_MAX_CONNECTIONS = 64;
+export const RPC_MAX_UNREAD_BYTES = 2 * RPC_MAX_REPLY_BYTES;
+
 export interface RpcContext {
   /** Streams one progress line to the caller before the final result. */
   progress(event: unknown): void;
@@ -106,9 +118,26 @@ export class RpcServer {
   }
 
   private serve(sock: net.Socket): void {
+    if (this.sockets.size >= RPC_MAX_CONNECTIONS) {
+      this.log?.warn({ max: RPC_MAX_CONNECTIONS }, 'operator connection refused: too many open');
+      sock.end(
+        encode({
+          id: null,
+          error: {
+            code: 'RATE_LIMITED',
+            message: `${this.sockets.size} operator connections are open (cap ${RPC_MAX_CONNECTIONS}); closed`,
+          },
+        }),
+        // Flushed, then gone: nothing reads this socket, so it would never see the EOF.
+        () => sock.destroy(),
+      );
+      sock.on('error', () => undefined);
+      return;
+    }
     this.sockets.add(sock);
     const decoder = new LineDecoder(RPC_MAX_REQUEST_BYTES);
     const abort = new AbortController();
+    let inflight = 0;
     const send = (reply: object): void => {
       if (sock.destroyed || !sock.writable) return;
       let line: Buffer;
@@ -118,12 +147,32 @@ export class RpcServer {
         const id = (reply as { id?: unknown }).id ?? null;
         line = encode({ id, error: { code: 'INTERNAL', message: errorMessage(err) } });
       }
+      if (sock.writableLength + line.length > RPC_MAX_UNREAD_BYTES) {
+        this.log?.warn(
+          { unread: sock.writableLength, max: RPC_MAX_UNREAD_BYTES },
+          'operator connection closed: it does not read its replies',
+        );
+        sock.destroy();
+        return;
+      }
       sock.write(line);
     };
     sock.on('data', (chunk: Buffer) => {
       for (const ev of decoder.push(chunk)) {
-        if (ev.kind === 'line') this.dispatch(ev.line, send, abort.signal);
-        else if (ev.kind === 'oversize')
+        if (ev.kind === 'line') {
+          if (inflight >= RPC_MAX_INFLIGHT) {
+            send({
+              id: idOfLine(ev.line),
+              error: {
+                code: 'RATE_LIMITED',
+                message: `${inflight} requests on this connection are unanswered (cap ${RPC_MAX_INFLIGHT}); refused, nothing done`,
+              },
+            });
+            continue;
+          }
+          inflight++;
+          this.dispatch(ev.line, send, abort.signal, () => inflight--);
+        } else if (ev.kind === 'oversize')
           send({
             id: null,
             error: {
@@ -145,7 +194,17 @@ export class RpcServer {
     });
   }
 
-  private dispatch(line: string, send: (reply: object) => void, signal: AbortSignal): void {
+  private dispatch(
+    line: string,
+    reply: (reply: object) => void,
+    signal: AbortSignal,
+    finished: () => void,
+  ): void {
+    // Every request ends with exactly one final reply (result or error): that frees its slot.
+    const send = (r: object): void => {
+      if (!('progress' in r)) finished();
+      reply(r);
+    };
     let raw: unknown;
     try {
       raw = JSON.parse(line);
@@ -212,6 +271,15 @@ export class RpcServer {
           }
         },
       );
+  }
+}
+
+/** The id of a request line, for a refusal sent before the line is parsed in full. */
+function idOfLine(line: string): unknown {
+  try {
+    return idOf(JSON.parse(line));
+  } catch {
+    return null;
   }
 }
 

@@ -5,7 +5,13 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { RpcServer, rpcCall } from '../../../agent/common/rpc';
+import {
+  RPC_MAX_CONNECTIONS,
+  RPC_MAX_INFLIGHT,
+  RPC_MAX_UNREAD_BYTES,
+  RpcServer,
+  rpcCall,
+} from '../../../agent/common/rpc';
 import { NestError } from '../../../agent/common/errors';
 
 let dir: string;
@@ -201,4 +207,102 @@ test('close removes the socket file', async () => {
   expect(fs.existsSync(sock)).toBe(true);
   await server.close();
   expect(fs.existsSync(sock)).toBe(false);
+});
+
+describe('one operator connection cannot grow the daemon (issue 7)', () => {
+  test(`requests beyond ${RPC_MAX_INFLIGHT} unanswered on one connection are refused with RATE_LIMITED, nothing done`, async () => {
+    let started = 0;
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    server.handle('slow', async (args) => {
+      started++;
+      await gate;
+      return { n: args.n };
+    });
+    await server.listen(sock);
+    const N = RPC_MAX_INFLIGHT + 18;
+    const c = net.connect(sock);
+    await new Promise((r) => c.once('connect', r));
+    const replies: { id: number; result?: { n: number }; error?: { code: string } }[] = [];
+    let buf = '';
+    c.on('data', (d) => {
+      buf += d.toString('utf8');
+      let i;
+      while ((i = buf.indexOf('\n')) >= 0) {
+        replies.push(JSON.parse(buf.slice(0, i)));
+        buf = buf.slice(i + 1);
+      }
+    });
+    c.write(
+      Array.from({ length: N }, (_, n) => JSON.stringify({ id: n, cmd: 'slow', args: { n } }))
+        .map((l) => `${l}\n`)
+        .join(''),
+    );
+    const until = async (pred: () => boolean): Promise<void> => {
+      for (let i = 0; i < 200 && !pred(); i++) await new Promise((r) => setTimeout(r, 10));
+      expect(pred()).toBe(true);
+    };
+    // The first 32 are running; the other 18 are refused at once, each by its id.
+    await until(() => replies.length === N - RPC_MAX_INFLIGHT);
+    expect(started).toBe(RPC_MAX_INFLIGHT);
+    expect(replies.map((r) => r.id)).toEqual(
+      Array.from({ length: N - RPC_MAX_INFLIGHT }, (_, k) => RPC_MAX_INFLIGHT + k),
+    );
+    expect(new Set(replies.map((r) => r.error?.code))).toEqual(new Set(['RATE_LIMITED']));
+    // Once they are answered, the connection takes requests again.
+    release();
+    await until(() => replies.length === N);
+    expect(replies.slice(N - RPC_MAX_INFLIGHT).map((r) => r.result?.n)).toEqual(
+      Array.from({ length: RPC_MAX_INFLIGHT }, (_, k) => k),
+    );
+    c.write(`${JSON.stringify({ id: 'again', cmd: 'slow', args: { n: 99 } })}\n`);
+    await until(() => replies.length === N + 1);
+    expect(replies[N]).toEqual({ id: 'again', result: { n: 99 } });
+    expect(started).toBe(RPC_MAX_INFLIGHT + 1);
+    c.destroy();
+  });
+
+  test(`connections beyond ${RPC_MAX_CONNECTIONS} are told why and closed; the others still work`, async () => {
+    server.handle('ping', async () => 'pong');
+    await server.listen(sock);
+    const open: net.Socket[] = [];
+    try {
+      for (let i = 0; i < RPC_MAX_CONNECTIONS; i++) {
+        const c = net.connect(sock);
+        await new Promise((r) => c.once('connect', r));
+        open.push(c);
+      }
+      // Let the server see them all.
+      await expect(rpcCall(sock, 'ping', {})).rejects.toMatchObject({ code: 'RATE_LIMITED' });
+      open.pop()!.destroy();
+      await new Promise((r) => setTimeout(r, 50));
+      await expect(rpcCall(sock, 'ping', {})).resolves.toBe('pong');
+    } finally {
+      for (const c of open) c.destroy();
+    }
+  });
+
+  test('a caller that never reads its replies is disconnected, not buffered for', async () => {
+    const MiB = 1024 * 1024;
+    let served = 0;
+    server.handle('big', async () => {
+      served++;
+      return 'x'.repeat(MiB);
+    });
+    await server.listen(sock);
+    const c = net.connect(sock);
+    await new Promise((r) => c.once('connect', r));
+    c.pause(); // never reads
+    const closed = new Promise((r) => c.once('close', r));
+    c.on('error', () => undefined);
+    // 40 MiB of replies asked for: more than the unread cap plus what the kernel buffers.
+    for (let i = 0; i < 40; i++) c.write(`${JSON.stringify({ id: i, cmd: 'big' })}\n`);
+    c.resume(); // reading now only to see the close; the server has already given up
+    c.on('data', () => undefined);
+    await closed;
+    expect(served).toBeGreaterThan(RPC_MAX_UNREAD_BYTES / MiB);
+    // The daemon is fine: a new connection is answered.
+    server.handle('ping', async () => 'pong');
+    await expect(rpcCall(sock, 'ping', {})).resolves.toBe('pong');
+  });
 });

@@ -18,6 +18,7 @@ import { NoticeBook, type LocalBroker } from '../../agent/client/notices';
 import { silentLogger } from '../../agent/common/log';
 import type { Notice, Outcome } from '../../agent/broker/types';
 import { FaultStack, MiB, waitFor } from './stack';
+import { emptyOutcome, testNotice } from '../helpers/notices';
 
 jest.setTimeout(60_000);
 
@@ -103,31 +104,16 @@ test('a cancel that arrives while its notice is being admitted is answered about
       },
       carryOut: async (notice: Notice): Promise<Outcome> => {
         carried++;
-        return {
-          noticeId: notice.id,
-          guest: 'g',
-          status: 'complete',
-          projects: [],
-          freed: { memoryBytes: 0, cpus: 0 },
-          startedAt: new Date().toISOString(),
-          finishedAt: new Date().toISOString(),
-          ms: 0,
-        };
+        return emptyOutcome(notice);
       },
     };
     const book = new NoticeBook(dir, broker, silentLogger());
     await book.init();
-    const notice: Notice = {
+    const notice = testNotice({
       id: 'n-1',
-      guest: 'g',
       seq: 1,
-      kind: 'reclaim',
-      change: { memoryBytes: 0, cpus: 0 },
-      allocation: { memoryBytes: 1024 * MiB, cpus: 1 },
       deadline: new Date(Date.now() + 10_000).toISOString(),
-      reason: 'test',
-      issuedAt: new Date().toISOString(),
-    };
+    });
     const sub = book.submit(notice, 'upstream');
     const cancel = book.cancel('n-1'); // before the admission has finished
     release();

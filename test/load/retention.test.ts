@@ -21,6 +21,7 @@ import { HostBroker, RETAIN_FINAL_NOTICES as HOST_RETAIN } from '../../agent/hos
 import { channelFactory } from '../../agent/host/main';
 import { waitFor } from '../../demo/stack';
 import { ScriptedGuest } from '../integration/host/scripted-guest';
+import { emptyOutcome, testNotice } from '../helpers/notices';
 
 jest.setTimeout(60_000);
 
@@ -137,30 +138,10 @@ test(`guest: ${N} notices, at most ${RETAIN_FINAL_NOTICES} in memory, a replay o
     check: async () => [],
     carryOut: async (notice: Notice): Promise<Outcome> => {
       carried++;
-      const now = new Date().toISOString();
-      return {
-        noticeId: notice.id,
-        guest: 'g',
-        status: 'complete',
-        projects: [],
-        freed: { memoryBytes: notice.seq, cpus: 0 },
-        startedAt: now,
-        finishedAt: now,
-        ms: 0,
-      };
+      return emptyOutcome(notice, { memoryBytes: notice.seq, cpus: 0 });
     },
   };
-  const notice = (seq: number): Notice => ({
-    id: `n-${seq}`,
-    guest: 'g',
-    seq,
-    kind: 'reclaim',
-    change: { memoryBytes: 0, cpus: 0 },
-    allocation: { memoryBytes: 1024 * MiB, cpus: 1 },
-    deadline: new Date(Date.now() + 60_000).toISOString(),
-    reason: 'retention',
-    issuedAt: new Date().toISOString(),
-  });
+  const notice = (seq: number): Notice => testNotice({ id: `n-${seq}`, seq });
   let book = new NoticeBook(dir, broker, log);
   await book.init();
   for (let seq = 1; seq <= N; seq++) {
@@ -193,30 +174,10 @@ test('guest: beyond retainOnDisk the oldest finished records leave the disk; a r
     carryOut: async (notice: Notice, ctx): Promise<Outcome> => {
       carried++;
       await ctx.steps.put('_plan', { outcome: { seq: notice.seq } }); // a step record, as the guest's
-      const now = new Date().toISOString();
-      return {
-        noticeId: notice.id,
-        guest: 'g',
-        status: 'complete',
-        projects: [],
-        freed: { memoryBytes: 0, cpus: 0 },
-        startedAt: now,
-        finishedAt: now,
-        ms: 0,
-      };
+      return emptyOutcome(notice);
     },
   };
-  const notice = (id: string, seq: number): Notice => ({
-    id,
-    guest: 'g',
-    seq,
-    kind: 'reclaim',
-    change: { memoryBytes: 0, cpus: 0 },
-    allocation: { memoryBytes: 1024 * MiB, cpus: 1 },
-    deadline: new Date(Date.now() + 60_000).toISOString(),
-    reason: 'pruning',
-    issuedAt: new Date().toISOString(),
-  });
+  const notice = (id: string, seq: number): Notice => testNotice({ id, seq });
   const RETAIN = 50;
   const files = async (sub: string): Promise<string[]> =>
     (await fs.readdir(path.join(dir, sub))).filter((f) => f.endsWith('.json')).sort();

@@ -6,8 +6,9 @@ module.exports = {
   // The real-guest test boots QEMU: `make e2e` runs it (jest.e2e.config.js), issue 5.
   testPathIgnorePatterns: ['/node_modules/', '<rootDir>/test/e2e/'],
   transform: {
-    // Type-checking is done once by `tsc` in `make test`; here we only transpile.
-    '^.+\\.ts$': ['ts-jest', { isolatedModules: true }],
+    // Type-checking is done once by `tsc` in `make test`; here we only transpile
+    // (isolatedModules in tsconfig.jest.json makes ts-jest transpile file by file).
+    '^.+\\.ts$': ['ts-jest', { tsconfig: 'tsconfig.jest.json' }],
   },
   testTimeout: 60000,
 };

@@ -50,6 +50,8 @@ export interface GuestSpec {
   cpus: number;
   floor: { memory: string; cpus: number };
   projects: ProjectSpec[];
+  /** Serve Prometheus metrics on 127.0.0.1:<port> (the guest config's `metrics`). */
+  metricsPort?: number;
 }
 
 export interface TlsFiles {
@@ -70,6 +72,8 @@ export interface StackOptions {
   /** Where each process's stdout/stderr go (a log file per process by default). */
   logDir?: string;
   heartbeat?: { interval: string; timeout: string };
+  /** Serve the host broker's Prometheus metrics on 127.0.0.1:<port>. */
+  hostMetricsPort?: number;
   /** The daemons' `limits` (issue 7); absent: their defaults. */
   limits?: {
     guest?: { messagesPerSecond?: number; messageBurst?: number; pendingNotices?: number };
@@ -213,6 +217,9 @@ export class Stack {
               },
         usageInterval: '500ms',
         ...(this.opts.limits?.guest ? { limits: this.opts.limits.guest } : {}),
+        ...(g.metricsPort !== undefined
+          ? { metrics: { host: '127.0.0.1', port: g.metricsPort } }
+          : {}),
         projects: g.projects.map((p) => ({
           name: p.name,
           priority: p.priority,
@@ -246,6 +253,9 @@ export class Stack {
       heartbeat: this.opts.heartbeat ?? { interval: '1s', timeout: '4s' },
       reconnect: { min: '100ms', max: '1s' },
       ...(this.opts.limits?.host ? { limits: this.opts.limits.host } : {}),
+      ...(this.opts.hostMetricsPort !== undefined
+        ? { metrics: { host: '127.0.0.1', port: this.opts.hostMetricsPort } }
+        : {}),
       guests: this.guests.map((r) => ({
         name: r.spec.name,
         priority: r.spec.priority,

@@ -18,6 +18,7 @@ import type { CgroupAdapter } from '../../cgroup-adapter/types';
 import { Journal } from '../common/journal';
 import type { Logger } from '../common/log';
 import { RpcServer } from '../common/rpc';
+import { MetricsServer } from '../common/metrics';
 import type { Resources } from '../broker/types';
 import type { Hello } from '../protocol/messages';
 import { NoticeBook } from '../client/notices';
@@ -27,6 +28,7 @@ import { registerOperatorApi } from './operator';
 import { ProjectNoticeBoard } from './project-notices';
 import { ProjectRegistry } from './projects';
 import { UsageSampler } from './usage';
+import { guestMetrics } from './metrics';
 import { openUpstream, type Upstream } from './upstream';
 
 export interface GuestAgentOptions {
@@ -55,6 +57,7 @@ class JournaledAllocation implements AllocationBook {
 export class GuestAgent {
   readonly startedAt = new Date();
   private upstream: Upstream | null = null;
+  private metrics: MetricsServer | null = null;
 
   private constructor(
     readonly cfg: GuestConfig,
@@ -136,6 +139,19 @@ export class GuestAgent {
     const isReady = new Promise<void>((resolve) => (ready = resolve));
     registerOperatorApi(rpc, agent, isReady);
     await rpc.listen(cfg.socket, { mode: 0o660, group: await groupId(cfg.socketGroup) });
+    // Bound early too: a port in use fails the start before anything is adopted.
+    if (cfg.metrics)
+      agent.metrics = await MetricsServer.listen(
+        guestMetrics({
+          cfg,
+          book,
+          registry,
+          usage,
+          allocation: () => allocation.current(),
+        }),
+        cfg.metrics,
+        log.child({ part: 'metrics' }),
+      );
     await board.listen();
     await book.init();
     await registry.init();
@@ -165,6 +181,7 @@ export class GuestAgent {
     this.usage.stop();
     this.book.close();
     await this.upstream?.close();
+    await this.metrics?.close();
     await this.rpc.close();
     await this.board.close();
   }
@@ -196,6 +213,7 @@ export class GuestAgent {
         connected: this.upstream?.connected() ?? false,
       },
       projects: this.cfg.projects.length,
+      metrics: this.metrics ? this.metrics.address : null,
       notices: {
         total: all.length,
         running: all.filter((r) => r.state === 'running' || r.state === 'accepted').length,

@@ -87,6 +87,8 @@ export interface GuestConfig {
   usageIntervalMs: number;
   /** Issue 7: per-connection rate limit on the upstream channel; cap on pending notices. */
   limits: { messagesPerSecond: number; messageBurst: number; pendingNotices: number };
+  /** Prometheus metrics on http://host:port/metrics (agent/guest/metrics.ts); absent: off. */
+  metrics?: { host: string; port: number };
   projects: ProjectConfig[];
   /**
    * Things that are allowed but probably not meant (e.g. minimums above the configured
@@ -530,6 +532,13 @@ const guestSchema = z
       })
       .strict()
       .default({}),
+    metrics: z
+      .object({
+        host: field(checkHost),
+        port: field(checkInt(0, 65_535, 'a port (0: any free one)')),
+      })
+      .strict()
+      .optional(),
     projects: z.array(projectSchema).max(1000, 'must list at most 1000 projects'),
   })
   .strict();
@@ -940,6 +949,7 @@ function normalise(p: Parsed, warnings: Problem[], source: string): GuestConfig 
     source,
   };
   if (p.resources) cfg.resources = { cpus: p.resources.cpus, memoryBytes: p.resources.memory };
+  if (p.metrics) cfg.metrics = { host: p.metrics.host, port: p.metrics.port };
   return cfg;
 }
 

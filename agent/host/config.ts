@@ -95,6 +95,8 @@ export interface HostConfig {
   trigger: TriggerConfig;
   /** Issue 7: per-connection rate limit on each guest channel; cap on pending notices per guest. */
   limits: { messagesPerSecond: number; messageBurst: number; pendingNoticesPerGuest: number };
+  /** Prometheus metrics on http://host:port/metrics (agent/host/metrics.ts); absent: off. */
+  metrics?: { host: string; port: number };
   guests: GuestConfig[];
 }
 
@@ -198,6 +200,13 @@ const hostSchema = z
         messagesPerSecond: z.number().int().min(1).max(1_000_000).optional(),
         messageBurst: z.number().int().min(1).max(1_000_000).optional(),
         pendingNoticesPerGuest: z.number().int().min(1).max(100_000).optional(),
+      })
+      .strict()
+      .optional(),
+    metrics: z
+      .object({
+        host: z.string().regex(/^[A-Za-z0-9.:-]{1,253}$/, 'must be an IP address or host name'),
+        port: z.number().int().min(0).max(65535),
       })
       .strict()
       .optional(),
@@ -488,6 +497,7 @@ export function validateHostConfig(raw: unknown, baseDir = process.cwd()): Reado
     reconnect,
     trigger,
     limits: { ...HOST_LIMIT_DEFAULTS, ...c.limits },
+    ...(c.metrics ? { metrics: { host: c.metrics.host, port: c.metrics.port } } : {}),
     guests,
   });
 }

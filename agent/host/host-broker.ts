@@ -555,6 +555,8 @@ export class HostBroker extends EventEmitter {
       .finally(() => {
         this.running.delete(id);
         this.aborts.delete(id);
+        // Before compact, which may fold it away (metrics read the whole record).
+        if (FINAL.has(rec.state)) this.emit('finished', rec);
         this.compact(rec.notice.guest);
       });
     this.running.set(id, p);

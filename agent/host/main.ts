@@ -12,6 +12,7 @@ import type { CgroupAdapter } from '../../cgroup-adapter/types';
 import { isNestError } from '../common/errors';
 import { createLogger, type Logger } from '../common/log';
 import { RpcServer } from '../common/rpc';
+import { MetricsServer } from '../common/metrics';
 import { ReconnectingChannel, type Clock } from '../transport/reconnect';
 import { connectTls } from '../transport/tls';
 import { connectUnix } from '../transport/unix';
@@ -24,6 +25,7 @@ import {
   type HostConfig,
 } from './config';
 import { HostBroker } from './host-broker';
+import { hostMetrics } from './metrics';
 import { Watcher } from './watcher';
 
 export interface RunningHost {
@@ -31,6 +33,8 @@ export interface RunningHost {
   broker: HostBroker;
   server: RpcServer;
   watcher: Watcher;
+  /** Serving /metrics when the config asks for it. */
+  metrics: MetricsServer | null;
   stop(): Promise<void>;
 }
 
@@ -116,14 +120,26 @@ export async function startHost(cfg: Readonly<HostConfig>, log: Logger): Promise
   watcher.start();
   const server = registerHostApi(new RpcServer(log.child({ part: 'api' })), broker, watcher);
   await server.listen(cfg.socket, { mode: cfg.socketMode, group: await groupId(cfg.socketGroup) });
+  const metrics = cfg.metrics
+    ? await MetricsServer.listen(
+        hostMetrics(
+          broker,
+          cfg.guests.map((g) => g.name),
+        ),
+        cfg.metrics,
+        log.child({ part: 'metrics' }),
+      )
+    : null;
   log.info({ socket: cfg.socket, guests: cfg.guests.map((g) => g.name) }, 'host broker ready');
   return {
     config: cfg,
     broker,
     server,
     watcher,
+    metrics,
     async stop() {
       watcher.stop();
+      await metrics?.close();
       await server.close();
       await broker.stop();
     },

@@ -32,6 +32,8 @@ export interface FaultGuest {
   memory?: string;
   cpus?: number;
   projects: FaultProject[];
+  /** Serve the guest agent's metrics on 127.0.0.1:<port>. */
+  metricsPort?: number;
 }
 
 export interface GuestNotice {
@@ -72,6 +74,7 @@ export class FaultStack {
       memory: g.memory ?? '1GiB',
       cpus: g.cpus ?? 2,
       floor: { memory: '64MiB', cpus: 0.1 },
+      ...(g.metricsPort !== undefined ? { metricsPort: g.metricsPort } : {}),
       projects: g.projects.map((p) => ({
         name: p.name,
         priority: p.priority,

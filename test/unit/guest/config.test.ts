@@ -707,3 +707,17 @@ describe('docs/config-guest.md keeps in step with the schema', () => {
     expect(row('projects[].cpu.weight')).toContain('100');
   });
 });
+
+test('metrics: off when absent; a bad host, port or key is named with its value', () => {
+  expect(validateGuestConfig(base(), 'test').metrics).toBeUndefined();
+  expect(
+    validateGuestConfig({ ...base(), metrics: { host: '::1', port: 0 } }, 'test').metrics,
+  ).toEqual({ host: '::1', port: 0 });
+  const problems = problemsOf({ ...base(), metrics: { host: 'a b', port: 70000, tls: true } });
+  expect(problems.map((p) => p.field).sort()).toEqual([
+    'metrics.host',
+    'metrics.port',
+    'metrics.tls',
+  ]);
+  expect(problems.find((p) => p.field === 'metrics.port')?.value).toBe(70000);
+});

@@ -127,3 +127,17 @@ test('loadHostConfig reads YAML and reports an unreadable file with its own code
     await fs.rm(dir, { recursive: true, force: true });
   }
 });
+
+test('metrics: off when absent; a bad host, port or key is named with its value', () => {
+  expect(validateHostConfig(good, '/etc/nestbroker').metrics).toBeUndefined();
+  expect(
+    validateHostConfig({ ...good, metrics: { host: '127.0.0.1', port: 9464 } }, '/etc').metrics,
+  ).toEqual({ host: '127.0.0.1', port: 9464 });
+  const problems = problemsOf({ ...good, metrics: { host: 'a b', port: 70000, path: '/x' } });
+  expect(problems.map((p) => p.field).sort()).toEqual([
+    'metrics.host',
+    'metrics.path',
+    'metrics.port',
+  ]);
+  expect(problems.find((p) => p.field === 'metrics.port')?.value).toBe(70000);
+});

@@ -1,0 +1,78 @@
+/**
+ * Prometheus metrics (design.md "Observability"): each daemon may serve its own registry
+ * as text on `GET /metrics` (config `metrics: {host, port}`; off when absent). Off by
+ * default: nothing listens and nothing is counted that a scrape would not read, so the
+ * idle footprint of issue 6 is unchanged.
+ *
+ * No process-level default metrics (event-loop lag and the like): their timers cost CPU
+ * all the time (issue 6's idle budget), and node_exporter has the process's CPU and RSS.
+ */
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { Registry } from 'prom-client';
+import { NestError } from './errors';
+import type { Logger } from './log';
+
+export interface MetricsListen {
+  host: string;
+  /** 0: any free port (tests); the one taken is in `address` and the log. */
+  port: number;
+}
+
+/** Buckets for latencies in seconds, from a 10 ms cascade to a 10-minute deadline. */
+export const LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600];
+
+export class MetricsServer {
+  private constructor(
+    private readonly server: http.Server,
+    readonly address: { host: string; port: number },
+  ) {}
+
+  /** Serves `registry` on http://host:port/metrics; rejects with CONFIG_INVALID if it cannot bind. */
+  static async listen(registry: Registry, at: MetricsListen, log: Logger): Promise<MetricsServer> {
+    const server = http.createServer((req, res) => {
+      const url = (req.url ?? '/').split('?')[0];
+      if (req.method !== 'GET' && req.method !== 'HEAD') {
+        res.writeHead(405, { Allow: 'GET, HEAD' }).end();
+        return;
+      }
+      if (url !== '/metrics') {
+        res.writeHead(404, { 'Content-Type': 'text/plain' }).end('only /metrics is served\n');
+        return;
+      }
+      registry.metrics().then(
+        (text) => {
+          res.writeHead(200, { 'Content-Type': registry.contentType });
+          res.end(req.method === 'HEAD' ? undefined : text);
+        },
+        (err: unknown) => {
+          log.error({ err }, 'collecting metrics failed');
+          res.writeHead(500, { 'Content-Type': 'text/plain' }).end('collecting metrics failed\n');
+        },
+      );
+    });
+    // A scrape is small; a peer that trickles its request is cut off.
+    server.requestTimeout = 10_000;
+    server.headersTimeout = 5_000;
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', (err: NodeJS.ErrnoException) =>
+        reject(
+          new NestError(
+            'CONFIG_INVALID',
+            `metrics: cannot listen on ${at.host}:${at.port}: ${err.code ?? err.message}`,
+            { problems: [{ field: 'metrics', value: at, message: err.message }], cause: err },
+          ),
+        ),
+      );
+      server.listen(at.port, at.host, () => resolve());
+    });
+    const addr = server.address() as AddressInfo;
+    log.info({ host: addr.address, port: addr.port }, 'metrics served on /metrics');
+    return new MetricsServer(server, { host: addr.address, port: addr.port });
+  }
+
+  async close(): Promise<void> {
+    this.server.closeAllConnections();
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+  }
+}

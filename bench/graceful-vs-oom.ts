@@ -24,9 +24,12 @@
  *
  *   make build && node dist/bench/graceful-vs-oom.js [--runs 5]
  *
- * The real-guest variant (a balloon inflating in QEMU, with earlyoom and systemd-oomd as
- * (c) and (d)) needs the QEMU harness of test/e2e (issue 5): see `realGuestHook` below and
- * docs/performance.md. It is not run here.
+ * `--real-guest` runs the same comparison inside a QEMU guest (the real-guest test's image,
+ * test/e2e) whose balloon inflates, with (a) nothing, (b) nestbroker, (c) earlyoom and
+ * (d) systemd-oomd from Debian's packages with their defaults: bench/lib/real-guest.ts,
+ * bench/results/graceful-vs-oom-real-guest.json.
+ *
+ *   make build && node dist/bench/graceful-vs-oom.js --real-guest [--runs 3]
  */
 import { type ChildProcess } from 'node:child_process';
 import { promises as fs } from 'node:fs';
@@ -36,9 +39,11 @@ import { openCgroupAdapter, spawnInto, type CgroupDriver } from '../cgroup-adapt
 import { rpcCall } from '../agent/common/rpc';
 import type { NoticeView } from '../agent/host/api';
 import { PROJECT, Stack, removeLeftoverRoot, waitFor, type GuestSpec } from '../demo/stack';
+import { VARIANTS, type Variant } from '../test/e2e/scenario';
 import {
   intArg,
   nowMs,
+  numArg,
   parseArgs,
   r1,
   requireRoot,
@@ -47,12 +52,18 @@ import {
   table,
   writeResult,
 } from './lib/common';
+import { runRealGuest } from './lib/real-guest';
 
 const OPTIONS = {
   runs: 'runs of each variant (default 5)',
   root: 'cgroup root (default nestbroker-bench-<pid>)',
   out: 'JSON file (default bench/results/graceful-vs-oom.json)',
-  'real-guest': 'the QEMU variant (needs the test/e2e harness; not available yet)',
+  'real-guest':
+    'inside a QEMU guest: nothing, nestbroker, earlyoom, systemd-oomd (default runs 3; JSON graceful-vs-oom-real-guest.json)',
+  variants:
+    'with --real-guest: which, comma-separated (default nothing,nestbroker,earlyoom,systemd-oomd)',
+  'squeeze-seconds':
+    'with --real-guest: how long a squeeze is watched before "never freed" (default 180)',
 };
 
 const MiB = 2 ** 20;
@@ -92,20 +103,6 @@ export interface RunResult {
   vmLimitAfterBytes: number | null;
   note?: string;
 }
-
-/**
- * The hook for the real-guest variant (issue 6 part 3, inside QEMU): the e2e harness of
- * test/e2e (issue 5) provides a booted guest with the agent installed; a run inflates the
- * balloon by SHRINK_MIB with (a) nothing, (b) nestbroker, (c) earlyoom, (d) systemd-oomd
- * active in the guest, and returns RunResults counted the same way. Not implemented yet.
- */
-export interface RealGuestHarness {
-  runVariant(
-    variant: 'nothing' | 'nestbroker' | 'earlyoom' | 'systemd-oomd',
-    run: number,
-  ): Promise<Omit<RunResult, 'variant'> & { variant: string }>;
-}
-export const realGuestHook: { harness: RealGuestHarness | null } = { harness: null };
 
 async function exists(f: string): Promise<boolean> {
   return fs.stat(f).then(
@@ -373,13 +370,25 @@ async function runNestbroker(base: string, run: number): Promise<RunResult> {
 
 export async function main(argv = process.argv.slice(2)): Promise<number> {
   const a = parseArgs(argv, OPTIONS);
-  if (a['real-guest'] === 'true') {
-    if (!realGuestHook.harness)
-      throw new Error(
-        'the real-guest variant needs the QEMU harness of test/e2e (issue 5), which does not provide realGuestHook.harness yet',
-      );
-  }
+  if (a['real-guest'] !== undefined && a['real-guest'] !== 'true')
+    throw new Error(`--real-guest takes no value, got "${a['real-guest']}"`);
+  if (a['real-guest'] === undefined && (a.variants !== undefined || a['squeeze-seconds']))
+    throw new Error('--variants and --squeeze-seconds go with --real-guest');
   requireRoot('bench/graceful-vs-oom');
+  if (a['real-guest'] === 'true') {
+    const variants = (a.variants ?? VARIANTS.join(',')).split(',').map((v) => v.trim());
+    const unknown = variants.filter((v) => !(VARIANTS as readonly string[]).includes(v));
+    if (unknown.length || variants.length === 0)
+      throw new Error(
+        `--variants: unknown ${unknown.map((v) => `"${v}"`).join(', ')}; known: ${VARIANTS.join(', ')}`,
+      );
+    return runRealGuest({
+      runs: intArg(a.runs, 'runs', 3),
+      variants: variants as Variant[],
+      squeezeBoundMs: 1000 * numArg(a['squeeze-seconds'], 'squeeze-seconds', 180),
+      out: a.out,
+    });
+  }
   const runs = intArg(a.runs, 'runs', 5);
   const base = a.root ?? `nestbroker-bench-${process.pid}`;
   say(
@@ -496,7 +505,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
       totals,
       goal,
       realGuest:
-        'not run: needs the QEMU harness of test/e2e (issue 5); hook: realGuestHook in bench/graceful-vs-oom.ts',
+        'measured separately: --real-guest writes bench/results/graceful-vs-oom-real-guest.json',
     },
     a.out,
   );

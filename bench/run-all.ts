@@ -5,7 +5,8 @@
  * (`node dist/bench/run-all.js cascade footprint`); `make bench-<name>` runs one alone.
  *
  * Runs as root (cgroups). Takes a while on a 2-core machine: the cascade's five sizes ×
- * 30 runs are most of it (see docs/performance.md for the times seen).
+ * 30 runs are most of it, then the real-guest comparison (a QEMU guest under software
+ * emulation, its image built once: ~10 min); docs/performance.md has the times seen.
  */
 import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -13,13 +14,34 @@ import path from 'node:path';
 import { nowMs, say, table } from './lib/common';
 
 /** In order: the cheap, machine-independent ones first. */
-export const BENCHES = ['cgroup-ops', 'planner-scale', 'graceful-vs-oom', 'footprint', 'cascade'];
+export const BENCHES = [
+  'cgroup-ops',
+  'planner-scale',
+  'graceful-vs-oom',
+  'graceful-vs-oom-real-guest',
+  'footprint',
+  'cascade',
+];
+
+/** A bench that is another one's script with arguments (issue 6, part 3: the QEMU guest). */
+const VARIANTS: Record<string, { script: string; args: string[] }> = {
+  'graceful-vs-oom-real-guest': {
+    script: 'graceful-vs-oom',
+    args: ['--real-guest', '--runs', '3'],
+  },
+};
+
+function scriptOf(name: string): string {
+  return path.join(__dirname, `${VARIANTS[name]?.script ?? name}.js`);
+}
 
 function runOne(name: string): Promise<{ code: number | null; ms: number }> {
-  const file = path.join(__dirname, `${name}.js`);
+  const file = scriptOf(name);
   const t0 = nowMs();
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, [file], { stdio: 'inherit' });
+    const child = spawn(process.execPath, [file, ...(VARIANTS[name]?.args ?? [])], {
+      stdio: 'inherit',
+    });
     child.once('exit', (code, signal) => resolve({ code: signal ? 128 : code, ms: nowMs() - t0 }));
   });
 }
@@ -34,7 +56,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   const rows: (string | number)[][] = [];
   let failed = 0;
   for (const name of chosen) {
-    if (!existsSync(path.join(__dirname, `${name}.js`))) {
+    if (!existsSync(scriptOf(name))) {
       say(`\n### ${name}: not built (dist/bench/${name}.js missing): skipped`);
       rows.push([name, 'missing', '-']);
       failed++;

@@ -25,7 +25,12 @@ MIRROR=http://deb.debian.org/debian
 KERNEL_PKG=linux-image-6.1.0-50-amd64
 KERNEL_VER=6.1.176-1
 KERNEL_ABI=6.1.0-50-amd64
-GUEST_PKGS=systemd,systemd-sysv,udev,kmod,libstdc++6,procps,make
+# earlyoom and systemd-oomd: the userspace OOM killers bench/graceful-vs-oom compares with
+# nestbroker inside this guest (issue 6 part 3). Installed with Debian's defaults but NOT
+# enabled at boot (configure() below): a variant starts its own daemon and stops it again.
+# dbus only so that `oomctl` (a D-Bus client) can show what systemd-oomd watches; it too
+# is off at boot.
+GUEST_PKGS=systemd,systemd-sysv,udev,kmod,libstdc++6,procps,make,earlyoom,systemd-oomd,dbus
 # Modules the initrd loads, in this order (each with its dependencies, as modprobe resolves
 # them): disk (virtio_blk on virtio_pci), root fs (ext4 needs crc32c_generic), the
 # nestbroker channel (virtio_console), the balloon, and 9p for the shared project tree.
@@ -178,6 +183,22 @@ UNIT
     fstrim.timer systemd-timesyncd.service getty@tty1.service; do
     ln -sf /dev/null "$ROOT/etc/systemd/system/$u"
   done
+  # earlyoom and systemd-oomd are installed (GUEST_PKGS) and their postinst enabled them:
+  # disable them, so that the real-guest test's other phases run without them and each
+  # variant of bench/graceful-vs-oom starts only its own. Disabled, not masked: a variant
+  # runs `systemctl start` on Debian's unit with Debian's defaults, nothing changed. The
+  # socket too: PID 1 would otherwise start systemd-oomd by connecting to it (Debian's
+  # -.slice drop-in sets ManagedOOMSwap=kill).
+  chroot "$ROOT" systemctl disable earlyoom.service systemd-oomd.service systemd-oomd.socket >&2
+  # dbus is enabled by static links in its packages: remove those, so that the system bus
+  # (and logind with the console's session, and user@0.service that Debian's oomd drop-in
+  # would watch) stays off unless the systemd-oomd variant starts dbus for oomctl.
+  rm -f "$ROOT/lib/systemd/system/sockets.target.wants/dbus.socket" \
+    "$ROOT/lib/systemd/system/multi-user.target.wants/dbus.service"
+  if ls "$ROOT"/{etc,lib}/systemd/system/*.wants/{earlyoom,systemd-oomd,dbus}.* >/dev/null 2>&1; then
+    log "earlyoom, systemd-oomd or dbus is still enabled: $(ls "$ROOT"/{etc,lib}/systemd/system/*.wants/)"
+    return 1
+  fi
   # TEST-ONLY command runner on its own virtio-serial port (org.nestbroker.test). It lives
   # in this image and in test/e2e/guest/, never in systemd/ and never in `make install`.
   cat >"$ROOT/etc/systemd/system/nestbroker-test-runner.service" <<'UNIT'

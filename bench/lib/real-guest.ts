@@ -1,0 +1,257 @@
+/**
+ * `bench/graceful-vs-oom --real-guest` (issue 6 part 3, inside QEMU): ONE boot of the
+ * real-guest test's Debian image (test/e2e/build-image.sh, test/e2e/vm.ts), and in it the
+ * same squeeze of the same workload (test/e2e/scenario.ts: db 100, web 50, batch 10, the
+ * balloon taking 1024 → 704 MiB) handled by
+ *
+ *   (a) nothing        the guest kernel's OOM killer
+ *   (b) nestbroker     installed with `make install`, a real host broker, `reclaim 320MiB`
+ *   (c) earlyoom       Debian's package, its defaults (/etc/default/earlyoom)
+ *   (d) systemd-oomd   Debian's package, its defaults (oomd.conf and its drop-ins)
+ *
+ * N runs of each, interleaved (run 1 of every variant, then run 2, ...), each from a clean
+ * slate with fresh projects. Counted per run from the guest kernel and the host's QMP: see
+ * test/e2e/scenario.ts. Prints a table and writes bench/results/graceful-vs-oom-real-guest.json
+ * (after every run, so an interrupted bench keeps what it measured). Logs of the guest:
+ * test/e2e/out/bench/.
+ */
+import { promises as fsp } from 'node:fs';
+import path from 'node:path';
+import { Vm } from '../../test/e2e/vm';
+import {
+  LOWEST,
+  REPO,
+  SCENARIO,
+  buildImage,
+  cleanSlate,
+  installNestbroker,
+  packInstallTree,
+  runNestbroker,
+  runUnmanaged,
+  sections,
+  writeGuestConfig,
+  type Variant,
+  type VariantRun,
+} from '../../test/e2e/scenario';
+import { r1, say, summarise, table, writeResult } from './common';
+
+export interface RealGuestOptions {
+  runs: number;
+  variants: Variant[];
+  /** How long a squeeze is watched before it counts as never freed. */
+  squeezeBoundMs: number;
+  out?: string;
+}
+
+const OUT = path.join(REPO, 'test/e2e/out/bench');
+const NAME = 'graceful-vs-oom-real-guest';
+
+function endedText(r: VariantRun): string {
+  return (
+    r.ended.map((e) => `${e.name}(${e.how}${e.marker ? ',saved' : ''}; ${e.by})`).join(' ') ||
+    'none'
+  );
+}
+
+function freeText(r: VariantRun): string | number {
+  if (r.msUntilFree !== null) return r.msUntilFree;
+  return `never: ${r.balloon.actualMiB} MiB after ${Math.round(r.balloon.ms / 1000)} s`;
+}
+
+export function totalsOf(results: VariantRun[], variants: readonly Variant[]) {
+  return variants.map((variant) => {
+    const rs = results.filter((r) => r.variant === variant);
+    const free = rs.map((r) => r.msUntilFree).filter((x): x is number => x !== null);
+    return {
+      variant,
+      runs: rs.length,
+      oomKills: rs.reduce((s, r) => s + r.oomKills, 0),
+      daemonActions: rs.reduce((s, r) => s + r.daemonActions.length, 0),
+      killedBySigkill: rs.reduce((s, r) => s + r.killedBySigkill, 0),
+      gracefulEnds: rs.reduce((s, r) => s + r.gracefulEnds, 0),
+      lowestPriorityStoppedRuns: rs.filter((r) => r.lowestPriorityWasTheOneStopped).length,
+      workLost: rs.reduce((s, r) => s + r.workLost, 0),
+      freedRuns: free.length,
+      msUntilFree: free.length ? summarise(free) : null,
+      softLockups: rs.reduce((s, r) => s + r.softLockups, 0),
+    };
+  });
+}
+
+export async function runRealGuest(o: RealGuestOptions): Promise<number> {
+  const t0 = Date.now();
+  await fsp.rm(OUT, { recursive: true, force: true });
+  await fsp.mkdir(OUT, { recursive: true });
+  say(
+    `graceful-vs-oom, real guest: ${SCENARIO.projects.map((p) => `${p.name} (priority ${p.priority}, ${p.holdMiB} MiB)`).join(', ')}; ` +
+      `the balloon takes ${SCENARIO.vmMemoryMiB} → ${SCENARIO.squeezedMiB} MiB; variants ${o.variants.join(', ')}; ${o.runs} run(s) each; ` +
+      `a squeeze is watched for ${Math.round(o.squeezeBoundMs / 1000)} s; logs in ${OUT}`,
+  );
+  const image = await buildImage(OUT);
+  say(`image ${image.dir} (${image.buildOrLookupMs} ms to build or find)`);
+
+  let vm: Vm | undefined;
+  const onSignal = (): void => {
+    void (vm ? vm.destroy() : Promise.resolve()).finally(() => process.exit(130));
+  };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  const results: VariantRun[] = [];
+  const failures: { variant: Variant; run: number; error: string }[] = [];
+  const setup: Record<string, unknown> = {
+    vmMemoryMiB: SCENARIO.vmMemoryMiB,
+    squeezedMiB: SCENARIO.squeezedMiB,
+    projects: SCENARIO.projects,
+    lowestPriority: LOWEST,
+    squeezeBoundMs: o.squeezeBoundMs,
+    image,
+  };
+  const save = (final: boolean): string =>
+    writeResult(
+      NAME,
+      {
+        complete: final,
+        runs: o.runs,
+        variants: o.variants,
+        setup,
+        results,
+        failures,
+        totals: totalsOf(results, o.variants),
+        goal: goalOf(results),
+        totalMs: Date.now() - t0,
+      },
+      o.out,
+    );
+  try {
+    vm = await Vm.boot({ imageDir: image.dir, outDir: OUT, shareDir: REPO });
+    setup.accel = vm.accel;
+    setup.bootMs = vm.timings.bootMs;
+    say(`booted in ${vm.timings.bootMs} ms (${vm.accel})`);
+    const facts = await sections(vm, {
+      kernel: 'uname -r',
+      packages:
+        "dpkg-query -W -f '${Package} ${Version}\\n' systemd earlyoom systemd-oomd dbus linux-base 2>/dev/null",
+      swap: 'cat /proc/swaps',
+      meminfo: 'head -3 /proc/meminfo',
+      cgroup: 'stat -f -c %T /sys/fs/cgroup',
+    });
+    setup.guest = facts;
+    if (o.variants.includes('nestbroker')) {
+      const t = Date.now();
+      await installNestbroker(vm, await packInstallTree(OUT));
+      await writeGuestConfig(vm);
+      setup.installMs = Date.now() - t;
+      say(`nestbroker installed in the guest in ${setup.installMs as number} ms`);
+    }
+    for (let run = 1; run <= o.runs; run++) {
+      for (const variant of o.variants) {
+        const opts = { squeezeBoundMs: o.squeezeBoundMs, log: (l: string) => say(`  ${l}`) };
+        try {
+          const r =
+            variant === 'nestbroker'
+              ? await runNestbroker(vm, run, { ...opts, outDir: OUT })
+              : await runUnmanaged(vm, variant, run, opts);
+          results.push(r);
+          say(
+            `  ${variant} run ${run}: OOM kills ${r.oomKills}, ended ${endedText(r)}, ` +
+              `lowest stopped ${r.lowestPriorityWasTheOneStopped ? 'yes' : 'no'}, work lost ${r.workLost}, ` +
+              `until free ${freeText(r)} ms`,
+          );
+        } catch (e) {
+          failures.push({ variant, run, error: e instanceof Error ? e.message : String(e) });
+          say(`  ${variant} run ${run} FAILED: ${String(e)}`);
+          if (failures.length >= 3) throw new Error('three runs failed: stopping');
+        }
+        save(false);
+      }
+    }
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    if (vm) {
+      await cleanSlate(vm).catch(() => undefined);
+      await vm.collectLogs();
+      await vm.poweroff();
+    }
+  }
+
+  say('\nevery run');
+  say(
+    table([
+      [
+        'variant',
+        'run',
+        'OOM kills',
+        'daemon actions',
+        'ended (how, by)',
+        'graceful',
+        'lowest stopped',
+        'work lost',
+        'ms until free',
+      ],
+      ...results.map((r) => [
+        r.variant,
+        r.run,
+        r.oomKills,
+        r.daemonActions.length,
+        endedText(r),
+        r.gracefulEnds,
+        r.lowestPriorityWasTheOneStopped ? 'yes' : 'NO',
+        r.workLost,
+        freeText(r),
+      ]),
+    ]),
+  );
+  const totals = totalsOf(results, o.variants);
+  say('\ntotals');
+  say(
+    table([
+      [
+        'variant',
+        'runs',
+        'OOM kills',
+        'SIGKILLed',
+        'graceful',
+        'lowest stopped (runs)',
+        'work lost',
+        'freed (runs)',
+        'ms until free p50',
+        'max',
+      ],
+      ...totals.map((t) => [
+        t.variant,
+        t.runs,
+        t.oomKills,
+        t.killedBySigkill,
+        t.gracefulEnds,
+        `${t.lowestPriorityStoppedRuns}/${t.runs}`,
+        t.workLost,
+        `${t.freedRuns}/${t.runs}`,
+        t.msUntilFree ? r1(t.msUntilFree.p50) : '-',
+        t.msUntilFree ? r1(t.msUntilFree.max) : '-',
+      ]),
+    ]),
+  );
+  const goal = goalOf(results);
+  say(`\ngoal: ${goal.goal}: ${goal.met ? 'met' : 'NOT met'}`);
+  if (failures.length) say(`failed runs: ${JSON.stringify(failures)}`);
+  say(`\nwrote ${save(true)} (${Math.round((Date.now() - t0) / 1000)} s in all)`);
+  return failures.length ? 1 : 0;
+}
+
+function goalOf(results: VariantRun[]) {
+  const nb = results.filter((r) => r.variant === 'nestbroker');
+  return {
+    goal: 'nestbroker: 0 OOM kills, every stop graceful and in priority order, in every run',
+    met:
+      nb.length > 0 &&
+      nb.every(
+        (r) =>
+          r.oomKills === 0 &&
+          r.killedBySigkill === 0 &&
+          r.workLost === 0 &&
+          r.lowestPriorityWasTheOneStopped &&
+          r.msUntilFree !== null,
+      ),
+  };
+}

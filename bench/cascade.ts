@@ -20,7 +20,8 @@
  *   make build && node dist/bench/cascade.js [--sizes 1x10,1x100,1x500,10x50,50x50] [--runs 30]
  *
  * Options: --warmup N (untimed runs first, default 2), --profile (node --cpu-prof in every
- * agent; the hot spots go in the JSON), --root NAME, --out FILE, --log-level LEVEL.
+ * agent; the hot spots go in the JSON), --phases (each phase's time, from the agents' debug
+ * logs), --root NAME, --out FILE, --log-level LEVEL.
  */
 import { type ChildProcess } from 'node:child_process';
 import { promises as fs, readFileSync, readdirSync } from 'node:fs';
@@ -46,6 +47,7 @@ import {
   type Summary,
 } from './lib/common';
 import { summariseProfiles, type ProfileSummary } from './lib/cpuprofile';
+import { phasesFromLogs, type TracedRun } from './lib/phases';
 import {
   BenchStack,
   PROJECT_CPU,
@@ -69,6 +71,8 @@ const OPTIONS = {
   deadline: 'notice deadline (default 600s: a slow cascade is measured, not cut off)',
   resume: 'a cascade JSON of an earlier run: its measured sizes are kept, the others run',
   'keep-logs': "keep the agents' configs, journals and logs (the directory is printed)",
+  phases:
+    "where the time goes: the agents log at debug level and every phase's p50/p99 is read from their logs (bench/lib/phases.ts)",
 };
 
 export const DEFAULT_SIZES = '1x10,1x100,1x500,10x50,50x50';
@@ -252,6 +256,8 @@ interface SizeResult {
   exits?: Record<string, number>;
   startMs?: number;
   profile?: { host: ProfileSummary; guests: ProfileSummary };
+  /** --phases: each phase of the cascade, p50/p99 over every notice of the timed runs */
+  phases?: { notices: number; phases: { phase: string; what: string; ms: Summary }[] };
 }
 
 async function runSize(
@@ -261,6 +267,7 @@ async function runSize(
     runs: number;
     warmup: number;
     profile: boolean;
+    phases: boolean;
     logLevel?: string;
     keepLogs?: boolean;
     budgetS: number;
@@ -302,9 +309,10 @@ async function runSize(
       projects: size.projects,
     })),
     nodeArgs: { host: prof('host'), guest: prof('guest') },
-    logLevel: opts.logLevel,
+    logLevel: opts.phases ? 'debug' : opts.logLevel,
   });
   current = stack;
+  const traced: TracedRun[] = [];
   const latency: number[] = [];
   const guestMs: number[] = [];
   const floorSig: number[] = [];
@@ -330,6 +338,7 @@ async function runSize(
         break;
       }
       // The cascade.
+      const wallStart = Date.now(); // the agents' log clock, for --phases
       const a = nowMs();
       const views = (await Promise.all(
         stack.guests.map((g) =>
@@ -342,6 +351,7 @@ async function runSize(
         ),
       )) as NoticeView[];
       const ms = nowMs() - a;
+      if (run >= 0) traced.push({ ids: views.map((v) => v.id), start: wallStart, end: Date.now() });
       for (const v of views) {
         const o = v.outcome;
         const shrunk = o?.projects.filter((p) => p.action === 'shrunk').length ?? 0;
@@ -397,6 +407,7 @@ async function runSize(
   } finally {
     await stack.teardown().catch((err: unknown) => say(`  teardown: ${String(err)}`));
     current = null;
+    if (opts.phases) res.phases = phasesFromLogs(stack.logDir, traced) ?? undefined;
     if (opts.keepLogs) say(`  ${size.label}: logs kept in ${dir}`);
     else await fs.rm(dir, { recursive: true, force: true });
   }
@@ -533,6 +544,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
           runs,
           warmup,
           profile: a.profile === 'true',
+          phases: a.phases === 'true',
           logLevel: a['log-level'],
           keepLogs: a['keep-logs'] === 'true',
           budgetS,
@@ -611,6 +623,16 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
         table([
           ['function', 'self ms', '%'],
           ...r.profile.guests.byFunction.slice(0, 10).map((h) => [h.what, h.selfMs, h.share]),
+        ]),
+      );
+    }
+  for (const r of results)
+    if (r.phases) {
+      say(`\nwhere the time goes, ${r.size} (${r.phases.notices} notices, from the agents' logs):`);
+      say(
+        table([
+          ['phase', 'p50 ms', 'p99 ms', 'what'],
+          ...r.phases.phases.map((p) => [p.phase, p.ms.p50, p.ms.p99, p.what]),
         ]),
       );
     }

@@ -215,7 +215,9 @@ export async function runBroker<CN, CO>(
       }),
     );
 
+    log.debug({ phase: 'delivered' }, 'notice phase');
     if (opts.ready) await opts.ready;
+    log.debug({ phase: 'acting' }, 'notice phase');
 
     // 2. The steps, group by group.
     const acting = steps.filter((s) => s.act !== false);
@@ -255,6 +257,7 @@ export async function runBroker<CN, CO>(
         }),
       );
     }
+    log.debug({ phase: 'steps-done' }, 'notice phase');
     return acting.map((s) => results.get(s.child)!);
   } finally {
     clearTimeout(deadlineTimer);

@@ -461,6 +461,9 @@ export class HostBroker extends EventEmitter {
     // marked deallocated in the books) before anything is sent (design.md step 2).
     await this.save(rec);
     faultPoint('after-journal');
+    // Debug-level phase marks (here, in runBroker, in the guest) time a cascade from the
+    // logs alone: bench/cascade.ts --phases (issue 6, "where the time goes").
+    this.log.debug({ noticeId: notice.id, phase: 'journaled' }, 'notice phase');
     this.note(rec, 'issued');
     return { record: rec, done: this.track(rec) };
   }

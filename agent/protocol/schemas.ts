@@ -361,17 +361,42 @@ function formatPath(p: (string | number)[]): string {
   return clip(out, 256);
 }
 
-function preview(v: unknown): string {
+/**
+ * At most 80 characters of a value, for an error message. Written out only as far as
+ * shown: JSON.stringify of a whole 64 KiB value to keep 80 characters of it was the
+ * largest cost of answering a bad line under the fuzz (test/fuzz), and it recursed, so
+ * JSON nested some 10 000 deep (which fits in a line) overflowed the stack. Here every
+ * level adds at least one character, so the depth is bounded by the width too.
+ */
+function preview(v: unknown, n = 80): string {
   if (v === MISSING) return 'nothing';
-  let s: string;
-  try {
-    s = JSON.stringify(v) ?? String(v);
-  } catch {
-    // JSON.stringify and String() both recurse: JSON nested some 10 000 deep still fits
-    // in a 64 KiB line and would overflow the stack here (found by test/fuzz).
-    s = `(${Array.isArray(v) ? 'an array' : typeof v} too deeply nested to show)`;
-  }
-  return clip(s, 80);
+  const out: string[] = [];
+  let len = 0;
+  const put = (s: string): boolean => {
+    out.push(s);
+    len += s.length;
+    return len <= n;
+  };
+  const walk = (x: unknown): boolean => {
+    if (typeof x === 'string') return put(JSON.stringify(x.length > n ? x.slice(0, n) : x));
+    if (x === null || typeof x !== 'object') return put(JSON.stringify(x) ?? String(x));
+    if (Array.isArray(x)) {
+      if (!put('[')) return false;
+      for (let i = 0; i < x.length; i++) if ((i > 0 && !put(',')) || !walk(x[i])) return false;
+      return put(']');
+    }
+    if (!put('{')) return false;
+    let first = true;
+    for (const k of Object.keys(x)) {
+      if (!first && !put(',')) return false;
+      first = false;
+      if (!put(`${JSON.stringify(k.length > n ? k.slice(0, n) : k)}:`)) return false;
+      if (!walk((x as Record<string, unknown>)[k])) return false;
+    }
+    return put('}');
+  };
+  walk(v);
+  return clip(out.join(''), n);
 }
 
 function clip(s: string, n: number): string {

@@ -72,9 +72,11 @@ test('cascade: 1 guest × 5 projects, 3 runs: every stop graceful, the latency a
     root,
     '--out',
     out,
+    '--phases',
   ]);
   expect({ code: r.code, out: r.code === 0 ? '' : r.out }).toEqual({ code: 0, out: '' });
   expect(r.out).toMatch(/cascade latency/);
+  expect(r.out).toMatch(/where the time goes, 1x5 \(3 notices/);
   const doc = await readResult(out);
   const [s] = doc.sizes;
   expect(s).toMatchObject({ size: '1x5', projects: 5, kept: 3, stopped: 2, runs: 3 });
@@ -83,6 +85,12 @@ test('cascade: 1 guest × 5 projects, 3 runs: every stop graceful, the latency a
   expect(s.floorMs.p50).toBeGreaterThan(0);
   // 2 stopped projects × 3 runs, each ended by its SIGTERM handler within its grace.
   expect(s.exits).toEqual({ graceful: 6 });
+  // The phases, read from the agents' logs, add up to the latency (means are additive;
+  // the bench's monotonic clock and the logs' wall clock differ by a ms or so).
+  expect(s.phases.notices).toBe(3);
+  expect(s.phases.phases).toHaveLength(10);
+  const sum = s.phases.phases.reduce((a: number, p: { ms: { mean: number } }) => a + p.ms.mean, 0);
+  expect(Math.abs(sum - s.latencyMs.mean)).toBeLessThan(5);
   expect(leftovers(root)).toEqual([]);
 }, 60_000);
 

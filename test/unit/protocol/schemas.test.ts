@@ -243,3 +243,19 @@ test('non-objects are refused without a crash', () => {
     expect(parseMessage(raw).ok).toBe(false);
   }
 });
+
+test('a bad value is shown by its first 80 characters, however large or deep it is', () => {
+  const wide = Object.fromEntries(Array.from({ length: 5000 }, (_, i) => [`k${i}`, i]));
+  const deep = '['.repeat(20_000) + ']'.repeat(20_000);
+  for (const id of [wide, 'x'.repeat(60_000)]) {
+    const r = parseMessage(JSON.stringify({ type: 'ping', id, t: 1 }));
+    expect(r.ok).toBe(false);
+    const msg = (r as { error: { message: string } }).error.message;
+    const shown = /got (.*)$/.exec(msg)![1];
+    expect(shown.length).toBeLessThanOrEqual(80);
+    expect(shown.endsWith('…')).toBe(true);
+  }
+  const r = parseMessage(`{"type":"ping","id":${deep},"t":1}`);
+  expect(r.ok).toBe(false);
+  expect((r as { error: { message: string } }).error.message).toMatch(/got \[\[\[\[/);
+});

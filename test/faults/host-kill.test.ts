@@ -15,23 +15,14 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { rpcCall } from '../../agent/common/rpc';
-import { FaultStack, MiB, waitFor } from './stack';
+import { FaultStack, MiB, VM1_WEB_BATCH, waitFor } from './stack';
 
 jest.setTimeout(60_000);
 
 let s: FaultStack;
 
 beforeAll(async () => {
-  s = await FaultStack.create('hkill', [
-    {
-      name: 'vm1',
-      projects: [
-        { name: 'web', priority: 100, mode: 'graceful' },
-        { name: 'batch', priority: 10, mode: 'graceful' },
-      ],
-    },
-  ]);
-  await s.startAll();
+  s = await FaultStack.started('hkill', [VM1_WEB_BATCH]);
 });
 
 afterAll(async () => {

@@ -8,56 +8,49 @@
 import { execFileSync } from 'node:child_process';
 import { promises as fs, readFileSync } from 'node:fs';
 import path from 'node:path';
-import { openTestAdapter, type TestAdapter } from '../helpers/cgroup-root';
-import {
-  ensureBuilt,
-  makeEnv,
-  nestctl,
-  startAgent,
-  waitFor,
-  waitReady,
-  writeConfig,
-  type AgentProc,
-  type Env,
-} from '../integration/guest/harness';
+import { type TestAdapter } from '../helpers/cgroup-root';
+import { GuestUnderTest, nestctl, type AgentProc, type Env } from '../integration/guest/harness';
 
 jest.setTimeout(60_000);
 
+let g: GuestUnderTest;
 let t: TestAdapter;
 let env: Env;
 let agent: AgentProc | undefined;
-let mounted = false;
 
 beforeAll(async () => {
-  ensureBuilt();
-  t = await openTestAdapter('jfull');
-  env = await makeEnv();
-  await fs.mkdir(env.stateDir, { recursive: true });
-  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m,mode=0700', 'tmpfs', env.stateDir]);
-  mounted = true;
-  await writeConfig(env, `${t.rootName}/guest`, [
-    { name: 'web', priority: 100, mode: 'graceful', memory: { min: '256MiB', max: '1GiB' } },
-    { name: 'a', priority: 1, mode: 'graceful', memory: { min: '512MiB', max: '1GiB' } },
-  ]);
-  agent = startAgent(env);
-  await waitReady(env, agent);
-  await waitFor('the projects to run', () =>
-    ['web', 'a'].every((p) => env.markerLines(p).length > 0),
+  let mounted = false;
+  g = await GuestUnderTest.start(
+    'jfull',
+    [
+      { name: 'web', priority: 100, mode: 'graceful', memory: { min: '256MiB', max: '1GiB' } },
+      { name: 'a', priority: 1, mode: 'graceful', memory: { min: '512MiB', max: '1GiB' } },
+    ],
+    {
+      // The journal on a 1 MiB tmpfs of its own, so the test can fill it.
+      prepare: async (e) => {
+        await fs.mkdir(e.stateDir, { recursive: true });
+        execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m,mode=0700', 'tmpfs', e.stateDir]);
+        mounted = true;
+      },
+      ready: {
+        what: 'the projects to run',
+        until: (e) => ['web', 'a'].every((p) => e.markerLines(p).length > 0),
+      },
+      cleanup: (e) => {
+        if (!mounted) return;
+        try {
+          execFileSync('umount', [e.stateDir]);
+        } catch {
+          execFileSync('umount', ['-l', e.stateDir]); // busy: detach now, freed when unused
+        }
+      },
+    },
   );
+  ({ t, env, agent } = g);
 });
 
-afterAll(async () => {
-  await agent?.stop();
-  if (mounted) {
-    try {
-      execFileSync('umount', [env.stateDir]);
-    } catch {
-      execFileSync('umount', ['-l', env.stateDir]); // busy: detach now, freed when unused
-    }
-  }
-  await t?.dispose();
-  if (env) await fs.rm(env.dir, { recursive: true, force: true });
-});
+afterAll(() => g?.dispose());
 
 /** Fills the filesystem at `dir` until the kernel says ENOSPC. */
 async function fill(dir: string): Promise<string> {

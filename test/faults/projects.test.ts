@@ -16,18 +16,8 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { promises as fs, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { openTestAdapter, type TestAdapter } from '../helpers/cgroup-root';
-import {
-  ensureBuilt,
-  makeEnv,
-  nestctl,
-  startAgent,
-  waitFor,
-  waitReady,
-  writeConfig,
-  type AgentProc,
-  type Env,
-} from '../integration/guest/harness';
+import { type TestAdapter } from '../helpers/cgroup-root';
+import { GuestUnderTest, nestctl, waitFor, type Env } from '../integration/guest/harness';
 
 jest.setTimeout(60_000);
 
@@ -51,54 +41,57 @@ function storm() {
 storm();
 `;
 
+let g: GuestUnderTest;
 let t: TestAdapter;
 let env: Env;
-let agent: AgentProc | undefined;
 const strangers: ChildProcess[] = [];
 
 const pidsFile = (project: string, file: string): string =>
   path.join('/sys/fs/cgroup/pids', t.rootName, 'guest/projects', project, file);
 
 beforeAll(async () => {
-  ensureBuilt();
-  t = await openTestAdapter('fprojects');
-  env = await makeEnv();
-  await writeConfig(env, `${t.rootName}/guest`, [
-    { name: 'web', priority: 100, mode: 'graceful', memory: { min: '256MiB', max: '1GiB' } },
+  g = await GuestUnderTest.start(
+    'fprojects',
+    [
+      { name: 'web', priority: 100, mode: 'graceful', memory: { min: '256MiB', max: '1GiB' } },
+      {
+        name: 'storm',
+        priority: 2,
+        mode: 'graceful',
+        grace: '1s',
+        memory: { min: '1GiB', max: '1GiB' },
+      },
+      {
+        name: 'forker',
+        priority: 1,
+        mode: 'forker',
+        grace: '1s',
+        memory: { min: '1GiB', max: '1GiB' },
+      },
+    ],
     {
-      name: 'storm',
-      priority: 2,
-      mode: 'graceful',
-      grace: '1s',
-      memory: { min: '1GiB', max: '1GiB' },
+      // The storm is not a fixture mode: its own program, held to PIDS_MAX.
+      prepare: async (e) => {
+        const cfg = JSON.parse(await fs.readFile(e.configFile, 'utf8')) as {
+          projects: { name: string; command: { argv: string[] }; pidsMax?: number }[];
+        };
+        const storm = cfg.projects.find((p) => p.name === 'storm')!;
+        storm.command.argv = [process.execPath, '-e', STORM];
+        storm.pidsMax = PIDS_MAX;
+        await fs.writeFile(e.configFile, JSON.stringify(cfg, null, 2));
+      },
+      ready: {
+        what: 'the projects to run',
+        until: (e) => ['web', 'storm', 'forker'].every((p) => e.markerLines(p).length > 0),
+      },
     },
-    {
-      name: 'forker',
-      priority: 1,
-      mode: 'forker',
-      grace: '1s',
-      memory: { min: '1GiB', max: '1GiB' },
-    },
-  ]);
-  const cfg = JSON.parse(await fs.readFile(env.configFile, 'utf8')) as {
-    projects: { name: string; command: { argv: string[] }; pidsMax?: number }[];
-  };
-  const storm = cfg.projects.find((p) => p.name === 'storm')!;
-  storm.command.argv = [process.execPath, '-e', STORM];
-  storm.pidsMax = PIDS_MAX;
-  await fs.writeFile(env.configFile, JSON.stringify(cfg, null, 2));
-  agent = startAgent(env);
-  await waitReady(env, agent);
-  await waitFor('the projects to run', () =>
-    ['web', 'storm', 'forker'].every((p) => env.markerLines(p).length > 0),
   );
+  ({ t, env } = g);
 });
 
 afterAll(async () => {
   for (const c of strangers) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
-  await agent?.stop();
-  await t?.dispose();
-  if (env) await fs.rm(env.dir, { recursive: true, force: true });
+  await g?.dispose();
 });
 
 test('a fork storm is held at pids.max and the stop still empties the group', async () => {

@@ -45,6 +45,15 @@ export interface GuestNotice {
   error?: { code: string; message: string };
 }
 
+/** The guest most fault tests use: web (priority 100) and batch (10), both graceful. */
+export const VM1_WEB_BATCH: FaultGuest = {
+  name: 'vm1',
+  projects: [
+    { name: 'web', priority: 100, mode: 'graceful' },
+    { name: 'batch', priority: 10, mode: 'graceful' },
+  ],
+};
+
 export class FaultStack {
   readonly stack: Stack;
   readonly root: string;
@@ -109,6 +118,22 @@ export class FaultStack {
       await fs.writeFile(run.config, YAML.stringify(cfg));
     }
     return fsk;
+  }
+
+  /** create, then every daemon started and every project running; torn down if that fails. */
+  static async started(
+    tag: string,
+    guests: FaultGuest[],
+    opts: Omit<StackOptions, 'root' | 'dir' | 'guests' | 'transport'> = {},
+  ): Promise<FaultStack> {
+    const s = await FaultStack.create(tag, guests, opts);
+    try {
+      await s.startAll();
+    } catch (err) {
+      await s.teardown();
+      throw err;
+    }
+    return s;
   }
 
   run(guest: string) {

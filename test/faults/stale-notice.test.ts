@@ -17,7 +17,7 @@ import path from 'node:path';
 import { NoticeBook, type LocalBroker } from '../../agent/client/notices';
 import { silentLogger } from '../../agent/common/log';
 import type { Notice, Outcome } from '../../agent/broker/types';
-import { FaultStack, MiB, waitFor } from './stack';
+import { FaultStack, MiB, VM1_WEB_BATCH, waitFor } from './stack';
 import { emptyOutcome, testNotice } from '../helpers/notices';
 
 jest.setTimeout(60_000);
@@ -25,16 +25,7 @@ jest.setTimeout(60_000);
 let s: FaultStack;
 
 beforeAll(async () => {
-  s = await FaultStack.create('stale', [
-    {
-      name: 'vm1',
-      projects: [
-        { name: 'web', priority: 100, mode: 'graceful' },
-        { name: 'batch', priority: 10, mode: 'graceful' },
-      ],
-    },
-  ]);
-  await s.startAll();
+  s = await FaultStack.started('stale', [VM1_WEB_BATCH]);
 });
 
 afterAll(async () => {

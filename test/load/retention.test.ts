@@ -1,13 +1,15 @@
 /**
- * Memory flat under a long run of notices (issue 7, "Load held"): both daemons keep only
- * the last RETAIN_FINAL_NOTICES finished notices in memory (per guest on the host); the
- * rest stay on disk. What must not change while they are dropped:
+ * Memory and disk flat under a long run of notices (issue 7, "Load held"): both daemons
+ * keep only the last RETAIN_FINAL_NOTICES finished notices in memory (per guest on the
+ * host). What must not change while they are dropped:
  *
- *  - host: the books. Older notices are folded into a ledger base, so the allocation, the
- *    seq and the next check are exactly what a replay of every notice would give, before
- *    and after a restart (which loads the whole journal and folds it again);
+ *  - host: the books. Older notices are folded into a ledger base, written to disk before
+ *    their files are deleted, so the allocation, the seq and the next check are exactly
+ *    what a replay of every notice would give, before and after a restart (which loads
+ *    the base and the notices left);
  *  - guest: exactly-once. A replay of a notice long gone from memory is answered
- *    `duplicate` with its journaled outcome, not carried out again; lastSeq survives.
+ *    `duplicate` with its journaled outcome, not carried out again; lastSeq survives; past
+ *    retainOnDisk the oldest records leave the disk and a replay is refused by its seq.
  */
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
@@ -15,11 +17,8 @@ import path from 'node:path';
 import { NoticeBook, RETAIN_FINAL_NOTICES, type LocalBroker } from '../../agent/client/notices';
 import { silentLogger } from '../../agent/common/log';
 import type { Notice, Outcome } from '../../agent/broker/types';
-import { CgroupQmpActuator } from '../../agent/host/actuator';
-import { validateHostConfig } from '../../agent/host/config';
-import { HostBroker, RETAIN_FINAL_NOTICES as HOST_RETAIN } from '../../agent/host/host-broker';
-import { channelFactory } from '../../agent/host/main';
-import { waitFor } from '../../demo/stack';
+import { RETAIN_FINAL_NOTICES as HOST_RETAIN } from '../../agent/host/host-broker';
+import { startOneGuestBroker } from '../integration/host/one-guest-broker';
 import { ScriptedGuest } from '../integration/host/scripted-guest';
 import { emptyOutcome, testNotice } from '../helpers/notices';
 
@@ -46,32 +45,10 @@ test(`host: ${N} notices, at most ${HOST_RETAIN} kept in memory, the books exact
     guest.ack(m.id, m.notice.id, 'accepted');
     guest.outcome(m.notice, 'complete');
   });
-  const config = validateHostConfig({
-    stateDir: path.join(dir, 'state'),
-    socket: path.join(dir, 'host.sock'),
-    heartbeat: { interval: '1s', timeout: '5s' },
-    reconnect: { min: '50ms', max: '200ms' },
-    guests: [
-      {
-        name: 'vm1',
-        priority: 10,
-        allocation: { cpus: 2, memory: '1GiB' },
-        floor: { cpus: 0.5, memory: '256MiB' },
-        channel: { transport: 'unix', path: channel },
-      },
-    ],
-  });
   const make = () =>
-    new HostBroker({
-      config,
-      actuator: new CgroupQmpActuator(null, log),
-      connect: channelFactory(config, log),
-      log,
-    });
-  let broker = make();
+    startOneGuestBroker({ dir, adapter: null, channel, log, heartbeatTimeout: '5s' });
+  let broker = await make();
   try {
-    await broker.start();
-    await waitFor('vm1 connected', async () => broker.status('vm1').connected, 5000, 20);
     for (let i = 0; i < N; i++) {
       const kind = i % 2 === 0 ? 'reclaim' : 'restore';
       const { done } = await broker.issue(kind, {
@@ -85,11 +62,13 @@ test(`host: ${N} notices, at most ${HOST_RETAIN} kept in memory, the books exact
     // What was folded is off the disk too, once its base is: as many files as in memory.
     await broker.pruned();
     const noticeFiles = async (): Promise<string[]> =>
-      (await fs.readdir(path.join(dir, 'state', 'notices'))).filter((f) => f.endsWith('.json'));
+      (await fs.readdir(path.join(dir, 'host-state', 'notices'))).filter((f) =>
+        f.endsWith('.json'),
+      );
     expect(broker.notices('vm1').length).toBeLessThanOrEqual(HOST_RETAIN);
     expect((await noticeFiles()).length).toBe(broker.notices('vm1').length);
     const base = JSON.parse(
-      await fs.readFile(path.join(dir, 'state', 'ledger', 'base.vm1.json'), 'utf8'),
+      await fs.readFile(path.join(dir, 'host-state', 'ledger', 'base.vm1.json'), 'utf8'),
     ) as { seq: number; folded: number };
     expect(base.seq + broker.notices('vm1').length).toBe(N);
     expect(base.folded).toBe(base.seq);
@@ -107,21 +86,19 @@ test(`host: ${N} notices, at most ${HOST_RETAIN} kept in memory, the books exact
     expect(after.granted).toEqual({ cpus: 1.5, memoryBytes: 896 * MiB });
     // A restart loads the base and the notices left, and folds them the same way.
     await broker.stop();
-    broker = make();
-    await broker.start();
+    broker = await make();
     expect(broker.status('vm1').books).toEqual(after);
     expect(broker.notices('vm1').length).toBeLessThanOrEqual(HOST_RETAIN);
     // A crash after a base was written and before the notices it folded were deleted:
     // such a notice, still on disk, is not counted twice, and is deleted at the start.
     await broker.stop();
-    const stale = path.join(dir, 'state', 'notices', 'notice.vm1-1-stale.json');
+    const stale = path.join(dir, 'host-state', 'notices', 'notice.vm1-1-stale.json');
     // A reclaim that was done: on the books it would take 128 MiB and 0.5 CPU again.
     const reclaim = broker.notices('vm1').find((r) => r.notice.kind === 'reclaim')!;
     expect(reclaim.state).toBe('done');
     const first = { ...reclaim, notice: { ...reclaim.notice, id: 'vm1-1-stale', seq: 1 } };
     await fs.writeFile(stale, JSON.stringify(first));
-    broker = make();
-    await broker.start();
+    broker = await make();
     expect(broker.status('vm1').books).toEqual(after);
     await broker.pruned();
     await expect(fs.stat(stale)).rejects.toMatchObject({ code: 'ENOENT' });

@@ -10,6 +10,7 @@ import { existsSync, promises as fsp, readFileSync, statSync, readdirSync } from
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { rpcCall } from '../../../agent/common/rpc';
+import { openTestAdapter, type TestAdapter } from '../../helpers/cgroup-root';
 
 export const REPO = path.resolve(__dirname, '../../..');
 export const NESTBROKER = path.join(REPO, 'dist/agent/cli/nestbroker.js');
@@ -221,5 +222,72 @@ export function gone(pid: number, cgroupHint: string): boolean {
     return !readFileSync(`/proc/${pid}/cgroup`, 'utf8').includes(cgroupHint);
   } catch {
     return true;
+  }
+}
+
+export interface GuestUnderTestOptions {
+  /** More top-level config keys (a function of the env when they name files in it). */
+  extra?: Record<string, unknown> | ((env: Env) => Record<string, unknown>);
+  /** After the config is written, before the agent starts (rewrite the config, mount…). */
+  prepare?: (env: Env, t: TestAdapter) => Promise<void> | void;
+  /** Waited for once the agent answers (the projects up, a project connected…). */
+  ready?: { what: string; until: (env: Env) => boolean | Promise<boolean> };
+  /** After every agent has stopped, before the root and the env go (an unmount…). */
+  cleanup?: (env: Env) => Promise<void> | void;
+}
+
+/**
+ * The set-up most guest tests share: a per-run cgroup root (`<rootName>/guest` for the
+ * agent), a fresh env, the config, the agent as a real process, ready. `dispose` stops
+ * the agent (and any other the test started), removes the root and the env; a set-up that
+ * fails half-way undoes what it made before it rethrows, so nothing is left behind.
+ */
+export class GuestUnderTest {
+  private constructor(
+    readonly t: TestAdapter,
+    readonly env: Env,
+    /** The running agent; a test that starts another one replaces it (see restart). */
+    public agent: AgentProc | undefined,
+    private readonly cleanup?: (env: Env) => Promise<void> | void,
+  ) {}
+
+  static async start(
+    tag: string,
+    projects: ProjectSpec[],
+    opts: GuestUnderTestOptions = {},
+  ): Promise<GuestUnderTest> {
+    ensureBuilt();
+    const t = await openTestAdapter(tag);
+    const g = new GuestUnderTest(t, await makeEnv(), undefined, opts.cleanup);
+    try {
+      const extra = typeof opts.extra === 'function' ? opts.extra(g.env) : opts.extra;
+      await writeConfig(g.env, `${t.rootName}/guest`, projects, extra);
+      await opts.prepare?.(g.env, t);
+      g.agent = startAgent(g.env);
+      await waitReady(g.env, g.agent);
+      if (opts.ready) await waitFor(opts.ready.what, () => opts.ready!.until(g.env));
+      return g;
+    } catch (err) {
+      await g.dispose();
+      throw err;
+    }
+  }
+
+  /** Stops the agent and starts a new one on the same config and state. */
+  async restart(): Promise<AgentProc> {
+    await this.agent?.stop();
+    this.agent = startAgent(this.env);
+    await waitReady(this.env, this.agent);
+    return this.agent;
+  }
+
+  async dispose(others: (AgentProc | undefined)[] = []): Promise<void> {
+    for (const a of [this.agent, ...others]) await a?.stop();
+    try {
+      await this.cleanup?.(this.env);
+    } finally {
+      await this.t.dispose();
+      await fsp.rm(this.env.dir, { recursive: true, force: true });
+    }
   }
 }

@@ -5,57 +5,47 @@
  * A project with `notify.signal` gets that signal before anything is taken.
  */
 import { promises as fsp } from 'node:fs';
-import { openTestAdapter, type TestAdapter } from '../../helpers/cgroup-root';
+import { type TestAdapter } from '../../helpers/cgroup-root';
 import type { Outcome } from '../../../agent/broker/types';
-import {
-  ensureBuilt,
-  makeEnv,
-  nestctl,
-  startAgent,
-  waitFor,
-  waitReady,
-  writeConfig,
-  type AgentProc,
-  type Env,
-} from './harness';
+import { GuestUnderTest, nestctl, waitFor, type Env } from './harness';
 
 jest.setTimeout(40_000);
 
+let g: GuestUnderTest;
 let t: TestAdapter;
 let env: Env;
-let agent: AgentProc;
 
 beforeAll(async () => {
-  ensureBuilt();
-  t = await openTestAdapter('guest-psock');
-  env = await makeEnv();
-  await writeConfig(env, `${t.rootName}/guest`, [
+  g = await GuestUnderTest.start(
+    'guest-psock',
+    [
+      {
+        name: 'web',
+        priority: 100,
+        mode: 'graceful',
+        memory: { min: '256MiB', max: '1GiB' },
+        notify: 'SIGUSR2',
+      },
+      {
+        name: 'saver',
+        priority: 1,
+        mode: 'done',
+        grace: '20s',
+        memory: { min: '1GiB', max: '1GiB' },
+        env: { DONE_AFTER_MS: '400' },
+      },
+    ],
     {
-      name: 'web',
-      priority: 100,
-      mode: 'graceful',
-      memory: { min: '256MiB', max: '1GiB' },
-      notify: 'SIGUSR2',
+      ready: {
+        what: 'the project to connect',
+        until: (e) => e.markerLines('saver').includes('welcome'),
+      },
     },
-    {
-      name: 'saver',
-      priority: 1,
-      mode: 'done',
-      grace: '20s',
-      memory: { min: '1GiB', max: '1GiB' },
-      env: { DONE_AFTER_MS: '400' },
-    },
-  ]);
-  agent = startAgent(env);
-  await waitReady(env, agent);
-  await waitFor('the project to connect', () => env.markerLines('saver').includes('welcome'));
+  );
+  ({ t, env } = g);
 });
 
-afterAll(async () => {
-  await agent?.stop();
-  await t?.dispose();
-  if (env) await fsp.rm(env.dir, { recursive: true, force: true });
-});
+afterAll(() => g?.dispose());
 
 test('a project that answers done ends its 20 s grace early', async () => {
   const t0 = Date.now();

@@ -10,18 +10,14 @@
  * to the project's limits through the adapter, and checks the kernel files show unlimited.
  */
 import { readFileSync } from 'node:fs';
-import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
-import { openTestAdapter, type TestAdapter } from '../../helpers/cgroup-root';
+import { type TestAdapter } from '../../helpers/cgroup-root';
 import type { Outcome, ProjectLimits } from '../../../agent/broker/types';
 import {
-  ensureBuilt,
-  makeEnv,
+  GuestUnderTest,
   nestctl,
   startAgent,
-  waitFor,
   waitReady,
-  writeConfig,
   type AgentProc,
   type Env,
 } from './harness';
@@ -30,35 +26,31 @@ jest.setTimeout(40_000);
 
 const MiB = 1024 ** 2;
 const GROUP = 'guest/projects/web';
+let g: GuestUnderTest;
 let t: TestAdapter;
 let env: Env;
 let first: AgentProc | undefined;
 let second: AgentProc | undefined;
 
 beforeAll(async () => {
-  ensureBuilt();
-  t = await openTestAdapter('guest-readopt-limits');
-  env = await makeEnv();
-  await writeConfig(env, `${t.rootName}/guest`, [
-    {
-      name: 'web',
-      priority: 100,
-      mode: 'graceful',
-      memory: { min: '256MiB', max: '1GiB' },
-      cpu: { min: 0.2, max: 1 },
-    },
-  ]);
-  first = startAgent(env);
-  await waitReady(env, first);
-  await waitFor('web to run', () => env.markerLines('web').length > 0);
+  g = await GuestUnderTest.start(
+    'guest-readopt-limits',
+    [
+      {
+        name: 'web',
+        priority: 100,
+        mode: 'graceful',
+        memory: { min: '256MiB', max: '1GiB' },
+        cpu: { min: 0.2, max: 1 },
+      },
+    ],
+    { ready: { what: 'web to run', until: (e) => e.markerLines('web').length > 0 } },
+  );
+  ({ t, env } = g);
+  first = g.agent;
 });
 
-afterAll(async () => {
-  await first?.stop();
-  await second?.stop();
-  await t?.dispose();
-  if (env) await fsp.rm(env.dir, { recursive: true, force: true });
-});
+afterAll(() => g?.dispose([second]));
 
 /** The project's limit files as this (hybrid) kernel shows them: v1 memory and cpu. */
 function kernelLimits(): { memoryMax: string; memoryHigh: string; cpuQuotaUs: string } {

@@ -7,33 +7,19 @@
  * match the plan; a restore starts the stopped projects again.
  */
 import { promises as fsp } from 'node:fs';
-import { openTestAdapter, type TestAdapter } from '../../helpers/cgroup-root';
+import { type TestAdapter } from '../../helpers/cgroup-root';
 import type { Outcome, ProjectOutcome } from '../../../agent/broker/types';
-import {
-  ensureBuilt,
-  gone,
-  makeEnv,
-  nestctl,
-  startAgent,
-  waitReady,
-  writeConfig,
-  waitFor,
-  type AgentProc,
-  type Env,
-} from './harness';
+import { gone, GuestUnderTest, nestctl, waitFor, type Env } from './harness';
 
 jest.setTimeout(50_000);
 
 const MiB = 1024 ** 2;
+let g: GuestUnderTest;
 let t: TestAdapter;
 let env: Env;
-let agent: AgentProc;
 
 beforeAll(async () => {
-  ensureBuilt();
-  t = await openTestAdapter('guest-reclaim');
-  env = await makeEnv();
-  await writeConfig(env, `${t.rootName}/guest`, [
+  g = await GuestUnderTest.start('guest-reclaim', [
     { name: 'web', priority: 100, mode: 'graceful', memory: { min: '256MiB', max: '1GiB' } },
     {
       name: 'slow',
@@ -72,15 +58,10 @@ beforeAll(async () => {
       memory: { min: '512MiB', max: '1GiB' },
     },
   ]);
-  agent = startAgent(env);
-  await waitReady(env, agent);
+  ({ t, env } = g);
 });
 
-afterAll(async () => {
-  await agent?.stop();
-  await t?.dispose();
-  if (env) await fsp.rm(env.dir, { recursive: true, force: true });
-});
+afterAll(() => g?.dispose());
 
 const group = (p: string): string => `guest/projects/${p}`;
 

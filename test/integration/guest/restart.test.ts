@@ -6,57 +6,54 @@
  */
 import { spawn } from 'node:child_process';
 import { promises as fsp } from 'node:fs';
-import { openTestAdapter, type TestAdapter } from '../../helpers/cgroup-root';
+import { type TestAdapter } from '../../helpers/cgroup-root';
 import type { Outcome } from '../../../agent/broker/types';
 import {
+  GuestUnderTest,
   NESTCTL,
-  ensureBuilt,
-  makeEnv,
   nestctl,
   startAgent,
   waitFor,
   waitReady,
-  writeConfig,
   type AgentProc,
   type Env,
 } from './harness';
 
 jest.setTimeout(50_000);
 
+let g: GuestUnderTest;
 let t: TestAdapter;
 let env: Env;
 let first: AgentProc;
 let second: AgentProc | undefined;
 
 beforeAll(async () => {
-  ensureBuilt();
-  t = await openTestAdapter('guest-restart');
-  env = await makeEnv();
-  await writeConfig(env, `${t.rootName}/guest`, [
-    { name: 'web', priority: 100, mode: 'graceful', memory: { min: '256MiB', max: '1GiB' } },
-    { name: 'c', priority: 3, mode: 'graceful', memory: { min: '512MiB', max: '1GiB' } },
+  g = await GuestUnderTest.start(
+    'guest-restart',
+    [
+      { name: 'web', priority: 100, mode: 'graceful', memory: { min: '256MiB', max: '1GiB' } },
+      { name: 'c', priority: 3, mode: 'graceful', memory: { min: '512MiB', max: '1GiB' } },
+      {
+        name: 'b',
+        priority: 2,
+        mode: 'stubborn',
+        grace: '3s',
+        memory: { min: '512MiB', max: '1GiB' },
+      },
+      { name: 'a', priority: 1, mode: 'graceful', memory: { min: '512MiB', max: '1GiB' } },
+    ],
     {
-      name: 'b',
-      priority: 2,
-      mode: 'stubborn',
-      grace: '3s',
-      memory: { min: '512MiB', max: '1GiB' },
+      ready: {
+        what: 'every project to run',
+        until: (e) => ['web', 'a', 'b', 'c'].every((p) => e.markerLines(p).length > 0),
+      },
     },
-    { name: 'a', priority: 1, mode: 'graceful', memory: { min: '512MiB', max: '1GiB' } },
-  ]);
-  first = startAgent(env);
-  await waitReady(env, first);
-  await waitFor('every project to run', () =>
-    ['web', 'a', 'b', 'c'].every((p) => env.markerLines(p).length > 0),
   );
+  ({ t, env } = g);
+  first = g.agent!;
 });
 
-afterAll(async () => {
-  await first?.stop();
-  await second?.stop();
-  await t?.dispose();
-  if (env) await fsp.rm(env.dir, { recursive: true, force: true });
-});
+afterAll(() => g?.dispose([second]));
 
 test('kill -9 mid-notice, restart: the notice finishes and each project is stopped once', async () => {
   const webPid = Number(env.markerLines('web')[0].split(' ')[2]);

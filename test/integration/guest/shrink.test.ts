@@ -6,35 +6,20 @@
  * throttle, so the project holding 96 MiB stays above a 16 MiB target and is stopped;
  * the lean one is shrunk and its memory.max is the plan's.
  */
-import { promises as fsp } from 'node:fs';
-import { openTestAdapter, type TestAdapter } from '../../helpers/cgroup-root';
+import { type TestAdapter } from '../../helpers/cgroup-root';
 import type { Outcome, ProjectOutcome } from '../../../agent/broker/types';
-import {
-  ensureBuilt,
-  makeEnv,
-  nestctl,
-  startAgent,
-  waitFor,
-  waitReady,
-  writeConfig,
-  type AgentProc,
-  type Env,
-} from './harness';
+import { GuestUnderTest, nestctl, type Env } from './harness';
 
 jest.setTimeout(40_000);
 
 const MiB = 1024 ** 2;
+let g: GuestUnderTest;
 let t: TestAdapter;
 let env: Env;
-let agent: AgentProc;
 
 beforeAll(async () => {
-  ensureBuilt();
-  t = await openTestAdapter('guest-shrink');
-  env = await makeEnv();
-  await writeConfig(
-    env,
-    `${t.rootName}/guest`,
+  g = await GuestUnderTest.start(
+    'guest-shrink',
     [
       { name: 'lean', priority: 20, mode: 'graceful', memory: { min: '64MiB', max: '1GiB' } },
       {
@@ -46,20 +31,18 @@ beforeAll(async () => {
         env: { HOLD_MB: '96' },
       },
     ],
-    { resources: { cpus: 2, memory: '1GiB' } },
+    {
+      extra: { resources: { cpus: 2, memory: '1GiB' } },
+      ready: {
+        what: 'the hog to hold its memory',
+        until: (e) => e.markerLines('hog').some((l) => l.includes('holding')),
+      },
+    },
   );
-  agent = startAgent(env);
-  await waitReady(env, agent);
-  await waitFor('the hog to hold its memory', () =>
-    env.markerLines('hog').some((l) => l.includes('holding')),
-  );
+  ({ t, env } = g);
 });
 
-afterAll(async () => {
-  await agent?.stop();
-  await t?.dispose();
-  if (env) await fsp.rm(env.dir, { recursive: true, force: true });
-});
+afterAll(() => g?.dispose());
 
 test('a project above its new target is stopped after its grace; memory.max never goes below usage', async () => {
   const hogUsage = (await t.adapter.usage('guest/projects/hog')).memoryCurrent;

@@ -4,62 +4,45 @@
  * projects get theirs, the outcome comes back; after the agent restarts, the same notice
  * replayed gets the journaled outcome again and nothing is stopped twice.
  */
-import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
-import { openTestAdapter, type TestAdapter } from '../../helpers/cgroup-root';
 import type { Notice } from '../../../agent/broker/types';
 import type { Hello, Message, OutcomeMsg } from '../../../agent/protocol/messages';
 import { connectUnix } from '../../../agent/transport/unix';
 import type { SocketChannel } from '../../../agent/transport/channel';
-import {
-  ensureBuilt,
-  makeEnv,
-  startAgent,
-  waitFor,
-  waitReady,
-  writeConfig,
-  type AgentProc,
-  type Env,
-} from './harness';
+import { GuestUnderTest, waitFor, type Env } from './harness';
 
 jest.setTimeout(40_000);
 
-let t: TestAdapter;
+let g: GuestUnderTest;
 let env: Env;
-let agent: AgentProc;
-let upstream: string;
+/** Where the agent listens for its host (the test plays the host). */
+const upstreamOf = (e: Env): string => path.join(e.dir, 'upstream.sock');
 
 async function host(): Promise<{ ch: SocketChannel; inbox: Message[] }> {
   const inbox: Message[] = [];
-  const ch = await connectUnix(upstream);
+  const ch = await connectUnix(upstreamOf(env));
   ch.on('message', (m) => inbox.push(m));
   return { ch, inbox };
 }
 
 beforeAll(async () => {
-  ensureBuilt();
-  t = await openTestAdapter('guest-upstream');
-  env = await makeEnv();
-  upstream = path.join(env.dir, 'upstream.sock');
-  await writeConfig(
-    env,
-    `${t.rootName}/guest`,
+  g = await GuestUnderTest.start(
+    'guest-upstream',
     [
       { name: 'web', priority: 100, mode: 'graceful', memory: { min: '256MiB', max: '1GiB' } },
       { name: 'batch', priority: 1, mode: 'graceful', memory: { min: '1GiB', max: '1GiB' } },
     ],
-    { upstream: { transport: 'unix', path: upstream } },
+    {
+      extra: (e) => ({
+        upstream: { transport: 'unix', path: upstreamOf(e) },
+      }),
+      ready: { what: 'projects to run', until: (e) => e.markerLines('batch').length > 0 },
+    },
   );
-  agent = startAgent(env);
-  await waitReady(env, agent);
-  await waitFor('projects to run', () => env.markerLines('batch').length > 0);
+  ({ env } = g);
 });
 
-afterAll(async () => {
-  await agent?.stop();
-  await t?.dispose();
-  if (env) await fsp.rm(env.dir, { recursive: true, force: true });
-});
+afterAll(() => g?.dispose());
 
 const notice: Notice = {
   id: 'host-n1',
@@ -104,9 +87,7 @@ test('hello → notice → ack → progress → outcome; a replay after a restar
   await h.ch.close();
 
   // The agent restarts; the host replays the notice (it never saw the outcome, say).
-  await agent.stop();
-  agent = startAgent(env);
-  await waitReady(env, agent);
+  await g.restart();
   h = await host();
   await waitFor('hello', () => h.inbox.some((m) => m.type === 'hello'));
   expect((h.inbox.find((m) => m.type === 'hello') as Hello).lastSeq).toBe(1);

@@ -1,7 +1,9 @@
 /**
  * An in-process host broker with one guest, `vm1`, on a unix channel, driving the VM
- * cgroup `vm1` beneath a test adapter's root: the set-up that tests which play the guest
- * side themselves (a scripted peer, or a Client on a real channel) share.
+ * cgroup `vm1` beneath a test adapter's root (or no VM cgroup at all, `adapter: null`):
+ * the set-up that tests which play the guest side themselves (a scripted peer, or a
+ * Client on a real channel) share. Its state is `<dir>/host-state`; called again on the
+ * same dir it is the same broker restarted.
  */
 import path from 'node:path';
 import type { CgroupAdapter } from '../../../cgroup-adapter/types';
@@ -14,8 +16,9 @@ import { waitFor } from '../../../demo/stack';
 
 export async function startOneGuestBroker(opts: {
   dir: string;
-  root: string;
-  adapter: CgroupAdapter;
+  /** The VM cgroup `vm1` under `root`; null: the broker touches no cgroup. */
+  adapter: CgroupAdapter | null;
+  root?: string;
   channel: string;
   log: Logger;
   heartbeatTimeout: string;
@@ -24,7 +27,7 @@ export async function startOneGuestBroker(opts: {
   const config = validateHostConfig({
     stateDir: path.join(opts.dir, 'host-state'),
     socket: path.join(opts.dir, 'host.sock'),
-    cgroup: { root: opts.root },
+    ...(opts.adapter && opts.root ? { cgroup: { root: opts.root } } : {}),
     heartbeat: { interval: '100ms', timeout: opts.heartbeatTimeout },
     reconnect: { min: '50ms', max: '200ms' },
     guests: [
@@ -33,7 +36,7 @@ export async function startOneGuestBroker(opts: {
         priority: 10,
         allocation: { cpus: 2, memory: '1GiB' },
         floor: { cpus: 0.5, memory: '256MiB' },
-        cgroup: 'vm1',
+        ...(opts.adapter ? { cgroup: 'vm1' } : {}),
         channel: { transport: 'unix', path: opts.channel },
       },
     ],

@@ -9,7 +9,7 @@ import net from 'node:net';
 import { silentLogger } from '../../../agent/common/log';
 import { MetricsServer } from '../../../agent/common/metrics';
 import { Registry } from 'prom-client';
-import { FaultStack, MiB } from '../../faults/stack';
+import { FaultStack, MiB, VM1_WEB_BATCH } from '../../faults/stack';
 
 jest.setTimeout(60_000);
 
@@ -57,21 +57,9 @@ let hostPort: number;
 beforeAll(async () => {
   guestPort = await freePort();
   hostPort = await freePort();
-  s = await FaultStack.create(
-    'metrics',
-    [
-      {
-        name: 'vm1',
-        metricsPort: guestPort,
-        projects: [
-          { name: 'web', priority: 100, mode: 'graceful' },
-          { name: 'batch', priority: 10, mode: 'graceful' },
-        ],
-      },
-    ],
-    { hostMetricsPort: hostPort },
-  );
-  await s.startAll();
+  s = await FaultStack.started('metrics', [{ ...VM1_WEB_BATCH, metricsPort: guestPort }], {
+    hostMetricsPort: hostPort,
+  });
 });
 
 afterAll(async () => {

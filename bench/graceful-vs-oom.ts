@@ -48,11 +48,11 @@ import {
   r1,
   requireRoot,
   say,
-  summarise,
   table,
   writeResult,
 } from './lib/common';
 import { runRealGuest } from './lib/real-guest';
+import { nestbrokerGoal, tallyVariants, totalsTable } from './lib/squeeze-tally';
 
 const OPTIONS = {
   runs: 'runs of each variant (default 5)',
@@ -440,56 +440,10 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
       ]),
     ]),
   );
-  const totals = (['nothing', 'nestbroker'] as const).map((variant) => {
-    const rs = results.filter((r) => r.variant === variant);
-    const free = rs.map((r) => r.msUntilFree).filter((x): x is number => x !== null);
-    return {
-      variant,
-      runs: rs.length,
-      oomKills: rs.reduce((s, r) => s + r.oomKills, 0),
-      gracefulEnds: rs.reduce((s, r) => s + r.gracefulEnds, 0),
-      killedBySigkill: rs.reduce((s, r) => s + r.killedBySigkill, 0),
-      lowestPriorityStoppedRuns: rs.filter((r) => r.lowestPriorityWasTheOneStopped).length,
-      workLost: rs.reduce((s, r) => s + r.workLost, 0),
-      msUntilFree: free.length ? summarise(free) : null,
-    };
-  });
+  const totals = tallyVariants(results, ['nothing', 'nestbroker']);
   say('\ntotals');
-  say(
-    table([
-      [
-        'variant',
-        'runs',
-        'OOM kills',
-        'SIGKILLed',
-        'graceful',
-        'lowest stopped (runs)',
-        'work lost',
-        'ms until free p50',
-      ],
-      ...totals.map((t) => [
-        t.variant,
-        t.runs,
-        t.oomKills,
-        t.killedBySigkill,
-        t.gracefulEnds,
-        `${t.lowestPriorityStoppedRuns}/${t.runs}`,
-        t.workLost,
-        t.msUntilFree?.p50 ?? '-',
-      ]),
-    ]),
-  );
-  const nb = results.filter((r) => r.variant === 'nestbroker');
-  const goal = {
-    goal: 'nestbroker: 0 OOM kills, every stop graceful and in priority order, in every run',
-    met: nb.every(
-      (r) =>
-        r.oomKills === 0 &&
-        r.killedBySigkill === 0 &&
-        r.workLost === 0 &&
-        r.lowestPriorityWasTheOneStopped,
-    ),
-  };
+  say(totalsTable(totals));
+  const goal = nestbrokerGoal(results);
   say(`\ngoal: ${goal.goal}: ${goal.met ? 'met' : 'NOT met'}`);
   const out = writeResult(
     'graceful-vs-oom',

@@ -33,7 +33,8 @@ import {
   type Variant,
   type VariantRun,
 } from '../../test/e2e/scenario';
-import { r1, say, summarise, table, writeResult } from './common';
+import { say, table, writeResult } from './common';
+import { nestbrokerGoal, tallyVariants, totalsTable } from './squeeze-tally';
 
 export interface RealGuestOptions {
   runs: number;
@@ -59,20 +60,11 @@ function freeText(r: VariantRun): string | number {
 }
 
 export function totalsOf(results: VariantRun[], variants: readonly Variant[]) {
-  return variants.map((variant) => {
-    const rs = results.filter((r) => r.variant === variant);
-    const free = rs.map((r) => r.msUntilFree).filter((x): x is number => x !== null);
+  return tallyVariants(results, variants).map((t) => {
+    const rs = results.filter((r) => r.variant === t.variant);
     return {
-      variant,
-      runs: rs.length,
-      oomKills: rs.reduce((s, r) => s + r.oomKills, 0),
+      ...t,
       daemonActions: rs.reduce((s, r) => s + r.daemonActions.length, 0),
-      killedBySigkill: rs.reduce((s, r) => s + r.killedBySigkill, 0),
-      gracefulEnds: rs.reduce((s, r) => s + r.gracefulEnds, 0),
-      lowestPriorityStoppedRuns: rs.filter((r) => r.lowestPriorityWasTheOneStopped).length,
-      workLost: rs.reduce((s, r) => s + r.workLost, 0),
-      freedRuns: free.length,
-      msUntilFree: free.length ? summarise(free) : null,
       softLockups: rs.reduce((s, r) => s + r.softLockups, 0),
     };
   });
@@ -117,7 +109,7 @@ export async function runRealGuest(o: RealGuestOptions): Promise<number> {
         results,
         failures,
         totals: totalsOf(results, o.variants),
-        goal: goalOf(results),
+        goal: nestbrokerGoal(results),
         totalMs: Date.now() - t0,
       },
       o.out,
@@ -204,54 +196,10 @@ export async function runRealGuest(o: RealGuestOptions): Promise<number> {
   );
   const totals = totalsOf(results, o.variants);
   say('\ntotals');
-  say(
-    table([
-      [
-        'variant',
-        'runs',
-        'OOM kills',
-        'SIGKILLed',
-        'graceful',
-        'lowest stopped (runs)',
-        'work lost',
-        'freed (runs)',
-        'ms until free p50',
-        'max',
-      ],
-      ...totals.map((t) => [
-        t.variant,
-        t.runs,
-        t.oomKills,
-        t.killedBySigkill,
-        t.gracefulEnds,
-        `${t.lowestPriorityStoppedRuns}/${t.runs}`,
-        t.workLost,
-        `${t.freedRuns}/${t.runs}`,
-        t.msUntilFree ? r1(t.msUntilFree.p50) : '-',
-        t.msUntilFree ? r1(t.msUntilFree.max) : '-',
-      ]),
-    ]),
-  );
-  const goal = goalOf(results);
+  say(totalsTable(totals));
+  const goal = nestbrokerGoal(results);
   say(`\ngoal: ${goal.goal}: ${goal.met ? 'met' : 'NOT met'}`);
   if (failures.length) say(`failed runs: ${JSON.stringify(failures)}`);
   say(`\nwrote ${save(true)} (${Math.round((Date.now() - t0) / 1000)} s in all)`);
   return failures.length ? 1 : 0;
-}
-
-function goalOf(results: VariantRun[]) {
-  const nb = results.filter((r) => r.variant === 'nestbroker');
-  return {
-    goal: 'nestbroker: 0 OOM kills, every stop graceful and in priority order, in every run',
-    met:
-      nb.length > 0 &&
-      nb.every(
-        (r) =>
-          r.oomKills === 0 &&
-          r.killedBySigkill === 0 &&
-          r.workLost === 0 &&
-          r.lowestPriorityWasTheOneStopped &&
-          r.msUntilFree !== null,
-      ),
-  };
 }

@@ -467,6 +467,36 @@ async function squeeze(
   return { watch, answered };
 }
 
+/**
+ * What every kind of run reads off the guest the same way: the kernel's OOM kills (the
+ * vmstat counter and dmesg's victims), the tally of the projects that ended, how long the
+ * memory took to come free, and the guest before the squeeze.
+ */
+function readOff(
+  before: Record<string, string>,
+  after: Record<string, string>,
+  kills: OomKill[],
+  ended: EndedProject[],
+  watch: BalloonWatch,
+  answered: boolean | null,
+) {
+  const memory = pairs(before.memory);
+  return {
+    oomKills: vmstatOomKills(after.vmstat) - vmstatOomKills(before.vmstat),
+    oomKilled: kills,
+    ended,
+    ...tally(ended),
+    msUntilFree: watch.reached ? watch.ms : null,
+    balloon: balloonOf(watch),
+    guestAnsweredWhileSqueezed: answered,
+    softLockups: softLockups(after.dmesg),
+    memTotalKiBBefore: meminfoKiB(before.meminfo, 'MemTotal'),
+    projectMemoryMiBBefore: Object.fromEntries(
+      PROJECT_NAMES.map((p) => [p, Math.round(Number(memory[p]) / MiB)]),
+    ),
+  };
+}
+
 function balloonOf(watch: BalloonWatch) {
   return {
     targetMiB: SCENARIO.squeezedMiB,
@@ -647,7 +677,6 @@ export async function runUnmanaged(
       by: whoEnded(variant, p.name, Number.isFinite(pid) ? pid : undefined, kills, actions),
     });
   }
-  const memory = pairs(before.memory);
   const daemon: Record<string, string> | undefined = unit
     ? {
         ...Object.fromEntries(Object.keys(DAEMON_CONFIG[variant]).map((k) => [k, before[k]])),
@@ -658,19 +687,8 @@ export async function runUnmanaged(
   return {
     variant,
     run,
-    oomKills: vmstatOomKills(after.vmstat) - vmstatOomKills(before.vmstat),
-    oomKilled: kills,
+    ...readOff(before, after, kills, ended, watch, answered),
     daemonActions: actions,
-    ended,
-    ...tally(ended),
-    msUntilFree: watch.reached ? watch.ms : null,
-    balloon: balloonOf(watch),
-    guestAnsweredWhileSqueezed: answered,
-    softLockups: softLockups(after.dmesg),
-    memTotalKiBBefore: meminfoKiB(before.meminfo, 'MemTotal'),
-    projectMemoryMiBBefore: Object.fromEntries(
-      PROJECT_NAMES.map((p) => [p, Math.round(Number(memory[p]) / MiB)]),
-    ),
     daemon,
     phasesMs,
     note: watch.reached
@@ -892,24 +910,12 @@ export async function runNestbroker(
           by: killed ? 'kernel OOM killer' : 'unknown',
         });
     }
-    const memory = pairs(before.memory);
     const balloon = view.actuation?.balloon;
     return {
       variant: 'nestbroker',
       run,
-      oomKills: vmstatOomKills(after.vmstat) - vmstatOomKills(before.vmstat),
-      oomKilled: kills,
+      ...readOff(before, after, kills, ended, watch, answered),
       daemonActions: [],
-      ended,
-      ...tally(ended),
-      msUntilFree: watch.reached ? watch.ms : null,
-      balloon: balloonOf(watch),
-      guestAnsweredWhileSqueezed: answered,
-      softLockups: softLockups(after.dmesg),
-      memTotalKiBBefore: meminfoKiB(before.meminfo, 'MemTotal'),
-      projectMemoryMiBBefore: Object.fromEntries(
-        PROJECT_NAMES.map((p) => [p, Math.round(Number(memory[p]) / MiB)]),
-      ),
       notice: {
         state: view.state,
         error,

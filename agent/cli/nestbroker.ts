@@ -4,10 +4,52 @@
  *
  *   nestbroker guest --config /etc/nestbroker/guest.yaml   the guest agent (in a KVM guest)
  *   nestbroker host  --config /etc/nestbroker/host.yaml    the host broker (on the KVM host)
+ *   nestbroker wait-ready guest|host --config FILE [--pid PID] [--timeout 90s]
+ *                                    until that daemon is ready (the units' ExecStartPost=)
  */
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { runGuest } from '../guest/main';
+import { GUEST_DEFAULTS, loadGuestConfig } from '../guest/config';
+import { isNestError } from '../common/errors';
+import { parseDuration } from '../common/units';
+import { waitReady } from './wait-ready';
+
+/** The operator socket named by a daemon's config (the same file its unit starts it with). */
+async function socketOf(daemon: 'guest' | 'host', config: string | undefined): Promise<string> {
+  if (daemon === 'guest')
+    return (await loadGuestConfig(config ?? GUEST_DEFAULTS.configFile)).socket;
+  // Loaded only when asked for, as the host broker itself (a guest-only build has no host/).
+  const { loadHostConfig, DEFAULT_HOST_CONFIG_PATH } = await import('../host/config');
+  return (await loadHostConfig(config ?? DEFAULT_HOST_CONFIG_PATH)).socket;
+}
+
+async function runWaitReady(a: {
+  daemon: string;
+  config?: string;
+  pid?: number;
+  timeout: string;
+}): Promise<number> {
+  const t = parseDuration(a.timeout);
+  const problems: string[] = [];
+  if (!t.ok) problems.push(`--timeout ${t.message}`);
+  if (a.pid !== undefined && !(Number.isSafeInteger(a.pid) && a.pid > 0))
+    problems.push(`--pid: ${String(a.pid)} is not a process id`);
+  if (problems.length > 0 || !t.ok) {
+    for (const p of problems) process.stderr.write(`nestbroker wait-ready: ${p}\n`);
+    return 2;
+  }
+  try {
+    const socket = await socketOf(a.daemon as 'guest' | 'host', a.config);
+    await waitReady({ socket, timeoutMs: t.value, pid: a.pid });
+    return 0;
+  } catch (err) {
+    process.stderr.write(
+      `nestbroker wait-ready ${a.daemon}: ${err instanceof Error ? err.message : String(err)}\n`,
+    );
+    return isNestError(err, 'CONFIG_INVALID') || isNestError(err, 'CONFIG_UNREADABLE') ? 2 : 1;
+  }
+}
 
 /** The host broker's entry (agent/host/main.ts, helper-5), loaded only when asked for. */
 async function runHostEntry(argv: string[]): Promise<number> {
@@ -42,6 +84,22 @@ export async function main(argv: string[]): Promise<number> {
         }),
       async () => {
         code = await runHostEntry(argv);
+      },
+    )
+    .command(
+      'wait-ready <daemon>',
+      "wait until that daemon answers on its operator socket (the units' ExecStartPost=)",
+      (y) =>
+        y
+          .positional('daemon', { choices: ['guest', 'host'] as const, demandOption: true })
+          .option('config', { type: 'string', describe: "the daemon's config file" })
+          .option('pid', {
+            type: 'number',
+            describe: "the daemon's pid ($MAINPID): give up at once when it exits",
+          })
+          .option('timeout', { type: 'string', default: '90s', describe: 'give up after' }),
+      async (a) => {
+        code = await runWaitReady(a);
       },
     )
     .demandCommand(1, 'name a daemon: guest or host')

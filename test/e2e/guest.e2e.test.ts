@@ -191,7 +191,7 @@ describe('nestbroker in a real guest (QEMU, systemd, cgroup v2, virtio-serial, b
       await phase('sandboxProbe', async () => {
         await vm!.sh(
           "sed -e 's|^ExecStart=.*|ExecStart=/bin/bash /mnt/code/test/e2e/guest/sandbox-probe.sh|' " +
-            "-e '/^ConditionPathExists=/d' -e '/^ExecStopPost=/d' -e 's/^Restart=on-failure/Restart=no/' " +
+            "-e '/^ConditionPathExists=/d' -e '/^ExecStartPost=/d' -e '/^ExecStopPost=/d' -e 's/^Restart=on-failure/Restart=no/' " +
             '/lib/systemd/system/nestbroker-guest.service >/run/systemd/system/nestbroker-probe.service && ' +
             'systemctl daemon-reload',
         );
@@ -364,6 +364,13 @@ describe('nestbroker in a real guest (QEMU, systemd, cgroup v2, virtio-serial, b
       }
       restartedAfterMs = Date.now() - t0;
       await vm!.sh('systemctl restart nestbroker-guest.service', 120_000);
+      // The unit's ExecStartPost (nestbroker wait-ready) holds `systemctl restart` until the
+      // agent answers: by then it is in its leaf. Read at once (Type=exec alone returned at
+      // exec, and a fast CI machine saw the unit's cgroup here, stop 8).
+      const rightAfter = await vm!.sh(
+        'cat /proc/$(systemctl show -p MainPID --value nestbroker-guest)/cgroup; systemctl is-active nestbroker-guest',
+      );
+      expect(rightAfter).toBe('0::/system.slice/nestbroker-guest.service/agent\nactive\n');
       const r = await pending;
       phases.restoreAcrossRestart = Date.now() - t0;
       results.restoreAcrossRestart = { ...r, restartedAfterMs };

@@ -9,7 +9,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, promises as fsp, readFileSync, statSync, readdirSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { rpcCall } from '../../../agent/common/rpc';
+import { waitReady as waitDaemonReady } from '../../../agent/cli/wait-ready';
 import { openTestAdapter, type TestAdapter } from '../../helpers/cgroup-root';
 
 export const REPO = path.resolve(__dirname, '../../..');
@@ -164,20 +164,15 @@ export function startAgent(env: Env): AgentProc {
   };
 }
 
-/** Waits until the agent answers `status` on its socket. */
+/** Waits until the agent answers `status` on its socket (as the unit's ExecStartPost= does). */
 export async function waitReady(env: Env, agent: AgentProc, timeoutMs = 15_000): Promise<void> {
-  const until = Date.now() + timeoutMs;
-  while (Date.now() < until) {
-    if (agent.child.exitCode !== null)
-      throw new Error(`agent exited ${agent.child.exitCode}: ${agent.stderr()}\n${agent.stdout()}`);
-    try {
-      await rpcCall(env.socket, 'status', {}, { timeoutMs: 1000 });
-      return;
-    } catch {
-      await sleep(100);
-    }
+  try {
+    await waitDaemonReady({ socket: env.socket, timeoutMs, pid: agent.pid });
+  } catch (err) {
+    throw new Error(
+      `agent not ready (exit ${agent.child.exitCode}): ${(err as Error).message}\n${agent.stderr()}\n${agent.stdout()}`,
+    );
   }
-  throw new Error(`agent not ready after ${timeoutMs} ms:\n${agent.stdout()}\n${agent.stderr()}`);
 }
 
 export interface CtlResult {

@@ -11,7 +11,7 @@ import { rpcCall } from '../../../agent/common/rpc';
 import type { NoticeView } from '../../../agent/host/api';
 import { HOST_EXIT } from '../../../agent/cli/host-commands';
 import { EXIT } from '../../../agent/cli/format';
-import { NESTCTL, Stack, waitFor, type GuestRun } from '../../../demo/stack';
+import { NESTBROKER, NESTCTL, Stack, waitFor, type GuestRun } from '../../../demo/stack';
 
 const MiB = 1024 * 1024;
 const root = `nestbroker-test-${process.pid}-life`;
@@ -39,6 +39,8 @@ const kernel = (ctrl: string, group: string, file: string): string =>
 
 let dir: string;
 let stack: Stack;
+let waitedReady: Promise<{ code: number | null; at: number }>;
+let hostStartedAt: number;
 const run = (name: string): GuestRun => stack.guests.find((g) => g.spec.name === name)!;
 
 beforeAll(async () => {
@@ -48,6 +50,18 @@ beforeAll(async () => {
   await stack.writeConfigs();
   await stack.startGuest('vm1');
   await stack.startGuest('vm2');
+  // The unit's ExecStartPost, started before the broker as systemd does right after exec.
+  const waiting = spawn(process.execPath, [
+    NESTBROKER,
+    'wait-ready',
+    'host',
+    '--config',
+    stack.hostConfig,
+    '--timeout',
+    '30s',
+  ]);
+  waitedReady = new Promise((r) => waiting.on('exit', (code) => r({ code, at: Date.now() })));
+  hostStartedAt = Date.now();
   await stack.startHost();
   await stack.waitConnected();
 }, 60_000);
@@ -89,6 +103,13 @@ async function whileStopped<T>(name: string, fn: () => Promise<T>): Promise<T> {
     child.kill('SIGCONT');
   }
 }
+
+test('nestbroker wait-ready host (the unit ExecStartPost) returned 0 once the broker answered, not before it started', async () => {
+  const r = await waitedReady;
+  expect(r.code).toBe(0);
+  expect(r.at).toBeGreaterThan(hostStartedAt);
+  expect((await nestctl('guests')).code).toBe(0);
+});
 
 test('a late guest without --force: notice `late`, the books give it back, VM limits untouched, nestctl exits 7', async () => {
   const r = await whileStopped('vm1', () =>

@@ -17,14 +17,15 @@ set -euo pipefail
 SUITE=bookworm
 MIRROR=http://deb.debian.org/debian
 # Pinned exactly: the chroot and the host may see different kernel ABIs, and the cache key
-# must say which one is inside. bookworm main carried 6.1.0-50 (6.1.176-1) when this was
-# written; when a point release drops it, bump all three together (`apt-cache madison
+# must say which one is inside. bookworm main carried 6.1.0-56 (6.1.192-2) when this was
+# last bumped (6.1.0-50 before: CI machines, whose cache is empty, already fell back to
+# -56); when a point release drops it, bump all three together (`apt-cache madison
 # linux-image-amd64` shows what the mirror has). Until then kernel() falls back, loudly, to
 # the package linux-image-amd64 depends on (timings.json records the kernel actually used;
 # the cache key is of this recipe, so that image stays cached until the pin is bumped).
-KERNEL_PKG=linux-image-6.1.0-50-amd64
-KERNEL_VER=6.1.176-1
-KERNEL_ABI=6.1.0-50-amd64
+KERNEL_PKG=linux-image-6.1.0-56-amd64
+KERNEL_VER=6.1.192-2
+KERNEL_ABI=6.1.0-56-amd64
 # earlyoom and systemd-oomd: the userspace OOM killers bench/graceful-vs-oom compares with
 # nestbroker inside this guest (issue 6 part 3). Installed with Debian's defaults but NOT
 # enabled at boot (configure() below): a variant starts its own daemon and stops it again.

@@ -11,6 +11,7 @@ import path from 'node:path';
 import YAML from 'yaml';
 import { openCgroupAdapter, type CgroupDriver } from '../cgroup-adapter/index';
 import { rpcCall } from '../agent/common/rpc';
+import { waitReady } from '../agent/cli/wait-ready';
 
 /** The compiled tree: this file runs from dist/demo/, or from demo/ under ts-jest. */
 export const DIST =
@@ -96,29 +97,42 @@ export interface GuestRun {
   proc: Proc | null;
 }
 
-function spawnProc(
-  name: string,
-  argv: string[],
-  logFile: string,
-  extraEnv: Record<string, string> = {},
-): Promise<Proc> {
-  return fs.open(logFile, 'a').then((fh) => {
-    const child = spawn(process.execPath, argv, {
-      stdio: ['ignore', fh.fd, fh.fd],
-      env: {
-        ...process.env,
-        NESTBROKER_LOG_LEVEL: process.env.NESTBROKER_LOG_LEVEL ?? 'info',
-        ...extraEnv,
-      },
-    });
-    const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
-      child.once('exit', (code, signal) => {
-        void fh.close();
-        resolve({ code, signal });
-      }),
-    );
-    return { name, child, exited };
+/**
+ * Starts a daemon as a process (node, AGENT_NODE_FLAGS, `nodeArgs`, `argv`), its output
+ * appended to `logFile`, and resolves once it answers on its operator `socket`: the same
+ * readiness rule as the units' ExecStartPost (agent/cli/wait-ready.ts), so it fails at
+ * once when the daemon exits first.
+ */
+export async function startDaemon(o: {
+  name: string;
+  argv: string[];
+  logFile: string;
+  socket: string;
+  env?: Record<string, string>;
+  nodeArgs?: string[];
+  timeoutMs?: number;
+}): Promise<Proc> {
+  const fh = await fs.open(o.logFile, 'a');
+  const child = spawn(process.execPath, [...AGENT_NODE_FLAGS, ...(o.nodeArgs ?? []), ...o.argv], {
+    stdio: ['ignore', fh.fd, fh.fd],
+    env: {
+      ...process.env,
+      NESTBROKER_LOG_LEVEL: process.env.NESTBROKER_LOG_LEVEL ?? 'info',
+      ...o.env,
+    },
   });
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+    child.once('exit', (code, signal) => {
+      void fh.close();
+      resolve({ code, signal });
+    }),
+  );
+  try {
+    await waitReady({ socket: o.socket, timeoutMs: o.timeoutMs ?? 20_000, pid: child.pid });
+  } catch (err) {
+    throw new Error(`${o.name} not ready: ${(err as Error).message}; see ${o.logFile}`);
+  }
+  return { name: o.name, child, exited };
 }
 
 export async function waitFor<T>(
@@ -286,17 +300,12 @@ export class Stack {
   /** `env` adds to the agent's environment (test/faults: NESTBROKER_FAULT). */
   async startGuest(name: string, env: Record<string, string> = {}): Promise<GuestRun> {
     const run = this.guests.find((g) => g.spec.name === name)!;
-    run.proc = await spawnProc(
-      `guest ${name}`,
-      [...AGENT_NODE_FLAGS, NESTBROKER, 'guest', '--config', run.config],
-      path.join(this.logDir, `guest-${name}.log`),
+    run.proc = await startDaemon({
+      name: `guest ${name}`,
+      argv: [NESTBROKER, 'guest', '--config', run.config],
+      logFile: path.join(this.logDir, `guest-${name}.log`),
+      socket: run.socket,
       env,
-    );
-    await waitFor(`guest ${name}'s operator socket`, async () => {
-      if (run.proc && run.proc.child.exitCode !== null)
-        throw new Error(`guest ${name} exited with ${run.proc.child.exitCode}; see ${this.logDir}`);
-      await rpcCall(run.socket, 'status', {}, { timeoutMs: 2000 });
-      return true;
     });
     // The operator socket answers before the upstream channel listens (agent.ts start
     // order): a caller that connects to the channel next must not race it.
@@ -308,19 +317,12 @@ export class Stack {
   }
 
   async startHost(env: Record<string, string> = {}): Promise<Proc> {
-    this.host = await spawnProc(
-      'host',
-      [...AGENT_NODE_FLAGS, NESTBROKER, 'host', '--config', this.hostConfig],
-      path.join(this.logDir, 'host.log'),
+    this.host = await startDaemon({
+      name: 'host',
+      argv: [NESTBROKER, 'host', '--config', this.hostConfig],
+      logFile: path.join(this.logDir, 'host.log'),
+      socket: this.hostSocket,
       env,
-    );
-    await waitFor('the host broker socket', async () => {
-      if (this.host && this.host.child.exitCode !== null)
-        throw new Error(
-          `host exited with ${this.host.child.exitCode}; see ${this.logDir}/host.log`,
-        );
-      await rpcCall(this.hostSocket, 'guests', {}, { timeoutMs: 2000 });
-      return true;
     });
     return this.host;
   }

@@ -9,14 +9,13 @@
  * at their minimum (shrunk: every limit file rewritten) and stops all the others
  * (stop signal, exit at once): every project of the guest is touched.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import YAML from 'yaml';
 import { openCgroupAdapter, type CgroupDriver } from '../../cgroup-adapter/index';
 import { rpcCall } from '../../agent/common/rpc';
-import { AGENT_NODE_FLAGS, NESTBROKER, waitFor } from '../../demo/stack';
+import { NESTBROKER, startDaemon, waitFor, type Proc } from '../../demo/stack';
 
 const MiB = 1024 * 1024;
 export const PROJECT_MEMORY = { min: 8 * MiB, max: 16 * MiB };
@@ -99,11 +98,7 @@ export interface BenchStackOptions {
   startConcurrency?: number;
 }
 
-export interface AgentProc {
-  name: string;
-  child: ChildProcess;
-  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-}
+export type AgentProc = Proc;
 
 export interface GuestRun {
   spec: BenchGuest;
@@ -201,21 +196,8 @@ export class BenchStack {
     await fs.writeFile(this.hostConfig, YAML.stringify(hostYaml));
   }
 
-  private async spawnAgent(name: string, argv: string[], extra: string[]): Promise<AgentProc> {
-    const fh = await fs.open(path.join(this.logDir, `${name.replace(/\s+/g, '-')}.log`), 'a');
-    const env = { ...process.env };
-    if (this.opts.logLevel) env.NESTBROKER_LOG_LEVEL = this.opts.logLevel;
-    const child = spawn(process.execPath, [...AGENT_NODE_FLAGS, ...extra, ...argv], {
-      stdio: ['ignore', fh.fd, fh.fd],
-      env,
-    });
-    const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
-      child.once('exit', (code, signal) => {
-        void fh.close();
-        resolve({ code, signal });
-      }),
-    );
-    return { name, child, exited };
+  private env(): Record<string, string> {
+    return this.opts.logLevel ? { NESTBROKER_LOG_LEVEL: this.opts.logLevel } : {};
   }
 
   async startGuests(): Promise<void> {
@@ -227,34 +209,25 @@ export class BenchStack {
   }
 
   async startGuest(run: GuestRun): Promise<void> {
-    run.proc = await this.spawnAgent(
-      `guest ${run.spec.name}`,
-      [NESTBROKER, 'guest', '--config', run.config],
-      this.opts.nodeArgs?.guest ?? [],
-    );
-    await waitFor(
-      `guest ${run.spec.name}'s operator socket`,
-      async () => {
-        if (run.proc && run.proc.child.exitCode !== null)
-          throw new Error(`guest ${run.spec.name} exited; see ${this.logDir}`);
-        await rpcCall(run.socket, 'status', {}, { timeoutMs: 5000 });
-        return true;
-      },
-      120_000,
-    );
+    run.proc = await startDaemon({
+      name: `guest ${run.spec.name}`,
+      argv: [NESTBROKER, 'guest', '--config', run.config],
+      logFile: path.join(this.logDir, `guest-${run.spec.name}.log`),
+      socket: run.socket,
+      env: this.env(),
+      nodeArgs: this.opts.nodeArgs?.guest,
+      timeoutMs: 120_000,
+    });
   }
 
   async startHost(): Promise<void> {
-    this.host = await this.spawnAgent(
-      'host',
-      [NESTBROKER, 'host', '--config', this.hostConfig],
-      this.opts.nodeArgs?.host ?? [],
-    );
-    await waitFor('the host broker socket', async () => {
-      if (this.host && this.host.child.exitCode !== null)
-        throw new Error(`host exited; see ${this.logDir}/host.log`);
-      await rpcCall(this.hostSocket, 'guests', {}, { timeoutMs: 5000 });
-      return true;
+    this.host = await startDaemon({
+      name: 'host',
+      argv: [NESTBROKER, 'host', '--config', this.hostConfig],
+      logFile: path.join(this.logDir, 'host.log'),
+      socket: this.hostSocket,
+      env: this.env(),
+      nodeArgs: this.opts.nodeArgs?.host,
     });
   }
 

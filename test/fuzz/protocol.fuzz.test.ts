@@ -307,8 +307,10 @@ describe('live: a real unix-socket channel fed the same stream by a raw client',
     for (const n of received.pongs.values()) pongs += n;
     expect(pongs).toBe(want.pings.length + 1);
     expect(received.pongs.get('dup-1')).toBe(LIVE_LINES / 500);
-    // Memory bounded: the stream was ~MBs; the server keeps no per-line state.
-    expect(after.heapUsed - before.heapUsed).toBeLessThan(128);
+    // Memory bounded: the server keeps no per-line state. Retained heap (after a full GC)
+    // grows by less than 16 MiB over 20 000 lines (~1 KiB kept a line would be 20 MiB);
+    // measured here: 42.3 → 40.3 MiB.
+    expect(after.heapUsed - before.heapUsed).toBeLessThan(16);
     console.log(
       `protocol fuzz (live unix channel): ${LIVE_LINES} lines, ${(stream.length / 2 ** 20).toFixed(1)} MiB, ` +
         `${want.valid} valid, ${want.replies} error replies, ${want.silent} bad "error" messages dropped, ` +

@@ -18,6 +18,7 @@
  * (Notice → Outcome), and a project may itself be another agent one level deeper.
  */
 import type { Logger } from '../common/log';
+import { withTimeout } from '../common/timeout';
 import type { Outcome, OutcomeStatus, ProjectOutcome, Resources, Notice } from './types';
 
 /** One child's part of a plan. */
@@ -195,7 +196,7 @@ export async function runBroker<CN, CO>(
         const child = children.get(s.child)!;
         const t0 = now();
         try {
-          await withTimeout(
+          await bounded(
             child.deliver(s.notice, ctxFor(s.child, false)),
             deliverTimeoutMs,
             `delivering the notice to ${s.child}`,
@@ -243,7 +244,7 @@ export async function runBroker<CN, CO>(
           const t0 = now();
           let outcome: CO;
           try {
-            outcome = await withTimeout(
+            outcome = await bounded(
               children.get(s.child)!.apply(s.notice, ctxFor(s.child, resumed)),
               Math.max(0, opts.deadline.getTime() - now()) + overrunMs,
               `step of ${s.child} (deadline ${opts.deadline.toISOString()} + ${overrunMs} ms)`,
@@ -272,20 +273,9 @@ function actionOf(n: unknown): unknown {
     : undefined;
 }
 
-function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  return new Promise<T>((resolve, reject) => {
-    const t = setTimeout(() => reject(new BrokerTimeout(`${what} did not finish in time`)), ms);
-    p.then(
-      (v) => {
-        clearTimeout(t);
-        resolve(v);
-      },
-      (e: unknown) => {
-        clearTimeout(t);
-        reject(e);
-      },
-    );
-  });
+/** withTimeout with the broker's error: `what` did not finish in time. */
+function bounded<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  return withTimeout(p, ms, () => new BrokerTimeout(`${what} did not finish in time`));
 }
 
 /** Limits as numbers for totals: 'max' counts as the whole of `whole`. */

@@ -13,6 +13,7 @@
  */
 import net from 'node:net';
 import { NestError } from '../common/errors';
+import { withTimeout } from '../common/timeout';
 
 export interface QmpGreeting {
   version?: { qemu?: { major: number; minor: number; micro: number }; package?: string };
@@ -223,28 +224,15 @@ export class QmpClient {
   }
 
   private bounded<T>(p: Promise<T>, what: string): Promise<T> {
-    return new Promise<T>((resolve, reject) => {
-      const t = setTimeout(
-        () =>
-          reject(
-            new NestError(
-              'TIMEOUT',
-              `QMP ${what} on ${this.socketPath} took longer than ${this.timeoutMs} ms`,
-            ),
-          ),
-        this.timeoutMs,
-      );
-      p.then(
-        (v) => {
-          clearTimeout(t);
-          resolve(v);
-        },
-        (e: unknown) => {
-          clearTimeout(t);
-          reject(e);
-        },
-      );
-    });
+    return withTimeout(
+      p,
+      this.timeoutMs,
+      () =>
+        new NestError(
+          'TIMEOUT',
+          `QMP ${what} on ${this.socketPath} took longer than ${this.timeoutMs} ms`,
+        ),
+    );
   }
 }
 

@@ -136,3 +136,43 @@ export function formatProgress(ev: Record<string, unknown>): string | null {
       return `${t}  ${ev.child}: ${String(ev.phase)}${ms}`;
   }
 }
+
+/** Where a command prints (stdout/stderr; tests pass a recorder). */
+export interface Io {
+  out(s: string): void;
+  err(s: string): void;
+}
+
+export const stdio: Io = {
+  out: (s) => process.stdout.write(`${s}\n`),
+  err: (s) => process.stderr.write(`${s}\n`),
+};
+
+/**
+ * Runs one nestctl command: its exit code, or for an error the error printed (as
+ * `{"error": {code, message, problems}}` with --json) and `exitFor(err)`.
+ */
+export async function runCommand(
+  a: { json?: boolean },
+  io: Io,
+  fn: () => Promise<number>,
+  exitFor: (err: unknown) => number = exitForError,
+): Promise<void> {
+  try {
+    process.exitCode = await fn();
+  } catch (err) {
+    const e = err as { code?: string; message?: string; problems?: unknown };
+    if (a.json)
+      io.out(
+        json({
+          error: {
+            code: e.code ?? 'INTERNAL',
+            message: e.message ?? String(err),
+            problems: e.problems ?? [],
+          },
+        }),
+      );
+    else io.err(formatError(err));
+    process.exitCode = exitFor(err);
+  }
+}

@@ -10,17 +10,20 @@ import type { Outcome } from '../broker/types';
 import type { Plan } from '../guest/planner';
 import {
   EXIT,
-  exitForError,
   exitForOutcome,
   fmtBytes,
   fmtCpus,
   fmtLimits,
-  formatError,
   formatOutcome,
   formatProgress,
   json,
+  runCommand,
+  stdio,
   table,
+  type Io,
 } from './format';
+
+export type { Io } from './format';
 
 export const DEFAULT_GUEST_SOCKET = '/run/nestbroker/guest.sock';
 
@@ -31,37 +34,12 @@ export interface GlobalArgs {
   timeout?: string;
 }
 
-export interface Io {
-  out(s: string): void;
-  err(s: string): void;
-}
-
-const stdio: Io = {
-  out: (s) => process.stdout.write(`${s}\n`),
-  err: (s) => process.stderr.write(`${s}\n`),
-};
-
 function socketOf(a: GlobalArgs): string {
   return a.socket ?? DEFAULT_GUEST_SOCKET;
 }
 
-async function run(a: GlobalArgs, io: Io, fn: () => Promise<number>): Promise<void> {
-  try {
-    process.exitCode = await fn();
-  } catch (err) {
-    if (a.json) io.out(json({ error: errorJson(err) }));
-    else io.err(formatError(err));
-    process.exitCode = exitForError(err);
-  }
-}
-
-function errorJson(err: unknown): object {
-  const e = err as { code?: string; message?: string; problems?: unknown };
-  return {
-    code: e.code ?? 'INTERNAL',
-    message: e.message ?? String(err),
-    problems: e.problems ?? [],
-  };
+function run(a: GlobalArgs, io: Io, fn: () => Promise<number>): Promise<void> {
+  return runCommand(a, io, fn);
 }
 
 function changeArgs(a: Record<string, unknown>): Record<string, unknown> {

@@ -15,11 +15,15 @@ import {
   exitForOutcome,
   fmtBytes,
   fmtCpus,
-  formatError,
   formatOutcome,
   json,
+  runCommand,
+  stdio,
   table,
+  type Io,
 } from './format';
+
+export type { Io } from './format';
 
 /** Exit codes only host commands give (after format.ts's 0–6). */
 export const HOST_EXIT = {
@@ -41,44 +45,17 @@ interface G {
   json?: boolean;
 }
 
-export interface Io {
-  out(s: string): void;
-  err(s: string): void;
-}
-
-const stdio: Io = {
-  out: (s) => process.stdout.write(`${s}\n`),
-  err: (s) => process.stderr.write(`${s}\n`),
-};
-
 const sock = (a: G): string => a.socket ?? DEFAULT_HOST_SOCKET;
 
-async function run(a: G, io: Io, fn: () => Promise<number>): Promise<void> {
-  try {
-    process.exitCode = await fn();
-  } catch (err) {
-    const e = err as { code?: string; message?: string; problems?: unknown };
-    if (a.json)
-      io.out(
-        json({
-          error: {
-            code: e.code ?? 'INTERNAL',
-            message: e.message ?? String(err),
-            problems: e.problems ?? [],
-          },
-        }),
-      );
-    else io.err(formatError(err));
-    process.exitCode =
-      e.code === 'GUEST_UNKNOWN'
-        ? EXIT.USAGE
-        : e.code === 'GUEST_LATE'
-          ? HOST_EXIT.LATE
-          : exitForError(err);
-  }
+function run(a: G, io: Io, fn: () => Promise<number>): Promise<void> {
+  return runCommand(a, io, fn, (err) => {
+    const code = (err as { code?: string }).code;
+    if (code === 'GUEST_UNKNOWN') return EXIT.USAGE;
+    if (code === 'GUEST_LATE') return HOST_EXIT.LATE;
+    return exitForError(err);
+  });
 }
 
-/** The exit code of a finished notice: what happened, in one number. */
 export function exitForNotice(n: NoticeView): number {
   if (n.state === 'cancelled') return HOST_EXIT.CANCELLED;
   if (n.state === 'late' || n.late) return HOST_EXIT.LATE;

@@ -8,6 +8,8 @@ import { rpcCall } from '../common/rpc';
 import { formatMs } from '../common/units';
 import type { Outcome } from '../broker/types';
 import type { Plan } from '../guest/planner';
+import type { TopView } from '../guest/agent';
+import { parseTopArgs, topLoop, topOptions } from './top';
 import {
   EXIT,
   exitForOutcome,
@@ -40,6 +42,52 @@ function socketOf(a: GlobalArgs): string {
 
 function run(a: GlobalArgs, io: Io, fn: () => Promise<number>): Promise<void> {
   return runCommand(a, io, fn);
+}
+
+const pct = (v: number | null): string => (v === null ? '-' : `${v.toFixed(2)}%`);
+
+/** The guest's `top`: largest memory first (where a reclaim would hurt most). */
+export function topText(v: TopView): string {
+  const rows = [...v.projects].sort(
+    (a, b) => (b.memoryBytes ?? -1) - (a.memoryBytes ?? -1) || a.name.localeCompare(b.name),
+  );
+  return [
+    `guest ${v.guest} at ${v.at}: allocation ${fmtBytes(v.allocation.memoryBytes)}, ${fmtCpus(v.allocation.cpus)} CPUs; ` +
+      `for projects ${fmtBytes(v.projectAllocation.memoryBytes)}, ${fmtCpus(v.projectAllocation.cpus)} CPUs`,
+    '',
+    table(
+      [
+        'project',
+        'prio',
+        'state',
+        'memory',
+        'max',
+        'peak',
+        'mem psi10',
+        'cpus',
+        'cpu max',
+        'cpu psi10',
+        'throttled',
+        'oom kills',
+        'pids',
+      ],
+      rows.map((r) => [
+        r.name,
+        r.priority,
+        r.state,
+        fmtBytes(r.memoryBytes),
+        fmtBytes(r.limits.memoryMax),
+        fmtBytes(r.memoryPeakBytes),
+        pct(r.memoryPressure10),
+        r.cpus === null ? '-' : fmtCpus(r.cpus),
+        fmtCpus(r.limits.cpuMax),
+        pct(r.cpuPressure10),
+        r.throttledUs === null ? '-' : formatMs(r.throttledUs / 1000),
+        r.oomKills ?? '-',
+        r.pids ?? '-',
+      ]),
+    ),
+  ].join('\n');
 }
 
 function changeArgs(a: Record<string, unknown>): Record<string, unknown> {
@@ -99,6 +147,21 @@ export function registerGuestCommands(y: Argv<GlobalArgs>, io: Io = stdio): Argv
               ),
             );
           return EXIT.OK;
+        }),
+    )
+    .command(
+      'top',
+      'the projects as the kernel shows them now, refreshed: memory, peak, pressure, CPUs, OOM kills',
+      (b) => topOptions(b),
+      (a) =>
+        run(a, io, async () => {
+          const t = parseTopArgs(a);
+          return topLoop(
+            io,
+            { ...t, json: a.json === true, tty: process.stdout.isTTY === true },
+            async () => (await rpcCall(socketOf(a), 'top', {})) as TopView,
+            topText,
+          );
         }),
     )
     .command(

@@ -9,6 +9,7 @@ import { formatMs, parseDuration } from '../common/units';
 import type { NoticeView } from '../host/api';
 import type { GuestStatus, HostProgress } from '../host/host-broker';
 import { DEFAULT_HOST_SOCKET } from '../host/config';
+import { parseTopArgs, topLoop, topOptions } from './top';
 import {
   EXIT,
   exitForError,
@@ -67,6 +68,59 @@ export function exitForNotice(n: NoticeView): number {
 
 const res = (r: { memoryBytes: number; cpus: number } | undefined): string =>
   r ? `${fmtBytes(r.memoryBytes)}, ${fmtCpus(r.cpus)} CPUs` : '-';
+
+/** What the host's `status` returns (agent/host/api.ts). */
+interface HostStatus {
+  guests: GuestStatus[];
+  notices: NoticeView[];
+  host: {
+    host: {
+      memoryAvailableBytes?: number;
+      memoryTotalBytes?: number;
+      memoryPsiSomeAvg10?: number;
+    };
+    vms: {
+      guest: string;
+      usage?: { memoryCurrent: number; pids: number };
+      limits?: {
+        memory?: { max?: number | 'max' };
+        cpu?: { max?: { quotaUs: number | 'max'; periodUs: number } };
+      };
+    }[];
+  } | null;
+  trigger: { enabled: boolean } | null;
+}
+
+/** `status` (and each refresh of `top`) for people. */
+export function statusText(s: HostStatus): string {
+  const out: string[] = [];
+  const h = s.host?.host;
+  out.push(
+    `host: ${h ? `${fmtBytes(h.memoryAvailableBytes)} available of ${fmtBytes(h.memoryTotalBytes)}, memory PSI some avg10 ${h.memoryPsiSomeAvg10 ?? '-'}` : 'not sampled yet'}; trigger ${s.trigger?.enabled ? 'on' : 'off'}`,
+  );
+  out.push('');
+  out.push(guestsTable(s.guests));
+  if (s.host?.vms.length) {
+    out.push('');
+    out.push(
+      table(
+        ['guest', 'vm memory', 'vm memory limit', 'vm cpu.max', 'pids'],
+        s.host.vms.map((v) => [
+          v.guest,
+          fmtBytes(v.usage?.memoryCurrent),
+          fmtBytes(v.limits?.memory?.max),
+          v.limits?.cpu?.max ? `${v.limits.cpu.max.quotaUs} ${v.limits.cpu.max.periodUs}` : '-',
+          v.usage ? v.usage.pids : '-',
+        ]),
+      ),
+    );
+  }
+  if (s.notices.length) {
+    out.push('');
+    out.push(noticesTable(s.notices));
+  }
+  return out.join('\n');
+}
 
 function guestsTable(gs: GuestStatus[]): string {
   return table(
@@ -185,58 +239,24 @@ export function registerHostCommands(y: Argv, io: Io = stdio): Argv {
       (c) => c,
       (a) =>
         run(a as G, io, async () => {
-          const s = (await rpcCall(sock(a as G), 'status')) as {
-            guests: GuestStatus[];
-            notices: NoticeView[];
-            host: {
-              host: {
-                memoryAvailableBytes?: number;
-                memoryTotalBytes?: number;
-                memoryPsiSomeAvg10?: number;
-              };
-              vms: {
-                guest: string;
-                usage?: { memoryCurrent: number; pids: number };
-                limits?: {
-                  memory?: { max?: number | 'max' };
-                  cpu?: { max?: { quotaUs: number | 'max'; periodUs: number } };
-                };
-              }[];
-            } | null;
-            trigger: { enabled: boolean } | null;
-          };
-          if ((a as G).json) {
-            io.out(json(s));
-            return EXIT.OK;
-          }
-          const h = s.host?.host;
-          io.out(
-            `host: ${h ? `${fmtBytes(h.memoryAvailableBytes)} available of ${fmtBytes(h.memoryTotalBytes)}, memory PSI some avg10 ${h.memoryPsiSomeAvg10 ?? '-'}` : 'not sampled yet'}; trigger ${s.trigger?.enabled ? 'on' : 'off'}`,
-          );
-          io.out('');
-          io.out(guestsTable(s.guests));
-          if (s.host?.vms.length) {
-            io.out('');
-            io.out(
-              table(
-                ['guest', 'vm memory', 'vm memory limit', 'vm cpu.max', 'pids'],
-                s.host.vms.map((v) => [
-                  v.guest,
-                  fmtBytes(v.usage?.memoryCurrent),
-                  fmtBytes(v.limits?.memory?.max),
-                  v.limits?.cpu?.max
-                    ? `${v.limits.cpu.max.quotaUs} ${v.limits.cpu.max.periodUs}`
-                    : '-',
-                  v.usage ? v.usage.pids : '-',
-                ]),
-              ),
-            );
-          }
-          if (s.notices.length) {
-            io.out('');
-            io.out(noticesTable(s.notices));
-          }
+          const s = (await rpcCall(sock(a as G), 'status')) as HostStatus;
+          io.out((a as G).json ? json(s) : statusText(s));
           return EXIT.OK;
+        }),
+    )
+    .command(
+      'top',
+      'the host status, refreshed: host memory and pressure, guests, VM cgroups, notices',
+      (c) => topOptions(c),
+      (a) =>
+        run(a as G, io, async () => {
+          const t = parseTopArgs(a);
+          return topLoop(
+            io,
+            { ...t, json: (a as G).json === true, tty: process.stdout.isTTY === true },
+            async () => (await rpcCall(sock(a as G), 'status')) as HostStatus,
+            statusText,
+          );
         }),
     )
     .command(

@@ -19,7 +19,7 @@ import { Journal } from '../common/journal';
 import type { Logger } from '../common/log';
 import { RpcServer } from '../common/rpc';
 import { MetricsServer } from '../common/metrics';
-import type { Resources } from '../broker/types';
+import type { ProjectLimits, Resources } from '../broker/types';
 import type { Hello } from '../protocol/messages';
 import { NoticeBook } from '../client/notices';
 import { minimumsAbove, type GuestConfig } from './config';
@@ -222,6 +222,43 @@ export class GuestAgent {
     };
   }
 
+  /**
+   * `nestctl --guest top`: every project's usage as the kernel shows it now (the adapter's
+   * full read: memory in use and its peak, OOM kills, pressure, throttling, processes),
+   * with CPUs in use from the sampler. Read on demand, never on the sampler's tick (usage.ts).
+   */
+  async top(): Promise<TopView> {
+    const usage = await this.usage.fresh();
+    const projects: TopRow[] = [];
+    for (const p of this.cfg.projects) {
+      const group = this.registry.group(p.name);
+      const u = await this.adapter.usage(group).catch(() => null);
+      projects.push({
+        name: p.name,
+        priority: p.priority,
+        state: await this.registry.stateOf(p.name),
+        limits: this.registry.limits(p.name),
+        memoryBytes: u?.memoryCurrent ?? null,
+        memoryPeakBytes: u?.memoryPeak ?? null,
+        oomKills: u?.memoryEvents.oomKill ?? null,
+        memoryPressure10: u?.memoryPressure?.some.avg10 ?? null,
+        cpuPressure10: u?.cpuPressure?.some.avg10 ?? null,
+        cpus: usage[p.name]?.cpus ?? null,
+        throttledUs: u?.cpuThrottledUs ?? null,
+        // Processes (cgroup.procs), as `projects` counts them; the kernel's pids.current
+        // counts tasks, and a Node project has a dozen threads.
+        pids: u ? (await this.registry.pids(p.name).catch(() => [])).length : null,
+      });
+    }
+    return {
+      guest: this.cfg.guest,
+      at: new Date().toISOString(),
+      allocation: this.allocation.current(),
+      projectAllocation: this.broker.net(this.allocation.current()),
+      projects,
+    };
+  }
+
   async projectRows(): Promise<object[]> {
     const usage = await this.usage.fresh();
     const rows: object[] = [];
@@ -243,6 +280,32 @@ export class GuestAgent {
     }
     return rows;
   }
+}
+
+/** One project in `top`: null where the kernel file could not be read (a group just gone). */
+export interface TopRow {
+  name: string;
+  priority: number;
+  state: string;
+  limits: ProjectLimits;
+  memoryBytes: number | null;
+  memoryPeakBytes: number | null;
+  oomKills: number | null;
+  /** memory / cpu pressure, `some` avg10 (%), where the kernel has PSI. */
+  memoryPressure10: number | null;
+  cpuPressure10: number | null;
+  /** CPUs in use over the sampler's last interval. */
+  cpus: number | null;
+  throttledUs: number | null;
+  pids: number | null;
+}
+
+export interface TopView {
+  guest: string;
+  at: string;
+  allocation: Resources;
+  projectAllocation: Resources;
+  projects: TopRow[];
 }
 
 /** A group name or gid → gid (from /etc/group). */

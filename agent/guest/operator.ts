@@ -136,6 +136,7 @@ export function registerOperatorApi(
   };
   rpc.handle('status', async () => agent.status());
   rpc.handle('projects', async () => agent.projectRows());
+  rpc.handle('top', async () => agent.top());
   rpc.handle('plan', async (args) => {
     const kind: NoticeKind = args.kind === 'restore' ? 'restore' : 'reclaim';
     const rest = { ...args };

@@ -111,6 +111,26 @@ test('nestbroker wait-ready host (the unit ExecStartPost) returned 0 once the br
   expect((await nestctl('guests')).code).toBe(0);
 });
 
+test('nestctl top: the host status refreshed, --json one line a refresh, both guests connected', async () => {
+  const r = await nestctl('top', '--json', '--count', '2', '--interval', '200ms');
+  expect(r.code).toBe(0);
+  const views = r.out
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l) as { guests: { name: string; connected: boolean }[] });
+  expect(views).toHaveLength(2);
+  for (const v of views)
+    expect(v.guests.map((g) => [g.name, g.connected])).toEqual([
+      ['vm1', true],
+      ['vm2', true],
+    ]);
+  const text = await nestctl('top', '--count', '1');
+  expect(text.code).toBe(0);
+  // The watcher's first host sample may still be on its way.
+  expect(text.out).toMatch(/^host: (.* available of .*|not sampled yet); trigger (on|off)\n/);
+  expect(text.out).toMatch(/\nvm1\s+10\s+yes\s/);
+});
+
 test('a late guest without --force: notice `late`, the books give it back, VM limits untouched, nestctl exits 7', async () => {
   const r = await whileStopped('vm1', () =>
     nestctl('reclaim', 'vm1', '--memory', '256MiB', '--cpus', '0.5', '--deadline', '1s'),

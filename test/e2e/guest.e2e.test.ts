@@ -246,6 +246,36 @@ describe('nestbroker in a real guest (QEMU, systemd, cgroup v2, virtio-serial, b
       for (const p of ['db', 'web', 'batch'])
         expect(state.stdout).toMatch(new RegExp(`^${p} \\d+ 1$`, 'm'));
       expect(up.code).toBe(0);
+      // `nestctl --guest top` on pure cgroup v2: the kernel's figures (memory.current, its
+      // peak, PSI), read in the same breath as the files themselves.
+      const top = await vm!.run(
+        `nestctl --guest top --count 1 --json; ` +
+          `for p in db web batch; do echo "kernel $p $(cat ${CG}/projects/$p/memory.current)"; done`,
+        60_000,
+      );
+      const view = JSON.parse(top.stdout.split('\n')[0]) as {
+        projects: {
+          name: string;
+          memoryBytes: number;
+          memoryPeakBytes: number | null;
+          memoryPressure10: number | null;
+          cpuPressure10: number | null;
+          oomKills: number | null;
+          pids: number;
+        }[];
+      };
+      results.topInGuest = top.stdout;
+      await saveResults();
+      expect(top.code).toBe(0);
+      for (const p of ['db', 'web', 'batch']) {
+        const row = view.projects.find((r) => r.name === p)!;
+        const kernel = Number(new RegExp(`^kernel ${p} (\\d+)$`, 'm').exec(top.stdout)![1]);
+        expect(Math.abs(row.memoryBytes - kernel)).toBeLessThan(16 * MiB);
+        expect(row.memoryPeakBytes).toBeGreaterThanOrEqual(row.memoryBytes - 16 * MiB);
+        expect(typeof row.memoryPressure10).toBe('number');
+        expect(typeof row.cpuPressure10).toBe('number');
+        expect(row).toMatchObject({ oomKills: 0, pids: 1 });
+      }
       done.add('agent');
     },
     4 * 60_000,

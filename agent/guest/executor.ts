@@ -101,7 +101,11 @@ export class GuestBroker implements LocalBroker {
   ): Promise<{ plan: Plan; running: string[] }> {
     const states = await Promise.all(
       this.cfg.projects.map(async (p) => {
-        const pids = await this.registry.pids(p.name).catch(() => []);
+        // One synchronous pread of cgroup.procs a project where the sampler holds it open
+        // (a thread-pool read each, 100 at once, cost ~several ms before a plan; issue 6).
+        const pids =
+          this.usage.pidsNow(this.registry.group(p.name)) ??
+          (await this.registry.pids(p.name).catch(() => []));
         const transient = this.registry.transientState(p.name);
         return { transient, hasPids: pids.length > 0 };
       }),
@@ -246,7 +250,9 @@ export class GuestBroker implements LocalBroker {
     return {
       name,
       deliver: async (pn) => {
-        const pids = p.notify ? await this.adapter.pids(group) : [];
+        const pids = p.notify
+          ? (this.usage.pidsNow(group) ?? (await this.adapter.pids(group)))
+          : [];
         await this.board.deliver(pn, { signal: p.notify?.signal, pids });
       },
       apply: async (pn, ctx) => {

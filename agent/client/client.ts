@@ -219,7 +219,10 @@ export class Client {
     sub.outcome.then(
       (outcome) => this.sendOutcome(outcome),
       (err: unknown) =>
-        this.log.error({ err, noticeId: notice.id }, 'notice ended without an outcome'),
+        // AGENT_STOPPING: still owed; the next start resumes it and answers the replay.
+        isNestError(err, 'AGENT_STOPPING')
+          ? this.log.info({ noticeId: notice.id }, 'agent stopping: outcome owed to the next start')
+          : this.log.error({ err, noticeId: notice.id }, 'notice ended without an outcome'),
     );
   }
 

@@ -113,6 +113,8 @@ export class NoticeBook extends EventEmitter {
   private queue: Promise<unknown> = Promise.resolve();
   private admitting: Promise<void> = Promise.resolve();
   private readonly stopping = new AbortController();
+  /** Outcomes being journaled, logged and emitted (drain() waits for them). */
+  private readonly finishing = new Set<Promise<Outcome>>();
   private lastSeqValue = 0;
   /** The record that set lastSeqValue: kept on disk whatever its age. */
   private lastSeqId: string | undefined;
@@ -350,8 +352,29 @@ export class NoticeBook extends EventEmitter {
   }
 
   /** Stops taking new work; a notice in flight sees its signal abort. */
+  /**
+   * Stops taking work: a notice being carried out is left `running` in the journal for the
+   * next start to resume (its done steps are not repeated), and one queued behind it is
+   * not begun. Both settle with AGENT_STOPPING. See drain() for the ones finishing.
+   */
   close(): void {
-    this.stopping.abort(new NestError('INTERNAL', 'agent stopping'));
+    this.stopping.abort(stoppingError());
+  }
+
+  /**
+   * Waits (at most `timeoutMs`) for the notices whose outcome was complete before close()
+   * to finish their bookkeeping: the outcome journaled, logged and handed to the client
+   * (which sends it upstream). Without this a SIGTERM in that window exited between the
+   * journal write and the rest (a CI run of the real-guest test).
+   */
+  async drain(timeoutMs = 5_000): Promise<void> {
+    if (this.finishing.size === 0) return;
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      Promise.allSettled([...this.finishing]),
+      new Promise<void>((r) => (timer = setTimeout(r, timeoutMs))),
+    ]);
+    clearTimeout(timer);
   }
 
   /** Waits for everything queued so far. */
@@ -420,6 +443,9 @@ export class NoticeBook extends EventEmitter {
   private async run(rec: NoticeRecord): Promise<Outcome> {
     const { notice } = rec;
     const log = this.log.child({ noticeId: notice.id });
+    // Queued behind one that was running when the agent began to stop: not begun at all
+    // (runBroker would see the abort at once and record every step failed).
+    if (this.stopping.signal.aborted) throw stoppingError();
     if (rec.state === 'cancelled')
       throw new NestError('NOTICE_UNKNOWN', `notice ${notice.id} was cancelled`);
     const resumed = rec.state === 'running';
@@ -441,13 +467,37 @@ export class NoticeBook extends EventEmitter {
       steps,
       onProgress: (ev) => this.emit('progress', notice.id, ev),
     });
-    rec.state = 'done';
-    rec.outcome = outcome;
-    rec.finishedAt = new Date().toISOString();
-    await this.notices.put(noticeKey(notice.id), rec);
-    faultPoint('before-outcome');
-    log.info({ status: outcome.status, freed: outcome.freed, ms: outcome.ms }, 'notice done');
-    this.emit('outcome', outcome);
-    return outcome;
+    if (this.stopping.signal.aborted) {
+      // Whatever the steps reported after the abort says "the agent was stopping", not what
+      // happened to the projects: the record stays `running`, and the next start resumes
+      // it from the step journal (steps done then are not repeated, the rest are carried
+      // out). Recording it `done` would have reported the abort upstream as the outcome.
+      log.info('agent stopping: outcome not recorded; the next start resumes this notice');
+      throw stoppingError();
+    }
+    const finish = async (): Promise<Outcome> => {
+      rec.state = 'done';
+      rec.outcome = outcome;
+      rec.finishedAt = new Date().toISOString();
+      await this.notices.put(noticeKey(notice.id), rec);
+      faultPoint('before-outcome');
+      log.info({ status: outcome.status, freed: outcome.freed, ms: outcome.ms }, 'notice done');
+      this.emit('outcome', outcome);
+      return outcome;
+    };
+    const finishing = finish();
+    this.finishing.add(finishing);
+    try {
+      return await finishing;
+    } finally {
+      this.finishing.delete(finishing);
+    }
   }
+}
+
+function stoppingError(): NestError {
+  return new NestError(
+    'AGENT_STOPPING',
+    'the agent is stopping; the next start resumes the notice',
+  );
 }

@@ -23,6 +23,7 @@ export const ErrorCodes = {
   TRANSPORT: 'a channel to a peer failed',
   UNAUTHORIZED: 'the peer is not allowed',
   RATE_LIMITED: 'too many requests on one connection',
+  AGENT_STOPPING: 'the agent is stopping; the notice is resumed from its journal at the next start',
   INTERNAL: 'an unexpected failure inside nestbroker (a bug: see the daemon log)',
 } as const;
 

@@ -15,6 +15,7 @@ import * as path from 'node:path';
 import { promises as fsp } from 'node:fs';
 import { openCgroupAdapter } from '../../cgroup-adapter';
 import type { CgroupAdapter } from '../../cgroup-adapter/types';
+import { isNestError } from '../common/errors';
 import { Journal } from '../common/journal';
 import type { Logger } from '../common/log';
 import { RpcServer } from '../common/rpc';
@@ -158,7 +159,10 @@ export class GuestAgent {
     ready();
     usage.start();
     for (const p of book.resume())
-      p.catch((err: unknown) => log.error({ err }, 'a resumed notice ended without an outcome'));
+      p.catch((err: unknown) => {
+        if (!isNestError(err, 'AGENT_STOPPING'))
+          log.error({ err }, 'a resumed notice ended without an outcome');
+      });
     agent.upstream = await openUpstream(
       cfg,
       book,
@@ -180,6 +184,9 @@ export class GuestAgent {
   async stop(): Promise<void> {
     this.usage.stop();
     this.book.close();
+    // Outcomes complete before the stop are journaled and sent upstream before the channel
+    // closes; notices still running are left to the next start (NoticeBook.close).
+    await this.book.drain();
     await this.upstream?.close();
     await this.metrics?.close();
     await this.rpc.close();

@@ -84,7 +84,14 @@ test('stopped mid-notice: not recorded done, the queued one not begun; the next 
   next.close();
 });
 
-test('stopped while a complete outcome is being journaled: drain waits until it is written and handed on', async () => {
+/**
+ * A book whose notices complete at once, with its final journal write (the record with
+ * state done) held at `hold` — the window a SIGTERM can land in. The journal underneath is
+ * the real one; `started` resolves when the final write is reached.
+ */
+async function bookWithFinalWriteHeld(
+  hold: Promise<void>,
+): Promise<{ book: NoticeBook; started: Promise<void> }> {
   const broker: LocalBroker = {
     name: 'g',
     check: async () => [],
@@ -92,25 +99,28 @@ test('stopped while a complete outcome is being journaled: drain waits until it 
   };
   const book = new NoticeBook(dir, broker, silentLogger());
   await book.init();
-  // Hold the final write (the record with state done) until the test lets it go: the
-  // window a SIGTERM can land in. The journal underneath is the real one.
   const journal = (book as unknown as { notices: { put(k: string, v: unknown): Promise<void> } })
     .notices;
   const put = journal.put.bind(journal);
-  const finalWrite = gate();
-  let finalWriteStarted = false;
+  const reached = gate();
   journal.put = async (k, v) => {
     if ((v as { state?: string }).state === 'done') {
-      finalWriteStarted = true;
-      await finalWrite.wait;
+      reached.open();
+      await hold;
     }
     return put(k, v);
   };
+  return { book, started: reached.wait };
+}
+
+test('stopped while a complete outcome is being journaled: drain waits until it is written and handed on', async () => {
+  const finalWrite = gate();
+  const { book, started } = await bookWithFinalWriteHeld(finalWrite.wait);
   const emitted: string[] = [];
   book.on('outcome', (o: Outcome) => emitted.push(o.noticeId));
 
   const sub = await book.submit(testNotice({ id: 'n-1', seq: 1, deadline: soon() }), 'upstream');
-  while (!finalWriteStarted) await new Promise((r) => setTimeout(r, 5));
+  await started;
   book.close();
   let drained = false;
   const draining = book.drain().then(() => (drained = true));
@@ -126,26 +136,10 @@ test('stopped while a complete outcome is being journaled: drain waits until it 
 });
 
 test('drain gives up after its timeout rather than hold the stop forever', async () => {
-  const broker: LocalBroker = {
-    name: 'g',
-    check: async () => [],
-    carryOut: async (n: Notice) => emptyOutcome(n),
-  };
-  const book = new NoticeBook(dir, broker, silentLogger());
-  await book.init();
-  const journal = (book as unknown as { notices: { put(k: string, v: unknown): Promise<void> } })
-    .notices;
-  const put = journal.put.bind(journal);
-  let stuck = false;
-  journal.put = async (k, v) => {
-    if ((v as { state?: string }).state === 'done') {
-      stuck = true;
-      return new Promise<void>(() => undefined); // a disk that never answers
-    }
-    return put(k, v);
-  };
+  // A disk that never answers the final write.
+  const { book, started } = await bookWithFinalWriteHeld(new Promise<void>(() => undefined));
   await book.submit(testNotice({ id: 'n-1', seq: 1, deadline: soon() }), 'upstream');
-  while (!stuck) await new Promise((r) => setTimeout(r, 5));
+  await started;
   book.close();
   const t0 = Date.now();
   await book.drain(200);

@@ -254,7 +254,9 @@ export class GuestAgent {
         throttledUs: u?.cpuThrottledUs ?? null,
         // Processes (cgroup.procs), as `projects` counts them; the kernel's pids.current
         // counts tasks, and a Node project has a dozen threads.
-        pids: u ? (await this.registry.pids(p.name).catch(() => [])).length : null,
+        pids: u
+          ? (this.usage.pidsNow(group) ?? (await this.registry.pids(p.name).catch(() => []))).length
+          : null,
       });
     }
     return {

@@ -108,6 +108,7 @@ export class GuestAgent {
       cfg.usageIntervalMs,
       log.child({ part: 'usage' }),
     );
+    registry.fastPids = (group) => usage.pidsNow(group);
     const broker = new GuestBroker(
       cfg,
       registry,
@@ -240,10 +241,13 @@ export class GuestAgent {
     for (const p of this.cfg.projects) {
       const group = this.registry.group(p.name);
       const u = await this.adapter.usage(group).catch(() => null);
+      // Processes (cgroup.procs), as `projects` counts them; the kernel's pids.current
+      // counts tasks, and a Node project has a dozen threads.
+      const pids = await this.registry.pids(p.name).catch(() => []);
       projects.push({
         name: p.name,
         priority: p.priority,
-        state: await this.registry.stateOf(p.name),
+        state: this.registry.stateFrom(p.name, pids),
         limits: this.registry.limits(p.name),
         memoryBytes: u?.memoryCurrent ?? null,
         memoryPeakBytes: u?.memoryPeak ?? null,
@@ -252,11 +256,7 @@ export class GuestAgent {
         cpuPressure10: u?.cpuPressure?.some.avg10 ?? null,
         cpus: usage[p.name]?.cpus ?? null,
         throttledUs: u?.cpuThrottledUs ?? null,
-        // Processes (cgroup.procs), as `projects` counts them; the kernel's pids.current
-        // counts tasks, and a Node project has a dozen threads.
-        pids: u
-          ? (this.usage.pidsNow(group) ?? (await this.registry.pids(p.name).catch(() => []))).length
-          : null,
+        pids: u ? pids.length : null,
       });
     }
     return {
@@ -274,17 +274,18 @@ export class GuestAgent {
     for (const p of this.cfg.projects) {
       const group = this.registry.group(p.name);
       const kernel = await this.adapter.readLimits(group).catch(() => null);
+      const pids = await this.registry.pids(p.name).catch(() => []);
       rows.push({
         name: p.name,
         priority: p.priority,
-        state: await this.registry.stateOf(p.name),
+        state: this.registry.stateFrom(p.name, pids),
         stoppedForRoom: this.registry.stoppedForRoom(p.name),
         group,
         limits: this.registry.limits(p.name),
         kernel,
         usage: usage[p.name] ?? null,
         // Processes (cgroup.procs), not tasks: a Node project has a dozen threads.
-        pids: (await this.registry.pids(p.name).catch(() => [])).length,
+        pids: pids.length,
       });
     }
     return rows;

@@ -101,11 +101,9 @@ export class GuestBroker implements LocalBroker {
   ): Promise<{ plan: Plan; running: string[] }> {
     const states = await Promise.all(
       this.cfg.projects.map(async (p) => {
-        // One synchronous pread of cgroup.procs a project where the sampler holds it open
-        // (a thread-pool read each, 100 at once, cost ~several ms before a plan; issue 6).
-        const pids =
-          this.usage.pidsNow(this.registry.group(p.name)) ??
-          (await this.registry.pids(p.name).catch(() => []));
+        // registry.pids reads through the sampler's open descriptors (one pread each; 100
+        // thread-pool reads cost several ms before a plan, issue 6).
+        const pids = await this.registry.pids(p.name).catch(() => []);
         const transient = this.registry.transientState(p.name);
         return { transient, hasPids: pids.length > 0 };
       }),
@@ -246,13 +244,10 @@ export class GuestBroker implements LocalBroker {
   private handle(d: Decision, turns: SignalTurns): ChildHandle<ProjectNotice, ProjectOutcome> {
     const name = d.project;
     const p = this.registry.config(name);
-    const group = this.registry.group(name);
     return {
       name,
       deliver: async (pn) => {
-        const pids = p.notify
-          ? (this.usage.pidsNow(group) ?? (await this.adapter.pids(group)))
-          : [];
+        const pids = p.notify ? await this.registry.pids(name) : [];
         await this.board.deliver(pn, { signal: p.notify?.signal, pids });
       },
       apply: async (pn, ctx) => {

@@ -73,14 +73,28 @@ export class ProjectRegistry {
     return this.records[name]?.stoppedForRoom ?? false;
   }
 
+  /**
+   * The group's processes now: through `fastPids` (the usage sampler's open cgroup.procs,
+   * one pread) where set, else through the adapter (a thread-pool read). Throws for a
+   * group that is gone, either way.
+   */
   async pids(name: string): Promise<number[]> {
-    return this.adapter.pids(this.group(name));
+    const group = this.group(name);
+    return this.fastPids?.(group) ?? this.adapter.pids(group);
+  }
+
+  /** Set once by the agent: the sampler's synchronous read (null: not available here). */
+  fastPids?: (group: string) => number[] | null;
+
+  /** A project's state from processes already read (`pids`), so nothing is read twice. */
+  stateFrom(name: string, pids: readonly number[]): ProjectState {
+    return this.transient.get(name) ?? (pids.length > 0 ? 'running' : 'stopped');
   }
 
   async stateOf(name: string): Promise<ProjectState> {
     const t = this.transient.get(name);
     if (t) return t;
-    return (await this.pids(name)).length > 0 ? 'running' : 'stopped';
+    return this.stateFrom(name, await this.pids(name));
   }
 
   /**

@@ -39,8 +39,7 @@ const kernel = (ctrl: string, group: string, file: string): string =>
 
 let dir: string;
 let stack: Stack;
-let waitedReady: Promise<{ code: number | null; at: number }>;
-let hostStartedAt: number;
+let waitedReady: Promise<number | null>;
 const run = (name: string): GuestRun => stack.guests.find((g) => g.spec.name === name)!;
 
 beforeAll(async () => {
@@ -60,8 +59,7 @@ beforeAll(async () => {
     '--timeout',
     '30s',
   ]);
-  waitedReady = new Promise((r) => waiting.on('exit', (code) => r({ code, at: Date.now() })));
-  hostStartedAt = Date.now();
+  waitedReady = new Promise((r) => waiting.on('exit', (code) => r(code)));
   await stack.startHost();
   await stack.waitConnected();
 }, 60_000);
@@ -104,10 +102,9 @@ async function whileStopped<T>(name: string, fn: () => Promise<T>): Promise<T> {
   }
 }
 
-test('nestbroker wait-ready host (the unit ExecStartPost) returned 0 once the broker answered, not before it started', async () => {
-  const r = await waitedReady;
-  expect(r.code).toBe(0);
-  expect(r.at).toBeGreaterThan(hostStartedAt);
+test('nestbroker wait-ready host (the unit ExecStartPost) returned 0: the broker answered on the socket its config names', async () => {
+  // 1 when it gave up (timeout, the socket never answered), 2 for a config it could not read.
+  expect(await waitedReady).toBe(0);
   expect((await nestctl('guests')).code).toBe(0);
 });
 

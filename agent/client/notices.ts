@@ -12,7 +12,7 @@ import * as path from 'node:path';
 import { Journal } from '../common/journal';
 import { NestError, isNestError, type Problem } from '../common/errors';
 import type { Logger } from '../common/log';
-import type { Notice, Outcome } from '../broker/types';
+import type { Notice, Outcome, Resources } from '../broker/types';
 import {
   NoticeStepJournal,
   type ChildProgress,
@@ -53,6 +53,11 @@ export interface LocalBroker {
   readonly name: string;
   /** Why this notice cannot be carried out (does not fit, ...); empty when it can. */
   check(notice: Notice): Promise<Problem[]>;
+  /**
+   * The level's allocation now, which every notice's `allocation` is checked against
+   * (allocationProblems). A broker that keeps no allocation of its own leaves it out.
+   */
+  allocation?(): Resources;
   carryOut(notice: Notice, ctx: CarryOutContext): Promise<Outcome>;
 }
 
@@ -272,13 +277,15 @@ export class NoticeBook extends EventEmitter {
       log.warn({ pending, cap: this.maxPending }, 'notice refused: too many pending');
       return { state: 'rejected', error: { code: 'NOTICE_BACKLOG', message } };
     }
-    const problems = await this.validate(notice, source);
+    const { problems, mismatch } = await this.validate(notice, source);
     if (problems.length > 0) {
       // A replayed seq, or a deadline already past on arrival (the broker above has given
       // up on it: a guest stopped past the deadline must not act on it when it wakes).
       const code = problems.some((p) => p.field === 'seq' || p.field === 'deadline')
         ? 'NOTICE_STALE'
-        : 'NOTICE_REJECTED';
+        : mismatch
+          ? 'ALLOCATION_MISMATCH'
+          : 'NOTICE_REJECTED';
       const error = {
         code,
         message: problems.map((p) => `${p.field}: ${p.message}`).join('; '),
@@ -382,7 +389,11 @@ export class NoticeBook extends EventEmitter {
     await this.queue.catch(() => undefined);
   }
 
-  private async validate(notice: Notice, source: NoticeSource): Promise<Problem[]> {
+  /** Every problem with the notice; `mismatch` when they are its allocation's (allocationProblems). */
+  private async validate(
+    notice: Notice,
+    source: NoticeSource,
+  ): Promise<{ problems: Problem[]; mismatch: boolean }> {
     const problems: Problem[] = [];
     if (notice.guest !== this.broker.name)
       problems.push({
@@ -405,8 +416,30 @@ export class NoticeBook extends EventEmitter {
         value: notice.deadline,
         message: `stale: the deadline passed ${this.now() - deadline} ms before the notice arrived; nothing done`,
       });
+    if (problems.length === 0 && this.broker.allocation) {
+      const mismatch = allocationProblems(notice, this.allocationBefore());
+      if (mismatch.length > 0) return { problems: mismatch, mismatch: true };
+    }
     if (problems.length === 0) problems.push(...(await this.broker.check(notice)));
-    return problems;
+    return { problems, mismatch: false };
+  }
+
+  /**
+   * The allocation a new notice starts from: that of the last notice accepted and not yet
+   * finished (they run one after another, and each leaves the allocation it carries), or
+   * the broker's allocation now when none is pending.
+   */
+  allocationBefore(): Resources {
+    let last: NoticeRecord | undefined;
+    for (const r of this.records.values())
+      if (
+        (r.state === 'accepted' || r.state === 'running') &&
+        (!last || r.receivedAt >= last.receivedAt)
+      )
+        last = r;
+    if (last) return { ...last.notice.allocation };
+    if (!this.broker.allocation) throw new NestError('INTERNAL', 'this broker keeps no allocation');
+    return this.broker.allocation();
   }
 
   /** Accepted or running, not yet finished. */
@@ -493,6 +526,38 @@ export class NoticeBook extends EventEmitter {
       this.finishing.delete(finishing);
     }
   }
+}
+
+/** CPUs compared in thousandths (the precision both ends round to: books.ts, operator.ts). */
+const milli = (cpus: number): number => Math.round(cpus * 1000);
+
+/**
+ * A notice's allocation must be the allocation before it minus (reclaim) or plus
+ * (restore) its change: host and guest then agree on what was taken after every notice.
+ * Anything else (a restore that would lower the guest, a reclaim computed from stale
+ * books) is refused with ALLOCATION_MISMATCH, before anything is journaled as accepted.
+ */
+export function allocationProblems(notice: Notice, before: Resources): Problem[] {
+  const sign = notice.kind === 'reclaim' ? -1 : 1;
+  const want: Resources = {
+    memoryBytes: before.memoryBytes + sign * notice.change.memoryBytes,
+    cpus: (milli(before.cpus) + sign * milli(notice.change.cpus)) / 1000,
+  };
+  const verb = notice.kind === 'reclaim' ? 'minus' : 'plus';
+  const problems: Problem[] = [];
+  if (notice.allocation.memoryBytes !== want.memoryBytes)
+    problems.push({
+      field: 'allocation.memoryBytes',
+      value: notice.allocation.memoryBytes,
+      message: `the guest has ${before.memoryBytes} bytes; ${verb} the change of ${notice.change.memoryBytes} is ${want.memoryBytes}, not ${notice.allocation.memoryBytes}`,
+    });
+  if (milli(notice.allocation.cpus) !== milli(want.cpus))
+    problems.push({
+      field: 'allocation.cpus',
+      value: notice.allocation.cpus,
+      message: `the guest has ${before.cpus} CPUs; ${verb} the change of ${notice.change.cpus} is ${want.cpus}, not ${notice.allocation.cpus}`,
+    });
+  return problems;
 }
 
 function stoppingError(): NestError {

@@ -13,6 +13,10 @@ export const ErrorCodes = {
   NOTICE_STALE: 'a notice is older than one already applied',
   NOTICE_UNKNOWN: 'no notice has that id',
   NOTICE_BACKLOG: 'too many notices are pending; this one was refused, nothing done',
+  ALLOCATION_MISMATCH:
+    "a notice's allocation is not the guest's allocation minus (reclaim) or plus (restore) its change; refused, nothing done",
+  STATE_LOCKED: 'another daemon holds the state directory; this one refused to start, nothing done',
+  START_FAILED: 'a step of start-up failed; every earlier step was undone',
   GUEST_UNKNOWN: 'no guest has that name',
   GUEST_UNREACHABLE: 'the guest is not connected',
   GUEST_LATE: 'the guest did not answer by the deadline',

@@ -71,10 +71,15 @@ export class GuestBroker implements LocalBroker {
     private readonly board: ProjectNoticeBoard,
     private readonly adapter: CgroupAdapter,
     private readonly usage: UsageSampler,
-    private readonly allocation: AllocationBook,
+    private readonly allocationBook: AllocationBook,
     private readonly log: Logger,
   ) {
     this.name = cfg.guest;
+  }
+
+  /** The guest's whole allocation now: every notice is checked against it (NoticeBook). */
+  allocation(): Resources {
+    return this.allocationBook.current();
   }
 
   /** The allocation the projects share: the guest's, less the reserve. */
@@ -163,7 +168,7 @@ export class GuestBroker implements LocalBroker {
     const planJournal = ctx.steps as StepJournal<unknown>;
     const saved = (await planJournal.get('_plan'))?.outcome as
       { plan: Plan; previous: Resources; running: string[] } | undefined;
-    const previous = saved?.previous ?? this.allocation.current();
+    const previous = saved?.previous ?? this.allocationBook.current();
     const fresh = saved ? undefined : await this.snapshot(notice.allocation, startedAt);
     const thePlan = saved?.plan ?? fresh!.plan;
     const running = new Set(saved?.running ?? fresh!.running);
@@ -229,7 +234,7 @@ export class GuestBroker implements LocalBroker {
           reason: d.reason,
         },
     );
-    await this.allocation.set(notice.allocation);
+    await this.allocationBook.set(notice.allocation);
     return summariseProjects(
       notice,
       projects,

@@ -87,7 +87,8 @@ export function localNotice(
   a: ChangeArgs,
   now = new Date(),
 ): Notice {
-  const cur = agent.allocation.current();
+  // After the notices already pending (each leaves its allocation), as the book checks it.
+  const cur = agent.book.allocationBefore();
   const sign = kind === 'reclaim' ? -1 : 1;
   const allocation = {
     memoryBytes: cur.memoryBytes + sign * a.change.memoryBytes,

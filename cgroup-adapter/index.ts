@@ -5,7 +5,7 @@
 import * as path from 'node:path';
 import pino, { type Logger } from 'pino';
 import { BaseDriver, type DriverOptions } from './base-driver';
-import { pathExists, readText, writeText } from './cgfs';
+import { mkdirOnce, pathExists, readText, rmdirRetry, writeText } from './cgfs';
 import {
   type Layout,
   type V1Controller,
@@ -40,7 +40,7 @@ export interface OpenOptions {
   mountinfo?: string;
   /** /proc/self/cgroup text (tests); read from /proc by default. */
   procCgroup?: string;
-  /** Create the root in every hierarchy when missing (mkdir -p). */
+  /** Create the root in every hierarchy when missing (each level; undone if a later step fails). */
   create?: boolean;
   log?: Logger;
   /** How long remove() retries EBUSY, ms (default 2000). */
@@ -52,7 +52,11 @@ export interface OpenOptions {
 }
 
 /** The adapter plus what tests, the bench and the host's own tooling need. */
-export type CgroupDriver = CgroupAdapter & BaseDriver;
+export type CgroupDriver = CgroupAdapter &
+  BaseDriver & {
+    /** Directories openCgroupAdapter made (create: true), in order; removeCreated undoes them. */
+    readonly createdDirs: readonly string[];
+  };
 
 export async function openCgroupAdapter(opts: OpenOptions): Promise<CgroupDriver> {
   const log = opts.log ?? pino({ level: 'silent' });
@@ -84,35 +88,72 @@ export async function openCgroupAdapter(opts: OpenOptions): Promise<CgroupDriver
       )
     : namedRoots(layout, kind, opts.root as string);
 
-  for (const [name, abs] of Object.entries(roots)) {
-    if (await pathExists(abs)) continue;
-    if (!opts.create || self) {
-      throw new CgroupError(
-        'ENOENT',
-        `root ${abs} (${name} hierarchy) does not exist; pass create: true to make it`,
-        {
-          file: abs,
-        },
-      );
+  // Every directory made here, in order: a later step that fails (another hierarchy
+  // read-only, a cpuset copy, enabling controllers) removes them again, deepest first, so
+  // a refused start leaves no root behind in any hierarchy (style.md, "clean the directory
+  // you created if a later step of creation fails").
+  const made: string[] = [];
+  try {
+    for (const [name, abs] of Object.entries(roots)) {
+      if (await pathExists(abs)) continue;
+      if (!opts.create || self) {
+        throw new CgroupError(
+          'ENOENT',
+          `root ${abs} (${name} hierarchy) does not exist; pass create: true to make it`,
+          {
+            file: abs,
+          },
+        );
+      }
+      // One level at a time (not mkdir -p): the kernel's errno for the level that failed is
+      // kept (a recursive mkdir on a read-only mount reported ENOENT for EROFS), and each
+      // level made is known for the undo.
+      const mount =
+        name === 'unified'
+          ? layout.unified.mountPoint
+          : layout.v1[name as V1Controller]!.mountPoint;
+      let cur = mount;
+      for (const seg of path.relative(mount, abs).split(path.sep)) {
+        cur = path.join(cur, seg);
+        if (await mkdirOnce(cur)) made.push(cur);
+      }
+      if (name === 'cpuset') await copyCpusetDown(layout.v1.cpuset!.mountPoint, abs);
     }
-    await fsp.mkdir(abs, { recursive: true });
-    if (name === 'cpuset') await copyCpusetDown(layout.v1.cpuset!.mountPoint, abs);
-  }
 
-  const { unified, ...v1 } = roots;
-  const driver =
-    kind === 'v2'
-      ? await V2Driver.open(unified, dopts)
-      : await HybridDriver.open(unified, v1 as Partial<Record<V1Controller, string>>, dopts);
-  if (self) {
-    const leaf = (opts.root as { leaf?: string }).leaf ?? 'agent';
-    parseGroup(leaf, { field: 'root.leaf' });
-    await driver.claimSelf(leaf);
-  } else if (opts.create) {
-    await driver.enableControllers();
+    const { unified, ...v1 } = roots;
+    const driver =
+      kind === 'v2'
+        ? await V2Driver.open(unified, dopts)
+        : await HybridDriver.open(unified, v1 as Partial<Record<V1Controller, string>>, dopts);
+    if (self) {
+      const leaf = (opts.root as { leaf?: string }).leaf ?? 'agent';
+      parseGroup(leaf, { field: 'root.leaf' });
+      await driver.claimSelf(leaf);
+    } else if (opts.create) {
+      await driver.enableControllers();
+    }
+    log.info({ kind, root: driver.root, hierarchies: driver.hierarchies }, 'cgroup adapter open');
+    return Object.assign(driver, { createdDirs: Object.freeze([...made]) }) as CgroupDriver;
+  } catch (err) {
+    await removeCreated(made, dopts.busyRetryMs, log);
+    throw err;
   }
-  log.info({ kind, root: driver.root, hierarchies: driver.hierarchies }, 'cgroup adapter open');
-  return driver as CgroupDriver;
+}
+
+/**
+ * Removes directories made by openCgroupAdapter, deepest first (for a start-up that fails
+ * after the adapter opened: agent/guest/agent.ts). A directory that still has groups or
+ * processes stays (rmdir refuses it: EBUSY / ENOTEMPTY), and is logged.
+ */
+export async function removeCreated(
+  dirs: readonly string[],
+  busyRetryMs: number,
+  log: Logger,
+): Promise<void> {
+  for (const d of [...dirs].reverse())
+    await rmdirRetry(d, busyRetryMs).catch((err: unknown) =>
+      log.warn({ dir: d, err }, 'undoing a failed start: could not remove a directory it made'),
+    );
 }
 
 /** `root` below each hierarchy's mount point, checked with the systemd name rules. */

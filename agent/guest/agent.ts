@@ -13,10 +13,11 @@
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { promises as fsp } from 'node:fs';
-import { openCgroupAdapter } from '../../cgroup-adapter';
+import { openCgroupAdapter, removeCreated } from '../../cgroup-adapter';
 import type { CgroupAdapter } from '../../cgroup-adapter/types';
 import { isNestError } from '../common/errors';
 import { Journal } from '../common/journal';
+import { StateLock } from '../common/state-lock';
 import type { Logger } from '../common/log';
 import { RpcServer } from '../common/rpc';
 import { MetricsServer } from '../common/metrics';
@@ -59,6 +60,7 @@ export class GuestAgent {
   readonly startedAt = new Date();
   private upstream: Upstream | null = null;
   private metrics: MetricsServer | null = null;
+  private lock: StateLock | null = null;
 
   private constructor(
     readonly cfg: GuestConfig,
@@ -73,20 +75,54 @@ export class GuestAgent {
     private readonly log: Logger,
   ) {}
 
+  /**
+   * Starts the agent, or undoes every step already taken and rethrows: a start refused
+   * half-way leaves no cgroup root, state or run directory, socket or lock it made
+   * (docs/reliability.md, "nothing half-made").
+   */
   static async start(cfg: GuestConfig, opts: GuestAgentOptions): Promise<GuestAgent> {
     const log = opts.log.child({ guest: cfg.guest });
-    for (const w of cfg.warnings) log.warn({ field: w.field, value: w.value }, w.message);
-    await fsp.mkdir(cfg.stateDir, { recursive: true, mode: 0o700 });
-    await fsp.mkdir(cfg.runDir, { recursive: true, mode: 0o755 });
+    const undo: (() => Promise<unknown>)[] = [];
+    try {
+      return await GuestAgent.startSteps(cfg, opts, log, undo);
+    } catch (err) {
+      for (const step of undo.reverse())
+        await step().catch((e: unknown) =>
+          log.warn({ err: e }, 'undoing a failed start: a step could not be undone'),
+        );
+      throw err;
+    }
+  }
 
-    const adapter =
-      opts.adapter ??
-      (await openCgroupAdapter({
+  /** start()'s steps; each pushes its undo onto `undo` once it is done. */
+  private static async startSteps(
+    cfg: GuestConfig,
+    opts: GuestAgentOptions,
+    log: Logger,
+    undo: (() => Promise<unknown>)[],
+  ): Promise<GuestAgent> {
+    for (const w of cfg.warnings) log.warn({ field: w.field, value: w.value }, w.message);
+    // mkdir -p returns the first directory it made: everything under it is this start's.
+    const madeState = await fsp.mkdir(cfg.stateDir, { recursive: true, mode: 0o700 });
+    if (madeState) undo.push(() => fsp.rm(madeState, { recursive: true, force: true }));
+    // One agent per state directory, before anything else is touched (agent/common/state-lock.ts).
+    const lock = await StateLock.acquire(cfg.stateDir, 'nestbroker guest');
+    undo.push(() => lock.release());
+    const madeRun = await fsp.mkdir(cfg.runDir, { recursive: true, mode: 0o755 });
+    if (madeRun) undo.push(() => fsp.rm(madeRun, { recursive: true, force: true }));
+
+    let adapter: CgroupAdapter;
+    if (opts.adapter) adapter = opts.adapter;
+    else {
+      const driver = await openCgroupAdapter({
         root: cfg.cgroup.root === 'self' ? { self: true, leaf: 'agent' } : cfg.cgroup.root,
         driver: cfg.cgroup.driver,
         create: cfg.cgroup.root !== 'self',
         log: log.child({ part: 'cgroup' }),
-      }));
+      });
+      adapter = driver;
+      undo.push(() => removeCreated(driver.createdDirs, 2000, log));
+    }
 
     const agentJournal = new Journal<Resources>(path.join(cfg.stateDir, 'agent'));
     await agentJournal.init();
@@ -139,8 +175,10 @@ export class GuestAgent {
     // has started or adopted anything. Commands wait until the projects are up.
     let ready!: () => void;
     const isReady = new Promise<void>((resolve) => (ready = resolve));
+    agent.lock = lock;
     registerOperatorApi(rpc, agent, isReady);
     await rpc.listen(cfg.socket, { mode: 0o660, group: await groupId(cfg.socketGroup) });
+    undo.push(() => rpc.close());
     // Bound early too: a port in use fails the start before anything is adopted.
     if (cfg.metrics)
       agent.metrics = await MetricsServer.listen(
@@ -154,11 +192,17 @@ export class GuestAgent {
         cfg.metrics,
         log.child({ part: 'metrics' }),
       );
+    undo.push(async () => agent.metrics?.close());
     await board.listen();
+    undo.push(() => board.close());
     await book.init();
     await registry.init();
     ready();
     usage.start();
+    undo.push(async () => {
+      usage.stop();
+      book.close();
+    });
     for (const p of book.resume())
       p.catch((err: unknown) => {
         if (!isNestError(err, 'AGENT_STOPPING'))
@@ -192,6 +236,7 @@ export class GuestAgent {
     await this.metrics?.close();
     await this.rpc.close();
     await this.board.close();
+    await this.lock?.release();
   }
 
   async inventory(): Promise<Hello['inventory']> {

@@ -30,8 +30,11 @@ export async function runGuest(opts: { config?: string }): Promise<number> {
     agent = await GuestAgent.start(cfg, { log });
   } catch (err) {
     log.fatal({ err }, 'guest agent could not start');
+    // `(CODE) message`: the code (STATE_LOCKED, a cgroup errno code...) is what scripts branch on.
+    const code = (err as { code?: unknown }).code;
+    const message = err instanceof Error ? err.message : String(err);
     process.stderr.write(
-      `nestbroker guest: could not start: ${err instanceof Error ? err.message : String(err)}\n`,
+      `nestbroker guest: could not start: ${typeof code === 'string' ? `(${code}) ` : ''}${message}\n`,
     );
     return 1;
   }

@@ -12,6 +12,7 @@ import type { CgroupAdapter } from '../../cgroup-adapter/types';
 import { isNestError } from '../common/errors';
 import { createLogger, type Logger } from '../common/log';
 import { RpcServer } from '../common/rpc';
+import { StateLock } from '../common/state-lock';
 import { MetricsServer } from '../common/metrics';
 import { ReconnectingChannel, type Clock } from '../transport/reconnect';
 import { connectTls } from '../transport/tls';
@@ -98,6 +99,23 @@ export function heartbeatFor(h: HostConfig['heartbeat']): { intervalMs: number; 
 }
 
 export async function startHost(cfg: Readonly<HostConfig>, log: Logger): Promise<RunningHost> {
+  // One host broker per state directory (agent/common/state-lock.ts): two would resume the
+  // same journaled notices and actuate twice. Taken before anything else is touched.
+  await fs.mkdir(cfg.stateDir, { recursive: true, mode: 0o700 });
+  const lock = await StateLock.acquire(cfg.stateDir, 'nestbroker host');
+  try {
+    return await startHostLocked(cfg, log, lock);
+  } catch (err) {
+    await lock.release();
+    throw err;
+  }
+}
+
+async function startHostLocked(
+  cfg: Readonly<HostConfig>,
+  log: Logger,
+  lock: StateLock,
+): Promise<RunningHost> {
   let adapter: CgroupAdapter | null = null;
   if (cfg.guests.some((g) => g.cgroup)) {
     // The VM cgroups are libvirt's (or the demo's): we never create or remove them,
@@ -142,6 +160,7 @@ export async function startHost(cfg: Readonly<HostConfig>, log: Logger): Promise
       await metrics?.close();
       await server.close();
       await broker.stop();
+      await lock.release();
     },
   };
 }
@@ -181,7 +200,14 @@ export async function runHost(argv: string[]): Promise<number> {
     process.stdout.write(`${a.config}: OK (${cfg.guests.length} guests)\n`);
     return 0;
   }
-  const host = await startHost(cfg, log);
+  let host: RunningHost;
+  try {
+    host = await startHost(cfg, log);
+  } catch (err) {
+    log.fatal({ err }, 'host broker could not start');
+    process.stderr.write(`nestbroker host: could not start: ${describeStartError(err)}\n`);
+    return 1;
+  }
   return new Promise<number>((resolve) => {
     const stop = (sig: string): void => {
       log.info({ signal: sig }, 'stopping');
@@ -190,4 +216,11 @@ export async function runHost(argv: string[]): Promise<number> {
     process.once('SIGTERM', () => stop('SIGTERM'));
     process.once('SIGINT', () => stop('SIGINT'));
   });
+}
+
+/** `(CODE) message` for a start-up failure: the code is what scripts branch on. */
+export function describeStartError(err: unknown): string {
+  const code = (err as { code?: unknown }).code;
+  const message = err instanceof Error ? err.message : String(err);
+  return typeof code === 'string' ? `(${code}) ${message}` : message;
 }

@@ -151,8 +151,10 @@ export async function removeCreated(
   log: Logger,
 ): Promise<void> {
   for (const d of [...dirs].reverse())
-    await rmdirRetry(d, busyRetryMs).catch((err: unknown) =>
-      log.warn({ dir: d, err }, 'undoing a failed start: could not remove a directory it made'),
+    await rmdirRetry(d, busyRetryMs).then(
+      () => log.info({ dir: d }, 'undoing a failed start: removed a directory it made'),
+      (err: unknown) =>
+        log.warn({ dir: d, err }, 'undoing a failed start: could not remove a directory it made'),
     );
 }
 

@@ -18,6 +18,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { rpcCall } from '../agent/common/rpc';
 import type { NoticeView } from '../agent/host/api';
+import { isNestError } from '../agent/common/errors';
+import { StateLock } from '../agent/common/state-lock';
 import { NESTCTL, Stack, removeLeftoverRoot, waitFor, type GuestSpec } from './stack';
 
 const MiB = 1024 * 1024;
@@ -120,7 +122,31 @@ async function main(): Promise<number> {
     console.error('make demo must run as root: it creates cgroups');
     return 1;
   }
+  // One demo per cgroup root: the clean-up below kills whatever is in the root, which would
+  // be a running demo's daemons and projects. The lock names the running one (a demo killed
+  // with -9 leaves a stale lock, taken over here: agent/common/state-lock.ts).
+  const lockDir = path.join(os.tmpdir(), `${ROOT}.demo-lock`);
+  await fs.mkdir(lockDir, { recursive: true, mode: 0o700 });
+  let lock: StateLock;
+  try {
+    lock = await StateLock.acquire(lockDir, `make demo (cgroup root ${ROOT})`);
+  } catch (err) {
+    if (!isNestError(err, 'STATE_LOCKED')) throw err;
+    console.error(
+      `${err.message}\nanother demo is running on this root; give this one its own: --root NAME`,
+    );
+    return 1;
+  }
+  try {
+    return await demo();
+  } finally {
+    await lock.release();
+  }
+}
+
+async function demo(): Promise<number> {
   say(`nestbroker demo: a host broker, two guest agents and six projects, cgroup root "${ROOT}"`);
+  // The daemons run in <root>/daemons, so this clean-up reaches those of a demo killed with -9.
   step('clean up after any earlier demo that was interrupted');
   say(
     (await removeLeftoverRoot(ROOT))
@@ -129,7 +155,13 @@ async function main(): Promise<number> {
   );
 
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'nestbroker-demo-'));
-  const stack = new Stack({ root: ROOT, dir, guests: GUESTS, transport: 'unix' });
+  const stack = new Stack({
+    root: ROOT,
+    dir,
+    guests: GUESTS,
+    transport: 'unix',
+    daemonGroup: 'daemons',
+  });
   const oomSeen = new Map<string, number>();
   let sampler: NodeJS.Timeout | null = null;
   const groups = (): string[] => {

@@ -9,7 +9,8 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import YAML from 'yaml';
-import { openCgroupAdapter, type CgroupDriver } from '../cgroup-adapter/index';
+import { openCgroupAdapter, spawnInto, type CgroupDriver } from '../cgroup-adapter/index';
+import type { CgroupAdapter } from '../cgroup-adapter/types';
 import { rpcCall } from '../agent/common/rpc';
 import { waitReady } from '../agent/cli/wait-ready';
 
@@ -75,7 +76,13 @@ export interface StackOptions {
   heartbeat?: { interval: string; timeout: string };
   /** Serve the host broker's Prometheus metrics on 127.0.0.1:<port>. */
   hostMetricsPort?: number;
-  /** The daemons' `limits` (issue 7); absent: their defaults. */
+  /**
+   * Run the daemons inside `<root>/<daemonGroup>` (make demo: "daemons"), so that whoever
+   * removes the root (the next run's removeLeftoverRoot, after a `kill -9` of this one)
+   * kills them through the cgroup too. Absent: they run in the caller's cgroup.
+   */
+  daemonGroup?: string;
+  /** The daemons' `limits` (docs/config-guest.md); absent: their defaults. */
   limits?: {
     guest?: { messagesPerSecond?: number; messageBurst?: number; pendingNotices?: number };
     host?: { messagesPerSecond?: number; messageBurst?: number; pendingNoticesPerGuest?: number };
@@ -111,16 +118,22 @@ export async function startDaemon(o: {
   env?: Record<string, string>;
   nodeArgs?: string[];
   timeoutMs?: number;
+  /** Start it inside this group (spawnInto: it never runs outside it). */
+  into?: { adapter: CgroupAdapter; group: string };
 }): Promise<Proc> {
   const fh = await fs.open(o.logFile, 'a');
-  const child = spawn(process.execPath, [...AGENT_NODE_FLAGS, ...(o.nodeArgs ?? []), ...o.argv], {
-    stdio: ['ignore', fh.fd, fh.fd],
+  const args = [...AGENT_NODE_FLAGS, ...(o.nodeArgs ?? []), ...o.argv];
+  const spawnOpts = {
+    stdio: ['ignore', fh.fd, fh.fd] as ('ignore' | number)[],
     env: {
       ...process.env,
       NESTBROKER_LOG_LEVEL: process.env.NESTBROKER_LOG_LEVEL ?? 'info',
       ...o.env,
     },
-  });
+  };
+  const child = o.into
+    ? await spawnInto(o.into.adapter, o.into.group, process.execPath, args, spawnOpts)
+    : spawn(process.execPath, args, spawnOpts);
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
     child.once('exit', (code, signal) => {
       void fh.close();
@@ -196,6 +209,13 @@ export class Stack {
         cpu: { max: { quotaUs: Math.round(g.cpus * 100_000), periodUs: 100_000 } },
       });
     }
+    if (this.opts.daemonGroup) await this.driver.create(this.opts.daemonGroup);
+  }
+
+  private into(): { adapter: CgroupAdapter; group: string } | undefined {
+    return this.opts.daemonGroup
+      ? { adapter: this.driver, group: this.opts.daemonGroup }
+      : undefined;
   }
 
   async writeConfigs(): Promise<void> {
@@ -306,6 +326,7 @@ export class Stack {
       logFile: path.join(this.logDir, `guest-${name}.log`),
       socket: run.socket,
       env,
+      into: this.into(),
     });
     // The operator socket answers before the upstream channel listens (agent.ts start
     // order): a caller that connects to the channel next must not race it.
@@ -323,6 +344,7 @@ export class Stack {
       logFile: path.join(this.logDir, 'host.log'),
       socket: this.hostSocket,
       env,
+      into: this.into(),
     });
     return this.host;
   }

@@ -1,5 +1,5 @@
 /**
- * The graceful stop of one project (issue 3; design.md "A reclaim, step by step" 5):
+ * The graceful stop of one project (docs/architecture.md, "A notice, end to end"):
  *
  *   pre-stop hook (local config only, run INSIDE the project's cgroup, its own timeout)
  *   → stop signal to every process of the group (cgroup.procs read at that moment)

@@ -102,7 +102,7 @@ export abstract class BaseDriver implements CgroupAdapter {
 
   /**
    * Creates the group (and missing parents) in every hierarchy, then applies limits. If a
-   * later step fails, removes every directory this call made (style.md, runc).
+   * later step fails, removes every directory this call made (CONTRIBUTING.md, runc).
    */
   async create(group: string, limits?: Limits): Promise<void> {
     const checked = validateLimits(limits);

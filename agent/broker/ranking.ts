@@ -1,5 +1,6 @@
 /**
- * Small comparators composed into rankings (kubelet eviction's `orderedBy(...)`, style.md).
+ * Small comparators composed into rankings (kubelet eviction's `orderedBy(...)`,
+ * CONTRIBUTING.md).
  *
  * One vocabulary at every level of the nesting: the guest planner ranks projects with it,
  * and the host broker ranks guests with it when it chooses which give first. A comparator

@@ -30,7 +30,7 @@ export interface Notice {
 
 export type ProjectAction = 'unchanged' | 'shrunk' | 'stopped' | 'grown' | 'started';
 
-/** How a stopped project ended (never a bare boolean: see style.md on kubelet). */
+/** How a stopped project ended (never a bare boolean: see CONTRIBUTING.md on kubelet). */
 export type ExitKind = 'graceful' | 'killed' | 'already-gone' | 'timeout';
 
 export interface ProjectLimits {

@@ -7,9 +7,9 @@
  *     `done` on the project socket ends its grace early
  *   → kill the whole group (cgroup.kill, forks included) → wait until it is empty.
  *
- * How it ended is a named fact, never a bool (style.md on kubelet): `already-gone` (nothing
- * ran when we came), `graceful` (the group emptied before the grace ran out, or the
- * project said it was done and only then was the rest killed), `killed`.
+ * How it ended is a named fact, never a bool (CONTRIBUTING.md on kubelet): `already-gone`
+ * (nothing ran when we came), `graceful` (the group emptied before the grace ran out, or
+ * the project said it was done and only then was the rest killed), `killed`.
  */
 import type { ChildProcess } from 'node:child_process';
 import type { CgroupAdapter } from '../../cgroup-adapter/types';

@@ -1,6 +1,6 @@
 /**
- * The host's one narrow actuation interface (style.md, kubelet's PodTerminator): set a
- * VM to an allocation. Lowering happens only after the guest's outcome (or a forced
+ * The host's one narrow actuation interface (CONTRIBUTING.md, kubelet's PodTerminator): set
+ * a VM to an allocation. Lowering happens only after the guest's outcome (or a forced
  * deadline); raising happens before the guest is told (docs/architecture.md, "A notice, end
  * to end").
  *

@@ -4,7 +4,7 @@
  * Validated once at start against a strict schema (unknown keys are errors), then the
  * cross checks that a schema cannot express (floor ≤ allocation, unique names, a TLS
  * channel has all its files). Every problem is reported together, naming the field and
- * the value received (fastify's initial-config-validation; style.md). The result is
+ * the value received (fastify's initial-config-validation; CONTRIBUTING.md). The result is
  * frozen: nothing changes the config after start.
  */
 import { promises as fs } from 'node:fs';

@@ -1,6 +1,6 @@
 /**
  * Seeded, dependency-free fuzz input for the protocol (docs/reliability.md, "Bad input":
- * bad input gets a clear error and changes nothing"). The same seed gives the same cases on
+ * bad input gets a clear error and changes nothing). The same seed gives the same cases on
  * every machine, so a failure is reproduced by its case number alone.
  *
  *   const rng = new Rng(0x5eed);

@@ -23,10 +23,11 @@ export const NESTBROKER = path.join(DIST, 'agent', 'cli', 'nestbroker.js');
 export const NESTCTL = path.join(DIST, 'agent', 'cli', 'nestctl.js');
 /**
  * Node flags the daemons run with, as the installed `nestbroker` wrapper gives them
- * (Makefile NODE_DAEMON_FLAGS; issue 6): V8's default young generation (16 MiB semi-spaces
- * on 64-bit) kept an idle guest agent with 200 projects at ~100 MiB RSS; 2 MiB semi-spaces
- * bring it to ~68 MiB, and the cascade is no slower (bench/footprint, bench/cascade).
- * Flags, not NODE_OPTIONS: the environment would reach the projects the agent starts.
+ * (Makefile NODE_DAEMON_FLAGS; docs/performance.md): V8's default young generation (16 MiB
+ * semi-spaces on 64-bit) kept an idle guest agent with 200 projects at ~100 MiB RSS; 2 MiB
+ * semi-spaces bring it to ~68 MiB, and the cascade is no slower (bench/footprint,
+ * bench/cascade). Flags, not NODE_OPTIONS: the environment would reach the projects the
+ * agent starts.
  */
 export const AGENT_NODE_FLAGS: readonly string[] = ['--max-semi-space-size=2'];
 export const PROJECT = path.join(DIST, 'demo', 'project.js');
@@ -82,7 +83,7 @@ export interface StackOptions {
    * kills them through the cgroup too. Absent: they run in the caller's cgroup.
    */
   daemonGroup?: string;
-  /** The daemons' `limits` (docs/config-guest.md); absent: their defaults. */
+  /** The daemons' `limits` (docs/reliability.md); absent: their defaults. */
   limits?: {
     guest?: { messagesPerSecond?: number; messageBurst?: number; pendingNotices?: number };
     host?: { messagesPerSecond?: number; messageBurst?: number; pendingNoticesPerGuest?: number };

@@ -1,11 +1,12 @@
 /**
- * Prometheus metrics (design.md "Observability"): each daemon may serve its own registry
- * as text on `GET /metrics` (config `metrics: {host, port}`; off when absent). Off by
- * default: nothing listens and nothing is counted that a scrape would not read, so the
- * idle footprint of issue 6 is unchanged.
+ * Prometheus metrics (docs/architecture.md, "Observability"): each daemon may serve its own
+ * registry as text on `GET /metrics` (config `metrics: {host, port}`; off when absent). Off
+ * by default: nothing listens and nothing is counted that a scrape would not read, so the
+ * idle footprint (docs/performance.md) is unchanged.
  *
  * No process-level default metrics (event-loop lag and the like): their timers cost CPU
- * all the time (issue 6's idle budget), and node_exporter has the process's CPU and RSS.
+ * all the time (the idle budget of docs/performance.md), and node_exporter has the
+ * process's CPU and RSS.
  */
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';

@@ -1,9 +1,10 @@
 /**
- * The host broker's Prometheus metrics (design.md "Observability"): notices by guest, kind
- * and final state; the cascade latency (issued → final, which includes the guest's work
- * and the VM's actuation); project stops by how they ended, as the guests reported them;
- * and per guest whether it is connected and what the books grant it. Counters move on the
- * broker's `finished` event; gauges are read from the books at scrape time.
+ * The host broker's Prometheus metrics (docs/architecture.md, "Observability"): notices by
+ * guest, kind and final state; the cascade latency (issued → final, which includes the
+ * guest's work and the VM's actuation); project stops by how they ended, as the guests
+ * reported them; and per guest whether it is connected and what the books grant it.
+ * Counters move on the broker's `finished` event; gauges are read from the books at scrape
+ * time.
  */
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import { LATENCY_BUCKETS } from '../common/metrics';

@@ -1,8 +1,8 @@
 /**
- * Prometheus metrics (design.md "Observability") from the real daemons: a host broker and
- * a guest agent as processes, one reclaim that stops the low-priority project and shrinks
- * the other, then what each daemon's /metrics says, checked against what really happened
- * (the project's marker, the kernel's limit files, the host's books).
+ * Prometheus metrics (docs/architecture.md, "Observability") from the real daemons: a host
+ * broker and a guest agent as processes, one reclaim that stops the low-priority project
+ * and shrinks the other, then what each daemon's /metrics says, checked against what really
+ * happened (the project's marker, the kernel's limit files, the host's books).
  */
 import http from 'node:http';
 import net from 'node:net';

@@ -10,6 +10,11 @@
  * reuse), is stale and taken over; kill(pid, 0) alone would take a reused pid for the
  * holder. The lock is removed when the daemon stops; after a SIGKILL the next start
  * finds it stale.
+ *
+ * One window is left: two starters that find the same stale lock at the same instant both
+ * remove it; O_EXCL lets only one create the new one, but the slower one's removal can
+ * come after the winner's create (microseconds apart). flock(2) would close it; Node does
+ * not have it.
  */
 import { promises as fsp, readFileSync } from 'node:fs';
 import * as path from 'node:path';

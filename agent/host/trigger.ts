@@ -36,10 +36,16 @@ export interface GuestCandidate extends Rankable {
   floor: Resources;
   /** An unfinished notice for this guest: never pile a second one on. */
   busy: boolean;
+  /**
+   * The guest's agent is connected (said hello). One that is not cannot act on a notice
+   * before its deadline, and the books would take from it what it never gave: skipped.
+   */
+  reachable: boolean;
 }
 
 export type TriggerDecision =
-  { fire: false; why: string } | { fire: true; guest: string; change: Resources; reason: string };
+  | { fire: false; why: string; skippedUnreachable?: string[] }
+  | { fire: true; guest: string; change: Resources; reason: string; skippedUnreachable?: string[] };
 
 /** Which thresholds the observation crosses (empty: none). Missing data never crosses. */
 export function breaches(cfg: TriggerConfig, obs: HostObservation): string[] {
@@ -103,11 +109,16 @@ export function evaluateTrigger(
       decision: { fire: false, why: 'a notice is still in flight; waiting for its outcome' },
     };
   const ranked = [...guests].sort(givesFirst);
+  const skipped: string[] = [];
   for (const g of ranked) {
     const change = stepFor(cfg, g);
     // The thresholds are about memory: a guest with no memory left above its floor is
     // no help, whatever CPUs it could give (CPUs alone only when the step takes no memory).
     const helps = cfg.step.memoryBytes > 0 ? change.memoryBytes > 0 : change.cpus > 0;
+    if (helps && !g.reachable) {
+      skipped.push(g.name);
+      continue;
+    }
     if (helps)
       return {
         // The breach clock restarts: the next step needs another full `for` of pressure.
@@ -117,9 +128,19 @@ export function evaluateTrigger(
           guest: g.name,
           change,
           reason: `automatic: ${crossed.join(' and ')} for ${obs.now - breachSince} ms`,
+          ...(skipped.length > 0 ? { skippedUnreachable: skipped } : {}),
         },
       };
   }
+  if (skipped.length > 0)
+    return {
+      state: next,
+      decision: {
+        fire: false,
+        why: `no reachable guest has anything above its floor (not connected: ${skipped.join(', ')})`,
+        skippedUnreachable: skipped,
+      },
+    };
   return {
     state: next,
     decision: { fire: false, why: 'every guest is at its floor: nothing left to reclaim' },

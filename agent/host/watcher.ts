@@ -90,6 +90,8 @@ export class Watcher {
   private timer: unknown = null;
   private observing: Promise<WatchSample> | null = null;
   private running = false;
+  /** Guests passed over by the trigger because their agent was not connected (a metric). */
+  skippedUnreachable = 0;
   private readonly source: HostSource;
   private readonly clock: WatcherClock;
 
@@ -202,10 +204,13 @@ export class Watcher {
         granted: st.books.granted,
         floor: st.books.floor,
         busy: st.pending.length > 0,
+        reachable: st.connected,
       };
     });
+    const before = this.state;
     const r = evaluateTrigger(this.cfg.trigger, this.state, host, candidates);
     this.state = r.state;
+    this.skippedUnreachable += r.decision.skippedUnreachable?.length ?? 0;
     if (r.decision.fire) {
       this.log.warn({ decision: r.decision }, 'automatic trigger: reclaiming');
       try {
@@ -217,6 +222,9 @@ export class Watcher {
           source: 'trigger',
         });
       } catch (err) {
+        // Refused: no notice went out, so no cooldown (it starts only when one did) and the
+        // breach keeps its clock: the next tick may try again.
+        this.state = { breachSince: before.breachSince ?? now, lastFiredAt: before.lastFiredAt };
         this.log.error({ err }, 'automatic reclaim could not be issued');
       }
     }

@@ -27,12 +27,14 @@ const guest = (
   memGiB: number,
   floorGiB: number,
   busy = false,
+  reachable = true,
 ): GuestCandidate => ({
   name,
   priority,
   granted: { memoryBytes: memGiB * GiB, cpus: 2 },
   floor: { memoryBytes: floorGiB * GiB, cpus: 1 },
   busy,
+  reachable,
 });
 const low = { now: 0, memoryAvailableBytes: 1 * GiB };
 
@@ -111,4 +113,17 @@ test('one notice at a time, then a cooldown before the next step', () => {
   expect(r.decision).toMatchObject({ fire: false, why: expect.stringContaining('cooling') });
   r = evaluateTrigger(cfg, r.state, { ...low, now: 160_000 }, free);
   expect(r.decision.fire).toBe(true);
+});
+
+test('a guest whose agent is not connected is passed over (and named); none reachable: no fire', () => {
+  const state = { breachSince: -cfg.forMs, lastFiredAt: null };
+  const r = evaluateTrigger(cfg, state, low, [
+    guest('away', 1, 4, 1, false, false),
+    guest('here', 50, 4, 1),
+  ]);
+  expect(r.decision).toMatchObject({ fire: true, guest: 'here', skippedUnreachable: ['away'] });
+  const none = evaluateTrigger(cfg, state, low, [guest('away', 1, 4, 1, false, false)]);
+  expect(none.decision).toMatchObject({ fire: false, skippedUnreachable: ['away'] });
+  // No notice went out: no cooldown started.
+  expect(none.state.lastFiredAt).toBeNull();
 });

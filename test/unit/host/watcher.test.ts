@@ -13,6 +13,7 @@ import { validateHostConfig, type HostConfig } from '../../../agent/host/config'
 import { HostBroker, type HostChannel } from '../../../agent/host/host-broker';
 import type { VmActuator } from '../../../agent/host/actuator';
 import { Watcher, type HostSource, type WatcherClock } from '../../../agent/host/watcher';
+import { PROTOCOL_VERSION } from '../../../agent/protocol/messages';
 
 const MiB = 1024 * 1024;
 
@@ -67,12 +68,43 @@ const awayChannel = (): HostChannel => {
     close: () => undefined,
   };
 };
+/**
+ * A guest whose agent connects and says hello, then never answers (the notice stays
+ * pending: the loop must not pile a second one on).
+ */
+const quietChannel = (g: { name: string }): HostChannel => {
+  const ee = new EventEmitter();
+  setImmediate(() => {
+    ee.emit('open');
+    ee.emit('message', {
+      type: 'hello',
+      id: `hello-${g.name}`,
+      version: PROTOCOL_VERSION,
+      guest: g.name,
+      inventory: { cpus: 2, memoryBytes: 1024 * MiB, projects: [] },
+      lastSeq: 0,
+    });
+  });
+  return {
+    send: () => true,
+    on: (e: string, fn: (...a: unknown[]) => void) => ee.on(e, fn),
+    close: () => ee.emit('close'),
+  };
+};
 const untouchedActuator: VmActuator = {
   apply: () => Promise.reject(new Error('nothing may be actuated before an outcome')),
 };
 
 let dir: string;
 let broker: HostBroker;
+
+async function waitConnected(names: string[]): Promise<void> {
+  const until = Date.now() + 10_000;
+  while (!names.every((n) => broker.status(n).connected)) {
+    if (Date.now() > until) throw new Error(`guests ${names.join(', ')} did not say hello`);
+    await new Promise((r) => setTimeout(r, 2));
+  }
+}
 let watcher: Watcher;
 afterEach(async () => {
   watcher?.stop();
@@ -105,10 +137,11 @@ test('MemAvailable under the threshold for `trigger.for` → one automatic recla
   broker = new HostBroker({
     config: cfg,
     actuator: untouchedActuator,
-    connect: awayChannel,
+    connect: quietChannel,
     log: silentLogger(),
   });
   await broker.start();
+  await waitConnected(['vm-high', 'vm-low']);
   const clock = new StepClock();
   const source = new RecordingSource(clock);
   watcher = new Watcher(cfg, broker, null, silentLogger(), { source, clock });
@@ -200,4 +233,48 @@ test('pressure that clears before `for` has passed issues nothing, and the breac
     why: 'threshold crossed for 5000 ms of the 10000 ms required',
   });
   expect(broker.notices()).toEqual([]);
+});
+
+test('a guest whose agent is not connected is passed over, counted, and no cooldown starts', async () => {
+  dir = await fs.mkdtemp(path.join(os.tmpdir(), 'nb-watcher-'));
+  const cfg = validateHostConfig({
+    stateDir: path.join(dir, 'state'),
+    trigger: {
+      enabled: true,
+      memoryAvailableBelow: '1GiB',
+      for: '5s',
+      interval: '5s',
+      cooldown: '2m',
+      step: { memory: '128MiB' },
+    },
+    guests: [
+      {
+        name: 'vm-away',
+        priority: 1,
+        allocation: { cpus: 2, memory: '1GiB' },
+        channel: { transport: 'unix', path: path.join(dir, 'vm-away.sock') },
+      },
+    ],
+  });
+  broker = new HostBroker({
+    config: cfg,
+    actuator: untouchedActuator,
+    connect: awayChannel,
+    log: silentLogger(),
+  });
+  await broker.start();
+  const clock = new StepClock();
+  const source = new RecordingSource(clock);
+  watcher = new Watcher(cfg, broker, null, silentLogger(), { source, clock });
+  watcher.start();
+  // 0 s: the breach starts; 5 s, 10 s, 15 s: it has lasted `for`, but the only guest is away.
+  for (let i = 0; i < 4; i++) await clock.fireNext();
+  expect(watcher.last()?.decision).toMatchObject({
+    fire: false,
+    skippedUnreachable: ['vm-away'],
+  });
+  expect(watcher.skippedUnreachable).toBe(3);
+  expect(broker.notices()).toEqual([]);
+  expect(broker.status('vm-away').books.granted.memoryBytes).toBe(1024 * MiB);
+  expect(watcher.triggerState().lastFiredAt).toBeNull();
 });

@@ -7,6 +7,7 @@
  * they were); two correct reclaims sent back to back are both accepted (the second is
  * checked against the first one's allocation, not the one before it ran).
  */
+import { existsSync } from 'node:fs';
 import * as path from 'node:path';
 import type { Notice } from '../../../agent/broker/types';
 import type { Ack, Message, OutcomeMsg } from '../../../agent/protocol/messages';
@@ -74,6 +75,8 @@ async function limits(): Promise<unknown> {
 
 test('a notice whose allocation is not before ± change is refused, nothing done; a correct one goes', async () => {
   const inbox: Message[] = [];
+  // The operator socket answers before the upstream channel listens (agent.ts start order).
+  await waitFor('the upstream socket', () => existsSync(upstreamOf(env)));
   const ch = await connectUnix(upstreamOf(env));
   ch.on('message', (m) => inbox.push(m));
   await waitFor('hello', () => inbox.some((m) => m.type === 'hello'));

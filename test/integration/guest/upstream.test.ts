@@ -4,6 +4,7 @@
  * projects get theirs, the outcome comes back; after the agent restarts, the same notice
  * replayed gets the journaled outcome again and nothing is stopped twice.
  */
+import { existsSync } from 'node:fs';
 import * as path from 'node:path';
 import type { Notice } from '../../../agent/broker/types';
 import type { Hello, Message, OutcomeMsg } from '../../../agent/protocol/messages';
@@ -20,6 +21,8 @@ const upstreamOf = (e: Env): string => path.join(e.dir, 'upstream.sock');
 
 async function host(): Promise<{ ch: SocketChannel; inbox: Message[] }> {
   const inbox: Message[] = [];
+  // The operator socket answers before the upstream channel listens (agent.ts start order).
+  await waitFor('the upstream socket', () => existsSync(upstreamOf(env)));
   const ch = await connectUnix(upstreamOf(env));
   ch.on('message', (m) => inbox.push(m));
   return { ch, inbox };

@@ -4,7 +4,7 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 NODE_MODULES_STAMP := node_modules/.package-lock.json
 
-.PHONY: all deps build typecheck lint test check demo bench e2e install uninstall clean
+.PHONY: all deps build typecheck lint test check demo bench e2e install uninstall clean man deb
 
 all: build
 
@@ -55,6 +55,21 @@ bench-%: build
 clean:
 	rm -rf dist
 
+# Man pages from docs/man/*.md with go-md2man (Debian package go-md2man), and nestctl's
+# bash completion from the CLI itself (yargs). Into dist/, which `make install` installs
+# from when present.
+MAN_PAGES := $(patsubst docs/man/%.md,dist/man/%,$(wildcard docs/man/*.md))
+man: $(MAN_PAGES) dist/bash-completion/nestctl
+
+dist/man/%: docs/man/%.md
+	@command -v go-md2man >/dev/null || { echo "make man: go-md2man is missing: apt-get install go-md2man" >&2; exit 1; }
+	@mkdir -p dist/man
+	go-md2man -in $< -out $@
+
+dist/bash-completion/nestctl: build
+	@mkdir -p dist/bash-completion
+	node dist/agent/cli/nestctl.js completion >$@
+
 # ---- installation (issue 5; docs/install.md) ------------------------------------------
 # `make build && make install` as root. Honours DESTDIR (staging, packaging) and PREFIX.
 # Installs only what exists already: it never builds, so it also works from a read-only
@@ -62,6 +77,8 @@ clean:
 LIBDIR := $(PREFIX)/lib/nestbroker
 BINDIR := $(PREFIX)/bin
 DOCDIR := $(PREFIX)/share/doc/nestbroker
+MANDIR := $(PREFIX)/share/man
+COMPLETIONDIR := $(PREFIX)/share/bash-completion/completions
 UNITDIR ?= /lib/systemd/system
 UDEVRULESDIR ?= /lib/udev/rules.d
 CONFDIR ?= /etc/nestbroker
@@ -101,6 +118,11 @@ install:
 	for f in guest host; do \
 	  if [ -f examples/$$f.yaml ]; then install -m 0644 examples/$$f.yaml $(DESTDIR)$(CONFDIR)/$$f.yaml.example; fi; done
 	if [ -f docs/install.md ]; then install -m 0644 docs/install.md $(DESTDIR)$(DOCDIR)/install.md; fi
+	@# Man pages and completion, when `make man` made them.
+	for m in dist/man/*.[0-9]; do [ -f "$$m" ] || continue; \
+	  install -D -m 0644 "$$m" $(DESTDIR)$(MANDIR)/man$${m##*.}/$${m##*/}; done
+	if [ -f dist/bash-completion/nestctl ]; then \
+	  install -D -m 0644 dist/bash-completion/nestctl $(DESTDIR)$(COMPLETIONDIR)/nestctl; fi
 	@# Live system (no DESTDIR, systemd running): make the new units and rule known.
 	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; \
 	  command -v udevadm >/dev/null && udevadm control --reload || true; fi
@@ -113,6 +135,7 @@ uninstall:
 	  systemctl disable --now $(INSTALLED_UNITS) 2>/dev/null || true; fi
 	rm -rf $(DESTDIR)$(LIBDIR) $(DESTDIR)$(DOCDIR)
 	rm -f $(DESTDIR)$(BINDIR)/nestbroker $(DESTDIR)$(BINDIR)/nestctl
+	rm -f $(DESTDIR)$(MANDIR)/man1/nestctl.1 $(DESTDIR)$(MANDIR)/man8/nestbroker.8 $(DESTDIR)$(COMPLETIONDIR)/nestctl
 	rm -f $(addprefix $(DESTDIR)$(UNITDIR)/,$(INSTALLED_UNITS)) $(DESTDIR)$(UDEVRULESDIR)/$(UDEV_RULE)
 	rm -f $(DESTDIR)$(CONFDIR)/guest.yaml.example $(DESTDIR)$(CONFDIR)/host.yaml.example
 	rmdir $(DESTDIR)$(CONFDIR) 2>/dev/null || true

@@ -70,6 +70,22 @@ dist/bash-completion/nestctl: build
 	@mkdir -p dist/bash-completion
 	node dist/agent/cli/nestctl.js completion >$@
 
+# ---- the Debian package (debian/; docs/install.md) -------------------------------------
+# dist/nestbroker_<version>_all.deb, built by dpkg-buildpackage (debhelper) in a copy of
+# the tree under dist/deb/ (the .deb lands beside its source directory, so not in the
+# parent of this tree). node_modules is hard-linked in; `make install` takes only the
+# production dependencies from it. Build dependencies: apt-get install debhelper go-md2man.
+VERSION := $(shell dpkg-parsechangelog -l debian/changelog -SVersion 2>/dev/null)
+DEB := dist/nestbroker_$(VERSION)_all.deb
+deb: $(DEB)
+$(DEB): deps $(shell git ls-files -co --exclude-standard 2>/dev/null)
+	@command -v dh >/dev/null || { echo "make deb: debhelper is missing: apt-get install debhelper go-md2man" >&2; exit 1; }
+	rm -rf dist/deb && mkdir -p dist/deb/nestbroker-$(VERSION)
+	git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C dist/deb/nestbroker-$(VERSION)
+	cp -al node_modules dist/deb/nestbroker-$(VERSION)/node_modules
+	cd dist/deb/nestbroker-$(VERSION) && dpkg-buildpackage -b -us -uc
+	cp dist/deb/nestbroker_$(VERSION)_all.deb $@
+
 # ---- installation (issue 5; docs/install.md) ------------------------------------------
 # `make build && make install` as root. Honours DESTDIR (staging, packaging) and PREFIX.
 # Installs only what exists already: it never builds, so it also works from a read-only

@@ -4,7 +4,7 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 NODE_MODULES_STAMP := node_modules/.package-lock.json
 
-.PHONY: all deps build typecheck lint test check demo bench e2e install uninstall clean man deb
+.PHONY: all deps build typecheck lint test check demo bench e2e install uninstall clean man deb packaging-deps
 
 all: build
 
@@ -28,7 +28,7 @@ lint: deps
 # The README's test command: installs what it needs, then type-checks, lints and runs
 # every test: unit, integration on the real kernel as root, then the real-guest test
 # under QEMU (test/e2e; it installs its Debian packages itself and caches the image).
-test: build typecheck lint
+test: build typecheck lint packaging-deps
 	npx jest --runInBand
 	npx jest -c jest.e2e.config.js --runInBand
 
@@ -69,6 +69,13 @@ dist/man/%: docs/man/%.md
 dist/bash-completion/nestctl: build
 	@mkdir -p dist/bash-completion
 	node dist/agent/cli/nestctl.js completion >$@
+
+# What test/integration/packaging/deb.test.ts needs to build and check the .deb: Debian's
+# packages, installed with apt-get when missing.
+PACKAGING_DEBS := debhelper go-md2man lintian dpkg-dev
+packaging-deps:
+	@missing=$$(for p in $(PACKAGING_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
 # ---- the Debian package (debian/; docs/install.md) -------------------------------------
 # dist/nestbroker_<version>_all.deb, built by dpkg-buildpackage (debhelper) in a copy of

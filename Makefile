@@ -39,7 +39,7 @@ check: build
 demo: build
 	node dist/demo/demo.js
 
-# Every benchmark in sequence (issue 6; docs/performance.md), as root; JSON in bench/results/.
+# Every benchmark in sequence (docs/performance.md), as root; JSON in bench/results/.
 # One alone: `make bench-cascade`, `make bench-footprint`, `make bench-graceful-vs-oom`,
 # `make bench-cgroup-ops`, `make bench-planner-scale`; options through BENCH_ARGS, e.g.
 # `make bench-graceful-vs-oom BENCH_ARGS="--real-guest --runs 3"` (the QEMU guest),
@@ -93,7 +93,7 @@ $(DEB): deps $(shell git ls-files -co --exclude-standard 2>/dev/null)
 	cd dist/deb/nestbroker-$(VERSION) && dpkg-buildpackage -b -us -uc
 	cp dist/deb/nestbroker_$(VERSION)_all.deb $@
 
-# ---- installation (issue 5; docs/install.md) ------------------------------------------
+# ---- installation (docs/install.md) ----------------------------------------------------
 # `make build && make install` as root. Honours DESTDIR (staging, packaging) and PREFIX.
 # Installs only what exists already: it never builds, so it also works from a read-only
 # tree (the real-guest test runs it from a 9p share inside the guest).
@@ -107,10 +107,11 @@ UDEVRULESDIR ?= /lib/udev/rules.d
 CONFDIR ?= /etc/nestbroker
 # The node the wrappers exec, resolved now (systemd's PATH need not contain it).
 NODE ?= $(shell command -v node 2>/dev/null || echo /usr/bin/node)
-# Node flags of the `nestbroker` wrapper, which the units' ExecStart runs (issue 6): 2 MiB
-# semi-spaces instead of V8's 16 MiB keep an idle guest agent with 200 projects near 68 MiB
-# RSS, not 100 (bench/footprint), the cascade no slower. Flags, not NODE_OPTIONS: the
-# environment would reach the projects the guest agent starts. demo/stack.ts AGENT_NODE_FLAGS.
+# Node flags of the `nestbroker` wrapper, which the units' ExecStart runs
+# (docs/performance.md): 2 MiB semi-spaces instead of V8's 16 MiB keep an idle guest agent
+# with 200 projects near 68 MiB RSS, not 100 (bench/footprint), the cascade no slower.
+# Flags, not NODE_OPTIONS: the environment would reach the projects the guest agent starts.
+# demo/stack.ts AGENT_NODE_FLAGS.
 NODE_DAEMON_FLAGS ?= --max-semi-space-size=2
 INSTALLED_UNITS := nestbroker-guest.service nestbroker-host.service
 UDEV_RULE := 99-nestbroker.rules
@@ -164,7 +165,7 @@ uninstall:
 	rmdir $(DESTDIR)$(CONFDIR) 2>/dev/null || true
 	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
-# The real-guest test alone (test/e2e, issue 5): builds or reuses the cached Debian guest
+# The real-guest test alone (test/e2e): builds or reuses the cached Debian guest
 # image, boots it under QEMU, installs there with `make install`. Logs: test/e2e/out/.
 e2e: build
 	npx jest -c jest.e2e.config.js --runInBand

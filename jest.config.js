@@ -3,7 +3,7 @@ module.exports = {
   testEnvironment: 'node',
   roots: ['<rootDir>/test'],
   testMatch: ['**/*.test.ts'],
-  // The real-guest test boots QEMU: `make e2e` runs it (jest.e2e.config.js), issue 5.
+  // The real-guest test boots QEMU: `make e2e` runs it (jest.e2e.config.js).
   testPathIgnorePatterns: ['/node_modules/', '<rootDir>/test/e2e/'],
   transform: {
     // Type-checking is done once by `tsc` in `make test`; here we only transpile

@@ -1,4 +1,4 @@
-/** The real-guest test alone (`make e2e`, issue 5): QEMU, a Debian guest, systemd. */
+/** The real-guest test alone (`make e2e`): QEMU, a Debian guest, systemd. */
 module.exports = {
   testEnvironment: 'node',
   roots: ['<rootDir>/test/e2e'],

@@ -1,11 +1,11 @@
 #!/usr/bin/env node
 /**
- * Cascade latency (issue 6, part 1): an operator `reclaim` on the host's operator socket
- * (rpcCall, as nestctl does) → the host journals and sends the notice → each guest agent
- * plans, writes every project's new limits and sends the stop signals → the projects exit
- * (at once: no grace time) → the outcome is back at the host, the VM cgroup lowered, and
- * the operator answered. Timed from the request to that answer, p50/p99 over --runs runs;
- * a `restore` after each run (not timed) puts every project back.
+ * Cascade latency (docs/performance.md, part 1): an operator `reclaim` on the host's
+ * operator socket (rpcCall, as nestctl does) → the host journals and sends the notice →
+ * each guest agent plans, writes every project's new limits and sends the stop signals →
+ * the projects exit (at once: no grace time) → the outcome is back at the host, the VM
+ * cgroup lowered, and the operator answered. Timed from the request to that answer, p50/p99
+ * over --runs runs; a `restore` after each run (not timed) puts every project back.
  *
  * Real host broker and guest agents (separate processes, unix sockets), real cgroups under
  * `nestbroker-bench-<pid>/<size>`, real project processes (a shell each). Every project is

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * What the agents cost (issue 6, part 2).
+ * What the agents cost (docs/performance.md, part 2).
  *
  * Idle: a host broker with 50 guests connected (guest agents as real processes); one of
  * them, g00, runs 200 projects and samples their usage every second (the agent's default

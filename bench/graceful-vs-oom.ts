@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * Graceful vs OOM, side by side (issue 6, part 3), on this machine.
+ * Graceful vs OOM, side by side (docs/performance.md, part 3), on this machine.
  *
  * The same workload each run: a "VM" cgroup (`<root>/vm1`, v1 memory.limit_in_bytes
  * 288 MiB, hybrid here) holding three projects of different priorities (web 100, api 50,

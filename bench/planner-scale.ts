@@ -1,9 +1,10 @@
 /**
- * Scale of the plan (issue 6, part 4): how long the pure planner (agent/guest/planner.ts)
- * takes for 10, 100, 1 000 and 10 000 projects. Inputs are random but seeded, so every run
- * plans the same guests: mixed priorities, minimums and maximums, usage above and below
- * the minimums, some projects stopped for room, and an allocation cut to 45 % of
- * what the projects hold, so each plan really shrinks, stops and restarts projects.
+ * Scale of the plan (docs/performance.md, part 4): how long the pure planner
+ * (agent/guest/planner.ts) takes for 10, 100, 1 000 and 10 000 projects. Inputs are random
+ * but seeded, so every run plans the same guests: mixed priorities, minimums and maximums,
+ * usage above and below the minimums, some projects stopped for room, and an allocation cut
+ * to 45 % of what the projects hold, so each plan really shrinks, stops and restarts
+ * projects.
  *
  *   make build && node dist/bench/planner-scale.js [--sizes 10,100,1000,10000] [--runs 50]
  *

@@ -23,7 +23,10 @@ export const BENCHES = [
   'cascade',
 ];
 
-/** A bench that is another one's script with arguments (issue 6, part 3: the QEMU guest). */
+/**
+ * A bench that is another one's script with arguments (docs/performance.md, part 3: the
+ * QEMU guest).
+ */
 const VARIANTS: Record<string, { script: string; args: string[] }> = {
   'graceful-vs-oom-real-guest': {
     script: 'graceful-vs-oom',

@@ -1,8 +1,8 @@
 /**
- * Load held (issue 7): a soak of the whole stack as real processes. One host broker and N
- * guest agents (each "VM" a cgroup under this run's root, one small project each, a real
- * process holding a few MiB and burning 1 % of a CPU); notices at a fixed rate spread
- * evenly over the guests, each guest alternating a CPU-only reclaim (0.5 CPU: the
+ * Load held (docs/reliability.md): a soak of the whole stack as real processes. One host
+ * broker and N guest agents (each "VM" a cgroup under this run's root, one small project
+ * each, a real process holding a few MiB and burning 1 % of a CPU); notices at a fixed rate
+ * spread evenly over the guests, each guest alternating a CPU-only reclaim (0.5 CPU: the
  * project's cpu.max shrinks, it keeps running) and the restore that gives it back.
  *
  *   make build && node dist/bench/soak.js [--guests 20] [--rate 1000] [--minutes 10]

@@ -102,7 +102,7 @@ export abstract class BaseDriver implements CgroupAdapter {
 
   /**
    * Creates the group (and missing parents) in every hierarchy, then applies limits. If a
-   * later step fails, removes every directory this call made (style.md, runc).
+   * later step fails, removes every directory this call made (CONTRIBUTING.md, runc).
    */
   async create(group: string, limits?: Limits): Promise<void> {
     const checked = validateLimits(limits);
@@ -299,7 +299,7 @@ export abstract class BaseDriver implements CgroupAdapter {
     // The leaf is made WITHOUT beforeChild: v2 would enable controllers in the root while
     // this process is still in it. cpuset and cpu (threaded controllers) are then accepted
     // and turn the root into a thread root, and `+memory` fails with EOPNOTSUPP
-    // (cgroup-v2.rst "Threads"; seen in the real-guest test, issue 5).
+    // (cgroup-v2.rst "Threads"; seen in the real-guest test).
     this.claiming = true;
     try {
       await this.create(leaf);

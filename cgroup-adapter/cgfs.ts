@@ -30,7 +30,7 @@ export async function readOptional(file: string): Promise<string | undefined> {
 }
 
 /**
- * One write(2) of `data` (cgroupfs acts on each write; style.md: one pid per write).
+ * One write(2) of `data` (cgroupfs acts on each write; CONTRIBUTING.md: one pid per write).
  * O_WRONLY without O_CREAT: a missing interface file is ENOENT, never a new regular file.
  */
 export async function writeText(file: string, data: string): Promise<void> {

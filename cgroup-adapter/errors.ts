@@ -1,7 +1,7 @@
 /**
  * Coded errors of the cgroup layer. Callers branch on `code` (and `errno`), never on the
- * message text (style.md). The message still carries the file, the data written and the
- * errno, because "having data in the error message helps in debugging" (runc).
+ * message text (CONTRIBUTING.md). The message still carries the file, the data written and
+ * the errno, because "having data in the error message helps in debugging" (runc).
  */
 
 export const CgroupErrorCodes = {

@@ -288,7 +288,7 @@ export function printCpuList(ids: readonly number[]): string {
 /**
  * A cpuset.cpus value to write: a non-empty list, printed canonically. An empty list is
  * refused for writes: in v2 it means "inherit" and in v1 it empties the set, neither of
- * which is a limit (and style.md: never write `""`).
+ * which is a limit (and CONTRIBUTING.md: never write `""`).
  */
 export function normalizeCpuList(v: unknown, field = 'cpus'): string {
   if (typeof v !== 'string')

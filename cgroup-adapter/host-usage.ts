@@ -23,9 +23,9 @@ export interface HostUsage {
 let lastCpu: { busy: number; total: number } | undefined;
 
 /**
- * Cheap by design (issue 6: the host broker calls this every trigger interval; through
- * systeminformation each call spawned a process and read dozens of files, a CPU spike
- * every tick): /proc/meminfo and /proc/stat, one read each (proc(5)), where Linux has
+ * Cheap by design (docs/performance.md: the host broker calls this every trigger interval;
+ * through systeminformation each call spawned a process and read dozens of files, a CPU
+ * spike every tick): /proc/meminfo and /proc/stat, one read each (proc(5)), where Linux has
  * them; systeminformation elsewhere.
  */
 export async function hostUsage(): Promise<HostUsage> {

@@ -3,7 +3,7 @@
  *
  * Two modes:
  * - `strict` (projects, everything we create): `^[a-z0-9][a-z0-9_.-]{0,62}$` per segment
- *   (design.md), and never a name that could be read as a cgroup interface file.
+ *   (docs/config-guest.md), and never a name that could be read as a cgroup interface file.
  * - `systemd` (operator-configured groups that already exist, e.g. libvirt's
  *   `machine.slice/machine-qemu\x2d1\x2dvm1.scope`): segments of `[A-Za-z0-9:_.@\-]`,
  *   still never `.`/`..`, `/` inside a segment, NUL or an interface-file name.

@@ -1,11 +1,12 @@
 /**
- * A cheap periodic usage sampler (issue 6: an idle guest agent with 200 projects used 19 %
- * of a core reading nine cgroup files per project per second, each open/fstat/read/close
- * on the thread pool). This one reads only what a periodic sample needs — memory in use
- * and CPU time, two files a group (SampleFiles from the driver) — and keeps each file
- * open, re-reading it from offset 0 with one pread(2): cgroup interface files are
- * regenerated on every read from the start (kernfs seq files), so an open descriptor
- * stays current. Two syscalls a group a sample, no thread pool, no garbage but a number.
+ * A cheap periodic usage sampler (docs/performance.md: an idle guest agent with 200
+ * projects used 19 % of a core reading nine cgroup files per project per second, each
+ * open/fstat/read/close on the thread pool). This one reads only what a periodic sample
+ * needs — memory in use and CPU time, two files a group (SampleFiles from the driver) — and
+ * keeps each file open, re-reading it from offset 0 with one pread(2): cgroup interface
+ * files are regenerated on every read from the start (kernfs seq files), so an open
+ * descriptor stays current. Two syscalls a group a sample, no thread pool, no garbage but a
+ * number.
  *
  * A group removed under us: the read of its open file fails with ENODEV (or the open with
  * ENOENT): the descriptor is dropped and the group reported as gone (null); a group made

@@ -84,7 +84,8 @@ export class V2Driver extends BaseDriver {
    * Enables the controllers again on every level above `group` where they are off. They
    * are turned off while the guest agent is away: systemd < 254 can only start the next
    * agent in its unit's cgroup when that cgroup's subtree_control is empty, so the unit's
-   * ExecStopPost clears it down the tree (systemd/nestbroker-guest-release, issue 5).
+   * ExecStopPost clears it down the tree (systemd/nestbroker-guest-release,
+   * docs/install.md).
    */
   private async enablePath(group: string): Promise<void> {
     let cur = this.root;

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * `make demo`: the whole cascade on one machine, no VM needed (issue 4).
+ * `make demo`: the whole cascade on one machine, no VM needed (README.md).
  *
  * A host broker and two guest agents run as separate processes over unix sockets. Each
  * "VM" is a cgroup (`<root>/vm1`, `<root>/vm2`) whose limits play the VM's allocation;

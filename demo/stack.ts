@@ -22,10 +22,11 @@ export const NESTBROKER = path.join(DIST, 'agent', 'cli', 'nestbroker.js');
 export const NESTCTL = path.join(DIST, 'agent', 'cli', 'nestctl.js');
 /**
  * Node flags the daemons run with, as the installed `nestbroker` wrapper gives them
- * (Makefile NODE_DAEMON_FLAGS; issue 6): V8's default young generation (16 MiB semi-spaces
- * on 64-bit) kept an idle guest agent with 200 projects at ~100 MiB RSS; 2 MiB semi-spaces
- * bring it to ~68 MiB, and the cascade is no slower (bench/footprint, bench/cascade).
- * Flags, not NODE_OPTIONS: the environment would reach the projects the agent starts.
+ * (Makefile NODE_DAEMON_FLAGS; docs/performance.md): V8's default young generation (16 MiB
+ * semi-spaces on 64-bit) kept an idle guest agent with 200 projects at ~100 MiB RSS; 2 MiB
+ * semi-spaces bring it to ~68 MiB, and the cascade is no slower (bench/footprint,
+ * bench/cascade). Flags, not NODE_OPTIONS: the environment would reach the projects the
+ * agent starts.
  */
 export const AGENT_NODE_FLAGS: readonly string[] = ['--max-semi-space-size=2'];
 export const PROJECT = path.join(DIST, 'demo', 'project.js');
@@ -75,7 +76,7 @@ export interface StackOptions {
   heartbeat?: { interval: string; timeout: string };
   /** Serve the host broker's Prometheus metrics on 127.0.0.1:<port>. */
   hostMetricsPort?: number;
-  /** The daemons' `limits` (issue 7); absent: their defaults. */
+  /** The daemons' `limits` (docs/reliability.md); absent: their defaults. */
   limits?: {
     guest?: { messagesPerSecond?: number; messageBurst?: number; pendingNotices?: number };
     host?: { messagesPerSecond?: number; messageBurst?: number; pendingNoticesPerGuest?: number };

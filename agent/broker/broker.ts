@@ -1,5 +1,5 @@
 /**
- * The broker role (design.md "Roles: broker and client at every level"): a broker serves
+ * The broker role (docs/architecture.md, "Two roles at every level"): a broker serves
  * the containers inside its own. Given the steps of a plan and a handle on each child, it
  *
  *   1. delivers every affected child its notice BEFORE anything is taken from any child
@@ -75,10 +75,11 @@ export interface StepStore<CO> {
 
 /**
  * Every child's step record of one notice in ONE journal record (`<key>--steps`), so the
- * steps of a phase that end together are made durable by one write (issue 6: a record a
- * child and step cost an fsync each, ~10 a project). The store's group commit (Journal)
- * merges the puts that arrive while a write is on the disk; each put still resolves only
- * once a write holding it is durable, so "journaled before acting" holds per child.
+ * steps of a phase that end together are made durable by one write (docs/performance.md: a
+ * record a child and step cost an fsync each, ~10 a project). The store's group commit
+ * (Journal) merges the puts that arrive while a write is on the disk; each put still
+ * resolves only once a write holding it is durable, so "journaled before acting" holds per
+ * child.
  */
 export class NoticeStepJournal<CO> implements StepJournal<CO> {
   private recs: Record<string, StepJournalRecord<CO>> | undefined;

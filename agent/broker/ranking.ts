@@ -1,5 +1,6 @@
 /**
- * Small comparators composed into rankings (kubelet eviction's `orderedBy(...)`, style.md).
+ * Small comparators composed into rankings (kubelet eviction's `orderedBy(...)`,
+ * CONTRIBUTING.md).
  *
  * One vocabulary at every level of the nesting: the guest planner ranks projects with it,
  * and the host broker ranks guests with it when it chooses which give first. A comparator
@@ -64,8 +65,8 @@ export const byName: Comparator<Pick<Rankable, 'name'>> = (a, b) =>
   a.name < b.name ? -1 : a.name > b.name ? 1 : 0;
 
 /**
- * Who gives first (issue 3): lowest priority; within a priority the one using most above
- * its minimum; then by name.
+ * Who gives first (docs/architecture.md, "Why it is built this way"): lowest priority;
+ * within a priority the one using most above its minimum; then by name.
  */
 export const givesFirst: Comparator<Rankable> = orderedBy<Rankable>(
   byPriorityAsc,

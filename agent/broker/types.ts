@@ -1,7 +1,7 @@
 /**
- * The notice and outcome types used at every level of the nesting (design.md "Roles"):
- * host → guest, guest → project, and a guest → a nested agent one level deeper.
- * Schemas that validate these at the boundary live in agent/protocol/.
+ * The notice and outcome types used at every level of the nesting (docs/architecture.md,
+ * "Two roles at every level"): host → guest, guest → project, and a guest → a nested agent
+ * one level deeper. Schemas that validate these at the boundary live in agent/protocol/.
  */
 
 export interface Resources {
@@ -30,7 +30,7 @@ export interface Notice {
 
 export type ProjectAction = 'unchanged' | 'shrunk' | 'stopped' | 'grown' | 'started';
 
-/** How a stopped project ended (never a bare boolean: see style.md on kubelet). */
+/** How a stopped project ended (never a bare boolean: see CONTRIBUTING.md on kubelet). */
 export type ExitKind = 'graceful' | 'killed' | 'already-gone' | 'timeout';
 
 export interface ProjectLimits {

@@ -1,8 +1,8 @@
 /**
  * `nestctl top` and `nestctl --guest top`: a view that refreshes every `--interval` until
- * Ctrl-C, or `--count` times (design.md, "Observability"). On a terminal each refresh
- * redraws the screen; piped, each is printed after the last; with --json each is one JSON
- * line (NDJSON), for scripts that follow usage over time.
+ * Ctrl-C, or `--count` times (docs/architecture.md, "Observability"). On a terminal each
+ * refresh redraws the screen; piped, each is printed after the last; with --json each is
+ * one JSON line (NDJSON), for scripts that follow usage over time.
  */
 import type { Argv } from 'yargs';
 import { NestError, type Problem } from '../common/errors';

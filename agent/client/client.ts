@@ -1,8 +1,8 @@
 /**
- * The client role (design.md "Roles"): links a level to the broker above it. It sits on
- * one channel to that broker (the guest is the server end: virtio-serial port, unix or
- * TLS socket), says `hello` with its inventory and the last notice seq it applied, and
- * answers what comes down:
+ * The client role (docs/architecture.md, "Two roles at every level"): links a level to the
+ * broker above it. It sits on one channel to that broker (the guest is the server end:
+ * virtio-serial port, unix or TLS socket), says `hello` with its inventory and the last
+ * notice seq it applied, and answers what comes down:
  *
  *   notice | restore → ack (accepted | duplicate | rejected) → progress* → outcome
  *   cancel           → ack (cancelled | not-cancellable | rejected)
@@ -44,7 +44,7 @@ export interface ClientOptions {
  * sent (counted and logged), so that a cascade over hundreds of projects (~2.5 progress
  * lines a project) stays within the broker's rate limit (agent/transport/channel.ts,
  * default 200/s, burst 400) with room for what must arrive: acks, outcome parts, the
- * outcome (issue 6: a 100-project bench saw the host drop the outcome with the progress).
+ * outcome (a 100-project bench saw the host drop the outcome with the progress).
  */
 export const PROGRESS_RATE = Object.freeze({ perSecond: 100, burst: 200 });
 
@@ -229,7 +229,8 @@ export class Client {
   private sendOutcome(outcome: Outcome): void {
     if (!this.open) return; // sent again after the next hello
     // One line, or outcome-part messages then the summary when it is over the line cap
-    // (issue 6: ~190+ projects). Each send is whole: a resend repeats every part.
+    // (~190+ projects, docs/performance.md). Each send is whole: a resend repeats every
+    // part.
     for (const msg of outcomeMessages(outcome)) {
       if (!this.send(msg)) return; // cut short: still owed, sent again after the next hello
     }

@@ -76,7 +76,7 @@ export function noticeKey(id: string): string {
 export interface NoticeBookOptions {
   /**
    * Notices accepted and not yet finished beyond which a new one is refused with
-   * NOTICE_BACKLOG (issue 7: a cap on pending notices). Default 64.
+   * NOTICE_BACKLOG (docs/reliability.md: a cap on pending notices). Default 64.
    */
   maxPending?: number;
   /** Finished records kept on disk (default RETAIN_FINAL_ON_DISK). */
@@ -87,18 +87,18 @@ export interface NoticeBookOptions {
 export const DEFAULT_MAX_PENDING_NOTICES = 64;
 
 /**
- * Finished notices (done, cancelled, rejected) kept in memory (issue 7, "memory flat"):
- * older ones are dropped from memory only. Their journal records stay (up to
- * RETAIN_FINAL_ON_DISK), and a replay of one is answered from the journal on disk.
+ * Finished notices (done, cancelled, rejected) kept in memory (docs/reliability.md, "Load
+ * held": memory flat): older ones are dropped from memory only. Their journal records stay
+ * (up to RETAIN_FINAL_ON_DISK), and a replay of one is answered from the journal on disk.
  */
 export const RETAIN_FINAL_NOTICES = 256;
 
 /**
- * Finished notices kept on disk (issue 7, "nothing grows without bound": every notice,
- * even a rejected replay, is a journal file). Beyond this the oldest finished records
- * and their step records are deleted. A replay of a deleted upstream notice is still
- * refused as stale by its seq: the record holding the highest upstream seq is never
- * deleted, so `lastSeq` survives restarts.
+ * Finished notices kept on disk (docs/reliability.md, "Load held": nothing grows without
+ * bound; every notice, even a rejected replay, is a journal file). Beyond this the oldest
+ * finished records and their step records are deleted. A replay of a deleted upstream
+ * notice is still refused as stale by its seq: the record holding the highest upstream seq
+ * is never deleted, so `lastSeq` survives restarts.
  */
 export const RETAIN_FINAL_ON_DISK = 1024;
 
@@ -326,7 +326,7 @@ export class NoticeBook extends EventEmitter {
   /**
    * Withdraws a notice whose work has not started. Serialised behind admissions: a cancel
    * that arrives while its notice is still being checked and journaled is answered about
-   * that notice (issue 7), never "unknown notice" while the notice goes ahead.
+   * that notice (docs/reliability.md), never "unknown notice" while the notice goes ahead.
    */
   cancel(id: string): Promise<'cancelled' | 'not-cancellable'> {
     const p = this.admitting.then(() => this.withdraw(id));
@@ -454,7 +454,7 @@ export class NoticeBook extends EventEmitter {
     rec.runs += 1;
     await this.notices.put(noticeKey(notice.id), rec);
     const key = noticeKey(notice.id);
-    // One record for all the notice's steps, group-committed (issue 6; broker.ts).
+    // One record for all the notice's steps, group-committed (broker.ts).
     const steps: StepJournal<unknown> = new NoticeStepJournal<unknown>(
       this.steps as unknown as StepStore<unknown>,
       `${key}--steps`,

@@ -1,6 +1,6 @@
 /**
  * The error catalog: every error nestbroker raises carries a stable code, and callers
- * branch on the code, never on the message (style.md, fastify's FST_ERR_*).
+ * branch on the code, never on the message (CONTRIBUTING.md, fastify's FST_ERR_*).
  */
 export const ErrorCodes = {
   CONFIG_INVALID: 'config file failed validation',

@@ -1,8 +1,9 @@
 /**
- * TEST-ONLY fault injection (issue 7, "Faults survived"): with NESTBROKER_FAULT=<step> in
- * its environment a daemon kills itself with SIGKILL the first time it reaches that step,
- * so a test can crash it at an exact point of a notice instead of racing a timer. Unset
- * (always, in production) this is one string comparison. The steps:
+ * TEST-ONLY fault injection (docs/reliability.md, test/faults/): with
+ * NESTBROKER_FAULT=<step> in its environment a daemon kills itself with SIGKILL the first
+ * time it reaches that step, so a test can crash it at an exact point of a notice instead
+ * of racing a timer. Unset (always, in production) this is one string comparison. The
+ * steps:
  *
  *   guest: after-ack, mid-shrink, mid-stop, before-outcome
  *   host:  after-journal, after-send, before-actuation

@@ -2,10 +2,10 @@
  * Durable state: one JSON file per record, written atomically (write to a temp file,
  * fsync it, rename over the target, fsync the directory) so that a crash at any point
  * leaves either the old or the new record, never a torn one. A write that fails
- * raises JOURNAL_WRITE: callers refuse to act without a record (issue 7).
+ * raises JOURNAL_WRITE: callers refuse to act without a record (docs/reliability.md).
  *
- * Group commit (issue 6: ~10 fsync'd writes a project made a cascade cost ~17 ms a
- * project): writes of one key never overlap (they would share the temp file), and puts
+ * Group commit (docs/performance.md: ~10 fsync'd writes a project made a cascade cost ~17
+ * ms a project): writes of one key never overlap (they would share the temp file), and puts
  * of a key that arrive while its previous write is on the disk, or in the same turn of
  * the event loop, are merged into ONE next write of the newest value. Every caller's promise resolves only once a write that
  * began after its put — so holding its value or a newer one — is durable.

@@ -1,8 +1,8 @@
 /**
- * Prometheus metrics (design.md "Observability"): each daemon may serve its own registry
- * as text on `GET /metrics` (config `metrics: {host, port}`; off when absent). Off by
- * default: nothing listens and nothing is counted that a scrape would not read, so the
- * idle footprint of issue 6 is unchanged.
+ * Prometheus metrics (docs/architecture.md, "Observability"): each daemon may serve its own
+ * registry as text on `GET /metrics` (config `metrics: {host, port}`; off when absent). Off
+ * by default: nothing listens and nothing is counted that a scrape would not read, so the
+ * idle footprint (docs/performance.md) is unchanged.
  *
  * With metrics on, each registry also has `nestbroker_build_info` and Node's process
  * metrics (prom-client's collectDefaultMetrics: CPU, RSS, heap, event-loop lag, GC). Their

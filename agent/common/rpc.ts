@@ -1,7 +1,7 @@
 /**
  * The operator API: `nestctl` talks to a daemon (host broker or guest agent) over a unix
- * socket (`/run/nestbroker/host.sock`, 0660: issue 4), one JSON value a line with the
- * protocol's framing (agent/protocol/framing.ts).
+ * socket (`/run/nestbroker/host.sock`, 0660: docs/host-broker.md), one JSON value a line
+ * with the protocol's framing (agent/protocol/framing.ts).
  *
  *   request   {"id": "...", "cmd": "reclaim", "args": {...}}
  *   replies   {"id": "...", "progress": {...}}*            (streamed while the handler works)
@@ -30,12 +30,12 @@ export const RPC_MAX_REQUEST_BYTES = MAX_LINE_BYTES;
 export const RPC_MAX_REPLY_BYTES = 4 * 1024 * 1024;
 
 /**
- * Bounds on what one operator connection may hold (issue 7: memory bounded, per-connection
- * limits). The socket is root/group only, but a stuck script or a runaway loop must not
- * grow the daemon: requests beyond RPC_MAX_INFLIGHT unanswered on one connection are
- * refused with RATE_LIMITED (nothing done), connections beyond RPC_MAX_CONNECTIONS are
- * closed at once, and a caller that does not read its replies is disconnected once
- * RPC_MAX_UNREAD_BYTES are queued for it.
+ * Bounds on what one operator connection may hold (docs/reliability.md: memory bounded,
+ * per-connection limits). The socket is root/group only, but a stuck script or a runaway
+ * loop must not grow the daemon: requests beyond RPC_MAX_INFLIGHT unanswered on one
+ * connection are refused with RATE_LIMITED (nothing done), connections beyond
+ * RPC_MAX_CONNECTIONS are closed at once, and a caller that does not read its replies is
+ * disconnected once RPC_MAX_UNREAD_BYTES are queued for it.
  */
 export const RPC_MAX_INFLIGHT = 32;
 export const RPC_MAX_CONNECTIONS = 64;

@@ -1,6 +1,7 @@
 /**
  * The guest agent: the client of the host broker and the broker of this guest's projects
- * (design.md "Roles"). This file only wires the parts together:
+ * (docs/architecture.md, "Two roles at every level"). This file only wires the parts
+ * together:
  *
  *   config ─► cgroup adapter ─► project registry (groups, limits, start / re-adopt)
  *                 │                   │

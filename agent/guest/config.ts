@@ -1,5 +1,5 @@
 /**
- * The guest agent's local config (`/etc/nestbroker/guest.yaml`, issue 3).
+ * The guest agent's local config (`/etc/nestbroker/guest.yaml`, docs/config-guest.md).
  *
  * Validated once at start, with EVERY problem reported together (fastify's
  * initial-config-validation): a zod schema of `.strict()` objects finds shapes, unknown
@@ -85,7 +85,10 @@ export interface GuestConfig {
   reserve: Resources;
   upstream: UpstreamConfig;
   usageIntervalMs: number;
-  /** Issue 7: per-connection rate limit on the upstream channel; cap on pending notices. */
+  /**
+   * docs/reliability.md: per-connection rate limit on the upstream channel; cap on pending
+   * notices.
+   */
   limits: { messagesPerSecond: number; messageBurst: number; pendingNotices: number };
   /** Prometheus metrics on http://host:port/metrics (agent/guest/metrics.ts); absent: off. */
   metrics?: { host: string; port: number };

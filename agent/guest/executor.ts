@@ -14,7 +14,7 @@
  * Execution order (broker groups): the stops together, but SIGNALLED one after another
  * in rank order, lowest first (SignalTurns: a project's stop signal goes only once every
  * lower-ranked one's has gone; their exits are awaited together, each with its own grace
- * capped by the deadline: issue 6, waiting for each to exit before signalling the next
+ * capped by the deadline: waiting for each to exit before signalling the next
  * cost a grace's worth of latency a project), and the shrinks in the same group, beside
  * them (independent: each takes from its own project only); the grows together; the
  * starts one at a time, highest rank first.
@@ -93,7 +93,7 @@ export class GuestBroker implements LocalBroker {
    * The plan and the projects running now. Every project's state is read at once (they
    * are independent files), and usage comes from the sampler's last sample when it is
    * recent: re-reading every project's usage files one after the other was most of the
-   * time from notice to plan (issue 6: 163 ms at 100 projects).
+   * time from notice to plan (163 ms at 100 projects, docs/performance.md).
    */
   private async snapshot(
     allocation: Resources,
@@ -102,7 +102,7 @@ export class GuestBroker implements LocalBroker {
     const states = await Promise.all(
       this.cfg.projects.map(async (p) => {
         // registry.pids reads through the sampler's open descriptors (one pread each; 100
-        // thread-pool reads cost several ms before a plan, issue 6).
+        // thread-pool reads cost several ms before a plan).
         const pids = await this.registry.pids(p.name).catch(() => []);
         const transient = this.registry.transientState(p.name);
         return { transient, hasPids: pids.length > 0 };
@@ -354,14 +354,15 @@ export class GuestBroker implements LocalBroker {
     const target = d.memoryTarget;
     const first: ProjectLimits = { ...d.after, memoryMax: d.before.memoryMax };
     // Kernel only, memory.max left as it is: the record is written once, with the final
-    // limits, and memory.max alone after usage came down (issue 6).
+    // limits, and memory.max alone after usage came down (docs/performance.md).
     await this.registry.writeLimits(name, first, 'but-memory-max');
-    // memory.high and CPU are set, memory.max not yet: the half-limited state (issue 7).
+    // memory.high and CPU are set, memory.max not yet: the half-limited state
+    // (test/faults/).
     faultPoint('mid-shrink');
     const until = Math.min(Date.now() + pn.gracePeriodMs, new Date(pn.deadline).getTime());
     let current = await this.usage.memoryNow(group);
     // Polled soon, then less often (2, 4, … 100 ms): usage that comes down at once (most
-    // of the time) is seen at once, not a fixed 100 ms later (issue 6); the read is cheap.
+    // of the time) is seen at once, not a fixed 100 ms later; the read is cheap.
     let pause = 2;
     while (current > target && Date.now() < until && !ctx.signal.aborted) {
       await sleep(Math.min(pause, Math.max(1, until - Date.now())));
@@ -384,7 +385,7 @@ export function toSteps(
   // Steps of one class run as one broker group. Stops and shrinks are one class: each
   // takes only from its own project, the plan already made them fit together, and the
   // stop signals keep their rank order through SignalTurns; run one after the other they
-  // cost the sum of both phases (issue 6: ~15 ms of a 1×10 cascade's ~60 in the guest).
+  // cost the sum of both phases (~15 ms of a 1×10 cascade's ~60 in the guest).
   const classOf = (action: string): string | undefined =>
     action === 'stopped' || action === 'shrunk' ? 'take' : action === 'grown' ? 'grown' : undefined;
   const firstOf = (cls: string): number =>

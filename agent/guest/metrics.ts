@@ -1,8 +1,8 @@
 /**
- * The guest agent's Prometheus metrics (design.md "Observability"): notices by outcome,
- * the latency of carrying one out, project stops by how they ended, and per project its
- * usage and limits. Counters move on the notice book's events; the gauges are read at
- * scrape time from the usage sampler's last sample and the registry's limits, so a
+ * The guest agent's Prometheus metrics (docs/architecture.md, "Observability"): notices by
+ * outcome, the latency of carrying one out, project stops by how they ended, and per
+ * project its usage and limits. Counters move on the notice book's events; the gauges are
+ * read at scrape time from the usage sampler's last sample and the registry's limits, so a
  * scrape costs no cgroup read of its own.
  */
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';

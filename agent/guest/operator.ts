@@ -1,5 +1,5 @@
 /**
- * The guest's operator API (issue 3, "Operator interface in the guest"): RpcServer
+ * The guest's operator API (docs/guest-agent.md): RpcServer
  * commands behind `nestctl --guest ...`, on `socket` (mode 0660, group `socketGroup`).
  *
  *   projects          table rows: name, priority, state, limits (kernel files), usage, pids

@@ -1,7 +1,8 @@
 /**
- * The planner (issue 3): for a new guest allocation, each project's new limits and which
- * projects stop or start again. PURE: no I/O, no clock (`now` is passed in), the same
- * input gives the same plan (every ordering ends with the name).
+ * The planner (docs/architecture.md, "A notice, end to end"): for a new guest allocation,
+ * each project's new limits and which projects stop or start again. PURE: no I/O, no clock
+ * (`now` is passed in), the same input gives the same plan (every ordering ends with the
+ * name).
  *
  * The nesting invariant (US 8,181,182: an inner container's resources are a subset of the
  * outer's): the sum of the running projects' limits (memory.max, CPU quota) never exceeds

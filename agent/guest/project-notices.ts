@@ -1,5 +1,5 @@
 /**
- * Project notices (issue 3, "Notices and graceful stops"): before anything is taken from a
+ * Project notices (docs/guest-agent.md): before anything is taken from a
  * project, its notice (the original notice inside) is
  *   - written atomically to `<runDir>/projects/<name>/notice.json` (temp file, rename),
  *   - sent, where the project's config names a `notify.signal`, as that signal to every
@@ -103,8 +103,9 @@ export class ProjectNoticeBoard {
     if (!existsSync(dir)) await fsp.mkdir(dir, { recursive: true, mode: 0o750 });
     // Replaced atomically (a reader sees the old or the new file, whole) but not fsync'd:
     // what makes the delivery durable is the broker's step record, and a notice not yet
-    // recorded as delivered is delivered again after a crash (issue 6: one fsync'd file
-    // per project, ×2 with the directory, was most of the cost of the notices).
+    // recorded as delivered is delivered again after a crash (docs/performance.md: one
+    // fsync'd file per project, ×2 with the directory, was most of the cost of the
+    // notices).
     await writeReplace(path.join(dir, 'notice.json'), `${JSON.stringify(pn, null, 2)}\n`, 0o644);
     this.current.set(pn.project, pn);
     for (const s of this.subs) if (s.project === pn.project) this.write(s.sock, noticeLine(pn));

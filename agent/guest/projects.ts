@@ -160,7 +160,8 @@ export class ProjectRegistry {
   /**
    * Steps of one notice run in parallel and share this record: the journal's group commit
    * (common/journal.ts) turns their saves into one write of the record as it is by then,
-   * instead of one fsync'd rewrite of every project's record per project (issue 6).
+   * instead of one fsync'd rewrite of every project's record per project
+   * (docs/performance.md).
    */
   save(): Promise<void> {
     return this.state.put('projects', this.records);

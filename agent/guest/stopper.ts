@@ -1,5 +1,5 @@
 /**
- * The graceful stop of one project (issue 3; design.md "A reclaim, step by step" 5):
+ * The graceful stop of one project (docs/architecture.md, "A notice, end to end"):
  *
  *   pre-stop hook (local config only, run INSIDE the project's cgroup, its own timeout)
  *   → stop signal to every process of the group (cgroup.procs read at that moment)
@@ -7,9 +7,9 @@
  *     `done` on the project socket ends its grace early
  *   → kill the whole group (cgroup.kill, forks included) → wait until it is empty.
  *
- * How it ended is a named fact, never a bool (style.md on kubelet): `already-gone` (nothing
- * ran when we came), `graceful` (the group emptied before the grace ran out, or the
- * project said it was done and only then was the rest killed), `killed`.
+ * How it ended is a named fact, never a bool (CONTRIBUTING.md on kubelet): `already-gone`
+ * (nothing ran when we came), `graceful` (the group emptied before the grace ran out, or
+ * the project said it was done and only then was the rest killed), `killed`.
  */
 import type { ChildProcess } from 'node:child_process';
 import type { CgroupAdapter } from '../../cgroup-adapter/types';

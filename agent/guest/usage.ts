@@ -3,9 +3,9 @@
  * (memory.current, v1 memory.usage_in_bytes) and CPU time → CPUs in use over the interval.
  * The planner reads the latest sample when it is recent (recent()), or a fresh one.
  *
- * Cheap by design (issue 6: 19 % of a core for 200 projects a second before): a periodic
- * sample reads two files a project through cgroup-adapter's GroupSampler, which keeps
- * them open and re-reads them with one pread each, synchronously (no thread pool, no
+ * Cheap by design (docs/performance.md: 19 % of a core for 200 projects a second before): a
+ * periodic sample reads two files a project through cgroup-adapter's GroupSampler, which
+ * keeps them open and re-reads them with one pread each, synchronously (no thread pool, no
  * promise per file). The full picture (peaks, OOM events, pressure, pids) is the
  * adapter's usage(), read on demand by whoever needs it, never every tick. An adapter
  * without sampleFiles (a test fake) is sampled through usage().

@@ -1,7 +1,8 @@
 /**
- * The host's one narrow actuation interface (style.md, kubelet's PodTerminator): set a
- * VM to an allocation. Lowering happens only after the guest's outcome (or a forced
- * deadline); raising happens before the guest is told (design.md steps 6 and "restore").
+ * The host's one narrow actuation interface (CONTRIBUTING.md, kubelet's PodTerminator): set
+ * a VM to an allocation. Lowering happens only after the guest's outcome (or a forced
+ * deadline); raising happens before the guest is told (docs/architecture.md, "A notice, end
+ * to end").
  *
  *   down: balloon first (the guest hands pages back, QEMU's RSS falls), then the VM
  *         cgroup's memory limit, then its cpu.max

@@ -1,6 +1,6 @@
 /**
- * The host broker's operator API (issue 4): commands on the unix socket, served by
- * RpcServer (agent/common/rpc.ts), used by `nestctl` (agent/cli/host-commands.ts).
+ * The host broker's operator API (docs/host-broker.md): commands on the unix socket, served
+ * by RpcServer (agent/common/rpc.ts), used by `nestctl` (agent/cli/host-commands.ts).
  * Every argument is validated here, at the boundary, with every problem named.
  *
  * `plan` is answered by the host from what it knows: the books (what the reclaim would

@@ -1,6 +1,6 @@
 /**
  * The guests' books: what each VM is entitled to. Pure functions over plain records; the
- * host broker journals the records (design.md "A reclaim, step by step", 2).
+ * host broker journals the records (docs/architecture.md, "A notice, end to end").
  *
  *   allocation  what the operator configured: the top, what a restore returns to
  *   floor       a reclaim never takes the guest below this
@@ -9,7 +9,7 @@
  *               a restore is issued, put back when a reclaim is cancelled or abandoned
  *
  * Nothing the guest reports changes the books: a guest that claims to have freed more
- * than the notice asked for changes nothing (issue 4: never trust a guest beyond the books).
+ * than the notice asked for changes nothing (never trust a guest beyond the books).
  */
 import { NestError, type Problem } from '../common/errors';
 import { formatBytes } from '../common/units';

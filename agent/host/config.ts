@@ -1,10 +1,10 @@
 /**
- * The host broker's config: /etc/nestbroker/host.yaml (issue 4, "Host broker").
+ * The host broker's config: /etc/nestbroker/host.yaml (docs/host-broker.md).
  *
  * Validated once at start against a strict schema (unknown keys are errors), then the
  * cross checks that a schema cannot express (floor ≤ allocation, unique names, a TLS
  * channel has all its files). Every problem is reported together, naming the field and
- * the value received (fastify's initial-config-validation; style.md). The result is
+ * the value received (fastify's initial-config-validation; CONTRIBUTING.md). The result is
  * frozen: nothing changes the config after start.
  */
 import { promises as fs } from 'node:fs';
@@ -93,7 +93,10 @@ export interface HostConfig {
   /** Reconnect backoff toward guests. */
   reconnect: { minMs: number; maxMs: number };
   trigger: TriggerConfig;
-  /** Issue 7: per-connection rate limit on each guest channel; cap on pending notices per guest. */
+  /**
+   * docs/reliability.md: per-connection rate limit on each guest channel; cap on pending
+   * notices per guest.
+   */
   limits: { messagesPerSecond: number; messageBurst: number; pendingNoticesPerGuest: number };
   /** Prometheus metrics on http://host:port/metrics (agent/host/metrics.ts); absent: off. */
   metrics?: { host: string; port: number };

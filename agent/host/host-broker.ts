@@ -1,5 +1,5 @@
 /**
- * The host broker (design.md "A reclaim, step by step"): the VM-level broker whose
+ * The host broker (docs/architecture.md, "A notice, end to end"): the VM-level broker whose
  * children are guests. It keeps the guests' books, journals every notice, delivers it
  * through the broker role (agent/broker/broker.ts: one step, one child: the guest),
  * waits for the guest's outcome bounded by the deadline, and only then actuates.
@@ -120,11 +120,11 @@ export interface GuestStatus {
 const FINAL: ReadonlySet<HostNoticeState> = new Set(['done', 'late', 'refused', 'cancelled']);
 
 /**
- * Final notices kept per guest (issue 7, "memory flat", and nothing grows on disk either):
- * older final ones are folded into the guest's ledger base (what they did to the books),
- * dropped from memory, and their journal files deleted once the base that holds them is
- * durable (`ledger/base.<guest>.json`). Without this the host's memory, its disk and the
- * cost of replaying the books grow with every notice ever issued.
+ * Final notices kept per guest (docs/reliability.md, "Load held": memory flat, and nothing
+ * grows on disk either): older final ones are folded into the guest's ledger base (what
+ * they did to the books), dropped from memory, and their journal files deleted once the
+ * base that holds them is durable (`ledger/base.<guest>.json`). Without this the host's
+ * memory, its disk and the cost of replaying the books grow with every notice ever issued.
  */
 export const RETAIN_FINAL_NOTICES = 256;
 
@@ -148,7 +148,7 @@ interface Link {
   hello?: Hello;
   helloAt?: string;
   ackWaiters: Map<string, (ack: Extract<Message, { type: 'ack' }>) => void>;
-  /** Outcome parts of this connection (issue 6: outcomes larger than one line). */
+  /** Outcome parts of this connection (outcomes larger than one line: outcome-parts.ts). */
   parts: OutcomeAssembler;
   /** Times an outcome with missing parts was asked for again, per notice, on this connection. */
   partRetries: Map<string, number>;
@@ -171,7 +171,10 @@ export interface HostBrokerDeps {
 export class HostBroker extends EventEmitter {
   private readonly journal: Journal<HostNoticeRecord>;
   private readonly records = new Map<string, HostNoticeRecord>();
-  /** The same records by guest (issue 6: books and status read one guest's, not all). */
+  /**
+   * The same records by guest (docs/performance.md: books and status read one guest's, not
+   * all).
+   */
   private readonly byGuest = new Map<string, Map<string, HostNoticeRecord>>();
   private readonly links = new Map<string, Link>();
   private readonly running = new Map<string, Promise<HostNoticeRecord>>();
@@ -216,7 +219,7 @@ export class HostBroker extends EventEmitter {
     this.deleteNotices(leftovers);
     for (const g of this.deps.config.guests) this.compact(g.name);
     for (const g of this.deps.config.guests) this.attach(g);
-    // Resume every unfinished notice (a host restarted mid-notice: issue 4).
+    // Resume every unfinished notice (a host restarted mid-notice: docs/reliability.md).
     for (const rec of this.sorted()) {
       if (FINAL.has(rec.state)) continue;
       if (!this.guestsByName.has(rec.notice.guest)) continue;
@@ -423,7 +426,8 @@ export class HostBroker extends EventEmitter {
         : req.change;
     const r = kind === 'reclaim' ? checkReclaim(books, change) : checkRestore(books, change);
     if (!r.ok) throw rejected(kind, g.name, r.problems);
-    // Issue 7: a cap on what one guest may have in flight; nothing journaled or booked.
+    // docs/reliability.md: a cap on what one guest may have in flight; nothing journaled or
+    // booked.
     const cap =
       this.deps.config.limits?.pendingNoticesPerGuest ?? HOST_LIMIT_DEFAULTS.pendingNoticesPerGuest;
     const pending = this.notices(g.name).filter((x) => !FINAL.has(x.state)).length;
@@ -458,11 +462,11 @@ export class HostBroker extends EventEmitter {
       progress: [],
     };
     // Journal first: the notice exists (and, being on the ledger, its resources are
-    // marked deallocated in the books) before anything is sent (design.md step 2).
+    // marked deallocated in the books) before anything is sent (docs/architecture.md).
     await this.save(rec);
     faultPoint('after-journal');
     // Debug-level phase marks (here, in runBroker, in the guest) time a cascade from the
-    // logs alone: bench/cascade.ts --phases (issue 6, "where the time goes").
+    // logs alone: bench/cascade.ts --phases (docs/performance.md, "where the time goes").
     this.log.debug({ noticeId: notice.id, phase: 'journaled' }, 'notice phase');
     this.note(rec, 'issued');
     return { record: rec, done: this.track(rec) };

@@ -50,9 +50,9 @@ async function groupId(name: string | undefined): Promise<number | undefined> {
  * The host's side of each guest channel: one long-lived ReconnectingChannel
  * (agent/transport/reconnect.ts) per guest, which reconnects with exponential backoff and
  * jitter and pings every heartbeat.interval; a guest that answers none of
- * ceil(timeout / interval) pings in a row is dropped and reconnected (issue 4: "Reconnect
- * with backoff; heartbeats detect a dead peer"). The connection underneath answers the
- * guest's pings itself (channel.ts, answerPings). A guest that is down is not an error:
+ * ceil(timeout / interval) pings in a row is dropped and reconnected (docs/host-broker.md:
+ * reconnect with backoff; heartbeats detect a dead peer). The connection underneath answers
+ * the guest's pings itself (channel.ts, answerPings). A guest that is down is not an error:
  * its notices wait in the journal and are sent when it says hello.
  */
 export function channelFactory(
@@ -63,7 +63,8 @@ export function channelFactory(
   return (g: GuestConfig) => {
     const chLog = log.child({ guest: g.name, transport: g.channel.transport });
     const c = g.channel;
-    // Issue 7: each connection to a guest takes at most this many lines from it.
+    // docs/reliability.md: each connection to a guest takes at most this many lines from
+    // it.
     const rateLimit = { perSecond: cfg.limits.messagesPerSecond, burst: cfg.limits.messageBurst };
     const connect =
       c.transport === 'unix'

@@ -1,5 +1,5 @@
 /**
- * The host broker's Prometheus metrics (design.md "Observability"): notices by guest, kind
+ * The host broker's Prometheus metrics (docs/architecture.md, "Observability"): notices by guest, kind
  * and final state; the cascade latency (issued → final, which includes the guest's work
  * and the VM's actuation); project stops by how they ended, as the guests reported them;
  * VM actuation steps that failed; and per guest whether it is connected and what the books

@@ -5,11 +5,12 @@
  * reply echoes. Asynchronous events (`{"event": ...}`) may arrive between replies: they
  * are collected (BALLOON_CHANGE is useful to log) and never taken for a reply.
  *
- * Only the balloon is used (issue 4: "through QMP balloon + query-balloon shrink the
- * guest's memory, confirming the actual size"). `balloon` only ASKS the guest's driver
- * to give pages back: the size is confirmed by polling `query-balloon` until `actual`
- * reaches the target (vm-e2e-notes.md: 1024→512 MiB took ~3 s; a guest that cannot give
- * the memory back leaves `actual` short, which we report rather than wait for ever).
+ * Only the balloon is used (docs/host-broker.md: QMP `balloon` and `query-balloon`
+ * shrink the guest's memory and confirm the actual size). `balloon` only ASKS the guest's
+ * driver to give pages back: the size is confirmed by polling `query-balloon` until
+ * `actual` reaches the target (measured under QEMU: 1024→512 MiB took ~3 s; a guest that
+ * cannot give the memory back leaves `actual` short, which we report rather than wait for
+ * ever).
  */
 import net from 'node:net';
 import { NestError } from '../common/errors';

@@ -1,7 +1,7 @@
 /**
- * The automatic trigger's policy (issue 4: "when host available memory or memory PSI
- * crosses its threshold for a configured time, reclaim from the lowest-priority guests
- * first, never below a guest's configured floor"). A pure function of the config, the
+ * The automatic trigger's policy (docs/host-broker.md: when host available memory or memory
+ * PSI crosses its threshold for a configured time, reclaim from the lowest-priority guests
+ * first, never below a guest's configured floor). A pure function of the config, the
  * previous state, one observation (with its time: the clock is the caller's) and the
  * guests' books; the watcher does the observing and the broker the acting
  * (kubelet eviction: observe → thresholds → choose one victim → act → wait).

@@ -4,10 +4,10 @@
  * (pure) → issue at most one reclaim → wait for the next tick. The clock is injected so
  * the loop can be driven step by step.
  *
- * Cost (issue 6): the loop runs only when the automatic trigger is on, and a tick reads
- * only what the policy looks at — host MemAvailable and PSI and the books. Each VM's
- * cgroup (usage, limits) is read on demand, for `status` (observe()): reading usage and
- * limits of 50 VM cgroups every tick was a 15 % CPU spike every 5 s on an idle host.
+ * Cost (docs/performance.md): the loop runs only when the automatic trigger is on, and a
+ * tick reads only what the policy looks at — host MemAvailable and PSI and the books. Each
+ * VM's cgroup (usage, limits) is read on demand, for `status` (observe()): reading usage
+ * and limits of 50 VM cgroups every tick was a 15 % CPU spike every 5 s on an idle host.
  */
 import { promises as fs } from 'node:fs';
 import { hostUsage } from '../../cgroup-adapter/host-usage';

@@ -1,6 +1,6 @@
 /**
  * Line framing for the host↔guest channel and the operator API: one JSON value a line,
- * each line (with its '\n') at most MAX_LINE_BYTES (issue 4, "Protocol").
+ * each line (with its '\n') at most MAX_LINE_BYTES (docs/protocol.md).
  *
  * The decoder never holds more than `maxLineBytes` of a partial line: a longer line is
  * dropped byte by byte up to its newline and reported once as `oversize`, so a peer that

@@ -1,5 +1,5 @@
 /**
- * Outcomes larger than one line (issue 6: with ~190+ projects the `outcome` was over the
+ * Outcomes larger than one line (with ~190+ projects the `outcome` was over the
  * 64 KiB cap, PROTOCOL_OVERSIZE, the host never heard it and the notice ended `late`).
  *
  * The sender (outcomeMessages) keeps an outcome that fits one line as it always was (an

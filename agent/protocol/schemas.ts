@@ -1,7 +1,7 @@
 /**
  * zod schemas for every message of messages.ts and for Notice/Outcome of broker/types.ts:
- * the boundary check of the host↔guest channel (issue 4: "Every message is validated by
- * schema; an invalid ... line gets an `error` reply that names what was wrong").
+ * the boundary check of the host↔guest channel (docs/protocol.md: every message is
+ * validated by schema; an invalid line gets an `error` reply that names what was wrong).
  *
  * Every object is strict (an unknown field is an error, not silently dropped: a peer on
  * another version should hear about it), every number finite, non-negative and bounded,

@@ -2,7 +2,7 @@
  * A Channel carries protocol messages between the host broker and a guest agent,
  * whatever is underneath (virtio-serial, unix socket, mutual TLS). It frames
  * (framing.ts), validates (schemas.ts), answers pings and answers every invalid line
- * with an `error` message while keeping the connection and all state (issue 4).
+ * with an `error` message while keeping the connection and all state (docs/protocol.md).
  *
  * Events:
  *  - `open`    a peer is connected. Guest-side channels (UnixChannelServer,
@@ -16,7 +16,7 @@
  *
  * Sending while no peer is connected drops the message (send returns false): after a
  * reconnect the host resends what is unanswered and the guest answers from its journal
- * (issue 4, "Protocol"), so a queue across connections would only deliver stale
+ * (docs/protocol.md), so a queue across connections would only deliver stale
  * messages ahead of `hello`. Every new connection starts with a 0xFF byte, so the peer
  * drops any half line left from an earlier one.
  */
@@ -80,7 +80,7 @@ export interface ChannelOptions {
    */
   maxBufferedBytes?: number;
   /**
-   * Per-connection token bucket on received lines (issue 7, "Per-connection rate limits"):
+   * Per-connection token bucket on received lines (docs/reliability.md, "Limits"):
    * `perSecond` lines a second on average, `burst` at once. A line over the limit is
    * dropped unread; the peer gets an `error` RATE_LIMITED (at most one a second, so a flood
    * is not answered line for line) and keeps its connection. Unset: no limit (the daemons
@@ -338,8 +338,8 @@ export abstract class ChannelBase extends TypedEmitter<ChannelEvents> implements
 
 /**
  * A channel over one stream socket at a time (unix or TLS). Guest-side servers call
- * `attach` for each accepted connection: a new one replaces the old (issue 4: one host
- * at a time); the one-shot client connection is a SocketChannel.
+ * `attach` for each accepted connection: a new one replaces the old (docs/protocol.md: one
+ * host at a time); the one-shot client connection is a SocketChannel.
  */
 export abstract class SocketBackedChannel extends ChannelBase {
   protected sock: net.Socket | null = null;

@@ -1,8 +1,8 @@
 /**
  * Host side: a long-lived channel to one guest that reconnects with exponential backoff
- * and jitter, and detects a dead peer by heartbeats (issue 4: "Reconnect with backoff;
- * heartbeats detect a dead peer"). A TCP peer that vanished without a FIN, or a hung
- * guest agent behind a live QEMU chardev, only shows up as missing pongs.
+ * and jitter, and detects a dead peer by heartbeats (docs/host-broker.md: reconnect with
+ * backoff; heartbeats detect a dead peer). A TCP peer that vanished without a FIN, or a
+ * hung guest agent behind a live QEMU chardev, only shows up as missing pongs.
  *
  * Events as Channel (channel.ts): `open`/`close` for each connection. Clock and timers
  * are injected so backoff can be tested step by step.

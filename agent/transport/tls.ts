@@ -1,6 +1,7 @@
 /**
  * The host↔guest channel over TCP with mutual TLS, for guests reached over a network
- * (issue 4). No plaintext TCP exists anywhere in nestbroker: this is the only TCP path.
+ * (docs/host-broker.md). No plaintext TCP exists anywhere in nestbroker: this is the only
+ * TCP path.
  *
  * The guest listens and requires a client certificate signed by the configured CA
  * (requestCert + rejectUnauthorized); the host checks the guest's certificate against

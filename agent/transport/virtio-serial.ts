@@ -1,5 +1,5 @@
 /**
- * The production host↔guest channel on KVM: a virtio-serial port (issue 4).
+ * The production host↔guest channel on KVM: a virtio-serial port (docs/install.md).
  *
  * Guest side. udev links `/dev/virtio-ports/org.nestbroker.0` to the port's character
  * device (`/dev/vportNpM`). It is not a socket (net.Socket cannot wrap it), and it is

@@ -1,10 +1,11 @@
 /**
- * Where a cascade's time goes, from the agents' own logs (issue 6: "for any goal missed,
- * the profile that shows where the time goes"). The agents run at log level debug; the
- * host broker and runBroker mark their phases (`notice phase`), the guest agent logs its
- * steps at info. Every line carries the epoch-ms `time` of one machine's clock, the same
- * clock the bench reads for the request and the answer, so the phases of one notice are
- * differences of timestamps: no sampling, no instrumentation beyond those lines.
+ * Where a cascade's time goes, from the agents' own logs (docs/performance.md, "Where the
+ * time goes": for any goal missed, the profile that shows where the time goes). The agents
+ * run at log level debug; the host broker and runBroker mark their phases (`notice phase`),
+ * the guest agent logs its steps at info. Every line carries the epoch-ms `time` of one
+ * machine's clock, the same clock the bench reads for the request and the answer, so the
+ * phases of one notice are differences of timestamps: no sampling, no instrumentation
+ * beyond those lines.
  */
 import { readFileSync, readdirSync } from 'node:fs';
 import path from 'node:path';

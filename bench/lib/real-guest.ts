@@ -1,8 +1,8 @@
 /**
- * `bench/graceful-vs-oom --real-guest` (issue 6 part 3, inside QEMU): ONE boot of the
- * real-guest test's Debian image (test/e2e/build-image.sh, test/e2e/vm.ts), and in it the
- * same squeeze of the same workload (test/e2e/scenario.ts: db 100, web 50, batch 10, the
- * balloon taking 1024 → 704 MiB) handled by
+ * `bench/graceful-vs-oom --real-guest` (docs/performance.md part 3, inside QEMU): ONE boot
+ * of the real-guest test's Debian image (test/e2e/build-image.sh, test/e2e/vm.ts), and in
+ * it the same squeeze of the same workload (test/e2e/scenario.ts: db 100, web 50, batch 10,
+ * the balloon taking 1024 → 704 MiB) handled by
  *
  *   (a) nothing        the guest kernel's OOM killer
  *   (b) nestbroker     installed with `make install`, a real host broker, `reclaim 320MiB`

@@ -1,7 +1,8 @@
 /**
- * The tally of a graceful-vs-OOM comparison (issue 6, part 3), shared by the run on this
- * machine (bench/graceful-vs-oom.ts) and the one in a real guest (bench/lib/real-guest.ts):
- * per variant the sums over its runs, the table people read, and the goal.
+ * The tally of a graceful-vs-OOM comparison (docs/performance.md, part 3), shared by the
+ * run on this machine (bench/graceful-vs-oom.ts) and the one in a real guest
+ * (bench/lib/real-guest.ts): per variant the sums over its runs, the table people read, and
+ * the goal.
  */
 import { r1, summarise, table } from './common';
 
@@ -65,7 +66,10 @@ export function totalsTable(totals: ReturnType<typeof tallyVariants>): string {
   ]);
 }
 
-/** Issue 6's goal, judged on the nestbroker runs: there must be some, and every one clean. */
+/**
+ * The goal of docs/performance.md, judged on the nestbroker runs: there must be some, and
+ * every one clean.
+ */
 export function nestbrokerGoal(results: SqueezeRun[]): { goal: string; met: boolean } {
   const nb = results.filter((r) => r.variant === 'nestbroker');
   return {

@@ -1,9 +1,9 @@
 /**
- * The benchmarks run (issue 6): each compiled bench, as `make bench` would start it, on a
- * tiny size, under this run's own cgroup root, writing its JSON to a temp file. Not timed:
- * the figures are only checked to be there, to be real measurements (positive, counted
- * from the kernel's files and the agents' outcomes) and the roots to be gone afterwards.
- * Needs `make build` first (make test builds).
+ * The benchmarks run (docs/performance.md): each compiled bench, as `make bench` would
+ * start it, on a tiny size, under this run's own cgroup root, writing its JSON to a temp
+ * file. Not timed: the figures are only checked to be there, to be real measurements
+ * (positive, counted from the kernel's files and the agents' outcomes) and the roots to be
+ * gone afterwards. Needs `make build` first (make test builds).
  */
 import { spawn } from 'node:child_process';
 import { existsSync, promises as fs, readdirSync } from 'node:fs';

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the Debian 12 guest used by the real-guest test (issue 5) and prints the
+# Builds the Debian 12 guest used by the real-guest test (test/e2e) and prints the
 # directory holding it (vmlinuz, initrd.img, rootfs.ext4, timings.json) on its last line.
 #
 # Everything comes from Debian packages: mmdebstrap (or debootstrap) for a minimal root fs
@@ -10,7 +10,7 @@
 # The result is cached OUTSIDE the clone, keyed by a hash of this recipe and of the node
 # binary, so a second run (and every other clone on this machine) reuses it:
 #   ${NESTBROKER_E2E_CACHE:-/var/cache/nestbroker-e2e}/<key>/
-# Measured on a 2-core machine without KVM: see docs/install.md and issue 5's note.
+# Measured on a 2-core machine without KVM: see docs/install.md.
 set -euo pipefail
 
 # --- the recipe: change any line below and the cache key changes -----------------------
@@ -27,10 +27,10 @@ KERNEL_PKG=linux-image-6.1.0-56-amd64
 KERNEL_VER=6.1.192-2
 KERNEL_ABI=6.1.0-56-amd64
 # earlyoom and systemd-oomd: the userspace OOM killers bench/graceful-vs-oom compares with
-# nestbroker inside this guest (issue 6 part 3). Installed with Debian's defaults but NOT
-# enabled at boot (configure() below): a variant starts its own daemon and stops it again.
-# dbus only so that `oomctl` (a D-Bus client) can show what systemd-oomd watches; it too
-# is off at boot.
+# nestbroker inside this guest (docs/performance.md part 3). Installed with Debian's
+# defaults but NOT enabled at boot (configure() below): a variant starts its own daemon and
+# stops it again. dbus only so that `oomctl` (a D-Bus client) can show what systemd-oomd
+# watches; it too is off at boot.
 GUEST_PKGS=systemd,systemd-sysv,udev,kmod,libstdc++6,procps,make,earlyoom,systemd-oomd,dbus
 # Modules the initrd loads, in this order (each with its dependencies, as modprobe resolves
 # them): disk (virtio_blk on virtio_pci), root fs (ext4 needs crc32c_generic), the

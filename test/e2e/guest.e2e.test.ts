@@ -1,11 +1,12 @@
 /**
- * The real-guest test (issue 5): a Debian 12 guest under QEMU, the agent installed in it
+ * The real-guest test: a Debian 12 guest under QEMU, the agent installed in it
  * with `make install` and run by systemd on cgroup v2, driven from the host by the real
  * host broker and nestctl; then, in the SAME boot with fresh projects, the same squeeze
  * done by the balloon alone, to show what the guest's OOM killer does instead, and with
  * Debian's earlyoom and systemd-oomd (their defaults) in its place: one run of each of
- * bench/graceful-vs-oom --real-guest's variants (issue 6 part 3), from the guest kernel's
- * own counts. The workload and the variants: scenario.ts, shared with that bench.
+ * bench/graceful-vs-oom --real-guest's variants (docs/performance.md part 3), from the
+ * guest kernel's own counts. The workload and the variants: scenario.ts, shared with that
+ * bench.
  *
  * One boot for everything (boot is the most expensive step under software emulation):
  * the steps are tests in order, each depends on the ones before it, and each has its own

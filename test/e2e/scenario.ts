@@ -1,6 +1,6 @@
 /**
  * The real guest's workload and how a squeeze of it is handled, shared by the real-guest
- * test (guest.e2e.test.ts, issue 5) and by `bench/graceful-vs-oom --real-guest` (issue 6
+ * test (guest.e2e.test.ts) and by `bench/graceful-vs-oom --real-guest` (docs/performance.md
  * part 3). One booted guest (vm.ts) runs every variant in turn:
  *
  *   nothing       the balloon inflates; the guest kernel's OOM killer decides

@@ -1,6 +1,6 @@
 /**
- * One QEMU guest for the real-guest test (issue 5): boot, run commands inside, QMP, and a
- * clean end. Measured recipe: ../../../shared/vm-e2e-notes.md.
+ * One QEMU guest for the real-guest test: boot, run commands inside, QMP, and a
+ * clean end. Measured recipe: docs/install.md.
  *
  * - The guest image comes from build-image.sh (cached); each boot writes to its own qcow2
  *   overlay, so the cached image stays pristine and runs never see each other's state.

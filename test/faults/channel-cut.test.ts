@@ -1,11 +1,11 @@
 /**
- * The host↔guest channel cut and restored in the middle of a notice (issue 7). The host
- * broker reaches the guest agent through a unix-socket relay that the test owns; both
- * daemons are real processes. Mid-notice (a project in its grace period) the relay drops
- * both connections and refuses new ones for 1.5 s, so the guest finishes the notice with
- * nobody to tell; then the relay listens again, the host reconnects, the guest says hello
- * and sends the outcome it owes (the host also re-sends the unanswered notice, which the
- * guest answers from its journal). The notice completes once, with the true outcome.
+ * The host↔guest channel cut and restored in the middle of a notice (docs/reliability.md).
+ * The host broker reaches the guest agent through a unix-socket relay that the test owns;
+ * both daemons are real processes. Mid-notice (a project in its grace period) the relay
+ * drops both connections and refuses new ones for 1.5 s, so the guest finishes the notice
+ * with nobody to tell; then the relay listens again, the host reconnects, the guest says
+ * hello and sends the outcome it owes (the host also re-sends the unanswered notice, which
+ * the guest answers from its journal). The notice completes once, with the true outcome.
  */
 import { promises as fs } from 'node:fs';
 import net from 'node:net';

@@ -1,7 +1,7 @@
 /**
- * kill -9 of the guest agent at every step of a notice (issue 7). The agent is started
- * with the test-only NESTBROKER_FAULT=<step> (agent/common/fault.ts), which makes it
- * SIGKILL itself the first time it reaches that step, so each crash lands exactly there:
+ * kill -9 of the guest agent at every step of a notice (docs/reliability.md). The agent is
+ * started with the test-only NESTBROKER_FAULT=<step> (agent/common/fault.ts), which makes
+ * it SIGKILL itself the first time it reaches that step, so each crash lands exactly there:
  *
  *   after-ack       the notice is journaled and acknowledged; nothing acted on yet
  *   mid-shrink      a project's memory.high (v1 soft limit) and CPU are set, memory.max not

@@ -1,6 +1,6 @@
 /**
- * kill -9 of the host broker at every step of a notice (issue 7), with the test-only
- * NESTBROKER_FAULT=<step> (agent/common/fault.ts) placing each crash exactly:
+ * kill -9 of the host broker at every step of a notice (docs/reliability.md), with the
+ * test-only NESTBROKER_FAULT=<step> (agent/common/fault.ts) placing each crash exactly:
  *
  *   after-journal     the notice is journaled and booked; nothing sent
  *   after-send        the notice is on the channel; the host dies before any answer

@@ -1,9 +1,9 @@
 /**
- * A journal write that fails (issue 7): the guest agent's state directory is a 1 MiB
- * tmpfs, filled to the last byte after the agent has started. A reclaim is then refused
- * with JOURNAL_WRITE (ENOSPC named), rather than carried out without a record: no project
- * gets a signal, no limit changes, the journal holds nothing for it. Once space is freed
- * the same reclaim is accepted and carried out. The tmpfs is unmounted in cleanup.
+ * A journal write that fails (docs/reliability.md): the guest agent's state directory is a
+ * 1 MiB tmpfs, filled to the last byte after the agent has started. A reclaim is then
+ * refused with JOURNAL_WRITE (ENOSPC named), rather than carried out without a record: no
+ * project gets a signal, no limit changes, the journal holds nothing for it. Once space is
+ * freed the same reclaim is accepted and carried out. The tmpfs is unmounted in cleanup.
  */
 import { execFileSync } from 'node:child_process';
 import { promises as fs, readFileSync } from 'node:fs';

@@ -1,5 +1,6 @@
 /**
- * Per-connection rate limits and caps on pending notices (issue 7), on the real daemons:
+ * Per-connection rate limits and caps on pending notices (docs/reliability.md), on the real
+ * daemons:
  *
  *  - a guest agent's upstream channel (limits.messagesPerSecond 50, limits.messageBurst
  *    100): a flood of 1 000 pings in one write gets about a burst of pongs, one `error`

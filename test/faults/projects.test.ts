@@ -1,9 +1,9 @@
 /**
- * Projects that fight the stop (issue 7), with a real guest agent and real processes.
- * Covered elsewhere, and referenced here: projects that ignore SIGTERM and a pre-stop hook
- * that hangs (test/integration/guest/reclaim.test.ts: `stubborn` killed after its grace,
- * the hook killed at its timeout; test/integration/guest/restart.test.ts: a stubborn
- * project across an agent crash). Here:
+ * Projects that fight the stop (docs/reliability.md), with a real guest agent and real
+ * processes. Covered elsewhere, and referenced here: projects that ignore SIGTERM and a
+ * pre-stop hook that hangs (test/integration/guest/reclaim.test.ts: `stubborn` killed after
+ * its grace, the hook killed at its timeout; test/integration/guest/restart.test.ts: a
+ * stubborn project across an agent crash). Here:
  *
  *  - a fork storm during the stop: a project that ignores SIGTERM and forks as fast as it
  *    can is held to its `pidsMax` (the kernel's pids.max refuses the forks past it), and

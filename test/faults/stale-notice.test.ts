@@ -1,11 +1,12 @@
 /**
- * Issue 7 bug: a guest that wakes up after the host has given up on a notice must not
- * carry it out. The guest agent (a real process) is frozen with SIGSTOP; the host issues
- * a reclaim with a 2 s deadline, marks it `late` at the deadline, gives the resources back
- * in its books and sends `cancel`. The notice and the cancel wait in the socket. On
- * SIGCONT the guest reads both: the notice is refused on arrival (deadline already past:
- * NOTICE_STALE, journaled as rejected), the cancel is answered about that notice, and no
- * project is stopped or shrunk. A fresh notice afterwards is carried out as usual.
+ * A bug found by docs/reliability.md: a guest that wakes up after the host has given up on
+ * a notice must not carry it out. The guest agent (a real process) is frozen with SIGSTOP;
+ * the host issues a reclaim with a 2 s deadline, marks it `late` at the deadline, gives the
+ * resources back in its books and sends `cancel`. The notice and the cancel wait in the
+ * socket. On SIGCONT the guest reads both: the notice is refused on arrival (deadline
+ * already past: NOTICE_STALE, journaled as rejected), the cancel is answered about that
+ * notice, and no project is stopped or shrunk. A fresh notice afterwards is carried out as
+ * usual.
  *
  * The second test shows the other half of the fix in the NoticeBook itself: a cancel that
  * arrives while its notice is still being admitted (checked, journaled) waits for the

@@ -1,7 +1,7 @@
 /**
- * The protocol fuzz against the LIVE daemons (issue 7): a real `nestbroker guest` process
- * and a real `nestbroker host` process, each fed a seeded stream of hostile lines over its
- * real unix-socket channel by a raw peer that stands in for the other side.
+ * The protocol fuzz against the LIVE daemons (docs/reliability.md): a real `nestbroker
+ * guest` process and a real `nestbroker host` process, each fed a seeded stream of hostile
+ * lines over its real unix-socket channel by a raw peer that stands in for the other side.
  *
  *  - guest agent: we are its host (we connect to its channel socket, as the host broker
  *    would). After the storm: a notice for another guest, a reclaim larger than the
@@ -39,8 +39,9 @@ import { MiB, RawPeer, Storm, cpuSeconds, rssMiB } from './live-peer';
 
 const SEED = 0x7e57_a9e7;
 /**
- * Cases per daemon (issue 7: at least 100 000 with a fixed seed). NESTBROKER_FUZZ_LINES
- * runs a longer storm by hand, to see the RSS level off over more lines (docs/reliability.md).
+ * Cases per daemon (docs/reliability.md: at least 100 000 with a fixed seed).
+ * NESTBROKER_FUZZ_LINES runs a longer storm by hand, to see the RSS level off over more
+ * lines (docs/reliability.md).
  */
 const LINES = fuzzLines(process.env.NESTBROKER_FUZZ_LINES);
 function fuzzLines(raw: string | undefined): number {
@@ -160,7 +161,7 @@ beforeAll(async () => {
   ensureBuilt();
   dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'nb-fuzz-agents-'));
   // The storm is 100 000 lines as fast as the daemon reads them: the per-connection rate
-  // limits (issue 7, tested in test/faults/limits.test.ts) are lifted here so every line
+  // limits (tested in test/faults/limits.test.ts) are lifted here so every line
   // reaches the parser.
   const unlimited = { messagesPerSecond: 1_000_000, messageBurst: 1_000_000 };
   stack = new Stack({

@@ -1,5 +1,5 @@
 /**
- * The pieces of the live-daemon protocol fuzz (agents.fuzz.test.ts, issue 7): a seeded
+ * The pieces of the live-daemon protocol fuzz (agents.fuzz.test.ts): a seeded
  * storm of hostile lines judged by an oracle, generated and streamed in batches, and a raw
  * peer that reads the daemon's replies all the while.
  *

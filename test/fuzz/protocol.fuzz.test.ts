@@ -1,5 +1,6 @@
 /**
- * Protocol fuzz (issue 7, "Bad input gets a clear error and changes nothing").
+ * Protocol fuzz (docs/reliability.md, "Bad input"): bad input gets a clear error and
+ * changes nothing.
  *
  * 1. Pure: ≥ 100 000 seeded cases through the frame decoder (in random chunk sizes) and
  *    parseMessage — random bytes, lines over 64 KiB, 0xFF inside lines, JSON nested up to

@@ -7,7 +7,7 @@
  *
  * The root is `nestbroker-test-<pid>-<suffix>` below each hierarchy's mount (here
  * /sys/fs/cgroup/unified/… and /sys/fs/cgroup/{memory,cpu,cpuacct,cpuset,pids}/…), the
- * only place tests may create cgroups (helper-rules.md). The driver is auto-detected
+ * only place tests may create cgroups (CONTRIBUTING.md). The driver is auto-detected
  * unless `opts.driver` says otherwise. `dispose()` kills every process left inside (by
  * cgroup, never by name) and removes the whole root from every hierarchy; it is safe to
  * call twice. Without a suffix, a counter keeps roots of one process apart.

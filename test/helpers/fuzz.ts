@@ -1,7 +1,7 @@
 /**
- * Seeded, dependency-free fuzz input for the protocol (issue 7, "Bad input gets a clear
- * error and changes nothing"). The same seed gives the same cases on every machine, so a
- * failure is reproduced by its case number alone.
+ * Seeded, dependency-free fuzz input for the protocol (docs/reliability.md, "Bad input":
+ * bad input gets a clear error and changes nothing). The same seed gives the same cases on
+ * every machine, so a failure is reproduced by its case number alone.
  *
  *   const rng = new Rng(0x5eed);
  *   const gen = new ProtocolFuzz(rng);

@@ -1,7 +1,7 @@
 /**
- * Memory and disk flat under a long run of notices (issue 7, "Load held"): both daemons
- * keep only the last RETAIN_FINAL_NOTICES finished notices in memory (per guest on the
- * host). What must not change while they are dropped:
+ * Memory and disk flat under a long run of notices (docs/reliability.md, "Load held"): both
+ * daemons keep only the last RETAIN_FINAL_NOTICES finished notices in memory (per guest on
+ * the host). What must not change while they are dropped:
  *
  *  - host: the books. Older notices are folded into a ledger base, written to disk before
  *    their files are deleted, so the allocation, the seq and the next check are exactly

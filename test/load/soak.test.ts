@@ -1,7 +1,7 @@
 /**
- * Load held, short (issue 7): bench/soak.ts for 30 s in `make test`. 10 guest agents and
- * one host broker as real processes, 400 notices a minute (200 in all), each guest
- * alternating a CPU-only reclaim and a restore. Every notice answered `done` with a
+ * Load held, short (docs/reliability.md): bench/soak.ts for 30 s in `make test`. 10 guest
+ * agents and one host broker as real processes, 400 notices a minute (200 in all), each
+ * guest alternating a CPU-only reclaim and a restore. Every notice answered `done` with a
  * complete outcome, none lost, none doubled (checked in both daemons' journals), no
  * project restarted, and the daemons' memory bounded. The ten-minute run, 20 guests at
  * 1 000 a minute, is `node dist/bench/soak.js` (figures in docs/reliability.md).

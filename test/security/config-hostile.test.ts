@@ -1,7 +1,7 @@
 /**
- * Hostile guest configs (issue 7, "Config and CLI"): names that try to climb out of the
- * cgroup subtree or collide with kernel files, sizes and durations that JSON and YAML can
- * carry but a limit file cannot, unknown and prototype keys, files that are missing,
+ * Hostile guest configs (docs/reliability.md, "Bad input"): names that try to climb out of
+ * the cgroup subtree or collide with kernel files, sizes and durations that JSON and YAML
+ * can carry but a limit file cannot, unknown and prototype keys, files that are missing,
  * unreadable to the user reading them, directories, FIFOs, too large, nested 20 000 deep or
  * alias bombs. Every one is refused at start with every problem listed, and the real
  * `nestbroker guest` process exits 2 having created nothing: no state or run directory, no

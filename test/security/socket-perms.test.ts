@@ -1,5 +1,5 @@
 /**
- * Who may talk to the daemons (issue 7, "Nobody gets in where they don't belong"): the
+ * Who may talk to the daemons (docs/reliability.md, "Nobody gets in"): the
  * operator socket is 0660 root:<group>, so a REAL unprivileged user is refused by the
  * kernel at connect(2) (EACCES, which nestctl reports as UNAUTHORIZED), while a real
  * member of the configured group gets answers. The host↔guest channel socket is 0600:

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * TEST-ONLY command runner inside the e2e guest (issue 5). Never installed by
+ * TEST-ONLY command runner inside the e2e guest (test/e2e). Never installed by
  * `make install`: the image's nestbroker-test-runner.service (test/e2e/build-image.sh)
  * starts it from the read-only 9p share.
  *
@@ -10,9 +10,9 @@
  *   guest → host  {"id": 7, "code": 0, "signal": null, "stdout": "…", "stderr": "…", "ms": 12}
  * and announces itself once with {"ready": true, "bootId": "…"}.
  *
- * virtio-serial facts (../../../../shared/vm-e2e-notes.md): the port is a character device,
- * opened once; read() returns 0 at once while no host client is connected (poll, it is not
- * the end); data sent before the port is opened is held and delivered.
+ * virtio-serial facts (measured under QEMU; docs/install.md): the port is a character
+ * device, opened once; read() returns 0 at once while no host client is connected (poll, it
+ * is not the end); data sent before the port is opened is held and delivered.
  */
 /* global require, process, Buffer, setTimeout, clearTimeout */
 // Plain CommonJS: the guest runs this file from the share with node alone, no build step.

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * A project for the real-guest test (issue 5): holds MIB mebibytes of touched memory and
+ * A project for the real-guest test: holds MIB mebibytes of touched memory and
  * burns a little CPU, like a service with a working set. On SIGTERM it "saves its work":
  * writes MARKER_DIR/NAME.graceful and exits 0, which is what a graceful stop must reach.
  *   node workload.js NAME MIB MARKER_DIR

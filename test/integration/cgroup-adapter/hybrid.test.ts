@@ -46,7 +46,7 @@ afterAll(async () => {
 
 describe(`the adapter on this kernel (driver detected here)`, () => {
   it('detects the layout of this machine and claims the root in every hierarchy', () => {
-    // This build machine is hybrid (helper-rules.md); a v2-only CI machine would say v2.
+    // This build machine is hybrid (CONTRIBUTING.md); a v2-only CI machine would say v2.
     expect(['v2', 'hybrid']).toContain(t.adapter.kind);
     for (const dir of Object.values(t.driver.paths(''))) expect(existsSync(dir)).toBe(true);
   });

@@ -1,5 +1,5 @@
 /**
- * The cheap sampler (cgroup-adapter/sampler.ts, issue 6) on the real kernel: it agrees
+ * The cheap sampler (cgroup-adapter/sampler.ts) on the real kernel: it agrees
  * with the adapter's full usage() read, its held descriptors follow the kernel's numbers
  * as they change (cgroup files re-read from offset 0), and a group removed under it is
  * reported gone, its descriptors dropped, and a group made again under the same name is

@@ -145,7 +145,7 @@ describe('reclaim 3.5GiB and 0.5 CPU with a 6 s deadline', () => {
     expect(outcome.status).toBe('complete');
   });
 
-  test('stop signals go lowest priority first; the exits are awaited together (issue 6)', () => {
+  test('stop signals go lowest priority first; the exits are awaited together', () => {
     const events = r.stderr
       .split('\n')
       .map((l) => /\s(\w+): (stopping|stopped)/.exec(l))

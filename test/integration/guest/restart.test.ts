@@ -76,7 +76,7 @@ test('kill -9 mid-notice, restart: the notice finishes and each project is stopp
   );
   const ctlExit = new Promise<number | null>((r) => ctl.on('exit', (code) => r(code)));
 
-  // The stop signals go lowest priority first without waiting for each exit (issue 6):
+  // The stop signals go lowest priority first without waiting for each exit:
   // `a` and `c` exit at once on SIGTERM and their steps are journaled done, while the
   // stubborn `b` has had its SIGTERM and is in its 3 s grace period. Then the crash.
   await waitFor('b to get its SIGTERM', () =>

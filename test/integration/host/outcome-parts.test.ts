@@ -1,5 +1,5 @@
 /**
- * Issue 6: an outcome too large for one line. Before, a guest with ~190+ projects in one
+ * An outcome too large for one line. Before, a guest with ~190+ projects in one
  * notice could not send its outcome (PROTOCOL_OVERSIZE); the host never heard it and the
  * notice ended `late` although the projects had been stopped.
  *

@@ -1,8 +1,8 @@
 /**
- * Host broker and a guest agent as real processes over TCP with mutual TLS (issue 4): a
- * reclaim cascades and its outcome comes back; a plaintext client and a client whose
- * certificate comes from another CA are refused by the guest, which keeps serving the
- * real host all along.
+ * Host broker and a guest agent as real processes over TCP with mutual TLS
+ * (docs/host-broker.md): a reclaim cascades and its outcome comes back; a plaintext client
+ * and a client whose certificate comes from another CA are refused by the guest, which
+ * keeps serving the real host all along.
  */
 import { promises as fs, readFileSync } from 'node:fs';
 import net from 'node:net';

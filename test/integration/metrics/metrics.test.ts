@@ -1,5 +1,5 @@
 /**
- * Prometheus metrics (docs/host-broker.md, docs/config-guest.md "metrics") from the real
+ * Prometheus metrics (docs/architecture.md, "Observability") from the real
  * daemons: a host broker and guest agents as processes, one reclaim that stops the
  * low-priority project and shrinks the other, then what each daemon's /metrics says,
  * checked against what really happened (the project's marker, the kernel's limit files,

@@ -209,7 +209,7 @@ test('close removes the socket file', async () => {
   expect(fs.existsSync(sock)).toBe(false);
 });
 
-describe('one operator connection cannot grow the daemon (issue 7)', () => {
+describe('one operator connection cannot grow the daemon', () => {
   test(`requests beyond ${RPC_MAX_INFLIGHT} unanswered on one connection are refused with RATE_LIMITED, nothing done`, async () => {
     let started = 0;
     let release!: () => void;

@@ -1,5 +1,5 @@
 /**
- * Progress is best effort, the outcome is not (issue 6): a notice over a thousand
+ * Progress is best effort, the outcome is not: a notice over a thousand
  * projects emits far more progress than the broker above accepts per second (its channel
  * rate limit). The client sends progress only within PROGRESS_RATE and the outcome
  * always: over a real unix channel whose receiving end applies the default rate limit,

@@ -1,5 +1,5 @@
 /**
- * The journal's group commit (issue 6) on a real temp dir: puts of one key that arrive
+ * The journal's group commit on a real temp dir: puts of one key that arrive
  * together share a write, every caller's promise resolves only once its value (or a newer
  * one) is on disk, and a notice's steps go in one record holding every child.
  */

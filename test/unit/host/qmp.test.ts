@@ -64,7 +64,7 @@ test('a balloon that stalls (the guest cannot give the memory back) is reported 
     },
   );
   expect(r.reached).toBe(false);
-  expect(r.actualBytes).toBe(739246080); // ~705 MiB, as measured in vm-e2e-notes.md
+  expect(r.actualBytes).toBe(739246080); // ~705 MiB, as measured under QEMU
   expect(r.polls).toBe(5); // t=0, 500, 1000, 1500, 2000
   expect(r.ms).toBe(2000);
 });

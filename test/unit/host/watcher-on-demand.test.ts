@@ -1,9 +1,9 @@
 /**
- * What the watcher reads, and when (issue 6: an idle host broker spiked 15 % of a core
- * every 5 s reading usage and limits of all 50 VM cgroups each trigger interval, even with
- * the trigger off). With the trigger off there is no loop at all; a trigger tick reads the
- * host only; every VM's cgroup is read when `status` asks (observe()), once for callers
- * asking at the same time.
+ * What the watcher reads, and when (docs/performance.md: an idle host broker spiked 15 % of
+ * a core every 5 s reading usage and limits of all 50 VM cgroups each trigger interval,
+ * even with the trigger off). With the trigger off there is no loop at all; a trigger tick
+ * reads the host only; every VM's cgroup is read when `status` asks (observe()), once for
+ * callers asking at the same time.
  */
 import { promises as fs } from 'node:fs';
 import os from 'node:os';

@@ -1,5 +1,5 @@
 /**
- * Outcomes larger than one line (issue 6): the sender's split keeps every line within
+ * Outcomes larger than one line: the sender's split keeps every line within
  * the 64 KiB cap up to the protocol's 10 000 projects, each message passes the strict
  * schemas, and the receiver rebuilds exactly the outcome that was sent — in any order of
  * parts, never from an incomplete set.

@@ -4,7 +4,7 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 NODE_MODULES_STAMP := node_modules/.package-lock.json
 
-.PHONY: all deps build typecheck lint test check demo bench e2e install uninstall clean
+.PHONY: all deps build typecheck lint test check demo bench e2e install uninstall clean man deb packaging-deps
 
 all: build
 
@@ -28,7 +28,7 @@ lint: deps
 # The README's test command: installs what it needs, then type-checks, lints and runs
 # every test: unit, integration on the real kernel as root, then the real-guest test
 # under QEMU (test/e2e; it installs its Debian packages itself and caches the image).
-test: build typecheck lint
+test: build typecheck lint packaging-deps
 	npx jest --runInBand
 	npx jest -c jest.e2e.config.js --runInBand
 
@@ -55,6 +55,44 @@ bench-%: build
 clean:
 	rm -rf dist
 
+# Man pages from docs/man/*.md with go-md2man (Debian package go-md2man), and nestctl's
+# bash completion from the CLI itself (yargs). Into dist/, which `make install` installs
+# from when present.
+MAN_PAGES := $(patsubst docs/man/%.md,dist/man/%,$(wildcard docs/man/*.md))
+man: $(MAN_PAGES) dist/bash-completion/nestctl
+
+dist/man/%: docs/man/%.md
+	@command -v go-md2man >/dev/null || { echo "make man: go-md2man is missing: apt-get install go-md2man" >&2; exit 1; }
+	@mkdir -p dist/man
+	go-md2man -in $< -out $@
+
+dist/bash-completion/nestctl: build
+	@mkdir -p dist/bash-completion
+	node dist/agent/cli/nestctl.js completion >$@
+
+# What test/integration/packaging/deb.test.ts needs to build and check the .deb: Debian's
+# packages, installed with apt-get when missing.
+PACKAGING_DEBS := debhelper go-md2man lintian dpkg-dev
+packaging-deps:
+	@missing=$$(for p in $(PACKAGING_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+
+# ---- the Debian package (debian/; docs/install.md) -------------------------------------
+# dist/nestbroker_<version>_all.deb, built by dpkg-buildpackage (debhelper) in a copy of
+# the tree under dist/deb/ (the .deb lands beside its source directory, so not in the
+# parent of this tree). node_modules is hard-linked in; `make install` takes only the
+# production dependencies from it. Build dependencies: apt-get install debhelper go-md2man.
+VERSION := $(shell dpkg-parsechangelog -l debian/changelog -SVersion 2>/dev/null)
+DEB := dist/nestbroker_$(VERSION)_all.deb
+deb: $(DEB)
+$(DEB): deps $(shell git ls-files -co --exclude-standard 2>/dev/null)
+	@command -v dh >/dev/null || { echo "make deb: debhelper is missing: apt-get install debhelper go-md2man" >&2; exit 1; }
+	rm -rf dist/deb && mkdir -p dist/deb/nestbroker-$(VERSION)
+	git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C dist/deb/nestbroker-$(VERSION)
+	cp -al node_modules dist/deb/nestbroker-$(VERSION)/node_modules
+	cd dist/deb/nestbroker-$(VERSION) && dpkg-buildpackage -b -us -uc
+	cp dist/deb/nestbroker_$(VERSION)_all.deb $@
+
 # ---- installation (docs/install.md) ----------------------------------------------------
 # `make build && make install` as root. Honours DESTDIR (staging, packaging) and PREFIX.
 # Installs only what exists already: it never builds, so it also works from a read-only
@@ -62,6 +100,8 @@ clean:
 LIBDIR := $(PREFIX)/lib/nestbroker
 BINDIR := $(PREFIX)/bin
 DOCDIR := $(PREFIX)/share/doc/nestbroker
+MANDIR := $(PREFIX)/share/man
+COMPLETIONDIR := $(PREFIX)/share/bash-completion/completions
 UNITDIR ?= /lib/systemd/system
 UDEVRULESDIR ?= /lib/udev/rules.d
 CONFDIR ?= /etc/nestbroker
@@ -102,6 +142,11 @@ install:
 	for f in guest host; do \
 	  if [ -f examples/$$f.yaml ]; then install -m 0644 examples/$$f.yaml $(DESTDIR)$(CONFDIR)/$$f.yaml.example; fi; done
 	if [ -f docs/install.md ]; then install -m 0644 docs/install.md $(DESTDIR)$(DOCDIR)/install.md; fi
+	@# Man pages and completion, when `make man` made them.
+	for m in dist/man/*.[0-9]; do [ -f "$$m" ] || continue; \
+	  install -D -m 0644 "$$m" $(DESTDIR)$(MANDIR)/man$${m##*.}/$${m##*/}; done
+	if [ -f dist/bash-completion/nestctl ]; then \
+	  install -D -m 0644 dist/bash-completion/nestctl $(DESTDIR)$(COMPLETIONDIR)/nestctl; fi
 	@# Live system (no DESTDIR, systemd running): make the new units and rule known.
 	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; \
 	  command -v udevadm >/dev/null && udevadm control --reload || true; fi
@@ -114,6 +159,7 @@ uninstall:
 	  systemctl disable --now $(INSTALLED_UNITS) 2>/dev/null || true; fi
 	rm -rf $(DESTDIR)$(LIBDIR) $(DESTDIR)$(DOCDIR)
 	rm -f $(DESTDIR)$(BINDIR)/nestbroker $(DESTDIR)$(BINDIR)/nestctl
+	rm -f $(DESTDIR)$(MANDIR)/man1/nestctl.1 $(DESTDIR)$(MANDIR)/man8/nestbroker.8 $(DESTDIR)$(COMPLETIONDIR)/nestctl
 	rm -f $(addprefix $(DESTDIR)$(UNITDIR)/,$(INSTALLED_UNITS)) $(DESTDIR)$(UDEVRULESDIR)/$(UDEV_RULE)
 	rm -f $(DESTDIR)$(CONFDIR)/guest.yaml.example $(DESTDIR)$(CONFDIR)/host.yaml.example
 	rmdir $(DESTDIR)$(CONFDIR) 2>/dev/null || true

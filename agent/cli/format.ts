@@ -3,8 +3,8 @@
  * and exit codes that say what happened (documented in docs/guest-agent.md and in
  * `nestctl --help`). Host commands (agent/cli/host-commands.ts) use the same helpers.
  */
-import { isNestError, type Problem } from '../common/errors';
-import { formatBytes, formatMs } from '../common/units';
+import { isNestError, NestError, type Problem } from '../common/errors';
+import { formatBytes, formatMs, parseCpus, parseDuration, parseSize } from '../common/units';
 import type { Outcome, ProjectLimits } from '../broker/types';
 
 /** nestctl's exit codes. */
@@ -47,17 +47,89 @@ export function exitForError(err: unknown): number {
   }
 }
 
-/** An error for people: the message, then every problem on its own line. */
+/**
+ * An error for people, each thing said once: one problem on the error's own line
+ * (`error (INPUT_INVALID): --memory: must not be negative, got "-5G"`), several as a count
+ * and then one line each.
+ */
 export function formatError(err: unknown): string {
   if (!isNestError(err)) return `error: ${err instanceof Error ? err.message : String(err)}`;
   const problems = err.problems as Problem[];
-  const head =
-    problems.length > 1
-      ? `${problems.length} problems:`
-      : err.message.split('\n')[0].replace(/:$/, '');
-  const lines = [`error (${err.code}): ${head}`];
+  if (problems.length === 1)
+    return `error (${err.code}): ${problems[0].field}: ${problems[0].message}`;
+  if (problems.length === 0)
+    return `error (${err.code}): ${err.message.split('\n')[0].replace(/:$/, '')}`;
+  const lines = [`error (${err.code}): ${problems.length} problems:`];
   for (const p of problems) lines.push(`  ${p.field}: ${p.message}`);
   return lines.join('\n');
+}
+
+/** An error as `--json` prints it: `{"error": {code, message, problems}}` on stdout. */
+export function jsonError(err: unknown): string {
+  const e = err as { code?: string; message?: string; problems?: unknown };
+  return json({
+    error: {
+      code: e.code ?? 'INTERNAL',
+      message: e.message ?? String(err),
+      problems: e.problems ?? [],
+    },
+  });
+}
+
+/**
+ * `--memory`, `--cpus` and `--deadline` of reclaim/restore checked before anything is sent,
+ * every problem at once (INPUT_INVALID, exit 2), each naming its flag.
+ */
+export function checkChangeFlags(a: Record<string, unknown>): void {
+  const problems: Problem[] = [];
+  const neg = (v: unknown) => typeof v === 'string' && /^-\s*\d/.test(v);
+  const check = (flag: string, v: unknown, r: { ok: boolean; message?: string }) => {
+    if (v === undefined) return;
+    if (neg(v))
+      problems.push({
+        field: `--${flag}`,
+        value: v,
+        message: `must not be negative, got ${JSON.stringify(v)}`,
+      });
+    else if (!r.ok)
+      problems.push({ field: `--${flag}`, value: v, message: r.message ?? 'invalid' });
+  };
+  check('memory', a.memory, a.memory === undefined ? { ok: true } : parseSize(a.memory));
+  check('cpus', a.cpus, a.cpus === undefined ? { ok: true } : parseCpus(a.cpus));
+  check(
+    'deadline',
+    a.deadline,
+    a.deadline === undefined ? { ok: true } : parseDuration(a.deadline),
+  );
+  if (problems.length > 0)
+    throw new NestError(
+      'INPUT_INVALID',
+      problems.map((p) => `${p.field}: ${p.message}`).join('; '),
+      { problems },
+    );
+}
+
+/** `1 CPU`, `0.5 CPUs`, `2 CPUs`. */
+export function cpusText(v: number | 'max' | undefined): string {
+  return `${fmtCpus(v)} ${v === 1 ? 'CPU' : 'CPUs'}`;
+}
+
+/** A time as both notice lists print it: `2026-12-02 00:05:12Z` (UTC, seconds). */
+export function fmtTime(iso: string | undefined | null): string {
+  if (!iso) return '-';
+  const t = Date.parse(iso);
+  if (!Number.isFinite(t)) return iso;
+  return `${new Date(t).toISOString().slice(0, 19).replace('T', ' ')}Z`;
+}
+
+/** Both notice lists: newest first by that time, then by id. */
+export function newestFirst<T>(
+  rows: T[],
+  at: (r: T) => string | undefined,
+  id: (r: T) => string,
+): T[] {
+  const ms = (r: T) => Date.parse(at(r) ?? '') || 0;
+  return [...rows].sort((a, b) => ms(b) - ms(a) || id(b).localeCompare(id(a)));
 }
 
 /** Aligned columns; numbers right-aligned. */
@@ -114,7 +186,7 @@ export function formatOutcome(o: Outcome, kind: 'reclaim' | 'restore' = 'reclaim
   return [
     table(['project', 'action', 'exit', 'took', 'before', 'after', 'why'], rows),
     '',
-    `notice ${o.noticeId}: ${o.status} in ${formatMs(o.ms)}; ${kind === 'restore' ? 'took back' : 'freed'} ${fmtBytes(o.freed.memoryBytes)} memory, ${fmtCpus(o.freed.cpus)} CPUs`,
+    `notice ${o.noticeId}: ${o.status} in ${formatMs(o.ms)}; ${kind === 'restore' ? 'returned' : 'freed'} ${fmtBytes(o.freed.memoryBytes)} memory, ${cpusText(o.freed.cpus)}`,
   ].join('\n');
 }
 
@@ -161,17 +233,7 @@ export async function runCommand(
   try {
     process.exitCode = await fn();
   } catch (err) {
-    const e = err as { code?: string; message?: string; problems?: unknown };
-    if (a.json)
-      io.out(
-        json({
-          error: {
-            code: e.code ?? 'INTERNAL',
-            message: e.message ?? String(err),
-            problems: e.problems ?? [],
-          },
-        }),
-      );
+    if (a.json) io.out(jsonError(err));
     else io.err(formatError(err));
     process.exitCode = exitFor(err);
   }

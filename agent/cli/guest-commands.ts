@@ -11,12 +11,16 @@ import type { Plan } from '../guest/planner';
 import type { TopView } from '../guest/agent';
 import { parseTopArgs, topLoop, topOptions } from './top';
 import {
+  checkChangeFlags,
+  cpusText,
   EXIT,
   exitForOutcome,
   fmtBytes,
   fmtCpus,
   fmtLimits,
+  fmtTime,
   formatOutcome,
+  newestFirst,
   formatProgress,
   json,
   runCommand,
@@ -52,8 +56,8 @@ export function topText(v: TopView): string {
     (a, b) => (b.memoryBytes ?? -1) - (a.memoryBytes ?? -1) || a.name.localeCompare(b.name),
   );
   return [
-    `guest ${v.guest} at ${v.at}: allocation ${fmtBytes(v.allocation.memoryBytes)}, ${fmtCpus(v.allocation.cpus)} CPUs; ` +
-      `for projects ${fmtBytes(v.projectAllocation.memoryBytes)}, ${fmtCpus(v.projectAllocation.cpus)} CPUs`,
+    `guest ${v.guest} at ${v.at}: allocation ${fmtBytes(v.allocation.memoryBytes)}, ${cpusText(v.allocation.cpus)}; ` +
+      `for projects ${fmtBytes(v.projectAllocation.memoryBytes)}, ${cpusText(v.projectAllocation.cpus)}`,
     '',
     table(
       [
@@ -195,7 +199,7 @@ export function registerGuestCommands(y: Argv<GlobalArgs>, io: Io = stdio): Argv
             );
             io.out('');
             io.out(
-              `guest allocation after: ${fmtBytes(r.allocation.memoryBytes)} memory, ${fmtCpus(r.allocation.cpus)} CPUs`,
+              `guest allocation after: ${fmtBytes(r.allocation.memoryBytes)} memory, ${cpusText(r.allocation.cpus)}`,
             );
             for (const line of r.plan.reasons) io.out(`- ${line}`);
             io.out('(dry run: nothing was changed)');
@@ -250,15 +254,20 @@ export function registerGuestCommands(y: Argv<GlobalArgs>, io: Io = stdio): Argv
                   'took',
                   'reason',
                 ],
-                rows.map((r) => [
+                // Newest first, times as the host's `notices` prints them (format.ts).
+                newestFirst(
+                  rows,
+                  (r) => r.receivedAt,
+                  (r) => r.id,
+                ).map((r) => [
                   r.id,
                   r.kind,
                   r.source,
                   r.seq,
                   r.state,
                   r.status ?? '-',
-                  `${fmtBytes(r.change.memoryBytes)}, ${fmtCpus(r.change.cpus)} CPUs`,
-                  r.receivedAt,
+                  `${fmtBytes(r.change.memoryBytes)}, ${cpusText(r.change.cpus)}`,
+                  fmtTime(r.receivedAt),
                   r.outcome ? formatMs(r.outcome.ms) : '-',
                   r.reason,
                 ]),
@@ -302,6 +311,7 @@ async function noticeCommand(
   io: Io,
 ): Promise<void> {
   await run(a, io, async () => {
+    checkChangeFlags(a);
     const r = (await rpcCall(socketOf(a), kind, changeArgs(a), {
       // Long waits show progress; the notice's own deadline bounds the wait (plus slack).
       timeoutMs: 0,

@@ -11,12 +11,15 @@ import type { GuestStatus, HostProgress } from '../host/host-broker';
 import { DEFAULT_HOST_SOCKET } from '../host/config';
 import { parseTopArgs, topLoop, topOptions } from './top';
 import {
+  checkChangeFlags,
+  cpusText,
   EXIT,
   exitForError,
   exitForOutcome,
   fmtBytes,
-  fmtCpus,
+  fmtTime,
   formatOutcome,
+  newestFirst,
   json,
   runCommand,
   stdio,
@@ -67,7 +70,7 @@ export function exitForNotice(n: NoticeView): number {
 }
 
 const res = (r: { memoryBytes: number; cpus: number } | undefined): string =>
-  r ? `${fmtBytes(r.memoryBytes)}, ${fmtCpus(r.cpus)} CPUs` : '-';
+  r ? `${fmtBytes(r.memoryBytes)}, ${cpusText(r.cpus)}` : '-';
 
 /** What the host's `status` returns (agent/host/api.ts). */
 interface HostStatus {
@@ -138,16 +141,22 @@ function guestsTable(gs: GuestStatus[]): string {
   );
 }
 
+/** Newest first, times as the guest's `notices` prints them (format.ts fmtTime). */
 function noticesTable(ns: NoticeView[]): string {
   return table(
-    ['id', 'kind', 'state', 'change', 'allocation', 'deadline', 'outcome'],
-    ns.map((n) => [
+    ['id', 'kind', 'state', 'change', 'allocation', 'issued', 'deadline', 'outcome'],
+    newestFirst(
+      ns,
+      (n) => n.issuedAt,
+      (n) => n.id,
+    ).map((n) => [
       n.id,
       n.kind,
       n.late && n.state !== 'late' ? `${n.state} (late)` : n.state,
       res(n.change),
       res(n.allocation),
-      n.deadline.slice(11, 19),
+      fmtTime(n.issuedAt),
+      fmtTime(n.deadline),
       n.outcome ? `${n.outcome.status} in ${formatMs(n.outcome.ms)}` : (n.error?.code ?? '-'),
     ]),
   );
@@ -155,7 +164,8 @@ function noticesTable(ns: NoticeView[]): string {
 
 export function formatNotice(n: NoticeView): string {
   const lines: string[] = [];
-  if (n.outcome) lines.push(formatOutcome(n.outcome), '');
+  if (n.outcome)
+    lines.push(formatOutcome(n.outcome, n.kind === 'restore' ? 'restore' : 'reclaim'), '');
   lines.push(
     `notice ${n.id} (${n.kind} of ${res(n.change)} ${n.kind === 'reclaim' ? 'from' : 'to'} ${n.guest}): ${n.state}${n.late ? ' (guest late)' : ''}`,
   );
@@ -206,6 +216,7 @@ function changeArgs(a: Record<string, unknown>): Record<string, unknown> {
 function noticeCommand(kind: 'reclaim' | 'restore', io: Io) {
   return async (a: G & Record<string, unknown>): Promise<void> =>
     run(a, io, async () => {
+      checkChangeFlags(a);
       const d = parseDuration(a.deadline ?? '60s');
       // Wait for the deadline, the actuation after it (a balloon may take a while), and slack.
       const timeoutMs = d.ok ? d.value + 120_000 : 0;
@@ -277,7 +288,7 @@ export function registerHostCommands(y: Argv, io: Io = stdio): Argv {
           if ((a as G).json) io.out(json(p));
           else {
             io.out(
-              `${p.guest}: ${fmtBytes(p.memoryBytes)}, ${fmtCpus(p.cpus)} CPUs; ${p.connected ? 'connected' : 'NOT connected'}; inventory of ${p.helloAt}`,
+              `${p.guest}: ${fmtBytes(p.memoryBytes)}, ${cpusText(p.cpus)}; ${p.connected ? 'connected' : 'NOT connected'}; inventory of ${p.helloAt}`,
             );
             io.out(
               table(

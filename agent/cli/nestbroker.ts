@@ -14,6 +14,7 @@ import { GUEST_DEFAULTS, loadGuestConfig } from '../guest/config';
 import { isNestError } from '../common/errors';
 import { parseDuration } from '../common/units';
 import { waitReady } from './wait-ready';
+import { LOG_FORMATS } from '../common/log';
 
 /** The operator socket named by a daemon's config (the same file its unit starts it with). */
 async function socketOf(daemon: 'guest' | 'host', config: string | undefined): Promise<string> {
@@ -55,13 +56,25 @@ async function runWaitReady(a: {
 async function runHostEntry(argv: string[]): Promise<number> {
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const mod = require('../host/main') as { runHost(argv: string[]): Promise<number | void> };
-  return (await mod.runHost(argv)) ?? 0;
+  // --log-format was read here (into the environment createLogger reads); the host's own
+  // strict parser does not know it.
+  const own = argv.filter(
+    (x, i) => !x.startsWith('--log-format') && !(argv[i - 1] === '--log-format'),
+  );
+  return (await mod.runHost(own)) ?? 0;
 }
 
 export async function main(argv: string[]): Promise<number> {
   let code = 0;
   await yargs(argv)
     .scriptName('nestbroker')
+    .option('log-format', {
+      choices: LOG_FORMATS,
+      describe: 'auto: journal under journald, pretty on a terminal, else json',
+    })
+    .middleware((a) => {
+      if (a.logFormat) process.env.NESTBROKER_LOG_FORMAT = a.logFormat;
+    })
     .command(
       'guest',
       "run the guest agent: client of the host broker, broker of this guest's projects",

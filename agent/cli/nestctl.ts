@@ -11,7 +11,8 @@
  */
 import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { EXIT } from './format';
+import { NestError } from '../common/errors';
+import { EXIT, jsonError } from './format';
 import { DEFAULT_GUEST_SOCKET, registerGuestCommands, type GlobalArgs } from './guest-commands';
 
 /**
@@ -39,10 +40,46 @@ const EXIT_CODES_HELP = `Exit codes:
   ${EXIT.REJECTED}  the notice was refused (does not fit, stale, journal write failed)
   ${EXIT.TIMEOUT}  the daemon did not answer in time`;
 
-export async function main(argv: string[]): Promise<void> {
+/**
+ * `--memory -5G` as `--memory=-5G`: yargs reads a dash-led word as short flags (`-5`, `-G`)
+ * unless it is a plain number, so a negative size became "Unknown arguments: 5, G". No
+ * nestctl flag is a digit, so a `-<digit>` word after a `--flag` is that flag's value,
+ * which the command then refuses by name.
+ */
+export function joinNegativeValues(argv: string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const x = argv[i];
+    const next = argv[i + 1];
+    if (/^--[a-z][a-z-]*$/.test(x) && next !== undefined && /^-\d/.test(next)) {
+      out.push(`${x}=${next}`);
+      i++;
+    } else out.push(x);
+  }
+  return out;
+}
+
+/**
+ * `nestctl … | head`: the reader goes away and the next write fails with EPIPE. That is
+ * the reader's choice, not a failure: exit quietly (status 0) rather than with a stack.
+ */
+function quietOnEpipe(): void {
+  for (const s of [process.stdout, process.stderr])
+    s.on('error', (err: NodeJS.ErrnoException) => {
+      if (err.code === 'EPIPE') process.exit(EXIT.OK);
+      throw err;
+    });
+}
+
+export async function main(rawArgv: string[]): Promise<void> {
+  const argv = joinNegativeValues(rawArgv);
   const guest = argv.includes('--guest');
+  const asJson = argv.includes('--json');
+  const completing = argv.includes('completion') || argv.includes('--get-yargs-completions');
   let y: Argv<GlobalArgs> = yargs(argv)
-    .scriptName(guest ? 'nestctl --guest' : 'nestctl')
+    // The completion script names the program it calls, so it is plain `nestctl` there
+    // (it passes the words typed, `--guest` among them, back to nestctl).
+    .scriptName(guest && !completing ? 'nestctl --guest' : 'nestctl')
     .usage(
       guest
         ? "$0 --guest <command> [options]\n\nOperator commands of this guest's nestbroker agent."
@@ -61,9 +98,17 @@ export async function main(argv: string[]): Promise<void> {
     .recommendCommands()
     .fail((msg, err) => {
       if (err) throw err;
-      process.stderr.write(`error: ${msg}\nrun with --help for usage\n`);
+      // With --json a script reads errors as it reads results: one JSON object on stdout.
+      if (asJson)
+        process.stdout.write(
+          `${jsonError(new NestError('INPUT_INVALID', msg, { problems: [{ field: 'arguments', value: rawArgv, message: msg }] }))}\n`,
+        );
+      else process.stderr.write(`error: ${msg}\nrun with --help for usage\n`);
       process.exit(EXIT.USAGE);
     })
+    // `nestctl completion >> ~/.bashrc` (or /etc/bash_completion.d/nestctl, which `make
+    // install` writes): bash completion of commands and flags, through yargs.
+    .completion('completion', 'print a bash completion script for nestctl')
     .help()
     .wrap(Math.min(110, process.stdout.columns ?? 100));
   if (guest) y = registerGuestCommands(y);
@@ -80,8 +125,11 @@ export async function main(argv: string[]): Promise<void> {
 }
 
 if (require.main === module) {
-  main(hideBin(process.argv)).catch((err: unknown) => {
-    process.stderr.write(`error: ${err instanceof Error ? err.message : String(err)}\n`);
+  quietOnEpipe();
+  const argv = hideBin(process.argv);
+  main(argv).catch((err: unknown) => {
+    if (argv.includes('--json')) process.stdout.write(`${jsonError(err)}\n`);
+    else process.stderr.write(`error: ${err instanceof Error ? err.message : String(err)}\n`);
     process.exitCode = EXIT.ERROR;
   });
 }

@@ -28,6 +28,7 @@ export const ErrorCodes = {
   UNAUTHORIZED: 'the peer is not allowed',
   RATE_LIMITED: 'too many requests on one connection',
   AGENT_STOPPING: 'the agent is stopping; the notice is resumed from its journal at the next start',
+  NSS_LOOKUP: 'the user or group database (getent, nsswitch.conf) could not be read',
   INTERNAL: 'an unexpected failure inside nestbroker (a bug: see the daemon log)',
 } as const;
 

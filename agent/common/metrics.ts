@@ -4,15 +4,50 @@
  * by default: nothing listens and nothing is counted that a scrape would not read, so the
  * idle footprint (docs/performance.md) is unchanged.
  *
- * No process-level default metrics (event-loop lag and the like): their timers cost CPU
- * all the time (the idle budget of docs/performance.md), and node_exporter has the
- * process's CPU and RSS.
+ * With metrics on, each registry also has `nestbroker_build_info` and Node's process
+ * metrics (prom-client's collectDefaultMetrics: CPU, RSS, heap, event-loop lag, GC). Their
+ * timers cost a little CPU all the time, which is why they exist only when metrics are on
+ * (the idle budget of docs/performance.md holds with metrics off).
  */
+import { readFileSync } from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { Registry } from 'prom-client';
+import path from 'node:path';
+import { collectDefaultMetrics, Gauge, Registry } from 'prom-client';
 import { NestError } from './errors';
 import type { Logger } from './log';
+
+/** package.json's version (the installed tree has it at lib/nestbroker/package.json). */
+export function nestbrokerVersion(): string {
+  for (const rel of ['../../../package.json', '../../package.json']) {
+    try {
+      const pkg = JSON.parse(readFileSync(path.join(__dirname, rel), 'utf8')) as {
+        name?: string;
+        version?: string;
+      };
+      if (pkg.name === 'nestbroker' && typeof pkg.version === 'string') return pkg.version;
+    } catch {
+      // not at this depth: dist/agent/common vs agent/common under ts-jest
+    }
+  }
+  return 'unknown';
+}
+
+/**
+ * What every daemon's registry carries besides its own metrics:
+ * `nestbroker_build_info{version,node} 1` (node: the Node.js version running it) and
+ * Node's process metrics, with prefix-free standard names (`process_cpu_seconds_total`,
+ * `nodejs_eventloop_lag_seconds`, …).
+ */
+export function addProcessMetrics(registry: Registry): void {
+  new Gauge({
+    name: 'nestbroker_build_info',
+    help: 'Always 1: the nestbroker version and the Node.js version running it',
+    labelNames: ['version', 'node'],
+    registers: [registry],
+  }).set({ version: nestbrokerVersion(), node: process.versions.node }, 1);
+  collectDefaultMetrics({ register: registry });
+}
 
 export interface MetricsListen {
   host: string;

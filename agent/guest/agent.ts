@@ -17,6 +17,7 @@ import { promises as fsp } from 'node:fs';
 import { openCgroupAdapter, removeCreated } from '../../cgroup-adapter';
 import type { CgroupAdapter } from '../../cgroup-adapter/types';
 import { isNestError } from '../common/errors';
+import { lookupGroup } from '../common/nss';
 import { Journal } from '../common/journal';
 import { StateLock } from '../common/state-lock';
 import type { Logger } from '../common/log';
@@ -364,13 +365,8 @@ export interface TopView {
   projects: TopRow[];
 }
 
-/** A group name or gid → gid (from /etc/group). */
-async function groupId(g: string | number): Promise<number | undefined> {
+/** The operator socket's group → gid, through NSS (agent/common/nss.ts). */
+async function groupId(g: string | number): Promise<number> {
   if (typeof g === 'number') return g;
-  const text = await fsp.readFile('/etc/group', 'utf8').catch(() => '');
-  for (const line of text.split('\n')) {
-    const f = line.split(':');
-    if (f[0] === g) return Number(f[2]);
-  }
-  return undefined;
+  return lookupGroup(g, 'socketGroup').gid;
 }

@@ -9,7 +9,7 @@ import { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { ChildProgress } from '../broker/broker';
 import type { Outcome } from '../broker/types';
 import type { NoticeBook } from '../client/notices';
-import { LATENCY_BUCKETS } from '../common/metrics';
+import { addProcessMetrics, LATENCY_BUCKETS } from '../common/metrics';
 import type { GuestConfig } from './config';
 import type { ProjectRegistry } from './projects';
 import type { UsageSampler } from './usage';
@@ -107,16 +107,23 @@ export function guestMetrics(src: GuestMetricsSources): Registry {
       for (const p of names()) this.set({ project: p }, num(src.registry.limits(p).cpuMax));
     },
   });
+  // One metric per unit (Prometheus naming: the unit is in the name, never in a label).
   new Gauge({
-    name: 'nestbroker_guest_allocation',
-    help: "The guest's allocation as the host last set it (memory in bytes, cpus)",
-    labelNames: ['resource'],
+    name: 'nestbroker_guest_allocation_memory_bytes',
+    help: "The guest's memory allocation as the host last set it",
     registers: [registry],
     collect() {
-      const a = src.allocation();
-      this.set({ resource: 'memory_bytes' }, a.memoryBytes);
-      this.set({ resource: 'cpus' }, a.cpus);
+      this.set(src.allocation().memoryBytes);
     },
   });
+  new Gauge({
+    name: 'nestbroker_guest_allocation_cpus',
+    help: "The guest's CPU allocation as the host last set it",
+    registers: [registry],
+    collect() {
+      this.set(src.allocation().cpus);
+    },
+  });
+  addProcessMetrics(registry);
   return registry;
 }

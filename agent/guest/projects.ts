@@ -18,7 +18,8 @@ import * as path from 'node:path';
 import type { CgroupAdapter, Limits } from '../../cgroup-adapter/types';
 import { spawnInto } from '../../cgroup-adapter/spawn';
 import { Journal } from '../common/journal';
-import { NestError } from '../common/errors';
+import { NestError, isNestError } from '../common/errors';
+import { lookupUser } from '../common/nss';
 import type { Logger } from '../common/log';
 import type { ProjectLimits } from '../broker/types';
 import type { GuestConfig, ProjectConfig } from './config';
@@ -325,20 +326,19 @@ export function toAdapterLimits(l: ProjectLimits, p: ProjectConfig): Limits {
   return out;
 }
 
-/** A config user (name or uid) → uid/gid from /etc/passwd. */
+/**
+ * A config user (name or uid) → uid/gid through NSS (agent/common/nss.ts, so directory
+ * users are found too). A uid with no entry runs as that uid and the same gid.
+ */
 export async function ownerOf(p: ProjectConfig): Promise<{ uid: number; gid: number } | undefined> {
   const user = p.command?.user;
   if (user === undefined) return undefined;
-  const passwd = await fsp.readFile('/etc/passwd', 'utf8').catch(() => '');
-  for (const line of passwd.split('\n')) {
-    const f = line.split(':');
-    if (f.length < 4) continue;
-    if (f[0] === String(user) || f[2] === String(user))
-      return { uid: Number(f[2]), gid: Number(f[3]) };
+  try {
+    const u = lookupUser(user, `projects[name=${p.name}].command.user`);
+    return { uid: u.uid, gid: u.gid };
+  } catch (err) {
+    if (typeof user === 'number' && isNestError(err, 'CONFIG_INVALID'))
+      return { uid: user, gid: user };
+    throw err;
   }
-  if (typeof user === 'number') return { uid: user, gid: user };
-  throw new NestError(
-    'CONFIG_INVALID',
-    `project ${p.name}: user ${JSON.stringify(user)} does not exist`,
-  );
 }

@@ -10,6 +10,7 @@ import yargs from 'yargs';
 import { openCgroupAdapter } from '../../cgroup-adapter/index';
 import type { CgroupAdapter } from '../../cgroup-adapter/types';
 import { isNestError } from '../common/errors';
+import { lookupGroup } from '../common/nss';
 import { createLogger, type Logger } from '../common/log';
 import { RpcServer } from '../common/rpc';
 import { StateLock } from '../common/state-lock';
@@ -39,15 +40,11 @@ export interface RunningHost {
   stop(): Promise<void>;
 }
 
+/** The operator socket's group → gid, through NSS (agent/common/nss.ts). */
 async function groupId(name: string | undefined): Promise<number | undefined> {
   if (name === undefined) return undefined;
   if (/^\d+$/.test(name)) return Number(name);
-  const text = await fs.readFile('/etc/group', 'utf8');
-  for (const line of text.split('\n')) {
-    const [n, , gid] = line.split(':');
-    if (n === name) return Number(gid);
-  }
-  throw new Error(`socketGroup "${name}" is not in /etc/group`);
+  return lookupGroup(name, 'socketGroup').gid;
 }
 
 /**

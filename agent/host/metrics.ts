@@ -1,20 +1,24 @@
 /**
- * The host broker's Prometheus metrics (docs/architecture.md, "Observability"): notices by
- * guest, kind and final state; the cascade latency (issued → final, which includes the
- * guest's work and the VM's actuation); project stops by how they ended, as the guests
- * reported them; and per guest whether it is connected and what the books grant it.
- * Counters move on the broker's `finished` event; gauges are read from the books at scrape
- * time.
+ * The host broker's Prometheus metrics (docs/architecture.md, "Observability"): notices by guest, kind
+ * and final state; the cascade latency (issued → final, which includes the guest's work
+ * and the VM's actuation); project stops by how they ended, as the guests reported them;
+ * VM actuation steps that failed; and per guest whether it is connected and what the books
+ * grant it. Counters move on the broker's `finished` event; gauges are read from the books
+ * at scrape time.
+ *
+ * A notice whose guest did its part but whose VM actuation had a failed step (the broker
+ * records it `done` with `actuation.errors`) is counted with state `actuation_failed`, not
+ * `done`: the VM may still hold what the books no longer grant.
  */
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
-import { LATENCY_BUCKETS } from '../common/metrics';
+import { addProcessMetrics, LATENCY_BUCKETS } from '../common/metrics';
 import type { HostBroker, HostNoticeRecord } from './host-broker';
 
 export function hostMetrics(broker: HostBroker, guests: readonly string[]): Registry {
   const registry = new Registry();
   const notices = new Counter({
     name: 'nestbroker_host_notices_total',
-    help: 'Notices that reached a final state, by guest, kind and state (done, late, refused, cancelled)',
+    help: 'Notices that reached a final state, by guest, kind and state (done, actuation_failed, late, refused, cancelled)',
     labelNames: ['guest', 'kind', 'state'],
     registers: [registry],
   });
@@ -31,9 +35,18 @@ export function hostMetrics(broker: HostBroker, guests: readonly string[]): Regi
     labelNames: ['guest', 'exit'],
     registers: [registry],
   });
+  const actuationFailures = new Counter({
+    name: 'nestbroker_host_actuation_failures_total',
+    help: 'VM actuation steps that failed (cgroup limits, QMP balloon), by guest, step and error code',
+    labelNames: ['guest', 'step', 'code'],
+    registers: [registry],
+  });
   broker.on('finished', (rec: HostNoticeRecord) => {
     const { guest, kind } = rec.notice;
-    notices.inc({ guest, kind, state: rec.state });
+    const failed = rec.actuation?.errors ?? [];
+    const state = rec.state === 'done' && failed.length > 0 ? 'actuation_failed' : rec.state;
+    notices.inc({ guest, kind, state });
+    for (const e of failed) actuationFailures.inc({ guest, step: e.step, code: e.code });
     const from = Date.parse(rec.notice.issuedAt);
     const to = Date.parse(rec.finishedAt ?? new Date().toISOString());
     if (Number.isFinite(from) && Number.isFinite(to))
@@ -50,17 +63,23 @@ export function hostMetrics(broker: HostBroker, guests: readonly string[]): Regi
       for (const g of guests) this.set({ guest: g }, broker.status(g).connected ? 1 : 0);
     },
   });
+  // One metric per unit (Prometheus naming: the unit is in the name, never in a label).
   new Gauge({
-    name: 'nestbroker_host_guest_granted',
-    help: 'What the books grant the guest now (memory in bytes, cpus)',
-    labelNames: ['guest', 'resource'],
+    name: 'nestbroker_host_guest_granted_memory_bytes',
+    help: 'The memory the books grant the guest now',
+    labelNames: ['guest'],
     registers: [registry],
     collect() {
-      for (const g of guests) {
-        const { granted } = broker.status(g).books;
-        this.set({ guest: g, resource: 'memory_bytes' }, granted.memoryBytes);
-        this.set({ guest: g, resource: 'cpus' }, granted.cpus);
-      }
+      for (const g of guests) this.set({ guest: g }, broker.status(g).books.granted.memoryBytes);
+    },
+  });
+  new Gauge({
+    name: 'nestbroker_host_guest_granted_cpus',
+    help: 'The CPUs the books grant the guest now',
+    labelNames: ['guest'],
+    registers: [registry],
+    collect() {
+      for (const g of guests) this.set({ guest: g }, broker.status(g).books.granted.cpus);
     },
   });
   new Gauge({
@@ -72,5 +91,6 @@ export function hostMetrics(broker: HostBroker, guests: readonly string[]): Regi
       for (const g of guests) this.set({ guest: g }, broker.status(g).pending.length);
     },
   });
+  addProcessMetrics(registry);
   return registry;
 }

@@ -1,11 +1,16 @@
 /**
- * Prometheus metrics (docs/architecture.md, "Observability") from the real daemons: a host
- * broker and a guest agent as processes, one reclaim that stops the low-priority project
- * and shrinks the other, then what each daemon's /metrics says, checked against what really
- * happened (the project's marker, the kernel's limit files, the host's books).
+ * Prometheus metrics (docs/architecture.md, "Observability") from the real
+ * daemons: a host broker and guest agents as processes, one reclaim that stops the
+ * low-priority project and shrinks the other, then what each daemon's /metrics says,
+ * checked against what really happened (the project's marker, the kernel's limit files,
+ * the host's books). A second guest's QMP socket does not exist, so its VM actuation has a
+ * failed balloon step, which must not be counted as done.
  */
+import { promises as fsp } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
+import path from 'node:path';
+import YAML from 'yaml';
 import { silentLogger } from '../../../agent/common/log';
 import { MetricsServer } from '../../../agent/common/metrics';
 import { Registry } from 'prom-client';
@@ -57,9 +62,25 @@ let hostPort: number;
 beforeAll(async () => {
   guestPort = await freePort();
   hostPort = await freePort();
-  s = await FaultStack.started('metrics', [{ ...VM1_WEB_BATCH, metricsPort: guestPort }], {
-    hostMetricsPort: hostPort,
-  });
+  s = await FaultStack.create(
+    'metrics',
+    [
+      { ...VM1_WEB_BATCH, metricsPort: guestPort },
+      { name: 'vm2', projects: [{ name: 'solo', priority: 10, mode: 'graceful' }] },
+    ],
+    { hostMetricsPort: hostPort },
+  );
+  try {
+    const host = YAML.parse(await fsp.readFile(s.stack.hostConfig, 'utf8')) as {
+      guests: { name: string; qmp?: string }[];
+    };
+    host.guests.find((g) => g.name === 'vm2')!.qmp = path.join(s.dir, 'no-such-qmp.sock');
+    await fsp.writeFile(s.stack.hostConfig, YAML.stringify(host));
+    await s.startAll();
+  } catch (err) {
+    await s.teardown();
+    throw err;
+  }
 });
 
 afterAll(async () => {
@@ -100,7 +121,9 @@ test('after a reclaim, both daemons count the notice and the graceful stop, and 
     3,
   );
   expect(sample(g, 'nestbroker_guest_project_memory_bytes', { project: 'web' })).toBeGreaterThan(0);
-  expect(sample(g, 'nestbroker_guest_allocation', { resource: 'memory_bytes' })).toBe(256 * MiB);
+  expect(sample(g, 'nestbroker_guest_allocation_memory_bytes', {})).toBe(256 * MiB);
+  expect(sample(g, 'nestbroker_guest_allocation_cpus', {})).toBe(1);
+  expect(g).not.toMatch(/^nestbroker_guest_allocation\{/m);
 
   const h = (await get(hostPort, '/metrics')).body;
   expect(
@@ -112,10 +135,56 @@ test('after a reclaim, both daemons count the notice and the graceful stop, and 
   );
   expect(sample(h, 'nestbroker_host_guest_connected', { guest: 'vm1' })).toBe(1);
   // The books: 1 GiB − 768 MiB.
-  expect(
-    sample(h, 'nestbroker_host_guest_granted', { guest: 'vm1', resource: 'memory_bytes' }),
-  ).toBe(s.vmMemory('vm1'));
+  expect(sample(h, 'nestbroker_host_guest_granted_memory_bytes', { guest: 'vm1' })).toBe(
+    s.vmMemory('vm1'),
+  );
+  expect(sample(h, 'nestbroker_host_guest_granted_cpus', { guest: 'vm1' })).toBe(1);
+  expect(sample(h, 'nestbroker_host_actuation_failures_total', { guest: 'vm1' })).toBe(undefined);
   expect(sample(h, 'nestbroker_host_guest_pending_notices', { guest: 'vm1' })).toBe(0);
+});
+
+test('a VM actuation with a failed step is counted as actuation_failed with its step, not done', async () => {
+  const n = await s.reclaim('vm2', '256MiB', 0.5, '30s');
+  // The guest did its part and the cgroup step ran; the balloon could not be reached.
+  expect(n.state).toBe('done');
+  expect(n.actuation!.errors).toEqual([
+    expect.objectContaining({ step: 'balloon', code: 'QMP_ERROR' }),
+  ]);
+  expect(s.vmMemory('vm2')).toBe(768 * MiB);
+  const h = (await get(hostPort, '/metrics')).body;
+  const labels = { guest: 'vm2', kind: 'reclaim' };
+  expect(sample(h, 'nestbroker_host_notices_total', { ...labels, state: 'done' })).toBe(undefined);
+  expect(sample(h, 'nestbroker_host_notices_total', { ...labels, state: 'actuation_failed' })).toBe(
+    1,
+  );
+  expect(
+    sample(h, 'nestbroker_host_actuation_failures_total', {
+      guest: 'vm2',
+      step: 'balloon',
+      code: 'QMP_ERROR',
+    }),
+  ).toBe(1);
+  // vm1's reclaim, whose actuation had no failed step, is still done.
+  expect(
+    sample(h, 'nestbroker_host_notices_total', { guest: 'vm1', kind: 'reclaim', state: 'done' }),
+  ).toBe(1);
+});
+
+test('each daemon says its version and Node version, and has Node process metrics', async () => {
+  const pkg = JSON.parse(
+    await fsp.readFile(path.join(__dirname, '../../../package.json'), 'utf8'),
+  ) as { version: string };
+  for (const port of [guestPort, hostPort]) {
+    const body = (await get(port, '/metrics')).body;
+    expect(
+      sample(body, 'nestbroker_build_info', { version: pkg.version, node: process.versions.node }),
+    ).toBe(1);
+    expect(
+      Number(/^process_resident_memory_bytes(?:\{[^}]*\})? (\d+)$/m.exec(body)?.[1]),
+    ).toBeGreaterThan(10 * MiB);
+    expect(body).toMatch(/^process_cpu_seconds_total(\{[^}]*\})? [\d.]+$/m);
+    expect(body).toMatch(/^nodejs_eventloop_lag_seconds(\{[^}]*\})? [\d.e-]+$/m);
+  }
 });
 
 test('only GET or HEAD /metrics is served', async () => {

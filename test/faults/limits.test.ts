@@ -115,6 +115,15 @@ test('guest agent: a flood is cut to the rate, told RATE_LIMITED once, and the c
 });
 
 test('guest agent: beyond limits.pendingNotices, notices are refused NOTICE_BACKLOG; nothing journaled', async () => {
+  // A chain the guest's allocation check accepts (1 GiB / 2 CPUs at the start): each
+  // accepted notice's allocation is the previous one's minus its change.
+  const chain: Record<number, { change: [number, number]; allocation: [number, number] }> = {
+    1: { change: [1, 768 * MiB], allocation: [1, 256 * MiB] },
+    2: { change: [0.25, 64 * MiB], allocation: [0.75, 192 * MiB] },
+    3: { change: [0.25, 32 * MiB], allocation: [0.5, 160 * MiB] },
+    4: { change: [0.25, 32 * MiB], allocation: [0.5, 160 * MiB] },
+    5: { change: [0.25, 32 * MiB], allocation: [0.5, 160 * MiB] },
+  };
   const notice = (seq: number) => ({
     type: 'notice',
     id: `m-${seq}`,
@@ -123,8 +132,8 @@ test('guest agent: beyond limits.pendingNotices, notices are refused NOTICE_BACK
       guest: 'vm1',
       seq,
       kind: 'reclaim',
-      change: { cpus: 1, memoryBytes: 768 * MiB },
-      allocation: { cpus: 1, memoryBytes: 256 * MiB },
+      change: { cpus: chain[seq].change[0], memoryBytes: chain[seq].change[1] },
+      allocation: { cpus: chain[seq].allocation[0], memoryBytes: chain[seq].allocation[1] },
       deadline: new Date(Date.now() + 20_000).toISOString(),
       reason: 'backlog test',
       issuedAt: new Date().toISOString(),

@@ -131,6 +131,9 @@ test('footprint: 3 s idle with 2 guests, then 20 notices: CPU and RSS read from 
     });
   expect(doc.idle.guest.rssBytes.max).toBeGreaterThan(10 * 2 ** 20); // a node process
   expect(doc.idle.host.samples).toHaveLength(3);
+  // A bare node idled beside them in the same window: the guest's RSS goal is relative to it.
+  expect(doc.idle.bareNode.rssBytes.max).toBeGreaterThan(10 * 2 ** 20);
+  expect(doc.idle.bareNodeAgentFlags.rssBytes.max).toBeGreaterThan(10 * 2 ** 20);
   expect(doc.notices.hostNotices).toBeGreaterThanOrEqual(20);
   expect(doc.notices.host.rssAfter).toBeGreaterThan(0);
   expect(doc.goals).toHaveLength(4);

@@ -14,7 +14,7 @@ import { lookupGroup } from '../common/nss';
 import { createLogger, type Logger } from '../common/log';
 import { RpcServer } from '../common/rpc';
 import { StateLock } from '../common/state-lock';
-import { MetricsServer } from '../common/metrics';
+import type { MetricsServer } from '../common/metrics';
 import { ReconnectingChannel, type Clock } from '../transport/reconnect';
 import { connectTls } from '../transport/tls';
 import { connectUnix } from '../transport/unix';
@@ -27,7 +27,6 @@ import {
   type HostConfig,
 } from './config';
 import { HostBroker } from './host-broker';
-import { hostMetrics } from './metrics';
 import { Watcher } from './watcher';
 
 export interface RunningHost {
@@ -136,16 +135,7 @@ async function startHostLocked(
   watcher.start();
   const server = registerHostApi(new RpcServer(log.child({ part: 'api' })), broker, watcher);
   await server.listen(cfg.socket, { mode: cfg.socketMode, group: await groupId(cfg.socketGroup) });
-  const metrics = cfg.metrics
-    ? await MetricsServer.listen(
-        hostMetrics(
-          broker,
-          cfg.guests.map((g) => g.name),
-        ),
-        cfg.metrics,
-        log.child({ part: 'metrics' }),
-      )
-    : null;
+  const metrics = cfg.metrics ? await serveMetrics(cfg.metrics, broker, cfg, log) : null;
   log.info({ socket: cfg.socket, guests: cfg.guests.map((g) => g.name) }, 'host broker ready');
   return {
     config: cfg,
@@ -161,6 +151,25 @@ async function startHostLocked(
       await lock.release();
     },
   };
+}
+
+/**
+ * prom-client and the metrics code are loaded only when metrics are on (docs/performance.md,
+ * "Footprint: what each step saved": ~12 MiB of an idle broker's RSS otherwise).
+ */
+async function serveMetrics(
+  at: NonNullable<HostConfig['metrics']>,
+  broker: HostBroker,
+  cfg: Readonly<HostConfig>,
+  log: Logger,
+): Promise<MetricsServer> {
+  const { MetricsServer } = await import('../common/metrics');
+  const { hostMetrics } = await import('./metrics');
+  const registry = hostMetrics(
+    broker,
+    cfg.guests.map((g) => g.name),
+  );
+  return MetricsServer.listen(registry, at, log.child({ part: 'metrics' }));
 }
 
 /** Entry of `nestbroker host` (agent/cli/nestbroker.ts). Resolves with the exit code. */

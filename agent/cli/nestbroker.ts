@@ -7,14 +7,13 @@
  *   nestbroker wait-ready guest|host --config FILE [--pid PID] [--timeout 90s]
  *                                    until that daemon is ready (the units' ExecStartPost=)
  */
-import yargs from 'yargs';
-import { hideBin } from 'yargs/helpers';
 import { runGuest } from '../guest/main';
 import { GUEST_DEFAULTS, loadGuestConfig } from '../guest/config';
 import { isNestError } from '../common/errors';
 import { parseDuration } from '../common/units';
 import { waitReady } from './wait-ready';
 import { LOG_FORMATS } from '../common/log';
+import { quickDaemonArgs } from '../common/daemon-args';
 
 /** The operator socket named by a daemon's config (the same file its unit starts it with). */
 async function socketOf(daemon: 'guest' | 'host', config: string | undefined): Promise<string> {
@@ -65,6 +64,14 @@ async function runHostEntry(argv: string[]): Promise<number> {
 }
 
 export async function main(argv: string[]): Promise<number> {
+  // How units and scripts start a daemon, read without loading yargs (agent/common/daemon-args.ts).
+  const quick = quickDaemonArgs(argv, LOG_FORMATS);
+  if (quick) {
+    if (quick.logFormat) process.env.NESTBROKER_LOG_FORMAT = quick.logFormat;
+    if (quick.daemon === 'guest') return runGuest({ config: quick.config });
+    return runHostEntry(argv);
+  }
+  const { default: yargs } = await import('yargs');
   let code = 0;
   await yargs(argv)
     .scriptName('nestbroker')
@@ -123,7 +130,7 @@ export async function main(argv: string[]): Promise<number> {
 }
 
 if (require.main === module) {
-  main(hideBin(process.argv)).then(
+  main(process.argv.slice(2)).then(
     (code) => process.exit(code),
     (err: unknown) => {
       process.stderr.write(`nestbroker: ${err instanceof Error ? err.stack : String(err)}\n`);

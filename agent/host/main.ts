@@ -6,12 +6,12 @@
  * resumed by the next start.
  */
 import { promises as fs } from 'node:fs';
-import yargs from 'yargs';
 import { openCgroupAdapter } from '../../cgroup-adapter/index';
 import type { CgroupAdapter } from '../../cgroup-adapter/types';
 import { isNestError } from '../common/errors';
 import { lookupGroup } from '../common/nss';
-import { createLogger, type Logger } from '../common/log';
+import { createLogger, LOG_FORMATS, type Logger } from '../common/log';
+import { quickDaemonArgs } from '../common/daemon-args';
 import { RpcServer } from '../common/rpc';
 import { StateLock } from '../common/state-lock';
 import type { MetricsServer } from '../common/metrics';
@@ -175,23 +175,12 @@ async function serveMetrics(
 /** Entry of `nestbroker host` (agent/cli/nestbroker.ts). Resolves with the exit code. */
 export async function runHost(argv: string[]): Promise<number> {
   // nestbroker.ts passes its whole argv: drop the subcommand's own name.
-  const a = await yargs(argv[0] === 'host' ? argv.slice(1) : argv)
-    .scriptName('nestbroker host')
-    .usage('$0 [--config FILE]\n\nRuns the host broker (the VM-level broker) in the foreground.')
-    .option('config', {
-      alias: 'c',
-      type: 'string',
-      default: DEFAULT_HOST_CONFIG_PATH,
-      describe: 'host config (YAML); see docs/host-broker.md',
-    })
-    .option('check', {
-      type: 'boolean',
-      default: false,
-      describe: 'validate the config, print every problem, and exit',
-    })
-    .strict()
-    .help()
-    .parseAsync();
+  const own = argv[0] === 'host' ? argv.slice(1) : argv;
+  const quick = quickDaemonArgs(['host', ...own], LOG_FORMATS);
+  const a =
+    quick && !quick.logFormat
+      ? { config: quick.config ?? DEFAULT_HOST_CONFIG_PATH, check: quick.check }
+      : await parseHostArgs(own);
   const log = createLogger('nestbroker-host');
   let cfg: Readonly<HostConfig>;
   try {
@@ -223,6 +212,28 @@ export async function runHost(argv: string[]): Promise<number> {
     process.once('SIGTERM', () => stop('SIGTERM'));
     process.once('SIGINT', () => stop('SIGINT'));
   });
+}
+
+/** Anything but the plain `--config FILE` / `--check`: yargs, loaded now (help, errors). */
+async function parseHostArgs(argv: string[]): Promise<{ config: string; check: boolean }> {
+  const { default: yargs } = await import('yargs');
+  return yargs(argv)
+    .scriptName('nestbroker host')
+    .usage('$0 [--config FILE]\n\nRuns the host broker (the VM-level broker) in the foreground.')
+    .option('config', {
+      alias: 'c',
+      type: 'string',
+      default: DEFAULT_HOST_CONFIG_PATH,
+      describe: 'host config (YAML); see docs/host-broker.md',
+    })
+    .option('check', {
+      type: 'boolean',
+      default: false,
+      describe: 'validate the config, print every problem, and exit',
+    })
+    .strict()
+    .help()
+    .parseAsync();
 }
 
 /** `(CODE) message` for a start-up failure: the code is what scripts branch on. */

@@ -86,6 +86,7 @@ const OPTIONS = {
     'which floors run beside the cascade: adapter,kernel (default), one of them, or none (50x50 with both needs 3 × 5 000 processes)',
   'held-fds':
     'the kernel floor writes and reads on descriptors opened once (pwrite/pread) instead of open/write/close each run',
+  'node-args': "extra node flags of the agents, e.g. '--lite-mode' (A/B runs)",
   'fsync-samples':
     "write + fsync samples of the disk per run, in g00's journal directory (default 5)",
 };
@@ -363,6 +364,7 @@ async function runSize(
     heldFds: boolean;
     fsyncSamples: number;
     kernelFloorBin: string | null;
+    nodeArgs: string[];
   },
 ): Promise<SizeResult> {
   const projects = size.guests * size.projects;
@@ -390,8 +392,10 @@ async function runSize(
     await fs.rm(profDir, { recursive: true, force: true });
     await fs.mkdir(profDir, { recursive: true });
   }
-  const prof = (who: string): string[] =>
-    opts.profile ? ['--cpu-prof', `--cpu-prof-dir=${path.join(profDir, who)}`] : [];
+  const prof = (who: string): string[] => [
+    ...opts.nodeArgs,
+    ...(opts.profile ? ['--cpu-prof', `--cpu-prof-dir=${path.join(profDir, who)}`] : []),
+  ];
   const stack = new BenchStack({
     root,
     dir,
@@ -735,6 +739,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
           heldFds: a['held-fds'] === 'true',
           fsyncSamples,
           kernelFloorBin: kf ? kf.bin : null,
+          nodeArgs: (a['node-args'] ?? '').split(' ').filter((x) => x !== ''),
         }),
       );
       // After every size: an interrupted bench still leaves what it measured.

@@ -54,6 +54,8 @@ const OPTIONS = {
   'notice-seconds': 'time budget for the notices, s (default 300)',
   agents:
     "another build's dist/ whose daemons to measure (default this one's), to compare builds in one harness",
+  'node-args':
+    "extra node flags of the daemons (and of the flagged bare node), e.g. '--lite-mode', for A/B runs",
   root: 'cgroup root (default nestbroker-bench-<pid>)',
   out: 'JSON file (default bench/results/footprint.json)',
 };
@@ -121,9 +123,12 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     `footprint: host broker with ${nGuests} guests, g00 with ${nProjects} projects; idle ${seconds} s, then up to ${target} notices in ${budgetS} s; root ${root}`,
   );
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'nestbroker-bench-footprint-'));
+  const extra = (a['node-args'] ?? '').split(' ').filter((x) => x !== '');
+  const daemonFlags = [...AGENT_NODE_FLAGS, ...extra];
   const stack = new BenchStack({
     root,
     dir,
+    nodeArgs: { host: extra, guest: extra },
     nestbroker: a.agents ? path.resolve(a.agents, 'agent', 'cli', 'nestbroker.js') : undefined,
     guests: Array.from({ length: nGuests }, (_, g) => ({
       name: `g${String(g).padStart(2, '0')}`,
@@ -150,7 +155,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
         otherGuestsCpuPercent: number;
       }
     | undefined;
-  const bare = [bareNode([]), bareNode(AGENT_NODE_FLAGS)];
+  const bare = [bareNode([]), bareNode(daemonFlags)];
   const checkpoints: Checkpoint[] = [];
   let notices: Record<string, unknown> | undefined;
   try {
@@ -185,7 +190,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
       guest: usageOver(gs),
       bareNode: usageOver(bs[0]),
       bareNodeAgentFlags: usageOver(bs[1]),
-      agentFlags: AGENT_NODE_FLAGS,
+      agentFlags: daemonFlags,
       otherGuestsCpuPercent: r3(
         o0.reduce((s, x, i) => s + cpuPercent(x, o1[i]), 0) / Math.max(1, others.length),
       ),
@@ -367,7 +372,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
         '',
       ],
       [
-        `bare node (${AGENT_NODE_FLAGS.join(' ')})`,
+        `bare node (${daemonFlags.join(' ')})`,
         i.bareNodeAgentFlags.cpuPercent,
         mib(i.bareNodeAgentFlags.rssBytes.mean),
         mib(i.bareNodeAgentFlags.rssBytes.max),

@@ -1,10 +1,9 @@
 /**
  * The host broker's connections to its guests (docs/architecture.md, "A notice, end to
- * end"): one channel per configured guest, the
- * hello/welcome check, acks awaited per message, progress and outcomes (whole or in
- * parts) recorded on the notice they answer. The notice lifecycle
- * (agent/host/notice-lifecycle.ts) and the operator verbs (agent/host/host-broker.ts) are
- * built on it.
+ * end"): one channel per configured guest, the hello/welcome check, acks awaited per
+ * message, progress and outcomes (whole or in parts) recorded on the notice they answer.
+ * The notice lifecycle (agent/host/notice-lifecycle.ts) and the operator verbs
+ * (agent/host/host-broker.ts) are built on it.
  */
 import { EventEmitter } from 'node:events';
 import type { Notice, Outcome } from '../broker/types';

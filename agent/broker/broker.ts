@@ -189,12 +189,7 @@ export async function runBroker<CN, CO>(
       if (rec) records.set(s.child, rec);
     }
 
-    // 1. Every child hears of the notice before anything is taken from any of them. A step
-    // that will act has its startedAt journaled in the same write as its delivery: one
-    // fsync'd write fewer before the first act (docs/performance.md, "Closing the gap: what
-    // was tried"). Durable before acting either way; a crash between this write and the act
-    // leaves the state a crash just after the startedAt write always left.
-    const startedEarly = new Set<string>();
+    // 1. Every child hears of the notice before anything is taken from any of them.
     await Promise.all(
       steps.map(async (s) => {
         const rec = records.get(s.child);
@@ -207,11 +202,7 @@ export async function runBroker<CN, CO>(
             deliverTimeoutMs,
             `delivering the notice to ${s.child}`,
           );
-          const at = new Date().toISOString();
-          if (s.act !== false && !rec?.startedAt) {
-            await save(s.child, { deliveredAt: at, startedAt: at });
-            startedEarly.add(s.child);
-          } else await save(s.child, { deliveredAt: at });
+          await save(s.child, { deliveredAt: new Date().toISOString() });
           opts.onProgress?.({
             child: s.child,
             phase: 'notified',
@@ -249,10 +240,8 @@ export async function runBroker<CN, CO>(
             });
             return;
           }
-          const early = startedEarly.has(s.child);
-          const resumed = rec?.startedAt !== undefined && !early;
-          if (!early)
-            await save(s.child, { startedAt: rec?.startedAt ?? new Date().toISOString() });
+          const resumed = rec?.startedAt !== undefined;
+          await save(s.child, { startedAt: rec?.startedAt ?? new Date().toISOString() });
           const t0 = now();
           let outcome: CO;
           try {

@@ -172,41 +172,6 @@ test('after a restart: a done step is not repeated, a started one is resumed, a 
   expect(stored.get('c')?.outcome).toBe('c did stop');
 });
 
-test('a step that acts has its start journaled with its delivery, one write each, durable before it acts', async () => {
-  const { events, child } = recorder();
-  const stored = new Map<string, StepJournalRecord<string>>();
-  const writes: string[] = [];
-  const journal = {
-    get: async (c: string) => stored.get(c),
-    put: async (c: string, r: StepJournalRecord<string>) => {
-      writes.push(`${c}: ${Object.keys(r).join(',')}`);
-      stored.set(c, { ...r });
-      events.push(`journaled ${c}`);
-    },
-  };
-  const children = new Map([
-    ['a', child('a')],
-    ['t', child('t')],
-  ]);
-  await runBroker(
-    [
-      { child: 'a', order: 1, notice: 'stop' },
-      { child: 't', order: 2, notice: 'tell', act: false },
-    ],
-    children,
-    { ...base, deadline: soon(5000), journal },
-  );
-  // a: delivered and started in one write, then its outcome; t is only told.
-  expect(writes).toEqual([
-    'a: deliveredAt,startedAt',
-    't: deliveredAt',
-    'a: deliveredAt,startedAt,outcome',
-  ]);
-  expect(events.indexOf('journaled a')).toBeLessThan(events.indexOf('start a'));
-  // Started in this run: not "resumed".
-  expect(events).toContain('start a');
-});
-
 test('the outcome of a level of projects: totals freed and status', () => {
   const lim = (m: number, c: number) => ({ memoryHigh: m, memoryMax: m, cpuMax: c });
   const notice = { id: 'n', guest: 'vm1', kind: 'reclaim' } as Notice;

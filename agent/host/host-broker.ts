@@ -23,7 +23,13 @@ import type { Notice, Outcome, Resources } from '../broker/types';
 import { Journal } from '../common/journal';
 import { NestError, isNestError } from '../common/errors';
 import type { Logger } from '../common/log';
-import { newMessageId, PROTOCOL_VERSION, type Hello, type Message } from '../protocol/messages';
+import {
+  CAPABILITIES,
+  newMessageId,
+  PROTOCOL_VERSION,
+  type Hello,
+  type Message,
+} from '../protocol/messages';
 import { parseMessage } from '../protocol/schemas';
 import { OutcomeAssembler } from '../protocol/outcome-parts';
 import {
@@ -825,9 +831,15 @@ export class HostBroker extends EventEmitter {
       version: PROTOCOL_VERSION,
       guest: g.name,
       heartbeatMs: this.deps.config.heartbeat.intervalMs,
+      // We assemble outcome parts (docs/protocol.md, "Versions and capabilities").
+      capabilities: [...CAPABILITIES],
     });
     log.info(
-      { lastSeq: hello.lastSeq, projects: hello.inventory.projects.length },
+      {
+        lastSeq: hello.lastSeq,
+        projects: hello.inventory.projects.length,
+        capabilities: hello.capabilities ?? [],
+      },
       'guest said hello',
     );
     this.emit('hello', g.name);

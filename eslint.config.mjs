@@ -16,7 +16,7 @@ export default tseslint.config(
   },
   {
     // Command-line programs, tests and benchmarks print for people.
-    files: ['agent/cli/**', 'bench/**', 'test/**', 'demo/**'],
+    files: ['agent/cli/**', 'bench/**', 'test/**', 'demo/**', 'tools/**'],
     rules: { 'no-console': 'off' },
   },
 );

@@ -7,6 +7,7 @@
  */
 import type { z } from 'zod';
 import type * as S from '../protocol/schemas';
+import type * as PS from '../protocol/project-schemas';
 
 /** CPUs (may be fractional, 0.5) and bytes of memory. */
 export type Resources = z.infer<typeof S.ResourcesSchema>;
@@ -29,16 +30,11 @@ export type ExitKind = NonNullable<ProjectOutcome['exit']>;
 /** memory.high, memory.max, CPUs as a quota (cpu.max quota / period), 'max' for none. */
 export type ProjectLimits = z.infer<typeof S.ProjectLimitsSchema>;
 
-/** What a child gets before anything is taken from it (claim 1: "the second notice comprises the first"). */
-export interface ProjectNotice {
-  notice: Notice;
-  project: string;
-  action: ProjectAction;
-  limits: ProjectLimits;
-  gracePeriodMs: number;
-  deadline: string;
-  reason: string;
-}
+/**
+ * What a project gets before anything is taken from it (claim 1: "the second notice
+ * comprises the first"): docs/project-protocol.md.
+ */
+export type ProjectNotice = PS.ProjectNotice;
 
 export type ProjectOutcome = z.infer<typeof S.ProjectOutcomeSchema>;
 

@@ -23,6 +23,13 @@ export const MAX_REASON = 1024;
 export const MAX_ERROR_MESSAGE = 4096;
 /** Problems listed in one error reply (the rest are counted in its message). */
 export const MAX_PROBLEMS = 20;
+/**
+ * The latest a notice's deadline may be after it arrives (docs/protocol.md, "Deadlines").
+ * Node's timers fire AT ONCE for a delay over 2³¹−1 ms (24.8 days): a deadline weeks
+ * ahead made every step of a notice time out in its first millisecond. A day is far more
+ * than any reclaim needs, and well inside what a timer can wait.
+ */
+export const MAX_DEADLINE_AHEAD_MS = 24 * 60 * 60 * 1000;
 /** A capability name (docs/protocol.md, "Versions and capabilities"). */
 export const CAPABILITY_PATTERN = /^[a-z][a-z0-9-]{0,63}$/;
 export const MAX_CAPABILITIES = 32;

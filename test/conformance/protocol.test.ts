@@ -11,6 +11,7 @@
  * imports nothing from agent/): that a host following only the document gets through a
  * whole session with the real agent is what this shows.
  */
+import { spawnSync } from 'node:child_process';
 import { existsSync, promises as fsp, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { GuestUnderTest, REPO, gone, waitFor } from '../integration/guest/harness';
@@ -172,5 +173,36 @@ describe('a live guest agent', () => {
     expect(gone(firstPid, g.t.rootName)).toBe(true);
     expect(gone(Number(starts[1].split(' ')[2]), g.t.rootName)).toBe(false);
     expect(env.markerLines('web').filter((l) => l.startsWith('start '))).toHaveLength(1);
+  });
+
+  test('a host written from "Writing a host" alone (examples/minimal-host.mjs) reclaims and restores', async () => {
+    // After the session: lastSeq 2, the whole 4 GiB back. The example picks seq 3, computes
+    // the allocations from the hello, lists no capabilities, answers pings.
+    const r = spawnSync(
+      process.execPath,
+      [
+        path.join(REPO, 'examples/minimal-host.mjs'),
+        upstream(g.env.dir),
+        'vm1',
+        String(3 * 1024 ** 3),
+      ],
+      { encoding: 'utf8', timeout: 120_000 },
+    );
+    expect({ status: r.status, stderr: r.stderr }).toEqual({ status: 0, stderr: '' });
+    expect(JSON.parse(r.stdout)).toEqual({
+      reclaim: {
+        ack: 'accepted',
+        status: 'complete',
+        freed: { memoryBytes: 1024 ** 3, cpus: 1 },
+        actions: { batch: 'stopped', web: 'unchanged' },
+      },
+      restore: {
+        ack: 'accepted',
+        status: 'complete',
+        freed: { memoryBytes: 1024 ** 3, cpus: 1 },
+        actions: { batch: 'started', web: 'unchanged' },
+      },
+    });
+    expect(g.env.markerLines('batch').filter((l) => l.startsWith('start '))).toHaveLength(3);
   });
 });

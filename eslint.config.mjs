@@ -19,4 +19,18 @@ export default tseslint.config(
     files: ['agent/cli/**', 'bench/**', 'test/**', 'demo/**', 'tools/**'],
     rules: { 'no-console': 'off' },
   },
+  {
+    // Examples are plain Node programs for people to read and run (examples/minimal-host.mjs).
+    files: ['examples/**/*.mjs'],
+    languageOptions: {
+      globals: {
+        console: 'readonly',
+        process: 'readonly',
+        Buffer: 'readonly',
+        setTimeout: 'readonly',
+        clearTimeout: 'readonly',
+      },
+    },
+    rules: { 'no-console': 'off' },
+  },
 );

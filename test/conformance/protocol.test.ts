@@ -14,6 +14,7 @@
 import { spawnSync } from 'node:child_process';
 import { existsSync, promises as fsp, readFileSync } from 'node:fs';
 import path from 'node:path';
+import Ajv from 'ajv';
 import { GuestUnderTest, REPO, gone, waitFor } from '../integration/guest/harness';
 import { parseMessage } from '../../agent/protocol/schemas';
 import {
@@ -79,6 +80,40 @@ test('every host↔guest line of the example is a valid message by the agents’
         type: 'notice',
         id: 'h-8',
       });
+  }
+});
+
+test('the published JSON Schemas take every documented line and refuse the invalid one', () => {
+  // What a third party would do: validate with a JSON Schema validator, not our zod.
+  const ajv = new Ajv({ strict: false, allErrors: true });
+  // Each file's $id is its name: compiled once, then looked up.
+  const validator = (name: string) =>
+    ajv.getSchema(name) ??
+    ajv.compile(JSON.parse(readFileSync(path.join(REPO, 'docs/schemas', name), 'utf8')));
+  const message = validator('message.json');
+  const refused: string[] = [];
+  for (const l of hostSession) {
+    if (l.text === '<FF>') continue;
+    const m = JSON.parse(l.text);
+    if (!message(m)) refused.push(m.id);
+    // The schema of its own type agrees.
+    expect(validator(`${m.type}.json`)(m)).toBe(message(m));
+  }
+  expect(refused).toEqual(['h-8']);
+  // Closed objects: the documented hello with one field more is refused.
+  const hello = JSON.parse(hostSession.find((l) => l.text.startsWith('{"type":"hello"'))!.text);
+  expect(message(hello)).toBe(true);
+  expect(message({ ...hello, extra: 1 })).toBe(false);
+  const outbound = validator('project-outbound.json');
+  const inbound = validator('project-inbound.json');
+  const notice = validator('project-notice.json');
+  for (const l of projectSession) {
+    const m = JSON.parse(l.text);
+    expect({ at: l.at, ok: (l.from === 'P' ? inbound : outbound)(m) }).toEqual({
+      at: l.at,
+      ok: true,
+    });
+    if (m.type === 'notice') expect(notice(m.notice)).toBe(true);
   }
 });
 

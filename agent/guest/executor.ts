@@ -49,7 +49,7 @@ import {
 import type { GuestConfig } from './config';
 import type { ProjectRegistry } from './projects';
 import type { ProjectNoticeBoard } from './project-notices';
-import { stopProject, type StopCgroup } from './stopper';
+import { stopProject, type SendSignal, type StopCgroup } from './stopper';
 import { faultPoint } from '../common/fault';
 import type { UsageSampler } from './usage';
 
@@ -96,6 +96,8 @@ export class GuestBroker implements LocalBroker {
     private readonly usage: ExecutorUsage,
     private readonly allocationBook: AllocationBook,
     private readonly log: Logger,
+    /** kill(2) for the stop signals; a test records them instead. */
+    private readonly sendSignal?: SendSignal,
   ) {
     this.name = cfg.guest;
   }
@@ -353,6 +355,7 @@ export class GuestBroker implements LocalBroker {
           },
           onSignalled: () => turns?.release(name),
           readPids: () => this.usage.pidsNow(group),
+          sendSignal: this.sendSignal,
           log: ctx.log,
         },
       );

@@ -316,6 +316,10 @@ interface SizeResult {
    */
   hostShareMs?: Summary;
   hostSharePerGuestMs?: Summary;
+  /** per run: first notice sent → last notice sent (the host's sends one after another) */
+  sendSpreadMs?: Summary;
+  /** per notice: sentAt → outcomeAt minus that guest's own time (channel, queueing, journals) */
+  perNoticeOverheadMs?: Summary;
   /** the adapter floor (the same work through cgroup-adapter, one awaited call at a time) */
   floorSignalledMs?: Summary;
   floorMs?: Summary;
@@ -411,6 +415,8 @@ async function runSize(
   const latency: number[] = [];
   const guestMs: number[] = [];
   const hostShare: number[] = [];
+  const sendSpread: number[] = [];
+  const perNotice: number[] = [];
   const floorSig: number[] = [];
   const floorAll: number[] = [];
   const kSig: number[] = [];
@@ -490,6 +496,12 @@ async function runSize(
         const lastOutcome = Math.max(...views.map((v) => Date.parse(v.outcomeAt ?? '')));
         if (Number.isFinite(firstSent) && Number.isFinite(lastOutcome))
           hostShare.push(lastOutcome - firstSent - slowest);
+        const sent = views.map((v) => Date.parse(v.sentAt ?? ''));
+        if (sent.every(Number.isFinite)) sendSpread.push(Math.max(...sent) - Math.min(...sent));
+        for (const v of views) {
+          const t = Date.parse(v.outcomeAt ?? '') - Date.parse(v.sentAt ?? '');
+          if (Number.isFinite(t)) perNotice.push(t - (v.outcome?.ms ?? 0));
+        }
       }
       // The floors, right after, on the same machine state: the adapter's, the kernel's,
       // and the disk's.
@@ -549,6 +561,8 @@ async function runSize(
     res.hostShareMs = summarise(hostShare);
     res.hostSharePerGuestMs = summarise(hostShare.map((x) => x / size.guests));
   }
+  if (sendSpread.length) res.sendSpreadMs = summarise(sendSpread);
+  if (perNotice.length) res.perNoticeOverheadMs = summarise(perNotice);
   const perProject = (ms: number): number => Math.round((ms / projects) * 1000);
   res.perProjectUs = { cascadeP50: perProject(res.latencyMs.p50) };
   if (floorAll.length) {

@@ -1,20 +1,31 @@
 /**
  * The guest agent's local config (`/etc/nestbroker/guest.yaml`, docs/config-guest.md).
  *
- * Validated once at start, with EVERY problem reported together (fastify's
- * initial-config-validation): a zod schema of `.strict()` objects finds shapes, unknown
- * keys and single values; then cross-field checks run on the raw input, so that a bad
- * name and a min above its max in the same project are both reported. The result is fully
- * normalised (bytes and CPUs as numbers, durations in ms) and deeply frozen.
+ * Validated once at start by the config layer the host broker shares
+ * (agent/common/config-check.ts), with EVERY problem reported together: the schema below
+ * finds shapes, unknown keys and single values; the cross-field checks here run on the raw
+ * input, so that a bad name and a min above its max in the same project are both
+ * reported. The result is fully normalised (bytes and CPUs as numbers, durations in ms)
+ * and deeply frozen.
  *
  * Reference: docs/config-guest.md (one row per key), example: examples/guest.yaml.
  */
-import { promises as fs } from 'fs';
 import { constants as osConstants } from 'os';
 import * as path from 'path';
 import { z } from 'zod';
-import { parseDocument } from 'yaml';
-import { NestError, type Problem } from '../common/errors';
+import type { Problem } from '../common/errors';
+import {
+  checkConfig,
+  deepFreeze,
+  dflt,
+  field,
+  fieldPath,
+  opt,
+  readConfigFile,
+  rec,
+  schemaKeys,
+  val,
+} from '../common/config-check';
 import {
   describe,
   parseCpus,
@@ -132,8 +143,6 @@ export const GUEST_DEFAULTS = Object.freeze({
   }),
 });
 
-/** Config files larger than this are refused before parsing (a config is a few KiB). */
-const MAX_CONFIG_BYTES = 1024 * 1024;
 /** sun_path is 108 bytes on Linux, one of them the terminating NUL. */
 const MAX_SOCKET_PATH_BYTES = 107;
 /** The kernel's smallest cpu.max quota is 1000µs per 100000µs period. */
@@ -377,31 +386,6 @@ function checkHost(v: unknown): ParseResult<string> {
 // The schema: shapes and single values
 // ---------------------------------------------------------------------------------------
 
-function field<T>(check: (v: unknown) => ParseResult<T>) {
-  return z.unknown().transform((v, ctx): T => {
-    if (v === undefined) {
-      ctx.addIssue({ code: z.ZodIssueCode.custom, message: 'is required' });
-      return z.NEVER;
-    }
-    const r = check(v);
-    if (!r.ok) {
-      ctx.addIssue({ code: z.ZodIssueCode.custom, message: r.message });
-      return z.NEVER;
-    }
-    return r.value;
-  });
-}
-
-/** An optional field: absent stays absent. */
-function opt<T>(check: (v: unknown) => ParseResult<T>) {
-  return field(check).optional();
-}
-
-/** A field with a default (already normalised: it goes through the same check). */
-function dflt<T>(check: (v: unknown) => ParseResult<T>, value: T) {
-  return field(check).default(value as unknown);
-}
-
 const argv = z.array(field(checkArg)).min(1, 'must have at least the program').max(1024);
 
 const commandSchema = z
@@ -547,165 +531,12 @@ const guestSchema = z
   .strict();
 
 // ---------------------------------------------------------------------------------------
-// From zod issues to problems
-// ---------------------------------------------------------------------------------------
-
-export function fieldPath(p: readonly (string | number)[]): string {
-  let s = '';
-  for (const k of p) s += typeof k === 'number' ? `[${k}]` : s === '' ? k : `.${k}`;
-  return s === '' ? '(top level)' : s;
-}
-
-function at(raw: unknown, p: readonly (string | number)[]): unknown {
-  let v: unknown = raw;
-  for (const k of p) {
-    if (v === null || typeof v !== 'object') return undefined;
-    v = (v as Record<string | number, unknown>)[k];
-  }
-  return v;
-}
-
-function typeName(v: unknown): string {
-  if (v === null) return 'null';
-  if (Array.isArray(v)) return 'a list';
-  if (typeof v === 'object') return 'a mapping';
-  return `${typeof v} ${describe(v)}`;
-}
-
-function problemsFromIssues(issues: z.ZodIssue[], raw: unknown): Problem[] {
-  const out: Problem[] = [];
-  for (const issue of issues) {
-    const value = at(raw, issue.path);
-    switch (issue.code) {
-      case z.ZodIssueCode.unrecognized_keys:
-        for (const key of issue.keys) {
-          const known = knownKeysAt(raw, issue.path);
-          const hint = suggest(key, known);
-          out.push({
-            field: fieldPath([...issue.path, key]),
-            value: at(raw, [...issue.path, key]),
-            message: `is not a known key${hint ? ` (did you mean "${hint}"?)` : ''}; known here: ${known.join(', ')}`,
-          });
-        }
-        break;
-      case z.ZodIssueCode.invalid_type:
-        out.push({
-          field: fieldPath(issue.path),
-          value,
-          message:
-            value === undefined
-              ? 'is required'
-              : `must be ${issue.expected === 'object' ? 'a mapping' : issue.expected === 'array' ? 'a list' : issue.expected}, got ${typeName(value)}`,
-        });
-        break;
-      case z.ZodIssueCode.invalid_union_discriminator:
-        out.push({
-          field: fieldPath(issue.path),
-          value,
-          message: `must be one of ${issue.options.map((o) => JSON.stringify(o)).join(', ')}, got ${describe(value)}`,
-        });
-        break;
-      case z.ZodIssueCode.invalid_enum_value:
-        out.push({
-          field: fieldPath(issue.path),
-          value,
-          message: `must be one of ${issue.options.map((o) => JSON.stringify(o)).join(', ')}, got ${describe(value)}`,
-        });
-        break;
-      case z.ZodIssueCode.too_small:
-      case z.ZodIssueCode.too_big:
-        out.push({
-          field: fieldPath(issue.path),
-          value,
-          message:
-            issue.type === 'array'
-              ? `must have ${issue.code === 'too_small' ? 'at least' : 'at most'} ${issue.code === 'too_small' ? issue.minimum : issue.maximum} entries, got ${Array.isArray(value) ? value.length : describe(value)}`
-              : issue.message,
-        });
-        break;
-      default:
-        out.push({ field: fieldPath(issue.path), value, message: issue.message });
-    }
-  }
-  return out;
-}
-
-/** The keys the schema knows at a path (for "did you mean"). */
-function knownKeysAt(raw: unknown, p: readonly (string | number)[]): string[] {
-  let schema: z.ZodTypeAny = guestSchema;
-  for (const k of p) {
-    schema = unwrap(schema);
-    if (schema instanceof z.ZodArray) schema = schema.element;
-    else if (schema instanceof z.ZodObject) schema = schema.shape[k as string] ?? schema;
-    else if (schema instanceof z.ZodDiscriminatedUnion) {
-      const t = at(raw, [...p.slice(0, p.indexOf(k)), 'transport']);
-      schema = schema.optionsMap.get(t as string)?.shape[k as string] ?? schema;
-    }
-  }
-  schema = unwrap(schema);
-  if (schema instanceof z.ZodDiscriminatedUnion) {
-    const t = at(raw, [...p, 'transport']);
-    const o = schema.optionsMap.get(t as string);
-    return o ? Object.keys(o.shape) : [];
-  }
-  return schema instanceof z.ZodObject ? Object.keys(schema.shape) : [];
-}
-
-function unwrap(s: z.ZodTypeAny): z.ZodTypeAny {
-  for (;;) {
-    if (s instanceof z.ZodOptional || s instanceof z.ZodNullable) s = s.unwrap();
-    else if (s instanceof z.ZodDefault) s = s.removeDefault();
-    else if (s instanceof z.ZodEffects) s = s.innerType();
-    else return s;
-  }
-}
-
-function suggest(key: string, known: string[]): string | undefined {
-  let best: string | undefined;
-  let bestD = 3;
-  for (const k of known) {
-    const d = editDistance(key.toLowerCase(), k.toLowerCase());
-    if (d < bestD) {
-      bestD = d;
-      best = k;
-    }
-  }
-  return best;
-}
-
-function editDistance(a: string, b: string): number {
-  const row = Array.from({ length: b.length + 1 }, (_, i) => i);
-  for (let i = 1; i <= a.length; i++) {
-    let prev = row[0];
-    row[0] = i;
-    for (let j = 1; j <= b.length; j++) {
-      const cur = row[j];
-      row[j] = Math.min(row[j] + 1, row[j - 1] + 1, prev + (a[i - 1] === b[j - 1] ? 0 : 1));
-      prev = cur;
-    }
-  }
-  return row[b.length];
-}
-
-// ---------------------------------------------------------------------------------------
 // Cross-field checks, on the raw input (so they run even where other fields failed)
 // ---------------------------------------------------------------------------------------
 
-function rec(v: unknown): Record<string, unknown> | undefined {
-  return v !== null && typeof v === 'object' && !Array.isArray(v)
-    ? (v as Record<string, unknown>)
-    : undefined;
-}
-
-function val<T>(r: ParseResult<T>): T | undefined {
-  return r.ok ? r.value : undefined;
-}
-
-function crossChecks(raw: unknown): { problems: Problem[]; warnings: Problem[] } {
+function crossChecks(top: Record<string, unknown>): { problems: Problem[]; warnings: Problem[] } {
   const problems: Problem[] = [];
   const warnings: Problem[] = [];
-  const top = rec(raw);
-  if (!top) return { problems, warnings };
   const projects = Array.isArray(top.projects) ? top.projects : [];
 
   const seenNames = new Map<string, number>();
@@ -961,47 +792,7 @@ function normalise(p: Parsed, warnings: Problem[], source: string): GuestConfig 
  * has one row for each (a test keeps them in step).
  */
 export function configKeys(): string[] {
-  const out: string[] = [];
-  const walk = (s: z.ZodTypeAny, prefix: string): void => {
-    s = unwrap(s);
-    if (s instanceof z.ZodArray) {
-      const el = unwrap(s.element);
-      if (el instanceof z.ZodObject || el instanceof z.ZodDiscriminatedUnion)
-        walk(el, `${prefix}[]`);
-      return;
-    }
-    const shapes: Record<string, z.ZodTypeAny>[] =
-      s instanceof z.ZodObject
-        ? [s.shape]
-        : s instanceof z.ZodDiscriminatedUnion
-          ? [...s.optionsMap.values()].map((o) => o.shape)
-          : [];
-    for (const shape of shapes)
-      for (const [k, v] of Object.entries(shape)) {
-        const key = prefix === '' ? k : `${prefix}.${k}`;
-        if (!out.includes(key)) out.push(key);
-        walk(v, key);
-      }
-  };
-  walk(guestSchema, '');
-  return out;
-}
-
-export function deepFreeze<T>(o: T): T {
-  if (o !== null && typeof o === 'object' && !Object.isFrozen(o)) {
-    Object.freeze(o);
-    for (const v of Object.values(o as object)) deepFreeze(v);
-  }
-  return o;
-}
-
-function invalid(source: string, problems: Problem[]): NestError {
-  const lines = problems.map((p) => `  ${p.field}: ${p.message}`);
-  return new NestError(
-    'CONFIG_INVALID',
-    `${source}: ${problems.length} problem${problems.length === 1 ? '' : 's'}:\n${lines.join('\n')}`,
-    { problems },
-  );
+  return schemaKeys(guestSchema);
 }
 
 /**
@@ -1009,75 +800,13 @@ function invalid(source: string, problems: Problem[]): NestError {
  * problem found (field path, value received, message); returns a frozen, normalised config.
  */
 export function validateGuestConfig(raw: unknown, source: string): GuestConfig {
-  if (rec(raw) === undefined)
-    throw invalid(source, [
-      {
-        field: '(top level)',
-        value: raw,
-        message: `must be a mapping with at least "guest" and "projects", got ${raw === null || raw === undefined ? 'an empty document' : typeName(raw)}`,
-      },
-    ]);
-  const parsed = guestSchema.safeParse(raw);
-  const problems = parsed.success ? [] : problemsFromIssues(parsed.error.issues, raw);
-  const cross = crossChecks(raw);
-  problems.push(...cross.problems);
-  if (problems.length > 0 || !parsed.success) throw invalid(source, problems);
-  return deepFreeze(normalise(parsed.data, cross.warnings, source));
+  const { data, warnings } = checkConfig(guestSchema, raw, { source, cross: crossChecks });
+  return deepFreeze(normalise(data, warnings, source));
 }
 
 /** Read, parse (YAML, which includes JSON) and validate a config file. */
 export async function loadGuestConfig(file: string): Promise<GuestConfig> {
-  let text: string;
-  try {
-    const st = await fs.stat(file);
-    if (!st.isFile())
-      throw new NestError('CONFIG_UNREADABLE', `${file}: not a regular file`, {
-        problems: [{ field: '(file)', value: file, message: 'is not a regular file' }],
-      });
-    if (st.size > MAX_CONFIG_BYTES)
-      throw new NestError(
-        'CONFIG_UNREADABLE',
-        `${file}: larger than ${formatBytes(MAX_CONFIG_BYTES)}`,
-        {
-          problems: [
-            {
-              field: '(file)',
-              value: st.size,
-              message: `is larger than ${formatBytes(MAX_CONFIG_BYTES)}`,
-            },
-          ],
-        },
-      );
-    text = await fs.readFile(file, 'utf8');
-  } catch (e) {
-    if (e instanceof NestError) throw e;
-    const code = (e as NodeJS.ErrnoException).code ?? 'unknown';
-    throw new NestError('CONFIG_UNREADABLE', `${file}: cannot read the config (${code})`, {
-      cause: e,
-      problems: [{ field: '(file)', value: file, message: `cannot be read: ${code}` }],
-    });
-  }
-  // Duplicate keys are errors (uniqueKeys), aliases are capped (maxAliasCount): a config
-  // cannot say one thing twice or blow up on expansion.
-  const doc = parseDocument(text, { uniqueKeys: true, prettyErrors: true });
-  if (doc.errors.length > 0)
-    throw invalid(
-      file,
-      doc.errors.map((err) => ({
-        field: err.linePos
-          ? `(line ${err.linePos[0].line}, column ${err.linePos[0].col})`
-          : '(yaml)',
-        value: undefined,
-        message: err.message.split('\n')[0].replace(/ at line \d+, column \d+:?$/, ''),
-      })),
-    );
-  let raw: unknown;
-  try {
-    raw = doc.toJS({ maxAliasCount: 100 });
-  } catch (e) {
-    throw invalid(file, [{ field: '(yaml)', value: undefined, message: (e as Error).message }]);
-  }
-  return validateGuestConfig(raw, file);
+  return validateGuestConfig(await readConfigFile(file), file);
 }
 
 /** Warnings for an allocation only known at start (detected, or given by the host). */

@@ -62,6 +62,38 @@ export function dflt<T>(check: Check<T>, value: T) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Single-value checks both daemons use
+// ---------------------------------------------------------------------------------------
+
+/** An integer from `min` to `max` (a YAML `1.5` or `"3"` is refused, named as received). */
+export function checkInt(min: number, max: number, what = 'an integer'): Check<number> {
+  return (v) =>
+    typeof v === 'number' && Number.isInteger(v) && v >= min && v <= max
+      ? { ok: true, value: v }
+      : { ok: false, message: `must be ${what} from ${min} to ${max}, got ${describe(v)}` };
+}
+
+export function checkBool(v: unknown): ParseResult<boolean> {
+  return typeof v === 'boolean'
+    ? { ok: true, value: v }
+    : { ok: false, message: `must be true or false, got ${describe(v)}` };
+}
+
+/** Where a metrics server listens, or a peer to reach: an IP address or a host name. */
+export function checkHost(v: unknown): ParseResult<string> {
+  if (typeof v === 'string' && /^[A-Za-z0-9.:-]{1,253}$/.test(v)) return { ok: true, value: v };
+  return { ok: false, message: `must be an IP address or host name, got ${describe(v)}` };
+}
+
+/** A non-empty string without NUL (a path or a name the kernel or a peer reads). */
+export function checkString(v: unknown): ParseResult<string> {
+  if (typeof v !== 'string' || v === '')
+    return { ok: false, message: `must be a non-empty string, got ${describe(v)}` };
+  if (v.includes('\0')) return { ok: false, message: `must not contain NUL, got ${describe(v)}` };
+  return { ok: true, value: v };
+}
+
+// ---------------------------------------------------------------------------------------
 // Paths and values
 // ---------------------------------------------------------------------------------------
 

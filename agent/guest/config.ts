@@ -15,7 +15,10 @@ import * as path from 'path';
 import { z } from 'zod';
 import type { Problem } from '../common/errors';
 import {
+  checkBool,
   checkConfig,
+  checkHost,
+  checkInt,
   deepFreeze,
   dflt,
   field,
@@ -314,25 +317,8 @@ function checkCpuMax(v: unknown): ParseResult<number | 'max'> {
   return r;
 }
 
-function checkInt(
-  min: number,
-  max: number,
-  what = 'an integer',
-): (v: unknown) => ParseResult<number> {
-  return (v) =>
-    typeof v === 'number' && Number.isInteger(v) && v >= min && v <= max
-      ? { ok: true, value: v }
-      : { ok: false, message: `must be ${what} from ${min} to ${max}, got ${describe(v)}` };
-}
-
 function checkPidsMax(v: unknown): ParseResult<number | 'max'> {
   return v === 'max' ? { ok: true, value: 'max' } : checkInt(1, PID_MAX_LIMIT, 'a count')(v);
-}
-
-function checkBool(v: unknown): ParseResult<boolean> {
-  return typeof v === 'boolean'
-    ? { ok: true, value: v }
-    : { ok: false, message: `must be true or false, got ${describe(v)}` };
 }
 
 function checkPositiveDuration(v: unknown): ParseResult<number> {
@@ -375,11 +361,6 @@ function checkEnvValue(v: unknown): ParseResult<string> {
   if (typeof v === 'number' && Number.isFinite(v)) return { ok: true, value: String(v) };
   if (typeof v === 'boolean') return { ok: true, value: String(v) };
   return checkArg(v);
-}
-
-function checkHost(v: unknown): ParseResult<string> {
-  if (typeof v === 'string' && /^[A-Za-z0-9.:-]{1,253}$/.test(v)) return { ok: true, value: v };
-  return { ok: false, message: `must be an IP address or host name, got ${describe(v)}` };
 }
 
 // ---------------------------------------------------------------------------------------

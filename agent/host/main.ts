@@ -175,11 +175,6 @@ export async function runHost(argv: string[]): Promise<number> {
       default: DEFAULT_HOST_CONFIG_PATH,
       describe: 'host config (YAML); see docs/host-broker.md',
     })
-    .option('check', {
-      type: 'boolean',
-      default: false,
-      describe: 'validate the config, print every problem, and exit',
-    })
     .strict()
     .help()
     .parseAsync();
@@ -193,10 +188,6 @@ export async function runHost(argv: string[]): Promise<number> {
       return 2;
     }
     throw err;
-  }
-  if (a.check) {
-    process.stdout.write(`${a.config}: OK (${cfg.guests.length} guests)\n`);
-    return 0;
   }
   let host: RunningHost;
   try {

@@ -37,8 +37,15 @@ export interface CgroupErrorOptions {
   problems?: Problem[];
 }
 
+/**
+ * One problem found in an input, for every layer of nestbroker: a config file, an operator
+ * argument, a protocol message, a limit value. agent/common/errors.ts re-exports this type
+ * rather than declaring its own (this module depends on nothing of agent/).
+ */
 export interface Problem {
+  /** Path of the field, e.g. `projects[1].memory.max`, `--memory`, `memory.max`. */
   field: string;
+  /** What was received (left out of protocol replies, which carry field and message only). */
   value: unknown;
   message: string;
 }

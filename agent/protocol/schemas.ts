@@ -12,7 +12,7 @@
  * types equal, checked by tsc.
  */
 import { z } from 'zod';
-import type { ErrorCode } from '../common/errors';
+import type { ErrorCode, Problem } from '../common/errors';
 import type { ErrorMsg, Message } from './messages';
 
 export const ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$/;
@@ -254,10 +254,11 @@ export const MESSAGE_TYPES = MessageSchema.innerType().options.map(
   (o) => o.shape.type.value,
 ) as Message['type'][];
 
-export interface ProtocolProblem {
-  field: string;
-  message: string;
-}
+/**
+ * A Problem as a protocol `error` carries it: field and message, not the value (which may be
+ * what made the line too long or hostile to echo back).
+ */
+export type ProtocolProblem = Omit<Problem, 'value'>;
 
 export interface ParseFailure {
   code: ErrorCode;

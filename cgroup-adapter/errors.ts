@@ -2,6 +2,7 @@
  * Coded errors of the cgroup layer. Callers branch on `code` (and `errno`), never on the
  * message text (CONTRIBUTING.md). The message still carries the file, the data written and
  * the errno, because "having data in the error message helps in debugging" (runc).
+ * docs/errors.md "CgroupError codes" has a row for each code (a test keeps them in step).
  */
 
 export const CgroupErrorCodes = {

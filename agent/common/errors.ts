@@ -1,6 +1,8 @@
 /**
  * The error catalog: every error nestbroker raises carries a stable code, and callers
  * branch on the code, never on the message (CONTRIBUTING.md, fastify's FST_ERR_*).
+ * docs/errors.md has a row for each code (meaning, nestctl's exit, what an operator does);
+ * test/unit/repo/errors-doc.test.ts keeps the two in step both ways.
  */
 import type { Problem } from '../../cgroup-adapter/errors';
 

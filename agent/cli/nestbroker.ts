@@ -17,7 +17,7 @@ import { isNestError } from '../common/errors';
 import { parseDuration } from '../common/units';
 import { waitReady } from './wait-ready';
 import { runCheck } from './check';
-import { LOG_FORMATS } from '../common/log';
+import { createLogger, LOG_FORMATS } from '../common/log';
 
 /** The operator socket named by a daemon's config (the same file its unit starts it with). */
 async function socketOf(daemon: 'guest' | 'host', config: string | undefined): Promise<string> {
@@ -138,7 +138,15 @@ if (require.main === module) {
   main(hideBin(process.argv)).then(
     (code) => process.exit(code),
     (err: unknown) => {
-      process.stderr.write(`nestbroker: ${err instanceof Error ? err.stack : String(err)}\n`);
+      // One line with the code on stderr, never a stack trace (a start-up failure is for
+      // an operator to read; docs/errors.md says what each code means). The whole error,
+      // stack and all, goes to the log (the journal under systemd) for a bug report.
+      createLogger('nestbroker').fatal({ err }, 'nestbroker failed');
+      const code = (err as { code?: unknown }).code;
+      const message = err instanceof Error ? err.message : String(err);
+      process.stderr.write(
+        `nestbroker: (${typeof code === 'string' ? code : 'INTERNAL'}) ${message.split('\n').join(' ')}\n`,
+      );
       process.exit(1);
     },
   );

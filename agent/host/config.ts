@@ -217,6 +217,14 @@ function checkSocketMode(v: unknown): ParseResult<number> {
   return { ok: true, value: m };
 }
 
+/** A group name, or a gid (YAML reads `socketGroup: 1000` as a number; docs/host-broker.md). */
+function checkGroup(v: unknown): ParseResult<string> {
+  if (typeof v === 'number' && Number.isInteger(v) && v >= 0 && v <= 0xfffffffe)
+    return { ok: true, value: String(v) };
+  const r = checkString(v);
+  return r.ok ? r : { ok: false, message: `must be a group name or a gid, got ${describe(v)}` };
+}
+
 function checkPercent(v: unknown): ParseResult<number> {
   return typeof v === 'number' && Number.isFinite(v) && v >= 0 && v <= 100
     ? { ok: true, value: v }
@@ -278,7 +286,7 @@ const hostSchema = z
   .object({
     stateDir: opt(checkString),
     socket: opt(checkString),
-    socketGroup: opt(checkString),
+    socketGroup: opt(checkGroup),
     socketMode: opt(checkSocketMode),
     cgroup: z
       .object({

@@ -5,7 +5,7 @@
  */
 import type { Argv } from 'yargs';
 import { rpcCall } from '../common/rpc';
-import { isNestError } from '../common/errors';
+import { isNestError, type Problem } from '../common/errors';
 import { formatMs, parseDuration } from '../common/units';
 import type { NoticeView } from '../host/api';
 import type { GuestStatus, HostProgress } from '../host/host-broker';
@@ -316,7 +316,7 @@ export function registerHostCommands(y: Argv, io: Io = stdio): Argv {
               granted: { memoryBytes: number; cpus: number };
               floor: { memoryBytes: number; cpus: number };
             };
-            problems: { field: string; message: string }[];
+            problems: Problem[];
             inventory: { projects: { name: string; priority: number; state: string }[] } | null;
             note: string;
           };

@@ -11,6 +11,7 @@
  * Only resource targets cross the channel: nothing in a message is ever executed.
  */
 import { randomUUID } from 'node:crypto';
+import type { Problem } from '../common/errors';
 import type { Notice, Outcome, ProjectAction, ExitKind, ProjectOutcome } from '../broker/types';
 
 export const PROTOCOL_VERSION = 1;
@@ -127,7 +128,8 @@ export interface ErrorMsg {
   replyTo?: string;
   code: string;
   message: string;
-  problems?: { field: string; message: string }[];
+  /** Problems as the protocol carries them: field and message, not the value. */
+  problems?: Omit<Problem, 'value'>[];
 }
 
 export type Message =

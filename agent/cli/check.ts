@@ -7,6 +7,7 @@
  */
 import { isNestError } from '../common/errors';
 import { formatBytes } from '../common/units';
+import { cpusText } from './format';
 import { GUEST_DEFAULTS, loadGuestConfig, type GuestConfig } from '../guest/config';
 
 /** Exit codes of `--check` (the daemons exit 2 on a bad config too). */
@@ -40,7 +41,7 @@ function guestSummary(file: string, c: GuestConfig): string[] {
     `  guest ${c.guest}, ${plural(c.projects.length, 'project')}${names ? ` (${names})` : ''}`,
     `  upstream ${upstream}; operator socket ${c.socket}; state ${c.stateDir}`,
     c.resources
-      ? `  resources ${c.resources.cpus} CPUs, ${formatBytes(c.resources.memoryBytes)} (reserve ${formatBytes(c.reserve.memoryBytes)})`
+      ? `  resources ${cpusText(c.resources.cpus)}, ${formatBytes(c.resources.memoryBytes)} (reserve ${formatBytes(c.reserve.memoryBytes)})`
       : `  resources detected at start (reserve ${formatBytes(c.reserve.memoryBytes)})`,
   ];
 }

@@ -85,7 +85,7 @@ const guestConfig = (p: ReturnType<typeof places>) => ({
   socket: p.socket,
   projectSocket: p.projectSocket,
   cgroup: { root: `${CGROUP_ROOT}/guest` },
-  resources: { cpus: 2, memory: '2GiB' },
+  resources: { cpus: 1, memory: '2GiB' },
   upstream: { transport: 'unix', path: p.channel },
   projects: [
     { name: 'web', priority: 100, command: { argv: ['/bin/sleep', '1000'] } },
@@ -119,12 +119,27 @@ test('guest --check on a valid file: exit 0, a summary, nothing started or creat
         `${file}: valid guest config`,
         '  guest vm1, 2 projects (web, batch)',
         `  upstream unix ${p.channel}; operator socket ${p.socket}; state ${p.stateDir}`,
-        '  resources 2 CPUs, 2GiB (reserve 64MiB)',
+        '  resources 1 CPU, 2GiB (reserve 64MiB)',
         '',
       ].join('\n'),
     );
     nothingCreated(base, file);
   }
+});
+
+test('guest --check: a warning (minimums above the allocation) is printed, and the file is still valid', async () => {
+  const { base, file } = await configIn('guest-warn', (p) => {
+    const c = guestConfig(p);
+    c.projects[1].memory = { min: '3GiB' };
+    return c;
+  });
+  const r = await nestbroker(['guest', '--check', '-c', file]);
+  expect(r.code).toBe(0);
+  expect(r.stdout).toMatch(/valid guest config/);
+  expect(r.stderr).toMatch(
+    /^warning: projects\[\*\]\.memory\.min: the minimums add up to 3GiB, above the .* left after the reserve/,
+  );
+  nothingCreated(base, file);
 });
 
 test('host --check on a valid file: exit 0, a summary, nothing started or created', async () => {

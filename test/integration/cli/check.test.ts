@@ -142,6 +142,30 @@ test('guest --check: a warning (minimums above the allocation) is printed, and t
   nothingCreated(base, file);
 });
 
+test('a user or group this machine does not know: a warning naming the field (the file is valid)', async () => {
+  const host = await configIn('host-nss', (p) => ({
+    ...hostConfig(p),
+    socketGroup: 'nb-no-such-group',
+  }));
+  const h = await nestbroker(['host', '--check', '-c', host.file]);
+  expect(h.code).toBe(0);
+  expect(h.stderr).toBe(
+    'warning: socketGroup: no group "nb-no-such-group" (looked up through NSS: getent group); the start on this machine would fail (CONFIG_INVALID)\n',
+  );
+  nothingCreated(host.base, host.file);
+  const guest = await configIn('guest-nss', (p) => {
+    const c = guestConfig(p);
+    (c.projects[0].command as Record<string, unknown>).user = 'nb-no-such-user';
+    return c;
+  });
+  const g = await nestbroker(['guest', '--check', '-c', guest.file]);
+  expect(g.code).toBe(0);
+  expect(g.stderr).toMatch(
+    /^warning: projects\[0\]\.command\.user: no user "nb-no-such-user" \(looked up through NSS: getent passwd\); the start on this machine would fail/,
+  );
+  nothingCreated(guest.base, guest.file);
+});
+
 test('host --check on a valid file: exit 0, a summary, nothing started or created', async () => {
   const { base, file, p } = await configIn('host-good', hostConfig);
   for (const flag of ['--config', '-c']) {

@@ -184,7 +184,8 @@ export async function runHost(argv: string[]): Promise<number> {
     cfg = await loadHostConfig(a.config);
   } catch (err) {
     if (isNestError(err)) {
-      process.stderr.write(`${err.message}\n`);
+      // As the guest agent says it (agent/guest/main.ts): every problem, one a line.
+      process.stderr.write(`nestbroker host: config refused: ${err.message}\n`);
       return 2;
     }
     throw err;

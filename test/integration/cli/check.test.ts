@@ -239,6 +239,27 @@ test('host --check on a bad file: exit 2, an unknown key and every other problem
   nothingCreated(base, file);
 });
 
+test('the daemons themselves refuse a bad file the same way: exit 2, the same problems, nothing created', async () => {
+  const { base, file } = await configIn('host-bad-run', (p) => ({
+    ...hostConfig(p),
+    heartbeats: { interval: '1s' },
+  }));
+  const h = await nestbroker(['host', '-c', file]);
+  expect(h.code).toBe(2);
+  expect(h.stderr).toBe(
+    `nestbroker host: config refused: ${file}: 1 problem:\n` +
+      '  heartbeats: is not a known key (did you mean "heartbeat"?); known here: stateDir, socket, socketGroup, socketMode, cgroup, heartbeat, reconnect, trigger, limits, metrics, guests\n',
+  );
+  nothingCreated(base, file);
+  const guest = await configIn('guest-bad-run', (p) => ({ ...guestConfig(p), stat_dir: '/x' }));
+  const g = await nestbroker(['guest', '-c', guest.file]);
+  expect(g.code).toBe(2);
+  expect(g.stderr).toMatch(
+    /^nestbroker guest: config refused: .*: 1 problem:\n {2}stat_dir: is not a known key \(did you mean "stateDir"\?\)/,
+  );
+  nothingCreated(guest.base, guest.file);
+});
+
 test('a file that is missing or not YAML: exit 2 with one clear line', async () => {
   const base = path.join(dir, 'unreadable');
   await fsp.mkdir(base);

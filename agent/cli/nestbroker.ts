@@ -4,6 +4,8 @@
  *
  *   nestbroker guest --config /etc/nestbroker/guest.yaml   the guest agent (in a KVM guest)
  *   nestbroker host  --config /etc/nestbroker/host.yaml    the host broker (on the KVM host)
+ *   nestbroker guest|host --check [--config FILE]        validate the config and exit
+ *                                    (0 valid, 2 invalid: agent/cli/check.ts)
  *   nestbroker wait-ready guest|host --config FILE [--pid PID] [--timeout 90s]
  *                                    until that daemon is ready (the units' ExecStartPost=)
  */
@@ -12,7 +14,8 @@ import { GUEST_DEFAULTS, loadGuestConfig } from '../guest/config';
 import { isNestError } from '../common/errors';
 import { parseDuration } from '../common/units';
 import { waitReady } from './wait-ready';
-import { LOG_FORMATS } from '../common/log';
+import { runCheck } from './check';
+import { createLogger, LOG_FORMATS } from '../common/log';
 import { quickDaemonArgs } from '../common/daemon-args';
 
 /** The operator socket named by a daemon's config (the same file its unit starts it with). */
@@ -63,11 +66,15 @@ async function runHostEntry(argv: string[]): Promise<number> {
   return (await mod.runHost(own)) ?? 0;
 }
 
+const CHECK_HELP =
+  'validate the config, print every problem (exit 2) or a summary (exit 0); start nothing';
+
 export async function main(argv: string[]): Promise<number> {
   // How units and scripts start a daemon, read without loading yargs (agent/common/daemon-args.ts).
   const quick = quickDaemonArgs(argv, LOG_FORMATS);
   if (quick) {
     if (quick.logFormat) process.env.NESTBROKER_LOG_FORMAT = quick.logFormat;
+    if (quick.check) return runCheck(quick.daemon, quick.config);
     if (quick.daemon === 'guest') return runGuest({ config: quick.config });
     return runHostEntry(argv);
   }
@@ -86,24 +93,30 @@ export async function main(argv: string[]): Promise<number> {
       'guest',
       "run the guest agent: client of the host broker, broker of this guest's projects",
       (y) =>
-        y.option('config', {
-          type: 'string',
-          describe: 'config file (default /etc/nestbroker/guest.yaml)',
-        }),
+        y
+          .option('config', {
+            alias: 'c',
+            type: 'string',
+            describe: 'config file (default /etc/nestbroker/guest.yaml)',
+          })
+          .option('check', { type: 'boolean', describe: CHECK_HELP }),
       async (a) => {
-        code = await runGuest({ config: a.config });
+        code = a.check ? await runCheck('guest', a.config) : await runGuest({ config: a.config });
       },
     )
     .command(
       'host',
       'run the host broker',
       (y) =>
-        y.option('config', {
-          type: 'string',
-          describe: 'config file (default /etc/nestbroker/host.yaml)',
-        }),
-      async () => {
-        code = await runHostEntry(argv);
+        y
+          .option('config', {
+            alias: 'c',
+            type: 'string',
+            describe: 'config file (default /etc/nestbroker/host.yaml)',
+          })
+          .option('check', { type: 'boolean', describe: CHECK_HELP }),
+      async (a) => {
+        code = a.check ? await runCheck('host', a.config) : await runHostEntry(argv);
       },
     )
     .command(
@@ -133,7 +146,15 @@ if (require.main === module) {
   main(process.argv.slice(2)).then(
     (code) => process.exit(code),
     (err: unknown) => {
-      process.stderr.write(`nestbroker: ${err instanceof Error ? err.stack : String(err)}\n`);
+      // One line with the code on stderr, never a stack trace (a start-up failure is for
+      // an operator to read; docs/errors.md says what each code means). The whole error,
+      // stack and all, goes to the log (the journal under systemd) for a bug report.
+      createLogger('nestbroker').fatal({ err }, 'nestbroker failed');
+      const code = (err as { code?: unknown }).code;
+      const message = err instanceof Error ? err.message : String(err);
+      process.stderr.write(
+        `nestbroker: (${typeof code === 'string' ? code : 'INTERNAL'}) ${message.split('\n').join(' ')}\n`,
+      );
       process.exit(1);
     },
   );

@@ -1,7 +1,6 @@
 /**
- * The daemons' few options read without yargs: `nestbroker guest|host [--config FILE]
- * [--log-format F]` (and the host's `-c FILE`, `--check`), which is every way a unit or
- * the bench starts them. yargs alone is ~8 MiB of RSS in a process that never parses
+ * The daemons' few options read without yargs: `nestbroker guest|host [--config FILE | -c
+ * FILE] [--check] [--log-format F]`, which is every way a unit or the bench starts them. yargs alone is ~8 MiB of RSS in a process that never parses
  * another argument (docs/performance.md, "Footprint: what each step saved"), so it is loaded
  * only when argv holds anything else — `--help`, an unknown option, a missing value — and
  * it then prints the help and the errors as it always did.
@@ -26,10 +25,10 @@ export function quickDaemonArgs(
     const arg = argv[i];
     const eq = arg.indexOf('=');
     let name = eq > 0 ? arg.slice(0, eq) : arg;
-    if (name === '-c' && daemon === 'host') name = '--config';
+    if (name === '-c') name = '--config';
     if (seen.has(name)) return null; // yargs makes an array of a repeated option
     seen.add(name);
-    if (name === '--check' && daemon === 'host' && eq < 0) {
+    if (name === '--check' && eq < 0) {
       out.check = true;
       continue;
     }

@@ -178,8 +178,8 @@ export async function runHost(argv: string[]): Promise<number> {
   const own = argv[0] === 'host' ? argv.slice(1) : argv;
   const quick = quickDaemonArgs(['host', ...own], LOG_FORMATS);
   const a =
-    quick && !quick.logFormat
-      ? { config: quick.config ?? DEFAULT_HOST_CONFIG_PATH, check: quick.check }
+    quick && !quick.logFormat && !quick.check
+      ? { config: quick.config ?? DEFAULT_HOST_CONFIG_PATH }
       : await parseHostArgs(own);
   const log = createLogger('nestbroker-host');
   let cfg: Readonly<HostConfig>;
@@ -187,14 +187,11 @@ export async function runHost(argv: string[]): Promise<number> {
     cfg = await loadHostConfig(a.config);
   } catch (err) {
     if (isNestError(err)) {
-      process.stderr.write(`${err.message}\n`);
+      // As the guest agent says it (agent/guest/main.ts): every problem, one a line.
+      process.stderr.write(`nestbroker host: config refused: ${err.message}\n`);
       return 2;
     }
     throw err;
-  }
-  if (a.check) {
-    process.stdout.write(`${a.config}: OK (${cfg.guests.length} guests)\n`);
-    return 0;
   }
   let host: RunningHost;
   try {
@@ -214,8 +211,8 @@ export async function runHost(argv: string[]): Promise<number> {
   });
 }
 
-/** Anything but the plain `--config FILE` / `--check`: yargs, loaded now (help, errors). */
-async function parseHostArgs(argv: string[]): Promise<{ config: string; check: boolean }> {
+/** Anything but the plain `--config FILE`: yargs, loaded now (help, errors). */
+async function parseHostArgs(argv: string[]): Promise<{ config: string }> {
   const { default: yargs } = await import('yargs');
   return yargs(argv)
     .scriptName('nestbroker host')
@@ -225,11 +222,6 @@ async function parseHostArgs(argv: string[]): Promise<{ config: string; check: b
       type: 'string',
       default: DEFAULT_HOST_CONFIG_PATH,
       describe: 'host config (YAML); see docs/host-broker.md',
-    })
-    .option('check', {
-      type: 'boolean',
-      default: false,
-      describe: 'validate the config, print every problem, and exit',
     })
     .strict()
     .help()

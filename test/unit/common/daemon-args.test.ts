@@ -13,6 +13,7 @@ test.each([
   [['guest', '--config', '/etc/g.yaml'], { daemon: 'guest', config: '/etc/g.yaml', check: false }],
   [['guest', '--config=/etc/g.yaml'], { daemon: 'guest', config: '/etc/g.yaml', check: false }],
   [['host', '-c', 'h.yaml', '--check'], { daemon: 'host', config: 'h.yaml', check: true }],
+  [['guest', '-c', 'g.yaml', '--check'], { daemon: 'guest', config: 'g.yaml', check: true }],
   [
     ['host', '--log-format', 'json', '--config', 'h.yaml'],
     { daemon: 'host', config: 'h.yaml', logFormat: 'json', check: false },
@@ -27,8 +28,6 @@ test.each([
   [['guest', '--help']],
   [['guest', '--config']], // a missing value
   [['guest', '--config', '--check']],
-  [['guest', '--check']], // the host's option
-  [['guest', '-c', 'x']], // the host's alias
   [['guest', '--config', 'a', '--config', 'b']], // yargs would make an array
   [['host', '--log-format', 'xml']], // not a format: yargs names the choices
   [['host', '--check=true']],

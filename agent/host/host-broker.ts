@@ -40,6 +40,7 @@ import type { GuestConfig, HostConfig } from './config';
 import { HOST_LIMIT_DEFAULTS } from './config';
 import { faultPoint } from '../common/fault';
 import type { ActuationReport, VmActuator } from './actuator';
+import { bootId, restoreDeadline, systemClock, type Clock } from '../common/clock';
 
 /** What the host side needs of a channel to one guest (agent/transport's Channel has it). */
 export interface HostChannel {
@@ -95,6 +96,12 @@ export interface HostNoticeRecord {
   error?: { code: string; message: string };
   progress: HostProgress[];
   finishedAt?: string;
+  /**
+   * The deadline on the host's monotonic clock and the boot it belongs to
+   * (agent/common/clock.ts): what the host waits by; `notice.deadline` is its wall form.
+   */
+  deadlineMono?: number;
+  bootId?: string;
 }
 
 export interface IssueRequest {
@@ -166,6 +173,7 @@ export interface HostBrokerDeps {
   deliverTimeoutMs?: number;
   /** How long to wait for the guest's answer to a cancel. */
   cancelTimeoutMs?: number;
+  clock?: Clock;
 }
 
 export class HostBroker extends EventEmitter {
@@ -189,12 +197,16 @@ export class HostBroker extends EventEmitter {
   private pruning: Promise<void> = Promise.resolve();
   private readonly log: Logger;
   private stopped = false;
+  private readonly clock: Clock;
+  /** Each notice's deadline on clock.monotonic(): set at issue, or restored once at start. */
+  private readonly deadlines = new Map<string, number>();
 
   constructor(private readonly deps: HostBrokerDeps) {
     super();
     this.journal = new Journal<HostNoticeRecord>(`${deps.config.stateDir}/notices`);
     this.ledger = new Journal<LedgerBase>(`${deps.config.stateDir}/ledger`);
     this.log = deps.log.child({ role: 'host-broker' });
+    this.clock = deps.clock ?? systemClock;
     for (const g of deps.config.guests) this.guestsByName.set(g.name, g);
   }
 
@@ -317,6 +329,7 @@ export class HostBroker extends EventEmitter {
 
   private drop(rec: HostNoticeRecord): void {
     this.records.delete(rec.notice.id);
+    this.deadlines.delete(rec.notice.id);
     this.byGuest.get(rec.notice.guest)?.delete(rec.notice.id);
   }
 
@@ -442,7 +455,8 @@ export class HostBroker extends EventEmitter {
         },
       );
     const seq = books.seq + 1;
-    const now = new Date();
+    const now = new Date(this.clock.now());
+    const deadlineMono = this.clock.monotonic() + req.deadlineMs;
     const notice: Notice = {
       id: `${g.name}-${seq}-${randomBytes(4).toString('hex')}`,
       guest: g.name,
@@ -460,7 +474,10 @@ export class HostBroker extends EventEmitter {
       force: req.force ?? false,
       source: req.source ?? 'operator',
       progress: [],
+      deadlineMono,
+      bootId: bootId(),
     };
+    this.deadlines.set(notice.id, deadlineMono);
     // Journal first: the notice exists (and, being on the ledger, its resources are
     // marked deallocated in the books) before anything is sent (docs/architecture.md).
     await this.save(rec);
@@ -485,7 +502,7 @@ export class HostBroker extends EventEmitter {
     if (rec.notice.kind !== 'reclaim') throw why('only a reclaim can be cancelled');
     if (rec.state !== 'issued' && rec.state !== 'acked')
       throw why(`it is ${rec.state} (the guest has already answered, or it is over)`);
-    if (Date.parse(rec.notice.deadline) <= Date.now()) throw why('its deadline has passed');
+    if (this.deadlineOf(rec) <= this.clock.monotonic()) throw why('its deadline has passed');
     const link = this.links.get(rec.notice.guest);
     if (link?.open && link.hello) {
       const ack = await this.request(link, rec.notice.id, {
@@ -501,7 +518,7 @@ export class HostBroker extends EventEmitter {
       rec.cancelPending = true;
     }
     rec.state = 'cancelled';
-    rec.finishedAt = new Date().toISOString();
+    rec.finishedAt = new Date(this.clock.now()).toISOString();
     await this.save(rec);
     this.note(rec, 'cancelled');
     this.aborts.get(id)?.abort(new NestError('NOTICE_REJECTED', 'cancelled'));
@@ -577,7 +594,7 @@ export class HostBroker extends EventEmitter {
       // Restore: the VM gets the resources BEFORE the guest is told it may use them.
       this.note(rec, 'actuating');
       rec.actuation = await this.deps.actuator.apply(g, rec.notice.allocation, 'up');
-      rec.actuatedAt = new Date().toISOString();
+      rec.actuatedAt = new Date(this.clock.now()).toISOString();
       await this.save(rec);
       this.note(rec, 'actuated');
     }
@@ -595,7 +612,7 @@ export class HostBroker extends EventEmitter {
           message: `guest "${g.name}" did not answer the restore by its deadline`,
         };
       }
-      rec.finishedAt = new Date().toISOString();
+      rec.finishedAt = new Date(this.clock.now()).toISOString();
       await this.save(rec);
       this.note(rec, rec.late ? 'late' : 'done');
       return rec;
@@ -604,7 +621,7 @@ export class HostBroker extends EventEmitter {
     // Reclaim.
     if (!outcome && rec.state === 'refused') {
       // The guest rejected it (onAck): its own error stands; it was not late.
-      rec.finishedAt = new Date().toISOString();
+      rec.finishedAt = new Date(this.clock.now()).toISOString();
       await this.save(rec);
       this.note(rec, 'refused');
       return rec;
@@ -617,7 +634,7 @@ export class HostBroker extends EventEmitter {
       };
       if (!rec.force) {
         rec.state = 'late';
-        rec.finishedAt = new Date().toISOString();
+        rec.finishedAt = new Date(this.clock.now()).toISOString();
         await this.save(rec);
         this.note(rec, 'late');
         log.warn('guest late; nothing removed (no --force)');
@@ -634,7 +651,7 @@ export class HostBroker extends EventEmitter {
         code: 'NOTICE_REJECTED',
         message: `guest "${g.name}" reported that it could not free anything (status failed)`,
       };
-      rec.finishedAt = new Date().toISOString();
+      rec.finishedAt = new Date(this.clock.now()).toISOString();
       await this.save(rec);
       this.note(rec, 'refused');
       return rec;
@@ -644,7 +661,7 @@ export class HostBroker extends EventEmitter {
     faultPoint('before-actuation');
     this.note(rec, 'actuating');
     rec.actuation = await this.deps.actuator.apply(g, rec.notice.allocation, 'down');
-    rec.actuatedAt = new Date().toISOString();
+    rec.actuatedAt = new Date(this.clock.now()).toISOString();
     rec.state = 'done';
     rec.finishedAt = rec.actuatedAt;
     await this.save(rec);
@@ -672,7 +689,7 @@ export class HostBroker extends EventEmitter {
           );
         // The ack wait never runs past the deadline: a stopped guest is reported late at
         // its deadline, not a delivery timeout later.
-        const left = Date.parse(notice.deadline) - Date.now();
+        const left = this.deadlineOf(rec) - this.clock.monotonic();
         const ack = await this.request(
           link,
           notice.id,
@@ -712,6 +729,8 @@ export class HostBroker extends EventEmitter {
         {
           noticeId: rec.notice.id,
           deadline: new Date(rec.notice.deadline),
+          deadlineMono: this.deadlineOf(rec),
+          clock: this.clock,
           signal: ac.signal,
           journal,
           log,
@@ -730,10 +749,29 @@ export class HostBroker extends EventEmitter {
     return rec.outcome;
   }
 
+  /**
+   * The notice on the wire, with the host's monotonic clock (docs/protocol.md, "Clocks"):
+   * the guest converts the deadline once, on receipt, to its own, whatever either wall
+   * clock says.
+   */
   private noticeMessage(notice: Notice): Message {
+    const rec = this.records.get(notice.id);
+    const clock = rec
+      ? { sent: this.clock.monotonic(), deadline: Math.max(0, this.deadlineOf(rec)) }
+      : undefined;
     return notice.kind === 'reclaim'
-      ? { type: 'notice', id: newMessageId(), notice }
-      : { type: 'restore', id: newMessageId(), notice };
+      ? { type: 'notice', id: newMessageId(), notice, ...(clock ? { clock } : {}) }
+      : { type: 'restore', id: newMessageId(), notice, ...(clock ? { clock } : {}) };
+  }
+
+  /** A notice's deadline on clock.monotonic(), converted once from the journal after a restart. */
+  private deadlineOf(rec: HostNoticeRecord): number {
+    let d = this.deadlines.get(rec.notice.id);
+    if (d === undefined) {
+      d = restoreDeadline(rec, rec.notice.deadline, this.clock);
+      this.deadlines.set(rec.notice.id, d);
+    }
+    return d;
   }
 
   // ---------------------------------------------------------------- channel
@@ -817,7 +855,7 @@ export class HostBroker extends EventEmitter {
       return;
     }
     link.hello = hello;
-    link.helloAt = new Date().toISOString();
+    link.helloAt = new Date(this.clock.now()).toISOString();
     this.sendTo(link, {
       type: 'welcome',
       id: newMessageId(),
@@ -825,6 +863,7 @@ export class HostBroker extends EventEmitter {
       version: PROTOCOL_VERSION,
       guest: g.name,
       heartbeatMs: this.deps.config.heartbeat.intervalMs,
+      clock: this.clock.monotonic(),
     });
     log.info(
       { lastSeq: hello.lastSeq, projects: hello.inventory.projects.length },
@@ -867,7 +906,7 @@ export class HostBroker extends EventEmitter {
     if (ack.state !== 'accepted' && ack.state !== 'duplicate') return;
     if (rec.state === 'issued') {
       rec.state = 'acked';
-      rec.ackedAt = new Date().toISOString();
+      rec.ackedAt = new Date(this.clock.now()).toISOString();
       void this.save(rec);
       this.note(rec, 'acked');
     }
@@ -911,7 +950,7 @@ export class HostBroker extends EventEmitter {
     }
     if (rec.outcome) return; // a repeat after a reconnect: the first one stands
     rec.outcome = outcome;
-    rec.outcomeAt = new Date().toISOString();
+    rec.outcomeAt = new Date(this.clock.now()).toISOString();
     // The books credit at most what the notice asked for, whatever the guest claims.
     rec.credited = creditedByOutcome(rec.notice.change, outcome.freed);
     if (rec.state === 'issued' || rec.state === 'acked') rec.state = 'reported';
@@ -955,7 +994,7 @@ export class HostBroker extends EventEmitter {
       }
       const rec = this.records.get(noticeId);
       if (rec && (msg.type === 'notice' || msg.type === 'restore')) {
-        rec.sentAt ??= new Date().toISOString();
+        rec.sentAt ??= new Date(this.clock.now()).toISOString();
         this.note(rec, 'sent');
         faultPoint('after-send');
       }
@@ -993,7 +1032,7 @@ export class HostBroker extends EventEmitter {
       guest: rec.notice.guest,
       phase,
       ...extra,
-      at: new Date().toISOString(),
+      at: new Date(this.clock.now()).toISOString(),
     };
     rec.progress.push(ev);
     if (rec.progress.length > 500) rec.progress.shift();

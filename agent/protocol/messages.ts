@@ -41,18 +41,33 @@ export interface Welcome {
   version: number;
   guest: string;
   heartbeatMs: number;
+  /** The broker's monotonic clock at send (ms): the client's first reading of it (SenderClock). */
+  clock?: number;
+}
+
+/**
+ * The sender's monotonic clock (docs/protocol.md, "Clocks"): its reading when the message
+ * left and the notice's deadline on the same clock. The receiver converts the deadline
+ * ONCE to its own monotonic clock; neither end's wall clock takes part, and the two
+ * machines' clocks need not agree.
+ */
+export interface SenderClock {
+  sent: number;
+  deadline: number;
 }
 
 export interface NoticeMsg {
   type: 'notice';
   id: string;
   notice: Notice; // kind 'reclaim'
+  clock?: SenderClock;
 }
 
 export interface RestoreMsg {
   type: 'restore';
   id: string;
   notice: Notice; // kind 'restore'
+  clock?: SenderClock;
 }
 
 export interface Ack {
@@ -111,6 +126,7 @@ export interface Cancel {
 export interface Ping {
   type: 'ping';
   id: string;
+  /** The sender's monotonic clock (ms), echoed in the pong: a round trip on one clock. */
   t: number;
 }
 

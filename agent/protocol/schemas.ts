@@ -131,14 +131,18 @@ export const WelcomeSchema = z
     version,
     guest: name,
     heartbeatMs: z.number().int().nonnegative().max(86_400_000),
+    clock: ms.optional(),
   })
   .strict();
 
+/** The sender's monotonic clock: its reading at send, and the notice's deadline on it. */
+const senderClock = z.object({ sent: ms, deadline: ms }).strict();
+
 export const NoticeMsgSchema = z
-  .object({ type: z.literal('notice'), id, notice: NoticeSchema })
+  .object({ type: z.literal('notice'), id, notice: NoticeSchema, clock: senderClock.optional() })
   .strict();
 export const RestoreMsgSchema = z
-  .object({ type: z.literal('restore'), id, notice: NoticeSchema })
+  .object({ type: z.literal('restore'), id, notice: NoticeSchema, clock: senderClock.optional() })
   .strict();
 
 export const AckSchema = z

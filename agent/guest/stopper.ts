@@ -79,7 +79,6 @@ export async function stopProject(
   let t0 = now();
   const at = (): number => Math.round(now() - t0);
   const killMs = Math.max(0, deps.killMs ?? 0);
-  const left = (): number => Math.max(0, Math.floor(deadline - now()));
   // The grace must leave room for the kill: it ends killMs before the deadline.
   const graceLeft = (): number => Math.max(0, Math.floor(deadline - killMs - now()));
   const phases: StopResult['phases'] = { empty: 0 };

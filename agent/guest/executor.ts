@@ -240,8 +240,7 @@ export class GuestBroker implements LocalBroker {
           reason: d.reason,
         },
     );
-    await this.allocationBook.set(notice.allocation);
-    return summariseProjects(
+    const outcome = summariseProjects(
       notice,
       projects,
       this.net(previous),
@@ -250,6 +249,12 @@ export class GuestBroker implements LocalBroker {
       this.net(notice.allocation),
       clock.monotonic() - t0,
     );
+    // The allocation the host's books will hold after this outcome (host-broker.ts): a
+    // reclaim that failed outright is refused there and given back, so it is not recorded
+    // here either; anything else (complete, partial; late or not) the host counts.
+    if (notice.kind === 'restore' || outcome.status !== 'failed')
+      await this.allocationBook.set(notice.allocation);
+    return outcome;
   }
 
   /** The child handle of one project for one notice. */

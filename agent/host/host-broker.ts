@@ -92,6 +92,12 @@ export interface HostNoticeRecord {
   actuation?: ActuationReport;
   actuatedAt?: string;
   late?: boolean;
+  /**
+   * A late reclaim whose outcome came after all: when it arrived. The books then count it
+   * and the VM is lowered, as the guest recorded (docs/reliability.md, "A deadline shorter
+   * than a grace period").
+   */
+  reconciledAt?: string;
   cancelPending?: boolean;
   error?: { code: string; message: string };
   progress: HostProgress[];
@@ -881,7 +887,11 @@ export class HostBroker extends EventEmitter {
     }
     for (const rec of this.ofGuest(g.name)) {
       if (rec.outcome) continue;
-      if (rec.state !== 'issued' && rec.state !== 'acked') continue;
+      // A late reclaim the guest had accepted (its lastSeq is past it): asked again, the
+      // guest answers from its journal with what it did, and reconcileLate follows it.
+      const lateAccepted =
+        rec.state === 'late' && rec.notice.kind === 'reclaim' && rec.notice.seq <= hello.lastSeq;
+      if (rec.state !== 'issued' && rec.state !== 'acked' && !lateAccepted) continue;
       if (rec.notice.kind === 'restore' && !rec.actuation) continue;
       log.info({ noticeId: rec.notice.id, seq: rec.notice.seq }, 'sending an unanswered notice');
       this.request(link, rec.notice.id, this.noticeMessage(rec.notice))
@@ -949,6 +959,7 @@ export class HostBroker extends EventEmitter {
       return;
     }
     if (rec.outcome) return; // a repeat after a reconnect: the first one stands
+    if (rec.state === 'late') return this.reconcileLate(g, rec, outcome);
     rec.outcome = outcome;
     rec.outcomeAt = new Date(this.clock.now()).toISOString();
     // The books credit at most what the notice asked for, whatever the guest claims.
@@ -957,6 +968,38 @@ export class HostBroker extends EventEmitter {
     await this.save(rec);
     this.note(rec, 'outcome', { ms: outcome.ms });
     this.outcomeWaiters.get(rec.notice.id)?.(outcome);
+  }
+
+  /**
+   * The outcome of a reclaim the host had already given up on (late, no force): the guest
+   * carried it out after all, and recorded the smaller allocation unless it failed outright
+   * (executor.ts). The books follow what the guest did: a complete or partial outcome makes
+   * the notice count again and the VM is lowered by the usual path (the record goes back to
+   * `reported`, journaled, and its lifecycle actuates: a host restarted in between resumes
+   * it); a failed one changed nothing on either side and the notice stays late.
+   */
+  private async reconcileLate(g: GuestConfig, rec: HostNoticeRecord, outcome: Outcome): Promise<void> {
+    const log = this.log.child({ guest: g.name, noticeId: rec.notice.id });
+    rec.outcome = outcome;
+    rec.outcomeAt = new Date(this.clock.now()).toISOString();
+    rec.credited = creditedByOutcome(rec.notice.change, outcome.freed);
+    if (rec.notice.kind !== 'reclaim' || outcome.status === 'failed') {
+      await this.save(rec);
+      this.note(rec, 'outcome', { ms: outcome.ms });
+      log.info({ status: outcome.status }, 'late outcome: the guest changed nothing; stays late');
+      return;
+    }
+    rec.state = 'reported';
+    rec.reconciledAt = rec.outcomeAt;
+    rec.error = undefined;
+    rec.finishedAt = undefined;
+    await this.save(rec);
+    this.note(rec, 'reconciling', { ms: outcome.ms });
+    log.warn(
+      { status: outcome.status, freed: outcome.freed },
+      'late outcome: the guest carried the reclaim out; the books count it and the VM is lowered',
+    );
+    void this.track(rec);
   }
 
   private sendTo(link: Link, msg: Message): boolean {

@@ -113,7 +113,7 @@ export abstract class GuestConnections extends EventEmitter {
   }
 
   /**
-   * The notice on the wire, with the host's monotonic clock (docs/protocol.md, "Clocks"):
+   * The notice on the wire, with the host's monotonic clock (docs/reliability.md, "Time"):
    * the guest converts the deadline once, on receipt, to its own, whatever either wall
    * clock says.
    */

@@ -46,7 +46,7 @@ export interface Welcome {
 }
 
 /**
- * The sender's monotonic clock (docs/protocol.md, "Clocks"): its reading when the message
+ * The sender's monotonic clock (docs/reliability.md, "Time"): its reading when the message
  * left and the notice's deadline on the same clock. The receiver converts the deadline
  * ONCE to its own monotonic clock; neither end's wall clock takes part, and the two
  * machines' clocks need not agree.

@@ -459,7 +459,12 @@ export class NoticeBook extends EventEmitter {
     const left = deadlineMono - this.clock.monotonic();
     if (Number.isNaN(Date.parse(notice.deadline)) || Number.isNaN(deadlineMono))
       problems.push({ field: 'deadline', value: notice.deadline, message: 'not a date' });
-    else if (left <= 0)
+    // A reclaim that arrives after its deadline is stale: the broker above has given up on
+    // it and given the resources back, so acting on it now would take what it no longer
+    // asks for. A restore is not: the broker above raised the VM first and keeps the
+    // restore on its books even when late, so carrying it out late is what makes the two
+    // agree (docs/reliability.md, "A deadline shorter than a grace period").
+    else if (left <= 0 && notice.kind === 'reclaim')
       problems.push({
         field: 'deadline',
         value: notice.deadline,

@@ -254,7 +254,12 @@ export abstract class GuestConnections extends EventEmitter {
       // (notice-lifecycle.ts, reconcileLate).
       const lateAccepted =
         rec.state === 'late' && rec.notice.kind === 'reclaim' && rec.notice.seq <= hello.lastSeq;
-      if (rec.state !== 'issued' && rec.state !== 'acked' && !lateAccepted) continue;
+      // A restore that ended late is on the books and the VM was raised: the guest must
+      // carry it out, late or not (agent/client/notices.ts accepts a late restore).
+      const lateRestore =
+        rec.state === 'done' && rec.late === true && rec.notice.kind === 'restore';
+      if (rec.state !== 'issued' && rec.state !== 'acked' && !lateAccepted && !lateRestore)
+        continue;
       if (rec.notice.kind === 'restore' && !rec.actuation) continue;
       log.info({ noticeId: rec.notice.id, seq: rec.notice.seq }, 'sending an unanswered notice');
       this.request(link, rec.notice.id, this.noticeMessage(rec.notice))

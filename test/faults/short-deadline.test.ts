@@ -188,4 +188,44 @@ describe('a guest agent stopped past the deadline', () => {
 
     await restoreWorks(s);
   });
+
+  test('a restore that reaches it after its deadline is carried out when it wakes: books = guest', async () => {
+    const agent = s.run('vm1').proc!.child;
+    const down = await hostctl(s, [
+      'reclaim',
+      'vm1',
+      '--memory',
+      '768MiB',
+      '--cpus',
+      '1',
+      '--deadline',
+      '3s',
+    ]);
+    expect(down.code).toBe(0);
+    agent.kill('SIGSTOP');
+    let r: Ctl;
+    try {
+      r = await hostctl(s, ['restore', 'vm1', '--deadline', '2s', '--json']);
+    } finally {
+      agent.kill('SIGCONT');
+    }
+    // The host raised the VM first and keeps the restore on its books; the guest was away.
+    expect(r.code).toBe(7);
+    const late = JSON.parse(r.stdout) as NoticeView;
+    expect(late).toMatchObject({ kind: 'restore', state: 'done', late: true });
+    expect(s.vmMemory('vm1')).toBe(1024 * MiB);
+    // Awake, the guest carries it out although its deadline has passed: the books hold it.
+    const n = await s.waitHostNotice(
+      (x) => x.id === late.id && x.outcome !== undefined,
+      'the late restore to be carried out',
+      60_000,
+    );
+    expect(n.outcome).toMatchObject({ status: 'complete' });
+    const v = await threeViews(s);
+    expect(v.books).toEqual({ memoryBytes: 1024 * MiB, cpus: 2 });
+    expect(v.guest).toEqual(v.books);
+    await waitFor('batch to run again', async () =>
+      s.procs('vm1', 'batch').length > 0 ? true : undefined,
+    );
+  });
 });

@@ -64,6 +64,12 @@ export abstract class GuestConnections extends EventEmitter {
   protected readonly links = new Map<string, Link>();
   /** Outcome waiters by notice id (the running lifecycle's apply step). */
   protected readonly outcomeWaiters = new Map<string, (o: Outcome | NestError) => void>();
+  /**
+   * The journal write of each outcome that has arrived: the lifecycle is told of an outcome
+   * the moment it arrives (arriving by the deadline is what counts), and awaits this write
+   * before it actuates anything (notice-lifecycle.ts).
+   */
+  protected readonly outcomeSaved = new Map<string, Promise<void>>();
   protected readonly guestsByName = new Map<string, GuestConfig>();
   protected readonly log: Logger;
   protected readonly clock: Clock;
@@ -332,9 +338,15 @@ export abstract class GuestConnections extends EventEmitter {
     // The books credit at most what the notice asked for, whatever the guest claims.
     rec.credited = creditedByOutcome(rec.notice.change, outcome.freed);
     if (rec.state === 'issued' || rec.state === 'acked') rec.state = 'reported';
-    await this.store.save(rec);
+    const saved = this.store.save(rec);
+    this.outcomeSaved.set(rec.notice.id, saved);
     this.note(rec, 'outcome', { ms: outcome.ms });
     this.outcomeWaiters.get(rec.notice.id)?.(outcome);
+    try {
+      await saved;
+    } finally {
+      if (this.outcomeSaved.get(rec.notice.id) === saved) this.outcomeSaved.delete(rec.notice.id);
+    }
   }
 
   protected sendTo(link: Link, msg: Message): boolean {

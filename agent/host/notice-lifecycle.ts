@@ -60,6 +60,8 @@ export abstract class NoticeLifecycle extends GuestConnections {
     }
 
     const outcome = await this.deliverAndWait(rec, g, log);
+    // The outcome is journaled before anything depends on it (it was taken as it arrived).
+    await this.outcomeSaved.get(rec.notice.id);
 
     if (rec.state === 'cancelled') return rec;
     if (rec.notice.kind === 'restore') {

@@ -9,7 +9,14 @@ import { EventEmitter } from 'node:events';
 import type { Notice, Outcome } from '../broker/types';
 import { NestError } from '../common/errors';
 import type { Logger } from '../common/log';
-import { newMessageId, PROTOCOL_VERSION, type Hello, type Message } from '../protocol/messages';
+import {
+  CAPABILITIES,
+  CAP_MONOTONIC_CLOCK,
+  newMessageId,
+  PROTOCOL_VERSION,
+  type Hello,
+  type Message,
+} from '../protocol/messages';
 import { parseMessage } from '../protocol/schemas';
 import { OutcomeAssembler } from '../protocol/outcome-parts';
 import { creditedByOutcome } from './books';
@@ -123,11 +130,12 @@ export abstract class GuestConnections extends EventEmitter {
    * the guest converts the deadline once, on receipt, to its own, whatever either wall
    * clock says.
    */
-  protected noticeMessage(notice: Notice): Message {
+  protected noticeMessage(notice: Notice, link: Link | undefined): Message {
     const rec = this.store.get(notice.id);
-    const clock = rec
-      ? { sent: this.clock.monotonic(), deadline: Math.max(0, this.deadlineOf(rec)) }
-      : undefined;
+    const clock =
+      rec && link?.hello && takesClock(link.hello)
+        ? { sent: this.clock.monotonic(), deadline: Math.max(0, this.deadlineOf(rec)) }
+        : undefined;
     return notice.kind === 'reclaim'
       ? { type: 'notice', id: newMessageId(), notice, ...(clock ? { clock } : {}) }
       : { type: 'restore', id: newMessageId(), notice, ...(clock ? { clock } : {}) };
@@ -237,10 +245,17 @@ export abstract class GuestConnections extends EventEmitter {
       version: PROTOCOL_VERSION,
       guest: g.name,
       heartbeatMs: this.deps.config.heartbeat.intervalMs,
-      clock: this.clock.monotonic(),
+      // We assemble outcome parts and send our monotonic clock (docs/protocol.md,
+      // "Versions and capabilities").
+      capabilities: [...CAPABILITIES],
+      ...(takesClock(hello) ? { clock: this.clock.monotonic() } : {}),
     });
     log.info(
-      { lastSeq: hello.lastSeq, projects: hello.inventory.projects.length },
+      {
+        lastSeq: hello.lastSeq,
+        projects: hello.inventory.projects.length,
+        capabilities: hello.capabilities ?? [],
+      },
       'guest said hello',
     );
     this.emit('hello', g.name);
@@ -268,7 +283,7 @@ export abstract class GuestConnections extends EventEmitter {
         continue;
       if (rec.notice.kind === 'restore' && !rec.actuation) continue;
       log.info({ noticeId: rec.notice.id, seq: rec.notice.seq }, 'sending an unanswered notice');
-      this.request(link, rec.notice.id, this.noticeMessage(rec.notice))
+      this.request(link, rec.notice.id, this.noticeMessage(rec.notice, link))
         .then((ack) => this.onAck(rec, ack))
         .catch((err: unknown) => log.warn({ err, noticeId: rec.notice.id }, 'resend not acked'));
     }
@@ -318,7 +333,7 @@ export abstract class GuestConnections extends EventEmitter {
       'outcome arrived without all of its parts; not recorded',
     );
     if (tries > OUTCOME_PART_RETRIES) return;
-    this.request(link, noticeId, this.noticeMessage(rec.notice))
+    this.request(link, noticeId, this.noticeMessage(rec.notice, link))
       .then((ack) => this.onAck(rec, ack))
       .catch((err: unknown) => log.warn({ err }, 'asking again for the outcome failed'));
   }
@@ -403,4 +418,9 @@ export abstract class GuestConnections extends EventEmitter {
     if (rec.progress.length > 500) rec.progress.shift();
     this.emit('progress', ev);
   }
+}
+
+/** The guest takes the host's monotonic clock on welcome and notices (it listed the capability). */
+function takesClock(hello: Hello): boolean {
+  return hello.capabilities?.includes(CAP_MONOTONIC_CLOCK) ?? false;
 }

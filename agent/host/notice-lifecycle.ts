@@ -155,7 +155,7 @@ export abstract class NoticeLifecycle extends GuestConnections {
         const ack = await this.request(
           link,
           notice.id,
-          this.noticeMessage(notice),
+          this.noticeMessage(notice, link),
           Math.max(1, Math.min(this.deps.deliverTimeoutMs ?? 5_000, left)),
         );
         this.onAck(rec, ack);

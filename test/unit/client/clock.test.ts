@@ -112,6 +112,7 @@ beforeEach(async () => {
     version: 1,
     guest: 'vm1',
     heartbeatMs: 5000,
+    capabilities: ['monotonic-clock'],
     clock: HOST_MONO,
   });
   // The guest times a round trip at once: the host answers its ping (as its channel does).

@@ -238,6 +238,12 @@ describe('a live guest agent', () => {
         actions: { batch: 'started', web: 'unchanged' },
       },
     });
+    // The outcome says `started` once the process is spawned; its marker line comes when
+    // it runs: waited for, not raced.
+    await waitFor(
+      "batch's third start",
+      () => g.env.markerLines('batch').filter((l) => l.startsWith('start ')).length >= 3,
+    );
     expect(g.env.markerLines('batch').filter((l) => l.startsWith('start '))).toHaveLength(3);
   });
 });

@@ -253,7 +253,10 @@ export abstract class NoticeLifecycle extends GuestConnections {
       { status: outcome.status, freed: outcome.freed },
       'late outcome: the guest carried the reclaim out; the books count it and the VM is lowered',
     );
-    void this.track(rec);
+    // An outcome that came while the lifecycle was still writing `late` waits for it to end
+    // (it ends without acting: the record is no longer final), then actuates in a new one.
+    const current = this.running.get(rec.notice.id);
+    void (current ?? Promise.resolve()).then(() => this.track(rec));
   }
 }
 

@@ -22,7 +22,9 @@ import {
   formatOutcome,
   newestFirst,
   formatProgress,
+  formatReload,
   json,
+  type ReloadAnswer,
   runCommand,
   stdio,
   table,
@@ -287,6 +289,18 @@ export function registerGuestCommands(y: Argv<GlobalArgs>, io: Io = stdio): Argv
           };
           io.out(a.json ? json(r) : `notice ${String(a.noticeId)}: ${r.state}`);
           return r.state === 'cancelled' ? EXIT.OK : EXIT.REJECTED;
+        }),
+    )
+    .command(
+      'reload',
+      "re-read the agent's config file and apply what can change live (as SIGHUP does)",
+      (b) => b,
+      (a) =>
+        run(a, io, async () => {
+          const r = (await rpcCall(socketOf(a), 'reload', {}, { timeoutMs: 0 })) as ReloadAnswer;
+          const f = formatReload(r);
+          io.out(a.json ? json(r) : f.text);
+          return f.code;
         }),
     )
     .command(

@@ -63,9 +63,12 @@ export class GuestAgent {
   private upstream: Upstream | null = null;
   private metrics: MetricsServer | null = null;
   private lock: StateLock | null = null;
+  /** Set by the daemon (agent/guest/main.ts): re-reads its config file (`nestctl --guest reload`). */
+  reload?: (trigger: string) => Promise<unknown>;
 
   private constructor(
-    readonly cfg: GuestConfig,
+    /** Replaced by a reload (agent/guest/reload.ts); read it anew, never keep it. */
+    public cfg: GuestConfig,
     readonly adapter: CgroupAdapter,
     readonly registry: ProjectRegistry,
     readonly board: ProjectNoticeBoard,
@@ -140,9 +143,11 @@ export class GuestAgent {
       log.child({ part: 'project-socket' }),
     );
     const registry = new ProjectRegistry(cfg, adapter, board, log.child({ part: 'projects' }));
+    // Through the agent (set below): a reload replaces agent.cfg and its projects.
+    let current = (): GuestConfig => cfg;
     const usage = new UsageSampler(
       adapter,
-      () => cfg.projects.map((p) => ({ name: p.name, group: registry.group(p.name) })),
+      () => current().projects.map((p) => ({ name: p.name, group: registry.group(p.name) })),
       cfg.usageIntervalMs,
       log.child({ part: 'usage' }),
     );
@@ -172,6 +177,7 @@ export class GuestAgent {
       rpc,
       log,
     );
+    current = () => agent.cfg;
 
     // The operator socket first: a second agent on the same config fails here, before it
     // has started or adopted anything. Commands wait until the projects are up.
@@ -185,7 +191,9 @@ export class GuestAgent {
     if (cfg.metrics)
       agent.metrics = await MetricsServer.listen(
         guestMetrics({
-          cfg,
+          get cfg() {
+            return agent.cfg;
+          },
           book,
           registry,
           usage,

@@ -29,6 +29,10 @@ import type { Resources } from '../broker/types';
 // The normalised config
 // ---------------------------------------------------------------------------------------
 
+/** pino's levels, as a config names them (`logLevel`). */
+export const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] as const;
+export type LogLevel = (typeof LOG_LEVELS)[number];
+
 export type Transport = 'virtio-serial' | 'unix' | 'tls' | 'none';
 
 export type UpstreamConfig =
@@ -92,6 +96,8 @@ export interface GuestConfig {
   limits: { messagesPerSecond: number; messageBurst: number; pendingNotices: number };
   /** Prometheus metrics on http://host:port/metrics (agent/guest/metrics.ts); absent: off. */
   metrics?: { host: string; port: number };
+  /** The log level; absent: NESTBROKER_LOG_LEVEL, else info. A reload applies it live. */
+  logLevel?: LogLevel;
   projects: ProjectConfig[];
   /**
    * Things that are allowed but probably not meant (e.g. minimums above the configured
@@ -542,6 +548,7 @@ const guestSchema = z
       })
       .strict()
       .optional(),
+    logLevel: z.enum(LOG_LEVELS).optional(),
     projects: z.array(projectSchema).max(1000, 'must list at most 1000 projects'),
   })
   .strict();
@@ -953,6 +960,7 @@ function normalise(p: Parsed, warnings: Problem[], source: string): GuestConfig 
   };
   if (p.resources) cfg.resources = { cpus: p.resources.cpus, memoryBytes: p.resources.memory };
   if (p.metrics) cfg.metrics = { host: p.metrics.host, port: p.metrics.port };
+  if (p.logLevel) cfg.logLevel = p.logLevel;
   return cfg;
 }
 

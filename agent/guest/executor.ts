@@ -66,7 +66,7 @@ export class GuestBroker implements LocalBroker {
   readonly name: string;
 
   constructor(
-    private readonly cfg: GuestConfig,
+    private cfg: GuestConfig,
     private readonly registry: ProjectRegistry,
     private readonly board: ProjectNoticeBoard,
     private readonly adapter: CgroupAdapter,
@@ -75,6 +75,11 @@ export class GuestBroker implements LocalBroker {
     private readonly log: Logger,
   ) {
     this.name = cfg.guest;
+  }
+
+  /** A reload's new config (agent/guest/reload.ts): the projects and the reserve plans use. */
+  setConfig(cfg: GuestConfig): void {
+    this.cfg = cfg;
   }
 
   /** The guest's whole allocation now: every notice is checked against it (NoticeBook). */

@@ -19,7 +19,9 @@ import {
   fmtBytes,
   fmtTime,
   formatOutcome,
+  formatReload,
   newestFirst,
+  type ReloadAnswer,
   json,
   runCommand,
   stdio,
@@ -253,6 +255,18 @@ export function registerHostCommands(y: Argv, io: Io = stdio): Argv {
           const s = (await rpcCall(sock(a as G), 'status')) as HostStatus;
           io.out((a as G).json ? json(s) : statusText(s));
           return EXIT.OK;
+        }),
+    )
+    .command(
+      'reload',
+      "re-read the broker's config file and apply what can change live (as SIGHUP does)",
+      (c) => c,
+      (a) =>
+        run(a as G, io, async () => {
+          const r = (await rpcCall(sock(a as G), 'reload', {}, { timeoutMs: 0 })) as ReloadAnswer;
+          const f = formatReload(r);
+          io.out((a as G).json ? json(r) : f.text);
+          return f.code;
         }),
     )
     .command(

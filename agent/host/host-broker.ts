@@ -240,6 +240,33 @@ export class HostBroker extends EventEmitter {
     await this.pruning;
   }
 
+  /**
+   * A reload's new config (agent/host/reload.ts). Guests removed are detached (their
+   * journal stays: added again, their books go on from it); guests added are attached,
+   * and their unfinished notices from an earlier time in the config resumed; a guest named
+   * in `reconnect` (its channel changed) gets a new channel. Every other guest's settings
+   * (allocation, floor, priority, cgroup, qmp…) are read from `cfg` from now on. The caller
+   * has checked that no removed guest has a notice in flight.
+   */
+  reconfigure(cfg: Readonly<HostConfig>, reconnect: readonly string[] = []): void {
+    const before = new Set(this.guestsByName.keys());
+    this.deps.config = cfg;
+    this.guestsByName.clear();
+    for (const g of cfg.guests) this.guestsByName.set(g.name, g);
+    for (const name of before)
+      if (!this.guestsByName.has(name) || reconnect.includes(name)) {
+        this.links.get(name)?.channel.close();
+        this.links.delete(name);
+      }
+    for (const g of cfg.guests) {
+      if (this.links.has(g.name)) continue;
+      this.compact(g.name);
+      this.attach(g);
+      if (before.has(g.name)) continue;
+      for (const rec of this.ofGuest(g.name)) if (!FINAL.has(rec.state)) this.track(rec);
+    }
+  }
+
   private attach(g: GuestConfig): void {
     const channel = this.deps.connect(g);
     const link: Link = {

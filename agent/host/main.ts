@@ -29,9 +29,20 @@ import {
 import { HostBroker } from './host-broker';
 import { hostMetrics } from './metrics';
 import { Watcher } from './watcher';
+import {
+  diffHostConfig,
+  effectiveHostConfig,
+  logHostReload,
+  reloadProblems,
+  type HostReloadReport,
+} from './reload';
+import type { Problem } from '../common/errors';
 
 export interface RunningHost {
+  /** Replaced by a reload (agent/host/reload.ts). */
   config: Readonly<HostConfig>;
+  /** The VM cgroups' adapter; null when no guest had a cgroup at start. */
+  adapter: CgroupAdapter | null;
   broker: HostBroker;
   server: RpcServer;
   watcher: Watcher;
@@ -138,17 +149,15 @@ async function startHostLocked(
   await server.listen(cfg.socket, { mode: cfg.socketMode, group: await groupId(cfg.socketGroup) });
   const metrics = cfg.metrics
     ? await MetricsServer.listen(
-        hostMetrics(
-          broker,
-          cfg.guests.map((g) => g.name),
-        ),
+        hostMetrics(broker, () => host.config.guests.map((g) => g.name)),
         cfg.metrics,
         log.child({ part: 'metrics' }),
       )
     : null;
   log.info({ socket: cfg.socket, guests: cfg.guests.map((g) => g.name) }, 'host broker ready');
-  return {
+  const host: RunningHost = {
     config: cfg,
+    adapter,
     broker,
     server,
     watcher,
@@ -160,6 +169,78 @@ async function startHostLocked(
       await broker.stop();
       await lock.release();
     },
+  };
+  return host;
+}
+
+/** What a reload answers (`nestctl reload`, and the log lines of a SIGHUP). */
+export type HostReloadResult =
+  | { ok: true; report: HostReloadReport }
+  | { ok: false; source: string; code: string; problems: Problem[] };
+
+/**
+ * Reloads `file` into a running broker, one reload at a time (agent/host/reload.ts). An
+ * invalid file, or one that cannot be applied now, is refused: every problem logged, the
+ * config in force stays.
+ */
+export function hostReloader(
+  host: RunningHost,
+  file: string,
+  log: Logger,
+): (trigger: string) => Promise<HostReloadResult> {
+  let chain: Promise<unknown> = Promise.resolve();
+  const refuse = (code: string, problems: Problem[]): HostReloadResult => {
+    for (const p of problems)
+      log.error({ field: p.field, value: p.value }, `reload refused: ${p.field}: ${p.message}`);
+    log.error(
+      { code, problems: problems.length, config: file },
+      'reload refused: the config has problems; the config in force stays',
+    );
+    return { ok: false, source: file, code, problems };
+  };
+  const run = async (trigger: string): Promise<HostReloadResult> => {
+    log.info({ trigger, config: file }, 'reload: reading the config');
+    let next: Readonly<HostConfig>;
+    try {
+      next = await loadHostConfig(file);
+    } catch (err) {
+      if (!isNestError(err)) throw err;
+      return refuse(
+        err.code,
+        err.problems.length
+          ? err.problems
+          : [{ field: '(file)', value: file, message: err.message }],
+      );
+    }
+    const d = diffHostConfig(host.config, next);
+    const problems = reloadProblems(d, (g) => host.broker.status(g).pending, host.adapter !== null);
+    if (problems.length > 0) return refuse('CONFIG_INVALID', problems);
+    const report = logHostReload(d, file, log);
+    const cfg = effectiveHostConfig(host.config, next);
+    host.config = cfg;
+    if (d.live.some((l) => l.field === 'logLevel'))
+      log.level = cfg.logLevel ?? process.env.NESTBROKER_LOG_LEVEL ?? 'info';
+    host.broker.reconfigure(
+      cfg,
+      d.changed.filter((c) => c.reconnect).map((c) => c.name),
+    );
+    host.watcher.setConfig(cfg);
+    log.info(
+      {
+        added: report.added,
+        removed: report.removed,
+        changed: report.changed.map((c) => c.name),
+        live: report.live,
+        restartNeeded: report.restartNeeded,
+      },
+      'reload: config applied',
+    );
+    return { ok: true, report };
+  };
+  return (trigger) => {
+    const p = chain.then(() => run(trigger));
+    chain = p.catch(() => undefined);
+    return p;
   };
 }
 
@@ -183,11 +264,19 @@ export async function runHost(argv: string[]): Promise<number> {
     .strict()
     .help()
     .parseAsync();
+  // A SIGHUP before the broker is up must not end it (the default action): it is applied
+  // once the broker is ready.
+  let hupPending = false;
+  const early = (): void => {
+    hupPending = true;
+  };
+  process.on('SIGHUP', early);
   const log = createLogger('nestbroker-host');
   let cfg: Readonly<HostConfig>;
   try {
     cfg = await loadHostConfig(a.config);
   } catch (err) {
+    process.off('SIGHUP', early);
     if (isNestError(err)) {
       process.stderr.write(`${err.message}\n`);
       return 2;
@@ -195,20 +284,33 @@ export async function runHost(argv: string[]): Promise<number> {
     throw err;
   }
   if (a.check) {
+    process.off('SIGHUP', early);
     process.stdout.write(`${a.config}: OK (${cfg.guests.length} guests)\n`);
     return 0;
   }
+  // Children inherit the root's level unless they set their own (pino).
+  if (cfg.logLevel) log.level = cfg.logLevel;
   let host: RunningHost;
   try {
     host = await startHost(cfg, log);
   } catch (err) {
+    process.off('SIGHUP', early);
     log.fatal({ err }, 'host broker could not start');
     process.stderr.write(`nestbroker host: could not start: ${describeStartError(err)}\n`);
     return 1;
   }
+  const reload = hostReloader(host, a.config, log);
+  host.server.handle('reload', () => reload('nestctl reload'));
+  const onHup = (): void => {
+    reload('SIGHUP').catch((err: unknown) => log.error({ err }, 'reload failed'));
+  };
+  process.on('SIGHUP', onHup);
+  process.off('SIGHUP', early);
+  if (hupPending) onHup();
   return new Promise<number>((resolve) => {
     const stop = (sig: string): void => {
       log.info({ signal: sig }, 'stopping');
+      process.off('SIGHUP', onHup);
       void host.stop().then(() => resolve(0));
     };
     process.once('SIGTERM', () => stop('SIGTERM'));

@@ -96,7 +96,7 @@ export class Watcher {
   private readonly clock: WatcherClock;
 
   constructor(
-    private readonly cfg: Readonly<HostConfig>,
+    private cfg: Readonly<HostConfig>,
     private readonly broker: Pick<HostBroker, 'status' | 'issue'>,
     private readonly adapter: CgroupAdapter | null,
     private readonly log: Logger,
@@ -122,6 +122,16 @@ export class Watcher {
         });
     };
     this.timer = this.clock.setTimeout(tick, 0);
+  }
+
+  /**
+   * A reload's new config (agent/host/reload.ts): the guests and the trigger. A trigger
+   * turned on starts the loop, turned off stops it; its state (breach, cooldown) stays.
+   */
+  setConfig(cfg: Readonly<HostConfig>): void {
+    this.cfg = cfg;
+    if (cfg.trigger.enabled) this.start();
+    else this.stop();
   }
 
   stop(): void {

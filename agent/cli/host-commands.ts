@@ -9,6 +9,7 @@ import { formatMs, parseDuration } from '../common/units';
 import type { NoticeView } from '../host/api';
 import type { GuestStatus, HostProgress } from '../host/host-broker';
 import { DEFAULT_HOST_SOCKET } from '../host/config';
+import type { PlanResult } from '../protocol/messages';
 import { parseTopArgs, topLoop, topOptions } from './top';
 import {
   checkChangeFlags,
@@ -17,6 +18,7 @@ import {
   exitForError,
   exitForOutcome,
   fmtBytes,
+  fmtLimits,
   fmtTime,
   formatOutcome,
   formatReload,
@@ -329,28 +331,11 @@ export function registerHostCommands(y: Argv, io: Io = stdio): Argv {
             };
             problems: { field: string; message: string }[];
             inventory: { projects: { name: string; priority: number; state: string }[] } | null;
-            note: string;
+            guestPlan: PlanResult | null;
+            note?: string;
           };
           if ((a as G).json) io.out(json(p));
-          else {
-            io.out(
-              p.ok
-                ? `${String(a.vm)}: ${res(p.books.granted)} now → ${res(p.allocation)} after (floor ${res(p.books.floor)})`
-                : `${String(a.vm)}: refused\n${p.problems.map((x) => `  ${x.field}: ${x.message}`).join('\n')}`,
-            );
-            if (p.inventory) {
-              io.out('');
-              io.out(
-                table(
-                  ['project', 'priority', 'state'],
-                  [...p.inventory.projects]
-                    .sort((x, y) => x.priority - y.priority)
-                    .map((x) => [x.name, x.priority, x.state]),
-                ),
-              );
-              io.out('(lowest priority gives first; ' + p.note + ')');
-            }
-          }
+          else io.out(hostPlanText(String(a.vm), p));
           return p.ok ? EXIT.OK : EXIT.REJECTED;
         }),
     )
@@ -415,4 +400,65 @@ export function registerHostCommands(y: Argv, io: Io = stdio): Argv {
         }),
     )
     .epilogue(HOST_EXIT_HELP);
+}
+
+type Res = { memoryBytes: number; cpus: number };
+
+/**
+ * `nestctl plan VM`: the books' answer, then the guest's own plan project by project (in
+ * the order it would act), or why there is none (refused by the books, guest away); with
+ * the inventory of its last hello as a fallback when the guest could not be asked.
+ */
+export function hostPlanText(
+  vm: string,
+  p: {
+    ok: boolean;
+    allocation?: Res;
+    books: { granted: Res; floor: Res };
+    problems: { field: string; message: string }[];
+    inventory: { projects: { name: string; priority: number; state: string }[] } | null;
+    guestPlan: PlanResult | null;
+    note?: string;
+  },
+): string {
+  const r = (x: Res | undefined): string =>
+    x ? `${fmtBytes(x.memoryBytes)}, ${cpusText(x.cpus)}` : '-';
+  const out = [
+    p.ok
+      ? `${vm}: ${r(p.books.granted)} now → ${r(p.allocation)} after (floor ${r(p.books.floor)})`
+      : `${vm}: refused\n${p.problems.map((x) => `  ${x.field}: ${x.message}`).join('\n')}`,
+  ];
+  const g = p.guestPlan;
+  if (g) {
+    out.push(
+      `guest's plan: projects share ${r(g.projectAllocation)}; ${g.fits ? 'every running project keeps running' : 'some projects stop'}`,
+      '',
+      table(
+        ['project', 'priority', 'action', 'before', 'after', 'reason'],
+        g.projects.map((x) => [
+          x.project,
+          x.priority,
+          x.action,
+          fmtLimits(x.before),
+          x.action === 'stopped' ? 'stopped' : fmtLimits(x.after),
+          x.reason,
+        ]),
+      ),
+    );
+    if (g.omitted) out.push(`(${g.omitted} more projects, unchanged or least affected, left out)`);
+    for (const line of g.reasons) out.push(`- ${line}`);
+    out.push('(dry run: nothing was changed, on the host or in the guest)');
+  } else if (p.inventory) {
+    out.push(
+      '',
+      table(
+        ['project', 'priority', 'state'],
+        [...p.inventory.projects]
+          .sort((x, y) => x.priority - y.priority)
+          .map((x) => [x.name, x.priority, x.state]),
+      ),
+      `(from the guest's last hello; lowest priority gives first${p.note ? `; ${p.note}` : ''})`,
+    );
+  } else if (p.note) out.push(`(${p.note})`);
+  return out.join('\n');
 }

@@ -6,6 +6,7 @@
  *
  *   notice | restore → ack (accepted | duplicate | rejected) → progress* → outcome
  *   cancel           → ack (cancelled | not-cancellable | rejected)
+ *   plan             → plan-result (the local broker's dry run), or error
  *   ping             → pong
  *   anything invalid → error (the connection and all state stay)
  *
@@ -19,6 +20,8 @@ import {
   newMessageId,
   type Hello,
   type Message,
+  type PlanRequest,
+  type PlanResult,
   type Progress,
 } from '../protocol/messages';
 import { errorReply, parseMessage } from '../protocol/schemas';
@@ -36,6 +39,8 @@ export interface ClientOptions {
   channel: ClientChannel;
   book: NoticeBook;
   inventory(): Promise<Hello['inventory']>;
+  /** The local broker's dry run for a `plan` request; absent: `plan` is answered with an error. */
+  plan?(req: PlanRequest): Promise<Omit<PlanResult, 'type' | 'id' | 'replyTo'>>;
   log: Logger;
 }
 
@@ -160,6 +165,10 @@ export class Client {
         }
         return;
       }
+      case 'plan':
+        // Read-only and independent of the notices: not queued behind them in the inbox.
+        void this.onPlan(msg);
+        return;
       case 'ping':
         this.send({ type: 'pong', id: newMessageId(), replyTo: msg.id, t: msg.t });
         return;
@@ -178,6 +187,23 @@ export class Client {
           code: 'PROTOCOL_INVALID',
           message: `a client does not accept "${msg.type}" messages`,
         });
+    }
+  }
+
+  private async onPlan(msg: PlanRequest): Promise<void> {
+    try {
+      if (!this.opts.plan) throw new Error('this client has no planner');
+      const body = await this.opts.plan(msg);
+      this.send({ type: 'plan-result', id: newMessageId(), replyTo: msg.id, ...body });
+    } catch (err) {
+      const e = errorOf(err);
+      this.send({
+        type: 'error',
+        id: newMessageId(),
+        replyTo: msg.id,
+        code: e.code,
+        message: e.message.slice(0, 4000),
+      });
     }
   }
 

@@ -24,7 +24,8 @@ import type { Logger } from '../common/log';
 import { RpcServer } from '../common/rpc';
 import { MetricsServer } from '../common/metrics';
 import type { ProjectLimits, Resources } from '../broker/types';
-import type { Hello } from '../protocol/messages';
+import type { Hello, PlanResult } from '../protocol/messages';
+import { planResultBody } from './plan-view';
 import { NoticeBook } from '../client/notices';
 import { minimumsAbove, type GuestConfig } from './config';
 import { GuestBroker, type AllocationBook } from './executor';
@@ -223,6 +224,7 @@ export class GuestAgent {
       book,
       () => agent.inventory(),
       log.child({ part: 'upstream' }),
+      (req) => agent.planFor(req.allocation),
     );
     log.info(
       {
@@ -247,6 +249,13 @@ export class GuestAgent {
     await this.rpc.close();
     await this.board.close();
     await this.lock?.release();
+  }
+
+  /** The host's dry run (`plan` over the channel): this guest's plan at `allocation`. */
+  async planFor(allocation: Resources): Promise<Omit<PlanResult, 'type' | 'id' | 'replyTo'>> {
+    const plan = await this.broker.planFor(allocation);
+    const prio = new Map(this.cfg.projects.map((p) => [p.name, p.priority]));
+    return planResultBody(plan, allocation, (name) => prio.get(name) ?? 0);
   }
 
   async inventory(): Promise<Hello['inventory']> {

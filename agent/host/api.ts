@@ -3,16 +3,17 @@
  * by RpcServer (agent/common/rpc.ts), used by `nestctl` (agent/cli/host-commands.ts).
  * Every argument is validated here, at the boundary, with every problem named.
  *
- * `plan` is answered by the host from what it knows: the books (what the reclaim would
- * leave, floors) and the guest's inventory from its last hello. It cannot say which
- * projects would shrink or stop: only the guest knows their minimums and usage, and the
- * protocol carries no dry-run request (on purpose: the guest's own `nestctl plan` on the
- * guest's socket answers that). See docs/host-broker.md.
+ * `plan` is answered from the books (what the reclaim would leave, floors) and, when they
+ * allow it and the guest is connected, from the guest itself: the host asks it over the
+ * channel for its dry run (`plan` → `plan-result`), project by project, since only the
+ * guest knows its projects' minimums and usage. Nothing changes on either side. See
+ * docs/host-broker.md.
  */
 import { NestError, type Problem } from '../common/errors';
 import { RpcServer, type RpcContext } from '../common/rpc';
 import { parseCpus, parseDuration, parseSize } from '../common/units';
 import type { Resources } from '../broker/types';
+import type { PlanResult } from '../protocol/messages';
 import type { HostBroker, HostNoticeRecord, HostProgress } from './host-broker';
 import type { Watcher } from './watcher';
 
@@ -135,6 +136,15 @@ export function registerHostApi(
     v.done();
     const r = broker.check(kind, guest!, change);
     const s = broker.status(guest!);
+    // The guest's own plan, only for a change the books allow (nothing to plan otherwise).
+    let guestPlan: PlanResult | null = null;
+    let note: string | undefined;
+    if (r.ok)
+      try {
+        guestPlan = await broker.askPlan(guest!, kind, r.allocation);
+      } catch (err) {
+        note = `no project-level plan from the guest: ${err instanceof Error ? err.message : String(err)}`;
+      }
     return {
       guest,
       kind,
@@ -144,7 +154,8 @@ export function registerHostApi(
       allocation: r.ok ? r.allocation : undefined,
       problems: r.ok ? [] : r.problems,
       inventory: s.inventory ?? null,
-      note: 'which projects shrink or stop is decided by the guest; run `nestctl plan` on the guest for its project-level dry run',
+      guestPlan,
+      ...(note ? { note } : {}),
     };
   });
 

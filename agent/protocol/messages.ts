@@ -7,11 +7,20 @@
  *
  * Flow: hello → welcome; notice|restore → ack → progress* → outcome-part* → outcome;
  * cancel → ack;
+ * plan → plan-result (a dry run: the guest's plan for an allocation; nothing changes);
  * ping → pong; anything invalid → error (the connection and all state stay).
  * Only resource targets cross the channel: nothing in a message is ever executed.
  */
 import { randomUUID } from 'node:crypto';
-import type { Notice, Outcome, ProjectAction, ExitKind, ProjectOutcome } from '../broker/types';
+import type {
+  Notice,
+  Outcome,
+  ProjectAction,
+  ExitKind,
+  ProjectLimits,
+  ProjectOutcome,
+  Resources,
+} from '../broker/types';
 
 export const PROTOCOL_VERSION = 1;
 export const MAX_LINE_BYTES = 64 * 1024;
@@ -108,6 +117,47 @@ export interface Cancel {
   noticeId: string;
 }
 
+/**
+ * The host asks for the guest's dry run (`nestctl plan VM` on the host): what the guest's
+ * planner would do to each project at `allocation` (the guest's whole allocation after the
+ * change). Nothing is journaled, nothing changes; the answer is a `plan-result` (or an
+ * `error` naming this message in `replyTo`).
+ */
+export interface PlanRequest {
+  type: 'plan';
+  id: string;
+  kind: 'reclaim' | 'restore';
+  allocation: Resources;
+}
+
+/** One project's decision in a `plan-result` (the guest planner's Decision, in short). */
+export interface PlanProject {
+  project: string;
+  priority: number;
+  action: ProjectAction;
+  before: ProjectLimits;
+  after: ProjectLimits;
+  /** Usage (bytes) that must come down before memory.max can be lowered. */
+  mustComeDownFrom?: number;
+  reason: string;
+}
+
+export interface PlanResult {
+  type: 'plan-result';
+  id: string;
+  replyTo: string;
+  /** The guest's allocation planned for, and what of it the projects share (less the reserve). */
+  allocation: Resources;
+  projectAllocation: Resources;
+  /** Every running project keeps running. */
+  fits: boolean;
+  reasons: string[];
+  /** In execution order. */
+  projects: PlanProject[];
+  /** Projects left out to keep the line under 64 KiB (the last, least affected, first). */
+  omitted?: number;
+}
+
 export interface Ping {
   type: 'ping';
   id: string;
@@ -140,6 +190,8 @@ export type Message =
   | OutcomeMsg
   | OutcomePart
   | Cancel
+  | PlanRequest
+  | PlanResult
   | Ping
   | Pong
   | ErrorMsg;

@@ -28,6 +28,9 @@ expectType<Equal<z.infer<typeof S.ProgressSchema>, M.Progress>>();
 expectType<Equal<z.infer<typeof S.OutcomeMsgSchema>, M.OutcomeMsg>>();
 expectType<Equal<z.infer<typeof S.OutcomePartSchema>, M.OutcomePart>>();
 expectType<Equal<z.infer<typeof S.CancelSchema>, M.Cancel>>();
+expectType<Equal<z.infer<typeof S.PlanRequestSchema>, M.PlanRequest>>();
+expectType<Equal<z.infer<typeof S.PlanProjectSchema>, M.PlanProject>>();
+expectType<Equal<z.infer<typeof S.PlanResultSchema>, M.PlanResult>>();
 expectType<Equal<z.infer<typeof S.PingSchema>, M.Ping>>();
 expectType<Equal<z.infer<typeof S.PongSchema>, M.Pong>>();
 expectType<Equal<z.infer<typeof S.ErrorMsgSchema>, M.ErrorMsg>>();
@@ -45,6 +48,8 @@ test('the type checks above are compiled by tsc; at run time the type lists agre
     outcome: true,
     'outcome-part': true,
     cancel: true,
+    plan: true,
+    'plan-result': true,
     ping: true,
     pong: true,
     error: true,

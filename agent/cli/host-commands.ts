@@ -10,6 +10,8 @@ import type { NoticeView } from '../host/api';
 import type { GuestStatus, HostProgress } from '../host/host-broker';
 import { DEFAULT_HOST_SOCKET } from '../host/config';
 import type { PlanResult } from '../protocol/messages';
+import type { HostInventory } from '../../cgroup-adapter/host-usage';
+import type { VmProcesses } from '../host/watcher';
 import { parseTopArgs, topLoop, topOptions } from './top';
 import {
   checkChangeFlags,
@@ -78,6 +80,8 @@ const res = (r: { memoryBytes: number; cpus: number } | undefined): string =>
 
 /** What the host's `status` returns (agent/host/api.ts). */
 interface HostStatus {
+  inventory?: HostInventory | null;
+  processes?: VmProcesses[];
   guests: GuestStatus[];
   notices: NoticeView[];
   host: {
@@ -102,6 +106,11 @@ interface HostStatus {
 export function statusText(s: HostStatus): string {
   const out: string[] = [];
   const h = s.host?.host;
+  const inv = s.inventory;
+  if (inv)
+    out.push(
+      `${inv.hostname}: ${inv.cpuModel}, ${inv.cpus} CPUs (${inv.physicalCores} cores${inv.cpuGHz ? `, ${inv.cpuGHz} GHz` : ''}), ${fmtBytes(inv.memTotalBytes)}; ${inv.os}, kernel ${inv.kernel}, ${inv.arch}`,
+    );
   out.push(
     `host: ${h ? `${fmtBytes(h.memoryAvailableBytes)} available of ${fmtBytes(h.memoryTotalBytes)}, memory PSI some avg10 ${h.memoryPsiSomeAvg10 ?? '-'}` : 'not sampled yet'}; trigger ${s.trigger?.enabled ? 'on' : 'off'}`,
   );
@@ -122,11 +131,35 @@ export function statusText(s: HostStatus): string {
       ),
     );
   }
+  if (s.processes) {
+    out.push('');
+    out.push(processesTable(s.processes));
+  }
   if (s.notices.length) {
     out.push('');
     out.push(noticesTable(s.notices));
   }
   return out.join('\n');
+}
+
+/** Each VM's processes (its QEMU), largest RSS first: CPU share since the last look, RSS. */
+export function processesTable(vms: VmProcesses[]): string {
+  const rows: (string | number)[][] = [];
+  for (const v of vms) {
+    if (v.error) rows.push([v.guest, '-', '-', '-', '-', `(${v.error})`]);
+    else if (v.processes.length === 0)
+      rows.push([v.guest, '-', '-', '-', '-', v.group ? '(no process)' : '(no cgroup configured)']);
+    for (const p of v.processes)
+      rows.push([
+        v.guest,
+        p.pid,
+        `${p.cpuPct.toFixed(1)}%`,
+        fmtBytes(p.rssBytes),
+        formatMs(p.elapsedMs),
+        p.cmdline || p.comm,
+      ]);
+  }
+  return table(['guest', 'pid', 'cpu', 'rss', 'running', 'command'], rows);
 }
 
 function guestsTable(gs: GuestStatus[]): string {
@@ -250,11 +283,17 @@ export function registerHostCommands(y: Argv, io: Io = stdio): Argv {
     )
     .command(
       'status',
-      'the host: guests, notices in flight, host memory, VM cgroups, trigger state',
-      (c) => c,
+      'the host: inventory, guests, notices in flight, host memory, VM cgroups, trigger state',
+      (c) =>
+        c.option('processes', {
+          type: 'boolean',
+          describe: "each VM's processes (its QEMU): CPU and RSS",
+        }),
       (a) =>
         run(a as G, io, async () => {
-          const s = (await rpcCall(sock(a as G), 'status')) as HostStatus;
+          const s = (await rpcCall(sock(a as G), 'status', {
+            processes: a.processes === true,
+          })) as HostStatus;
           io.out((a as G).json ? json(s) : statusText(s));
           return EXIT.OK;
         }),
@@ -274,14 +313,21 @@ export function registerHostCommands(y: Argv, io: Io = stdio): Argv {
     .command(
       'top',
       'the host status, refreshed: host memory and pressure, guests, VM cgroups, notices',
-      (c) => topOptions(c),
+      (c) =>
+        topOptions(c).option('processes', {
+          type: 'boolean',
+          describe: "each VM's processes (its QEMU): CPU over the interval and RSS",
+        }),
       (a) =>
         run(a as G, io, async () => {
           const t = parseTopArgs(a);
           return topLoop(
             io,
             { ...t, json: (a as G).json === true, tty: process.stdout.isTTY === true },
-            async () => (await rpcCall(sock(a as G), 'status')) as HostStatus,
+            async () =>
+              (await rpcCall(sock(a as G), 'status', {
+                processes: a.processes === true,
+              })) as HostStatus,
             statusText,
           );
         }),

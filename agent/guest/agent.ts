@@ -15,6 +15,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { promises as fsp } from 'node:fs';
 import { openCgroupAdapter, removeCreated } from '../../cgroup-adapter';
+import { processRows, type ProcessRow } from '../../cgroup-adapter/host-usage';
 import type { CgroupAdapter } from '../../cgroup-adapter/types';
 import { isNestError } from '../common/errors';
 import { lookupGroup } from '../common/nss';
@@ -298,8 +299,10 @@ export class GuestAgent {
    * `nestctl --guest top`: every project's usage as the kernel shows it now (the adapter's
    * full read: memory in use and its peak, OOM kills, pressure, throttling, processes),
    * with CPUs in use from the sampler. Read on demand, never on the sampler's tick (usage.ts).
+   * With `processes`, each project's processes too (pidusage: CPU share since the previous
+   * `top`, RSS; cgroup-adapter/host-usage.ts).
    */
-  async top(): Promise<TopView> {
+  async top(opts: { processes?: boolean } = {}): Promise<TopView> {
     const usage = await this.usage.fresh();
     const projects: TopRow[] = [];
     for (const p of this.cfg.projects) {
@@ -321,6 +324,7 @@ export class GuestAgent {
         cpus: usage[p.name]?.cpus ?? null,
         throttledUs: u?.cpuThrottledUs ?? null,
         pids: u ? pids.length : null,
+        ...(opts.processes ? { processes: await processRows(pids) } : {}),
       });
     }
     return {
@@ -372,6 +376,8 @@ export interface TopRow {
   cpus: number | null;
   throttledUs: number | null;
   pids: number | null;
+  /** With `top --processes`: the project's processes, largest RSS first. */
+  processes?: ProcessRow[];
 }
 
 export interface TopView {

@@ -143,7 +143,7 @@ export function registerOperatorApi(
     return agent.reload('nestctl reload');
   });
   rpc.handle('projects', async () => agent.projectRows());
-  rpc.handle('top', async () => agent.top());
+  rpc.handle('top', async (args) => agent.top({ processes: args.processes === true }));
   rpc.handle('plan', async (args) => {
     const kind: NoticeKind = args.kind === 'restore' ? 'restore' : 'reclaim';
     const rest = { ...args };

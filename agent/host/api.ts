@@ -9,6 +9,7 @@
  * guest knows its projects' minimums and usage. Nothing changes on either side. See
  * docs/host-broker.md.
  */
+import { hostInventory } from '../../cgroup-adapter/host-usage';
 import { NestError, type Problem } from '../common/errors';
 import { RpcServer, type RpcContext } from '../common/rpc';
 import { parseCpus, parseDuration, parseSize } from '../common/units';
@@ -105,7 +106,11 @@ export function registerHostApi(
 ): RpcServer {
   server.handle('guests', async () => broker.guests());
 
-  server.handle('status', async () => ({
+  server.handle('status', async (a) => ({
+    // Static facts, read once (systeminformation; cgroup-adapter/host-usage.ts).
+    inventory: await hostInventory().catch(() => null),
+    // Per-process views are asked for (pidusage): `nestctl status --processes`.
+    ...(a.processes === true && watcher ? { processes: await watcher.vmProcesses() } : {}),
     guests: broker.guests(),
     host: watcher ? await watcher.observe() : null,
     trigger: watcher?.triggerState() ?? null,

@@ -106,14 +106,14 @@ interface HostStatus {
 export function statusText(s: HostStatus): string {
   const out: string[] = [];
   const h = s.host?.host;
-  const inv = s.inventory;
-  if (inv)
-    out.push(
-      `${inv.hostname}: ${inv.cpuModel}, ${inv.cpus} CPUs (${inv.physicalCores} cores${inv.cpuGHz ? `, ${inv.cpuGHz} GHz` : ''}), ${fmtBytes(inv.memTotalBytes)}; ${inv.os}, kernel ${inv.kernel}, ${inv.arch}`,
-    );
   out.push(
     `host: ${h ? `${fmtBytes(h.memoryAvailableBytes)} available of ${fmtBytes(h.memoryTotalBytes)}, memory PSI some avg10 ${h.memoryPsiSomeAvg10 ?? '-'}` : 'not sampled yet'}; trigger ${s.trigger?.enabled ? 'on' : 'off'}`,
   );
+  const inv = s.inventory;
+  if (inv)
+    out.push(
+      `machine ${inv.hostname}: ${inv.cpuModel}, ${inv.cpus} CPUs (${inv.physicalCores} cores${inv.cpuGHz ? `, ${inv.cpuGHz} GHz` : ''}), ${fmtBytes(inv.memTotalBytes)}; ${inv.os}, kernel ${inv.kernel}, ${inv.arch}`,
+    );
   out.push('');
   out.push(guestsTable(s.guests));
   if (s.host?.vms.length) {

@@ -64,7 +64,7 @@ test('status --processes: every process of the VM cgroup subtree, with its RSS',
   expect(vm1.processes[0].pid).toBe(web.pid);
 
   const human = await hostctl(['status', '--processes']);
-  expect(human.stdout.split('\n')[0]).toContain(`${os.cpus().length} CPUs`);
+  expect(human.stdout.split('\n')[1]).toContain(`${os.cpus().length} CPUs`);
   expect(human.stdout).toMatch(new RegExp(`^vm1\\s+${web.pid}\\s+\\d+\\.\\d%\\s+\\d`, 'm'));
 });
 

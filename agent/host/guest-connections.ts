@@ -10,6 +10,8 @@ import type { Notice, Outcome } from '../broker/types';
 import { ErrorCodes, NestError, type ErrorCode } from '../common/errors';
 import type { Logger } from '../common/log';
 import {
+  CAPABILITIES,
+  CAP_PLAN,
   newMessageId,
   PROTOCOL_VERSION,
   type Hello,
@@ -227,9 +229,15 @@ export abstract class GuestConnections extends EventEmitter {
       version: PROTOCOL_VERSION,
       guest: g.name,
       heartbeatMs: this.deps.config.heartbeat.intervalMs,
+      // We assemble outcome parts (docs/protocol.md, "Versions and capabilities").
+      capabilities: [...CAPABILITIES],
     });
     log.info(
-      { lastSeq: hello.lastSeq, projects: hello.inventory.projects.length },
+      {
+        lastSeq: hello.lastSeq,
+        projects: hello.inventory.projects.length,
+        capabilities: hello.capabilities ?? [],
+      },
       'guest said hello',
     );
     this.emit('hello', g.name);
@@ -350,6 +358,14 @@ export abstract class GuestConnections extends EventEmitter {
     if (!link?.open || !link.hello)
       return Promise.reject(
         new NestError('GUEST_UNREACHABLE', `guest "${g.name}" is not connected: no plan from it`),
+      );
+    // Only to a guest that said it answers it (docs/protocol.md, "Versions and capabilities").
+    if (!(link.hello.capabilities ?? []).includes(CAP_PLAN))
+      return Promise.reject(
+        new NestError(
+          'PROTOCOL_VERSION',
+          `guest "${g.name}" does not offer a dry run (its hello lists no "${CAP_PLAN}" capability)`,
+        ),
       );
     const id = newMessageId();
     return new Promise<PlanResult>((resolve, reject) => {

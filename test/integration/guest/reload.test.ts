@@ -162,6 +162,12 @@ test('an invalid config is refused with every problem logged; nothing changes', 
     extra: procs('extra'),
   }).toEqual(before);
   expect(env.markerLines('extra').filter((l) => l.startsWith('term'))).toEqual([]);
+  // nestctl says the same: refused, exit 2, both problems named.
+  const r = await nestctl(env, ['reload']);
+  expect(r.code).toBe(2);
+  expect(r.stdout).toContain('reload refused (CONFIG_INVALID): the config in force stays');
+  expect(r.stdout).toMatch(/^ {2}usageIntervall: /m);
+  expect(r.stdout).toMatch(/^ {2}projects\[0\]\.memory/m);
   expect(g.agent!.child.exitCode).toBeNull();
 });
 

@@ -13,11 +13,13 @@
  *  - a file with two problems → both logged, the guests unchanged;
  *  - the broker outlives every SIGHUP and exits 0 on SIGTERM (not 129).
  */
+import { spawnSync } from 'node:child_process';
 import { promises as fs, readFileSync } from 'node:fs';
 import path from 'node:path';
 import YAML from 'yaml';
 import { rpcCall } from '../../../agent/common/rpc';
 import type { GuestStatus } from '../../../agent/host/host-broker';
+import { NESTCTL } from '../../../demo/stack';
 import { FaultStack, MiB, waitFor } from '../../faults/stack';
 
 jest.setTimeout(90_000);
@@ -149,6 +151,13 @@ test('an invalid file is refused with every problem logged; the guests stay as t
   expect(fields).toEqual(expect.arrayContaining(['heartbeet', 'guests[0].priority']));
   const after = await guests();
   expect(after.map((g) => [g.name, g.priority])).toEqual(before.map((g) => [g.name, g.priority]));
+  // nestctl reload on the same file: refused, exit 2, each problem on its own line.
+  const r = spawnSync(process.execPath, [NESTCTL, '--socket', s.stack.hostSocket, 'reload'], {
+    encoding: 'utf8',
+  });
+  expect(r.status).toBe(2);
+  expect(r.stdout).toMatch(/^ {2}heartbeet: /m);
+  expect(r.stdout).toMatch(/^ {2}guests\[0\]\.priority: /m);
   expect(s.stack.host!.child.exitCode).toBeNull();
 });
 

@@ -15,7 +15,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { promises as fsp } from 'node:fs';
 import { openCgroupAdapter, removeCreated } from '../../cgroup-adapter';
-import { processRows, type ProcessRow } from '../../cgroup-adapter/host-usage';
+import { processRows } from '../../cgroup-adapter/host-usage';
 import type { CgroupAdapter } from '../../cgroup-adapter/types';
 import { isNestError } from '../common/errors';
 import { lookupGroup } from '../common/nss';

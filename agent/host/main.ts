@@ -256,11 +256,6 @@ export async function runHost(argv: string[]): Promise<number> {
       default: DEFAULT_HOST_CONFIG_PATH,
       describe: 'host config (YAML); see docs/host-broker.md',
     })
-    .option('check', {
-      type: 'boolean',
-      default: false,
-      describe: 'validate the config, print every problem, and exit',
-    })
     .strict()
     .help()
     .parseAsync();
@@ -278,15 +273,11 @@ export async function runHost(argv: string[]): Promise<number> {
   } catch (err) {
     process.off('SIGHUP', early);
     if (isNestError(err)) {
-      process.stderr.write(`${err.message}\n`);
+      // As the guest agent says it (agent/guest/main.ts): every problem, one a line.
+      process.stderr.write(`nestbroker host: config refused: ${err.message}\n`);
       return 2;
     }
     throw err;
-  }
-  if (a.check) {
-    process.off('SIGHUP', early);
-    process.stdout.write(`${a.config}: OK (${cfg.guests.length} guests)\n`);
-    return 0;
   }
   // Children inherit the root's level unless they set their own (pino).
   if (cfg.logLevel) log.level = cfg.logLevel;

@@ -26,6 +26,7 @@ import type { ProjectLimits } from '../broker/types';
 import { deepFreeze, minimumsAbove, type GuestConfig, type ProjectConfig } from './config';
 import { initialLimits } from './projects';
 import { stopProject, type StopResult } from './stopper';
+import { systemClock } from '../common/clock';
 import type { GuestAgent } from './agent';
 
 /** Top-level keys the agent bound at start: a reload names a change of them and keeps the old. */
@@ -296,7 +297,8 @@ async function stopRemoved(agent: GuestAgent, p: ProjectConfig, log: Logger): Pr
   agent.registry.setTransient(p.name, 'stopping');
   try {
     const hook = p.stop.preStop?.timeoutMs ?? 0;
-    const deadline = new Date(Date.now() + hook + p.stop.gracePeriodMs + 5_000);
+    // On the monotonic clock the stopper reads (agent/common/clock.ts): its grace, its hook.
+    const deadline = systemClock.monotonic() + hook + p.stop.gracePeriodMs + 5_000;
     const r = (await agent.adapter.exists(group))
       ? await stopProject(group, p.stop, deadline, {
           adapter: agent.adapter,

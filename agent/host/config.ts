@@ -124,6 +124,8 @@ export interface HostConfig {
   limits: { messagesPerSecond: number; messageBurst: number; pendingNoticesPerGuest: number };
   /** Prometheus metrics on http://host:port/metrics (agent/host/metrics.ts); absent: off. */
   metrics?: { host: string; port: number };
+  /** The log level; absent: NESTBROKER_LOG_LEVEL, else info. A reload applies it live. */
+  logLevel?: 'trace' | 'debug' | 'info' | 'warn' | 'error' | 'fatal';
   guests: GuestConfig[];
 }
 
@@ -319,6 +321,7 @@ const hostSchema = z
       })
       .strict()
       .optional(),
+    logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'fatal']).optional(),
     guests: z.array(guestSchema),
   })
   .strict();
@@ -510,6 +513,7 @@ function normalise(c: Parsed, baseDir: string): HostConfig {
     },
     limits: { ...HOST_LIMIT_DEFAULTS, ...c.limits },
     ...(c.metrics ? { metrics: { host: c.metrics.host, port: c.metrics.port } } : {}),
+    ...(c.logLevel ? { logLevel: c.logLevel } : {}),
     guests,
   };
 }

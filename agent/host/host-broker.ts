@@ -26,7 +26,7 @@ import type { Notice, Resources } from '../broker/types';
 import { NestError } from '../common/errors';
 import { newMessageId, type Hello } from '../protocol/messages';
 import { checkReclaim, checkRestore, missing, rejected, type GuestBooks } from './books';
-import { HOST_LIMIT_DEFAULTS } from './config';
+import { HOST_LIMIT_DEFAULTS, type HostConfig } from './config';
 import { faultPoint } from '../common/fault';
 import { NoticeLifecycle } from './notice-lifecycle';
 import { FINAL, type HostNoticeRecord } from './notice-store';
@@ -89,6 +89,33 @@ export class HostBroker extends NoticeLifecycle {
       ac.abort(new NestError('TRANSPORT', 'host broker stopping'));
     await Promise.allSettled([...this.running.values()]);
     await this.store.pruned();
+  }
+
+  /**
+   * A reload's new config (agent/host/reload.ts). Guests removed are detached (their
+   * journal stays: added again, their books go on from it); guests added are attached,
+   * and their unfinished notices from an earlier time in the config resumed; a guest named
+   * in `reconnect` (its channel changed) gets a new channel. Every other guest's settings
+   * (allocation, floor, priority, cgroup, qmp…) are read from `cfg` from now on. The caller
+   * has checked that no removed guest has a notice in flight.
+   */
+  reconfigure(cfg: Readonly<HostConfig>, reconnect: readonly string[] = []): void {
+    const before = new Set(this.guestsByName.keys());
+    this.deps.config = cfg;
+    this.guestsByName.clear();
+    for (const g of cfg.guests) this.guestsByName.set(g.name, g);
+    for (const name of before)
+      if (!this.guestsByName.has(name) || reconnect.includes(name)) {
+        this.links.get(name)?.channel.close();
+        this.links.delete(name);
+      }
+    for (const g of cfg.guests) {
+      if (this.links.has(g.name)) continue;
+      this.store.compact(g.name);
+      this.attach(g);
+      if (before.has(g.name)) continue;
+      for (const rec of this.store.ofGuest(g.name)) if (!FINAL.has(rec.state)) this.track(rec);
+    }
   }
 
   // ---------------------------------------------------------------- the books

@@ -28,9 +28,20 @@ import {
 } from './config';
 import { HostBroker } from './host-broker';
 import { Watcher } from './watcher';
+import {
+  diffHostConfig,
+  effectiveHostConfig,
+  logHostReload,
+  reloadProblems,
+  type HostReloadReport,
+} from './reload';
+import type { Problem } from '../common/errors';
 
 export interface RunningHost {
+  /** Replaced by a reload (agent/host/reload.ts). */
   config: Readonly<HostConfig>;
+  /** The VM cgroups' adapter; null when no guest had a cgroup at start. */
+  adapter: CgroupAdapter | null;
   broker: HostBroker;
   server: RpcServer;
   watcher: Watcher;
@@ -135,10 +146,14 @@ async function startHostLocked(
   watcher.start();
   const server = registerHostApi(new RpcServer(log.child({ part: 'api' })), broker, watcher);
   await server.listen(cfg.socket, { mode: cfg.socketMode, group: await groupId(cfg.socketGroup) });
-  const metrics = cfg.metrics ? await serveMetrics(cfg.metrics, broker, cfg, log) : null;
+  // The guest names as a function: a reload may add or remove guests (agent/host/reload.ts).
+  const metrics = cfg.metrics
+    ? await serveMetrics(cfg.metrics, broker, () => host.config.guests.map((g) => g.name), log)
+    : null;
   log.info({ socket: cfg.socket, guests: cfg.guests.map((g) => g.name) }, 'host broker ready');
-  return {
+  const host: RunningHost = {
     config: cfg,
+    adapter,
     broker,
     server,
     watcher,
@@ -151,6 +166,78 @@ async function startHostLocked(
       await lock.release();
     },
   };
+  return host;
+}
+
+/** What a reload answers (`nestctl reload`, and the log lines of a SIGHUP). */
+export type HostReloadResult =
+  | { ok: true; report: HostReloadReport }
+  | { ok: false; source: string; code: string; problems: Problem[] };
+
+/**
+ * Reloads `file` into a running broker, one reload at a time (agent/host/reload.ts). An
+ * invalid file, or one that cannot be applied now, is refused: every problem logged, the
+ * config in force stays.
+ */
+export function hostReloader(
+  host: RunningHost,
+  file: string,
+  log: Logger,
+): (trigger: string) => Promise<HostReloadResult> {
+  let chain: Promise<unknown> = Promise.resolve();
+  const refuse = (code: string, problems: Problem[]): HostReloadResult => {
+    for (const p of problems)
+      log.error({ field: p.field, value: p.value }, `reload refused: ${p.field}: ${p.message}`);
+    log.error(
+      { code, problems: problems.length, config: file },
+      'reload refused: the config has problems; the config in force stays',
+    );
+    return { ok: false, source: file, code, problems };
+  };
+  const run = async (trigger: string): Promise<HostReloadResult> => {
+    log.info({ trigger, config: file }, 'reload: reading the config');
+    let next: Readonly<HostConfig>;
+    try {
+      next = await loadHostConfig(file);
+    } catch (err) {
+      if (!isNestError(err)) throw err;
+      return refuse(
+        err.code,
+        err.problems.length
+          ? err.problems
+          : [{ field: '(file)', value: file, message: err.message }],
+      );
+    }
+    const d = diffHostConfig(host.config, next);
+    const problems = reloadProblems(d, (g) => host.broker.status(g).pending, host.adapter !== null);
+    if (problems.length > 0) return refuse('CONFIG_INVALID', problems);
+    const report = logHostReload(d, file, log);
+    const cfg = effectiveHostConfig(host.config, next);
+    host.config = cfg;
+    if (d.live.some((l) => l.field === 'logLevel'))
+      log.level = cfg.logLevel ?? process.env.NESTBROKER_LOG_LEVEL ?? 'info';
+    host.broker.reconfigure(
+      cfg,
+      d.changed.filter((c) => c.reconnect).map((c) => c.name),
+    );
+    host.watcher.setConfig(cfg);
+    log.info(
+      {
+        added: report.added,
+        removed: report.removed,
+        changed: report.changed.map((c) => c.name),
+        live: report.live,
+        restartNeeded: report.restartNeeded,
+      },
+      'reload: config applied',
+    );
+    return { ok: true, report };
+  };
+  return (trigger) => {
+    const p = chain.then(() => run(trigger));
+    chain = p.catch(() => undefined);
+    return p;
+  };
 }
 
 /**
@@ -160,15 +247,12 @@ async function startHostLocked(
 async function serveMetrics(
   at: NonNullable<HostConfig['metrics']>,
   broker: HostBroker,
-  cfg: Readonly<HostConfig>,
+  guestNames: () => readonly string[],
   log: Logger,
 ): Promise<MetricsServer> {
   const { MetricsServer } = await import('../common/metrics');
   const { hostMetrics } = await import('./metrics');
-  const registry = hostMetrics(
-    broker,
-    cfg.guests.map((g) => g.name),
-  );
+  const registry = hostMetrics(broker, guestNames);
   return MetricsServer.listen(registry, at, log.child({ part: 'metrics' }));
 }
 
@@ -181,11 +265,19 @@ export async function runHost(argv: string[]): Promise<number> {
     quick && !quick.logFormat && !quick.check
       ? { config: quick.config ?? DEFAULT_HOST_CONFIG_PATH }
       : await parseHostArgs(own);
+  // A SIGHUP before the broker is up must not end it (the default action): it is applied
+  // once the broker is ready.
+  let hupPending = false;
+  const early = (): void => {
+    hupPending = true;
+  };
+  process.on('SIGHUP', early);
   const log = createLogger('nestbroker-host');
   let cfg: Readonly<HostConfig>;
   try {
     cfg = await loadHostConfig(a.config);
   } catch (err) {
+    process.off('SIGHUP', early);
     if (isNestError(err)) {
       // As the guest agent says it (agent/guest/main.ts): every problem, one a line.
       process.stderr.write(`nestbroker host: config refused: ${err.message}\n`);
@@ -193,17 +285,29 @@ export async function runHost(argv: string[]): Promise<number> {
     }
     throw err;
   }
+  // Children inherit the root's level unless they set their own (pino).
+  if (cfg.logLevel) log.level = cfg.logLevel;
   let host: RunningHost;
   try {
     host = await startHost(cfg, log);
   } catch (err) {
+    process.off('SIGHUP', early);
     log.fatal({ err }, 'host broker could not start');
     process.stderr.write(`nestbroker host: could not start: ${describeStartError(err)}\n`);
     return 1;
   }
+  const reload = hostReloader(host, a.config, log);
+  host.server.handle('reload', () => reload('nestctl reload'));
+  const onHup = (): void => {
+    reload('SIGHUP').catch((err: unknown) => log.error({ err }, 'reload failed'));
+  };
+  process.on('SIGHUP', onHup);
+  process.off('SIGHUP', early);
+  if (hupPending) onHup();
   return new Promise<number>((resolve) => {
     const stop = (sig: string): void => {
       log.info({ signal: sig }, 'stopping');
+      process.off('SIGHUP', onHup);
       void host.stop().then(() => resolve(0));
     };
     process.once('SIGTERM', () => stop('SIGTERM'));

@@ -15,7 +15,12 @@ import { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import { addProcessMetrics, LATENCY_BUCKETS } from '../common/metrics';
 import type { HostBroker, HostNoticeRecord } from './host-broker';
 
-export function hostMetrics(broker: HostBroker, guests: readonly string[]): Registry {
+export function hostMetrics(
+  broker: HostBroker,
+  guestNames: readonly string[] | (() => readonly string[]),
+): Registry {
+  // A function: the guests a reload added or removed (agent/host/reload.ts) at each scrape.
+  const names = typeof guestNames === 'function' ? guestNames : () => guestNames;
   const registry = new Registry();
   const notices = new Counter({
     name: 'nestbroker_host_notices_total',
@@ -70,7 +75,8 @@ export function hostMetrics(broker: HostBroker, guests: readonly string[]): Regi
     labelNames: ['guest'],
     registers: [registry],
     collect() {
-      for (const g of guests) this.set({ guest: g }, broker.status(g).connected ? 1 : 0);
+      this.reset();
+      for (const g of names()) this.set({ guest: g }, broker.status(g).connected ? 1 : 0);
     },
   });
   // One metric per unit (Prometheus naming: the unit is in the name, never in a label).
@@ -80,7 +86,8 @@ export function hostMetrics(broker: HostBroker, guests: readonly string[]): Regi
     labelNames: ['guest'],
     registers: [registry],
     collect() {
-      for (const g of guests) this.set({ guest: g }, broker.status(g).books.granted.memoryBytes);
+      this.reset();
+      for (const g of names()) this.set({ guest: g }, broker.status(g).books.granted.memoryBytes);
     },
   });
   new Gauge({
@@ -89,7 +96,8 @@ export function hostMetrics(broker: HostBroker, guests: readonly string[]): Regi
     labelNames: ['guest'],
     registers: [registry],
     collect() {
-      for (const g of guests) this.set({ guest: g }, broker.status(g).books.granted.cpus);
+      this.reset();
+      for (const g of names()) this.set({ guest: g }, broker.status(g).books.granted.cpus);
     },
   });
   new Gauge({
@@ -98,7 +106,8 @@ export function hostMetrics(broker: HostBroker, guests: readonly string[]): Regi
     labelNames: ['guest'],
     registers: [registry],
     collect() {
-      for (const g of guests) this.set({ guest: g }, broker.status(g).pending.length);
+      this.reset();
+      for (const g of names()) this.set({ guest: g }, broker.status(g).pending.length);
     },
   });
   addProcessMetrics(registry);

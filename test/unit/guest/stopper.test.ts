@@ -45,7 +45,7 @@ function stop(r: Run) {
     clock,
     ...r.deps,
   });
-  return { result, events, clock };
+  return { result: clock.run(result), events, clock };
 }
 
 describe('how a stop ends, and what it did on the way', () => {
@@ -197,6 +197,20 @@ test('a signal refused for another reason than ESRCH fails the stop (it is not o
   expect(s.events).not.toContain(`kill ${G}`);
 });
 
+test('the grace leaves room for the kill: it ends killMs before the deadline, and the kill is timed', async () => {
+  const killed: number[] = [];
+  const s = stop({
+    script: { pids: [[101]], killMs: 40 },
+    deadlineInMs: 1_000,
+    deps: { killMs: 50, onKilled: (ms) => killed.push(ms) },
+  });
+  const r = await s.result;
+  expect(s.events).toContain(`waitEmpty ${G} 950`);
+  expect(r).toMatchObject({ exit: 'killed', ms: 990 });
+  expect(r.ms).toBeLessThanOrEqual(1_000); // empty by the deadline
+  expect(killed).toEqual([40]);
+});
+
 test('phases: signalled, killed and empty, in ms into the stop', async () => {
   const s = stop({ script: { pids: [[101]], killMs: 4 }, spec: { gracePeriodMs: 2_000 } });
   const r = await s.result;
@@ -240,7 +254,7 @@ describe('the turn: stop signals go out in rank order', () => {
     expect(events).toEqual([`pids ${G} → [101]`, 'waiting for the turn']);
     clock.advance(9_000); // the lower-ranked projects' signals took this long
     open();
-    const r = await result;
+    const r = await clock.run(result);
     expect(events).toEqual([
       `pids ${G} → [101]`,
       'waiting for the turn',

@@ -64,6 +64,7 @@ export function exitForNotice(n: NoticeView): number {
   if (n.state === 'cancelled') return HOST_EXIT.CANCELLED;
   if (n.state === 'late' || n.late) return HOST_EXIT.LATE;
   if (n.state === 'refused') return EXIT.REJECTED;
+  if (n.state === 'partial' || n.state === 'failed') return HOST_EXIT.ACTUATION;
   if (n.actuation && n.actuation.errors.length > 0) return HOST_EXIT.ACTUATION;
   if (n.outcome) return exitForOutcome(n.outcome);
   return n.state === 'done' ? EXIT.OK : EXIT.ERROR;

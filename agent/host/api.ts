@@ -13,7 +13,12 @@ import { NestError, type Problem } from '../common/errors';
 import { RpcServer, type RpcContext } from '../common/rpc';
 import { parseCpus, parseDuration, parseSize } from '../common/units';
 import type { Resources } from '../broker/types';
-import type { HostBroker, HostNoticeRecord, HostProgress } from './host-broker';
+import {
+  FINAL_STATES,
+  type HostBroker,
+  type HostNoticeRecord,
+  type HostProgress,
+} from './host-broker';
 import type { Watcher } from './watcher';
 
 export const DEFAULT_DEADLINE_MS = 60_000;
@@ -110,7 +115,7 @@ export function registerHostApi(
     trigger: watcher?.triggerState() ?? null,
     notices: broker
       .notices()
-      .filter((r) => !['done', 'late', 'refused', 'cancelled'].includes(r.state))
+      .filter((r) => !FINAL_STATES.includes(r.state))
       .map(noticeView),
   }));
 

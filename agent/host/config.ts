@@ -13,6 +13,7 @@ import YAML from 'yaml';
 import { z } from 'zod';
 import { NestError, type Problem } from '../common/errors';
 import { parseCpus, parseDuration, parseSize, type ParseResult } from '../common/units';
+import { DEFAULT_LIBVIRT_URI, DEFAULT_VIRSH_TIMEOUT_MS } from './libvirt/virsh';
 
 export const DEFAULT_HOST_CONFIG_PATH = '/etc/nestbroker/host.yaml';
 export const DEFAULT_HOST_SOCKET = '/run/nestbroker/host.sock';
@@ -36,14 +37,49 @@ export type ChannelConfig =
       ca: string;
       /** Name the guest's certificate must carry (default: host). */
       servername?: string;
+    }
+  /**
+   * `hypervisor: libvirt`: the socket path of the domain's org.nestbroker.0 channel, read
+   * from its live XML at every connection attempt (agent/host/libvirt/domains.ts).
+   */
+  | { transport: 'libvirt'; domain: string };
+
+/** Per guest, with `hypervisor: libvirt` (docs/libvirt.md, "Removal modes"). */
+export interface LibvirtGuestConfig {
+  /** The libvirt domain's name (default: the guest's name). */
+  domain: string;
+  /** `unplug`: `virsh setvcpus --live`; `quota`: `virsh schedinfo --live` (global_quota). */
+  cpuMode: 'unplug' | 'quota';
+  /** `virtio-mem`: `virsh update-memory-device`; `balloon`: `virsh setmem --live`. */
+  memoryMode: 'virtio-mem' | 'balloon';
+  /** How long a removal may take to show in libvirt before the actuation is partial. */
+  confirmTimeoutMs: number;
+}
+
+export type HypervisorConfig =
+  | { type: 'qemu' }
+  | {
+      type: 'libvirt';
+      /** libvirt connection URI (`virsh -c`). */
+      uri: string;
+      /** Bound on one virsh call. */
+      timeoutMs: number;
     };
 
 export interface GuestConfig {
   name: string;
   /** Lower gives first (same sense as a project's priority in the guest). */
   priority: number;
-  /** What the VM was given: the top of the books, what a restore can return to. */
+  /**
+   * What the VM was given: the top of the books, what a restore can return to. With
+   * `hypervisor: libvirt` and no allocation in the file, read from the domain's persistent
+   * XML at start (agent/host/libvirt/domains.ts resolveAllocations).
+   */
   allocation: ResourcesConfig;
+  /** True while the allocation is still to be read from libvirt (0 until then). */
+  allocationFromLibvirt?: boolean;
+  /** Present with `hypervisor: libvirt`. */
+  libvirt?: LibvirtGuestConfig;
   /** A reclaim never takes the guest below this. */
   floor: ResourcesConfig;
   channel: ChannelConfig;
@@ -83,6 +119,8 @@ export interface TriggerConfig {
 }
 
 export interface HostConfig {
+  /** `qemu`: VM cgroups and QMP as configured per guest; `libvirt`: everything through virsh. */
+  hypervisor: HypervisorConfig;
   stateDir: string;
   socket: string;
   /** Group that owns the operator socket (mode 0660); unset keeps root's group. */
@@ -120,6 +158,9 @@ export const HOST_DEFAULTS = {
   reconnectMin: '200ms',
   reconnectMax: '10s',
   balloonTimeout: '30s',
+  confirmTimeout: '60s',
+  cpuMode: 'unplug',
+  memoryMode: 'virtio-mem',
   triggerFor: '30s',
   triggerDeadline: '60s',
   triggerInterval: '5s',
@@ -153,9 +194,13 @@ const guestSchema = z
   .object({
     name: z.string(),
     priority: z.number().int().min(0).max(1_000_000),
-    allocation: resourcesSchema,
+    allocation: resourcesSchema.optional(),
     floor: resourcesSchema.optional(),
-    channel: channelSchema,
+    channel: channelSchema.optional(),
+    domain: z.string().optional(),
+    cpuMode: z.enum(['unplug', 'quota']).optional(),
+    memoryMode: z.enum(['virtio-mem', 'balloon']).optional(),
+    confirmTimeout: durationLike.optional(),
     cgroup: z.string().min(1).optional(),
     qmp: z.string().min(1).optional(),
     balloonTimeout: durationLike.optional(),
@@ -178,6 +223,11 @@ const triggerSchema = z
 
 const hostSchema = z
   .object({
+    hypervisor: z.enum(['qemu', 'libvirt']).optional(),
+    libvirt: z
+      .object({ uri: z.string().min(1).optional(), timeout: durationLike.optional() })
+      .strict()
+      .optional(),
     stateDir: z.string().min(1).optional(),
     socket: z.string().min(1).optional(),
     socketGroup: z.string().min(1).optional(),
@@ -352,6 +402,24 @@ export function validateHostConfig(raw: unknown, baseDir = process.cwd()): Reado
       message: 'reconnect.max must not be shorter than reconnect.min',
     });
 
+  const hypervisorType = c.hypervisor ?? 'qemu';
+  const hypervisor: HypervisorConfig =
+    hypervisorType === 'libvirt'
+      ? {
+          type: 'libvirt',
+          uri: c.libvirt?.uri ?? DEFAULT_LIBVIRT_URI,
+          timeoutMs: c.libvirt?.timeout
+            ? dur('libvirt.timeout', c.libvirt.timeout, '60s')
+            : DEFAULT_VIRSH_TIMEOUT_MS,
+        }
+      : { type: 'qemu' };
+  if (hypervisorType !== 'libvirt' && c.libvirt !== undefined)
+    problems.push({
+      field: 'libvirt',
+      value: c.libvirt,
+      message: 'libvirt settings need "hypervisor: libvirt"',
+    });
+
   const seen = new Map<string, number>();
   const guests: GuestConfig[] = c.guests.map((g, i) => {
     const f = `guests[${i}]`;
@@ -370,55 +438,119 @@ export function validateHostConfig(raw: unknown, baseDir = process.cwd()): Reado
       });
     else seen.set(g.name, i);
 
+    // Which keys belong to which hypervisor: a key of the other one is an error, so that a
+    // config never says one thing and does another (docs/libvirt.md, "Configuration").
+    const libvirtOnly = ['domain', 'cpuMode', 'memoryMode', 'confirmTimeout'] as const;
+    const qemuOnly = ['channel', 'cgroup', 'qmp', 'balloonTimeout', 'memoryOverhead'] as const;
+    const wrong = hypervisorType === 'libvirt' ? qemuOnly : libvirtOnly;
+    for (const k of wrong)
+      if (g[k] !== undefined)
+        problems.push({
+          field: `${f}.${k}`,
+          value: g[k],
+          message:
+            hypervisorType === 'libvirt'
+              ? `${f}.${k} is not used with "hypervisor: libvirt": libvirt gives the channel path, and actuation goes through virsh (cpuMode, memoryMode)`
+              : `${f}.${k} needs "hypervisor: libvirt"`,
+        });
+    if (hypervisorType === 'qemu') {
+      if (g.allocation === undefined)
+        problems.push({
+          field: `${f}.allocation`,
+          value: undefined,
+          message: `${f}.allocation is required (only "hypervisor: libvirt" reads it from the domain)`,
+        });
+      if (g.channel === undefined)
+        problems.push({
+          field: `${f}.channel`,
+          value: undefined,
+          message: `${f}.channel is required (only "hypervisor: libvirt" reads it from the domain)`,
+        });
+    }
+    let domain = g.name;
+    if (g.domain !== undefined) {
+      // libvirt domain names: no "/" and no control characters (virsh(1) passes them as
+      // one argument; we never use a shell).
+      if (!/^[^/\0-\x1f\x7f]{1,200}$/.test(g.domain))
+        problems.push({
+          field: `${f}.domain`,
+          value: g.domain,
+          message: `${f}.domain must be a libvirt domain name (1-200 characters, no "/" or control characters)`,
+        });
+      else domain = g.domain;
+    }
+
+    const fromLibvirt = hypervisorType === 'libvirt' && g.allocation === undefined;
     const allocation = {
-      cpus: unit(`${f}.allocation.cpus`, g.allocation.cpus, parseCpus, 0),
-      memoryBytes: unit(`${f}.allocation.memory`, g.allocation.memory, parseSize, 0),
+      cpus: g.allocation ? unit(`${f}.allocation.cpus`, g.allocation.cpus, parseCpus, 0) : 0,
+      memoryBytes: g.allocation
+        ? unit(`${f}.allocation.memory`, g.allocation.memory, parseSize, 0)
+        : 0,
     };
     const floor = {
       cpus: unit(`${f}.floor.cpus`, g.floor?.cpus ?? 0, parseCpus, 0),
       memoryBytes: unit(`${f}.floor.memory`, g.floor?.memory ?? 0, parseSize, 0),
     };
-    if (allocation.cpus <= 0)
-      problems.push({
-        field: `${f}.allocation.cpus`,
-        value: g.allocation.cpus,
-        message: `${f}.allocation.cpus must be more than 0`,
-      });
-    if (allocation.memoryBytes <= 0)
-      problems.push({
-        field: `${f}.allocation.memory`,
-        value: g.allocation.memory,
-        message: `${f}.allocation.memory must be more than 0`,
-      });
-    if (floor.cpus > allocation.cpus)
-      problems.push({
-        field: `${f}.floor.cpus`,
-        value: g.floor?.cpus,
-        message: `${f}.floor.cpus (${floor.cpus}) must not exceed allocation.cpus (${allocation.cpus})`,
-      });
-    if (floor.memoryBytes > allocation.memoryBytes)
-      problems.push({
-        field: `${f}.floor.memory`,
-        value: g.floor?.memory,
-        message: `${f}.floor.memory must not exceed allocation.memory`,
-      });
+    if (g.allocation) {
+      if (allocation.cpus <= 0)
+        problems.push({
+          field: `${f}.allocation.cpus`,
+          value: g.allocation.cpus,
+          message: `${f}.allocation.cpus must be more than 0`,
+        });
+      if (allocation.memoryBytes <= 0)
+        problems.push({
+          field: `${f}.allocation.memory`,
+          value: g.allocation.memory,
+          message: `${f}.allocation.memory must be more than 0`,
+        });
+      if (floor.cpus > allocation.cpus)
+        problems.push({
+          field: `${f}.floor.cpus`,
+          value: g.floor?.cpus,
+          message: `${f}.floor.cpus (${floor.cpus}) must not exceed allocation.cpus (${allocation.cpus})`,
+        });
+      if (floor.memoryBytes > allocation.memoryBytes)
+        problems.push({
+          field: `${f}.floor.memory`,
+          value: g.floor?.memory,
+          message: `${f}.floor.memory must not exceed allocation.memory`,
+        });
+    }
     if (g.cgroup !== undefined) {
       const p = checkCgroupPath(g.cgroup);
       if (p) problems.push({ field: `${f}.cgroup`, value: g.cgroup, message: `${f}.cgroup ${p}` });
     }
     const channel: ChannelConfig =
-      g.channel.transport === 'unix'
-        ? { transport: 'unix', path: resolve(g.channel.path) }
-        : {
-            ...g.channel,
-            cert: resolve(g.channel.cert),
-            key: resolve(g.channel.key),
-            ca: resolve(g.channel.ca),
-          };
+      hypervisorType === 'libvirt' || g.channel === undefined
+        ? { transport: 'libvirt', domain }
+        : g.channel.transport === 'unix'
+          ? { transport: 'unix', path: resolve(g.channel.path) }
+          : {
+              ...g.channel,
+              cert: resolve(g.channel.cert),
+              key: resolve(g.channel.key),
+              ca: resolve(g.channel.ca),
+            };
+    const libvirt: LibvirtGuestConfig | undefined =
+      hypervisorType === 'libvirt'
+        ? {
+            domain,
+            cpuMode: g.cpuMode ?? HOST_DEFAULTS.cpuMode,
+            memoryMode: g.memoryMode ?? HOST_DEFAULTS.memoryMode,
+            confirmTimeoutMs: dur(
+              `${f}.confirmTimeout`,
+              g.confirmTimeout,
+              HOST_DEFAULTS.confirmTimeout,
+            ),
+          }
+        : undefined;
     return {
       name: g.name,
       priority: g.priority,
       allocation,
+      ...(fromLibvirt ? { allocationFromLibvirt: true } : {}),
+      ...(libvirt ? { libvirt } : {}),
       floor,
       channel,
       cgroup: g.cgroup,
@@ -445,8 +577,13 @@ export function validateHostConfig(raw: unknown, baseDir = process.cwd()): Reado
     });
   };
   dup('channel', (g) =>
-    g.channel.transport === 'unix' ? g.channel.path : `${g.channel.host}:${g.channel.port}`,
+    g.channel.transport === 'unix'
+      ? g.channel.path
+      : g.channel.transport === 'tls'
+        ? `${g.channel.host}:${g.channel.port}`
+        : undefined,
   );
+  dup('domain', (g) => g.libvirt?.domain);
   dup('cgroup', (g) => g.cgroup);
   dup('qmp', (g) => g.qmp);
 
@@ -491,6 +628,7 @@ export function validateHostConfig(raw: unknown, baseDir = process.cwd()): Reado
   if (problems.length > 0) throw configInvalid(problems);
 
   return deepFreeze({
+    hypervisor,
     stateDir,
     socket,
     socketGroup: c.socketGroup,

@@ -60,6 +60,13 @@ export type HostNoticeState =
   | 'reported'
   /** carried out: the VM was actuated (see actuation.errors for a step that failed) */
   | 'done'
+  /**
+   * libvirt moved only part of the change in time (actuation.actual says how far); the
+   * books count only what moved
+   */
+  | 'partial'
+  /** libvirt moved nothing (actuation.errors says why); the books count nothing */
+  | 'failed'
   /** no outcome by the deadline and no force: nothing was taken, the books took it back */
   | 'late'
   /** the guest refused it, or failed and no force: nothing was taken */
@@ -117,7 +124,17 @@ export interface GuestStatus {
   pending: string[];
 }
 
-const FINAL: ReadonlySet<HostNoticeState> = new Set(['done', 'late', 'refused', 'cancelled']);
+const FINAL: ReadonlySet<HostNoticeState> = new Set([
+  'done',
+  'partial',
+  'failed',
+  'late',
+  'refused',
+  'cancelled',
+]);
+
+/** The final states, for the operator API and the metrics. */
+export const FINAL_STATES: readonly HostNoticeState[] = [...FINAL];
 
 /**
  * Final notices kept per guest (docs/reliability.md, "Load held": memory flat, and nothing
@@ -140,6 +157,24 @@ interface LedgerBase {
 function counts(rec: HostNoticeRecord): boolean {
   if (rec.notice.kind === 'restore') return rec.state !== 'cancelled' && rec.state !== 'refused';
   return !['late', 'refused', 'cancelled'].includes(rec.state);
+}
+
+/**
+ * What a notice that counts moves on the books: its change, except after a partial or
+ * failed actuation through libvirt, where only what libvirt reports as moved (between the
+ * actuation's `before` and `actual`, at most the change) counts: the host's books equal
+ * what libvirt reports (docs/libvirt.md, "Books").
+ */
+function bookedChange(rec: HostNoticeRecord): Resources {
+  const a = rec.actuation;
+  const change = rec.notice.change;
+  if (!a?.status || a.status === 'done' || !a.before || !a.actual) return change;
+  const sign = rec.notice.kind === 'reclaim' ? 1 : -1;
+  const clamp = (v: number, hi: number): number => Math.min(hi, Math.max(0, v));
+  return {
+    memoryBytes: clamp(sign * (a.before.memoryBytes - a.actual.memoryBytes), change.memoryBytes),
+    cpus: clamp(addCpus(0, sign * (a.before.cpus - a.actual.cpus)), change.cpus),
+  };
 }
 
 interface Link {
@@ -284,11 +319,12 @@ export class HostBroker extends EventEmitter {
       books.seq = Math.max(books.seq, rec.notice.seq);
       if (!counts(rec)) continue;
       const sign = rec.notice.kind === 'reclaim' ? -1 : 1;
+      const moved = bookedChange(rec);
       books.granted = {
-        memoryBytes: books.granted.memoryBytes + sign * rec.notice.change.memoryBytes,
-        cpus: addCpus(books.granted.cpus, sign * rec.notice.change.cpus),
+        memoryBytes: books.granted.memoryBytes + sign * moved.memoryBytes,
+        cpus: addCpus(books.granted.cpus, sign * moved.cpus),
       };
-      if (rec.actuation) books.actuated = rec.actuation.target;
+      if (rec.actuation) books.actuated = rec.actuation.actual ?? rec.actuation.target;
     }
     return books;
   }
@@ -350,12 +386,13 @@ export class HostBroker extends EventEmitter {
       base.seq = Math.max(base.seq, rec.notice.seq);
       if (counts(rec)) {
         const sign = rec.notice.kind === 'reclaim' ? -1 : 1;
+        const moved = bookedChange(rec);
         base.granted = {
-          memoryBytes: base.granted.memoryBytes + sign * rec.notice.change.memoryBytes,
-          cpus: addCpus(base.granted.cpus, sign * rec.notice.change.cpus),
+          memoryBytes: base.granted.memoryBytes + sign * moved.memoryBytes,
+          cpus: addCpus(base.granted.cpus, sign * moved.cpus),
         };
       }
-      if (rec.actuation) base.actuated = rec.actuation.target;
+      if (rec.actuation) base.actuated = rec.actuation.actual ?? rec.actuation.target;
       base.folded++;
       this.drop(rec);
       excess--;
@@ -426,6 +463,9 @@ export class HostBroker extends EventEmitter {
         : req.change;
     const r = kind === 'reclaim' ? checkReclaim(books, change) : checkRestore(books, change);
     if (!r.ok) throw rejected(kind, g.name, r.problems);
+    // With libvirt: the domain is running and has what the guest's modes need, or the
+    // notice is refused here (DOMAIN_DOWN, PREREQUISITE_MISSING), nothing journaled.
+    await this.deps.actuator.precheck?.(g, kind, r.allocation);
     // docs/reliability.md: a cap on what one guest may have in flight; nothing journaled or
     // booked.
     const cap =
@@ -578,6 +618,17 @@ export class HostBroker extends EventEmitter {
       this.note(rec, 'actuating');
       rec.actuation = await this.deps.actuator.apply(g, rec.notice.allocation, 'up');
       rec.actuatedAt = new Date().toISOString();
+      const status = rec.actuation.status;
+      if (status === 'partial' || status === 'failed') {
+        // The VM did not get (all of) it: the guest is not told it may use it, and the
+        // books count only what libvirt added (bookedChange).
+        rec.state = status;
+        rec.error = actuationError(g.name, rec.actuation);
+        rec.finishedAt = rec.actuatedAt;
+        await this.save(rec);
+        this.note(rec, status);
+        return rec;
+      }
       await this.save(rec);
       this.note(rec, 'actuated');
     }
@@ -645,10 +696,12 @@ export class HostBroker extends EventEmitter {
     this.note(rec, 'actuating');
     rec.actuation = await this.deps.actuator.apply(g, rec.notice.allocation, 'down');
     rec.actuatedAt = new Date().toISOString();
-    rec.state = 'done';
+    const status = rec.actuation.status;
+    rec.state = status === 'partial' || status === 'failed' ? status : 'done';
+    if (rec.state !== 'done') rec.error = actuationError(g.name, rec.actuation);
     rec.finishedAt = rec.actuatedAt;
     await this.save(rec);
-    this.note(rec, 'actuated');
+    this.note(rec, rec.state === 'done' ? 'actuated' : rec.state);
     return rec;
   }
 
@@ -999,6 +1052,19 @@ export class HostBroker extends EventEmitter {
     if (rec.progress.length > 500) rec.progress.shift();
     this.emit('progress', ev);
   }
+}
+
+/** The error of a partial or failed actuation: its first failed step, and what moved. */
+function actuationError(guest: string, a: ActuationReport): { code: string; message: string } {
+  const first = a.errors[0];
+  const moved =
+    a.before && a.actual
+      ? ` (libvirt: ${a.before.cpus} → ${a.actual.cpus} CPUs, ${a.before.memoryBytes} → ${a.actual.memoryBytes} bytes; target ${a.target.cpus} CPUs, ${a.target.memoryBytes} bytes)`
+      : '';
+  return {
+    code: first?.code ?? 'TIMEOUT',
+    message: `guest "${guest}": actuation ${a.status}${moved}${first ? `: ${first.message}` : ''}`,
+  };
 }
 
 function errorOf(err: unknown): { code: string; message: string } {

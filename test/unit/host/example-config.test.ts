@@ -63,6 +63,13 @@ test('docs/host-broker.md names every default and every key of the config', asyn
     'guests[].qmp',
     'guests[].balloonTimeout',
     'guests[].memoryOverhead',
+    'hypervisor',
+    'libvirt.uri',
+    'libvirt.timeout',
+    'guests[].domain',
+    'guests[].cpuMode',
+    'guests[].memoryMode',
+    'guests[].confirmTimeout',
   ])
     expect({ key, found: doc.includes(`| \`${key}\``) }).toEqual({ key, found: true });
   expect(doc).toContain("<target type='virtio' name='org.nestbroker.0'/>");

@@ -471,6 +471,7 @@ export function validateHostConfig(raw: unknown, baseDir = process.cwd()): Reado
     if (g.domain !== undefined) {
       // libvirt domain names: no "/" and no control characters (virsh(1) passes them as
       // one argument; we never use a shell).
+      // eslint-disable-next-line no-control-regex -- control characters are what it refuses
       if (!/^[^/\0-\x1f\x7f]{1,200}$/.test(g.domain))
         problems.push({
           field: `${f}.domain`,

@@ -141,7 +141,6 @@ async function startHostLocked(
   let cfg = fileCfg;
   let domains: LibvirtDomains | undefined;
   let actuator: VmActuator;
-  let adapter: CgroupAdapter | null = null;
   if (cfg.hypervisor.type === 'libvirt') {
     // docs/libvirt.md: everything through virsh; no cgroup of libvirt's is touched by us.
     const virsh = new Virsh({ uri: cfg.hypervisor.uri, timeoutMs: cfg.hypervisor.timeoutMs });
@@ -151,7 +150,7 @@ async function startHostLocked(
     actuator = new LibvirtActuator(domains, log.child({ part: 'actuator' }));
   } else actuator = new CgroupQmpActuator(null, log.child({ part: 'actuator' }));
   try {
-    return await startHostWith(cfg, log, lock, actuator, domains, adapter);
+    return await startHostWith(cfg, log, lock, actuator, domains);
   } catch (err) {
     await domains?.stop();
     throw err;
@@ -164,9 +163,8 @@ async function startHostWith(
   lock: StateLock,
   libvirtOrRaw: VmActuator,
   domains: LibvirtDomains | undefined,
-  adapterIn: CgroupAdapter | null,
 ): Promise<RunningHost> {
-  let adapter = adapterIn;
+  let adapter: CgroupAdapter | null = null;
   let actuator = libvirtOrRaw;
   if (cfg.guests.some((g) => g.cgroup)) {
     // The VM cgroups are libvirt's (or the demo's): we never create or remove them,

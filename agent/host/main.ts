@@ -77,8 +77,13 @@ export function channelFactory(
       // at every attempt (it changes with the domain id at every start), and a domain that
       // starts again is retried at once rather than at the end of the backoff.
       const channel = new ReconnectingChannel({
-        connect: async () =>
-          connectUnix(await domains.channelPath(c.domain), { log: chLog, rateLimit }),
+        connect: async () => {
+          const socketPath = await domains.channelPath(c.domain);
+          const ch = await connectUnix(socketPath, { log: chLog, rateLimit });
+          chLog.info({ path: socketPath }, 'connected to the domain channel');
+          domains.emit('channel', { guest: g.name, domain: c.domain, path: socketPath });
+          return ch;
+        },
         backoff: { initialMs: cfg.reconnect.minMs, maxMs: cfg.reconnect.maxMs },
         heartbeat: heartbeatFor(cfg.heartbeat),
         clock,

@@ -80,6 +80,8 @@ export interface LibvirtDomainsEvents {
   lifecycle: [{ guest: string; domain: string; event: string; detail: string }];
   /** virsh event was restarted: events may have been missed; re-read what matters. */
   resync: [];
+  /** A guest's channel connected to this socket path (read from the live XML). */
+  channel: [{ guest: string; domain: string; path: string }];
 }
 
 export class LibvirtDomains extends EventEmitter {

@@ -45,11 +45,9 @@ export class EventLineParser {
       this.buf = this.buf.slice(nl + 1);
       this.line(line);
     }
-    // An event without continuation lines is complete at its newline, but we only know
-    // there are none when the next line starts: flush when nothing more is buffered.
-    if (this.buf === '') this.flush();
   }
 
+  /** Emits an event still waiting for continuation lines (at the child's exit). */
   flush(): void {
     if (this.pending) {
       const e = this.pending;
@@ -63,10 +61,15 @@ export class EventLineParser {
       this.pending.extra.push(line.trim());
       return;
     }
+    this.flush();
     const m = FIRST.exec(line);
     if (!m) return; // "events received: N" at exit, blank lines
-    this.flush();
-    this.pending = { type: m[1], domain: m[2], detail: m[3].trim(), extra: [] };
+    const e: DomainEvent = { type: m[1], domain: m[2], detail: m[3].trim(), extra: [] };
+    // An event with its detail on the first line (lifecycle: "Started Booted") is whole
+    // at its newline; one whose first line ends at the colon (tunable, job-completed) has
+    // tab-indented lines after it, and is emitted at the next line that is not one.
+    if (e.detail === '') this.pending = e;
+    else this.onEvent(e);
   }
 }
 

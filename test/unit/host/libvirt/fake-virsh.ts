@@ -71,9 +71,15 @@ export class FakeVirsh {
       )
       .join('\n');
     return this.live
-      .replace("<vcpu placement='static' current='2'>4</vcpu>", `<vcpu placement='static' current='${d.vcpus}'>4</vcpu>`)
+      .replace(
+        "<vcpu placement='static' current='2'>4</vcpu>",
+        `<vcpu placement='static' current='${d.vcpus}'>4</vcpu>`,
+      )
       .replace(/<vcpus>[\s\S]*?<\/vcpus>/, `<vcpus>\n${vcpus}\n  </vcpus>`)
-      .replace("<requested unit='KiB'>131072</requested>", `<requested unit='KiB'>${d.requestedKiB}</requested>`)
+      .replace(
+        "<requested unit='KiB'>131072</requested>",
+        `<requested unit='KiB'>${d.requestedKiB}</requested>`,
+      )
       .replace("<current unit='KiB'>0</current>", `<current unit='KiB'>${d.currentKiB}</current>`);
   }
 
@@ -103,7 +109,8 @@ export class FakeVirsh {
         return ok();
       }
       case 'schedinfo': {
-        if (a.includes('--set')) this.d.quota = Number(a.find((x) => x.startsWith('global_quota='))!.split('=')[1]);
+        if (a.includes('--set'))
+          this.d.quota = Number(a.find((x) => x.startsWith('global_quota='))!.split('=')[1]);
         return ok(
           `Scheduler      : posix\ncpu_shares     : 1024\nglobal_period  : 100000\nglobal_quota   : ${this.d.quota}\n`,
         );

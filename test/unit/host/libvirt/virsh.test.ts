@@ -8,7 +8,12 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { isNestError, type NestError } from '../../../../agent/common/errors';
-import { Virsh, execVirsh, parseDommemstat, parseSchedinfo } from '../../../../agent/host/libvirt/virsh';
+import {
+  Virsh,
+  execVirsh,
+  parseDommemstat,
+  parseSchedinfo,
+} from '../../../../agent/host/libvirt/virsh';
 import { fixture } from './fake-virsh';
 
 let dir: string;
@@ -65,7 +70,9 @@ test('a domain libvirt does not know is DOMAIN_UNKNOWN; another failure LIBVIRT_
 });
 
 test('no virsh installed: PREREQUISITE_MISSING naming the Debian package', async () => {
-  const err = await failure(new Virsh({ binary: path.join(dir, 'no-such-virsh') }).run(['version']));
+  const err = await failure(
+    new Virsh({ binary: path.join(dir, 'no-such-virsh') }).run(['version']),
+  );
   expect(err.code).toBe('PREREQUISITE_MISSING');
   expect(err.message).toContain('libvirt-clients');
 });
@@ -82,6 +89,12 @@ test('recorded dommemstat and schedinfo output', async () => {
     rssBytes: 48252 * 1024,
     raw: { actual: 131072, last_update: 0, rss: 48252 },
   });
-  expect(parseSchedinfo(await fixture('schedinfo.txt'))).toMatchObject({ Scheduler: 'posix', global_quota: -1 });
-  expect(parseSchedinfo(await fixture('schedinfo-set.txt'))).toMatchObject({ global_period: 100000, global_quota: 150000 });
+  expect(parseSchedinfo(await fixture('schedinfo.txt'))).toMatchObject({
+    Scheduler: 'posix',
+    global_quota: -1,
+  });
+  expect(parseSchedinfo(await fixture('schedinfo-set.txt'))).toMatchObject({
+    global_period: 100000,
+    global_quota: 150000,
+  });
 });

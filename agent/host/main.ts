@@ -40,6 +40,8 @@ export interface RunningHost {
   watcher: Watcher;
   /** Serving /metrics when the config asks for it. */
   metrics: MetricsServer | null;
+  /** With `hypervisor: libvirt`: the domains it follows (events, live XML). */
+  domains?: LibvirtDomains;
   stop(): Promise<void>;
 }
 
@@ -81,7 +83,7 @@ export function channelFactory(
           const socketPath = await domains.channelPath(c.domain);
           const ch = await connectUnix(socketPath, { log: chLog, rateLimit });
           chLog.info({ path: socketPath }, 'connected to the domain channel');
-          domains.emit('channel', { guest: g.name, domain: c.domain, path: socketPath });
+          domains.noteChannel(g.name, c.domain, socketPath);
           return ch;
         },
         backoff: { initialMs: cfg.reconnect.minMs, maxMs: cfg.reconnect.maxMs },
@@ -210,6 +212,7 @@ async function startHostWith(
     server,
     watcher,
     metrics,
+    ...(domains ? { domains } : {}),
     async stop() {
       watcher.stop();
       await metrics?.close();

@@ -125,6 +125,14 @@ export class LibvirtDomains extends EventEmitter {
     this.emit('lifecycle', { guest, domain: e.domain, event, detail: rest.join(' ') });
   }
 
+  /** The channel path each guest last connected to (operators' status, tests). */
+  readonly channels = new Map<string, string>();
+
+  noteChannel(guest: string, domain: string, path: string): void {
+    this.channels.set(guest, path);
+    this.emit('channel', { guest, domain, path });
+  }
+
   async state(domain: string): Promise<DomainState> {
     return this.virsh.domstate(domain);
   }

@@ -223,7 +223,9 @@ export async function resolveAllocations(
     const memoryBytes =
       g.libvirt.memoryMode === 'virtio-mem' && info.virtioMem
         ? info.memory.baseBytes + info.virtioMem.requestedBytes
-        : info.memory.currentBytes;
+        : // The balloon covers the boot memory only; libvirt lowers a larger
+          // <currentMemory> to it at start.
+          Math.min(info.memory.currentBytes, info.memory.baseBytes);
     const allocation = { cpus: info.vcpus.current, memoryBytes };
     if (g.floor.cpus > allocation.cpus)
       problems.push({

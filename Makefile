@@ -4,7 +4,7 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 NODE_MODULES_STAMP := node_modules/.package-lock.json
 
-.PHONY: all deps build typecheck lint test check demo bench e2e install uninstall clean man deb packaging-deps
+.PHONY: all deps build typecheck lint test check demo bench e2e install uninstall clean man deb packaging-deps test-deps
 
 all: build
 
@@ -28,7 +28,7 @@ lint: deps
 # The README's test command: installs what it needs, then type-checks, lints and runs
 # every test: unit, integration on the real kernel as root, then the real-guest test
 # under QEMU (test/e2e; it installs its Debian packages itself and caches the image).
-test: build typecheck lint packaging-deps
+test: build typecheck lint test-deps
 	npx jest --runInBand
 	npx jest -c jest.e2e.config.js --runInBand
 
@@ -76,6 +76,15 @@ PACKAGING_DEBS := debhelper go-md2man lintian dpkg-dev
 packaging-deps:
 	@missing=$$(for p in $(PACKAGING_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+
+# Every Debian package the tests need: the packaging ones above, and the real libvirtd that
+# test/integration/host/libvirt.test.ts drives (it starts virtlogd and libvirtd itself when
+# they are not running, and stops what it started; docs/libvirt.md, "Tests") with
+# virt-xml-validate for the docs' domain XML. No recommends: no systemd pulled in.
+LIBVIRT_DEBS := libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libxml2-utils qemu-system-x86
+test-deps: packaging-deps
+	@missing=$$(for p in $(LIBVIRT_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
 
 # ---- the Debian package (debian/; docs/install.md) -------------------------------------
 # dist/nestbroker_<version>_all.deb, built by dpkg-buildpackage (debhelper) in a copy of

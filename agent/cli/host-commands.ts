@@ -127,8 +127,20 @@ export function statusText(s: HostStatus): string {
 }
 
 function guestsTable(gs: GuestStatus[]): string {
+  // With libvirt, a column of what libvirt says now (docs/libvirt.md).
+  const libvirt = gs.some((g) => g.domain);
   return table(
-    ['guest', 'prio', 'connected', 'granted', 'allocation', 'floor', 'projects', 'pending'],
+    [
+      'guest',
+      'prio',
+      'connected',
+      'granted',
+      'allocation',
+      'floor',
+      'projects',
+      'pending',
+      ...(libvirt ? ['libvirt'] : []),
+    ],
     gs.map((g) => [
       g.name,
       g.priority,
@@ -138,8 +150,16 @@ function guestsTable(gs: GuestStatus[]): string {
       res(g.books.floor),
       g.inventory ? String(g.inventory.projects.length) : '-',
       g.pending.length ? g.pending.join(',') : '-',
+      ...(libvirt ? [domainText(g.domain)] : []),
     ]),
   );
+}
+
+function domainText(d: GuestStatus['domain']): string {
+  if (!d) return '-';
+  if (d.cpus === undefined || d.memoryBytes === undefined) return `${d.name}: ${d.state}`;
+  const vcpus = d.vcpus ? ` (${d.vcpus.current}/${d.vcpus.max} vCPUs)` : '';
+  return `${d.name}: ${d.state}, ${fmtBytes(d.memoryBytes)}, ${cpusText(d.cpus)}${vcpus}`;
 }
 
 /** Newest first, times as the guest's `notices` prints them (format.ts fmtTime). */

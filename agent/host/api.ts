@@ -15,11 +15,14 @@ import { parseCpus, parseDuration, parseSize } from '../common/units';
 import type { Resources } from '../broker/types';
 import {
   FINAL_STATES,
+  type DomainStatus,
   type HostBroker,
   type HostNoticeRecord,
   type HostProgress,
 } from './host-broker';
 import type { Watcher } from './watcher';
+import type { GuestConfig, LibvirtGuestConfig } from './config';
+import type { LibvirtDomains } from './libvirt/domains';
 
 export const DEFAULT_DEADLINE_MS = 60_000;
 
@@ -102,12 +105,49 @@ export function noticeView(r: HostNoticeRecord) {
 
 export type NoticeView = ReturnType<typeof noticeView>;
 
+/** What libvirt says of one guest's domain, never throwing (a down domain is a state). */
+export async function domainStatus(
+  domains: LibvirtDomains,
+  g: LibvirtGuestConfig,
+): Promise<DomainStatus> {
+  try {
+    const v = await domains.view(g);
+    return {
+      name: g.domain,
+      state: v.state,
+      id: v.info.id,
+      cpus: v.resources.cpus,
+      memoryBytes: v.resources.memoryBytes,
+      vcpus: { current: v.info.vcpus.current, max: v.info.vcpus.max },
+      channel: v.info.channel?.path,
+    };
+  } catch (err) {
+    const e = err as { code?: string; message?: string };
+    const state =
+      e.code === 'DOMAIN_DOWN'
+        ? await domains.state(g.domain).catch(() => 'DOMAIN_DOWN')
+        : (e.code ?? 'INTERNAL');
+    return { name: g.domain, state, error: e.message };
+  }
+}
+
 export function registerHostApi(
   server: RpcServer,
   broker: HostBroker,
   watcher?: Watcher,
+  libvirt?: { domains: LibvirtDomains; guests: readonly GuestConfig[] },
 ): RpcServer {
-  server.handle('guests', async () => broker.guests());
+  server.handle('guests', async () => {
+    const gs = broker.guests();
+    if (!libvirt) return gs;
+    // docs/libvirt.md: the vCPUs and memory as libvirt has them, next to the books.
+    return Promise.all(
+      gs.map(async (s) => {
+        const lv = libvirt.guests.find((g) => g.name === s.name)?.libvirt;
+        return lv ? { ...s, domain: await domainStatus(libvirt.domains, lv) } : s;
+      }),
+    );
+  });
 
   server.handle('status', async () => ({
     guests: broker.guests(),

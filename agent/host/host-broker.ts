@@ -60,6 +60,22 @@ export interface GuestStatus {
   lastSeq?: number;
   books: GuestBooks;
   pending: string[];
+  /** With `hypervisor: libvirt`: what libvirt says of the domain now (operator API only). */
+  domain?: DomainStatus;
+}
+
+/** A guest's libvirt domain as `nestctl guests` shows it. */
+export interface DomainStatus {
+  name: string;
+  /** `virsh domstate`, or the error code when libvirt could not say. */
+  state: string;
+  id?: number;
+  /** CPUs and memory as the guest's modes count them (docs/libvirt.md, "Books"). */
+  cpus?: number;
+  memoryBytes?: number;
+  vcpus?: { current: number; max: number };
+  channel?: string;
+  error?: string;
 }
 
 export class HostBroker extends NoticeLifecycle {

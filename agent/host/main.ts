@@ -193,7 +193,12 @@ async function startHostWith(
   await broker.start();
   const watcher = new Watcher(cfg, broker, adapter, log.child({ part: 'watcher' }));
   watcher.start();
-  const server = registerHostApi(new RpcServer(log.child({ part: 'api' })), broker, watcher);
+  const server = registerHostApi(
+    new RpcServer(log.child({ part: 'api' })),
+    broker,
+    watcher,
+    domains ? { domains, guests: cfg.guests } : undefined,
+  );
   await server.listen(cfg.socket, { mode: cfg.socketMode, group: await groupId(cfg.socketGroup) });
   const metrics = cfg.metrics
     ? await MetricsServer.listen(

@@ -20,7 +20,9 @@
  * domain is destroyed and undefined at the end, also on failure. Figures (virsh define,
  * start, setvcpus, setmem, update-memory-device) are printed for docs/libvirt.md.
  */
+import { execFile } from 'node:child_process';
 import { promises as fs } from 'node:fs';
+import { promisify } from 'node:util';
 import os from 'node:os';
 import path from 'node:path';
 import { isNestError, type NestError } from '../../../agent/common/errors';
@@ -31,7 +33,7 @@ import { LibvirtDomains, resolveAllocations } from '../../../agent/host/libvirt/
 import { parseDomainXml } from '../../../agent/host/libvirt/domain-xml';
 import { Virsh } from '../../../agent/host/libvirt/virsh';
 import { startHost, type RunningHost } from '../../../agent/host/main';
-import { waitFor } from '../../../demo/stack';
+import { NESTCTL, waitFor } from '../../../demo/stack';
 import { ensureLibvirtd, stopStarted, type StartedDaemon } from '../../helpers/libvirt';
 
 jest.setTimeout(600_000);
@@ -158,6 +160,29 @@ test('the host broker connects to the channel libvirt chose; after destroy + sta
   expect(second).not.toBe(first);
   await waitFor('the new channel', async () => domains.channels.get(name) === second, 120_000, 100);
   expect(lifecycle).toContain('Started');
+
+  // `nestctl guests` (the real CLI on the operator socket): the domain as libvirt has it.
+  const nestctl = (...args: string[]) =>
+    promisify(execFile)(process.execPath, [NESTCTL, '--socket', cfg.socket, ...args], {
+      timeout: 120_000,
+    });
+  const [status] = JSON.parse((await nestctl('guests', '--json')).stdout) as {
+    connected: boolean;
+    domain: Record<string, unknown>;
+  }[];
+  expect(status.connected).toBe(false); // no guest OS, so no agent says hello
+  expect(status.domain).toEqual({
+    name,
+    state: 'running',
+    id: await liveId(),
+    cpus: 2,
+    memoryBytes: 128 * MiB,
+    vcpus: { current: 2, max: 4 },
+    channel: second,
+  });
+  expect((await nestctl('guests')).stdout).toContain(
+    `${name}: running, 128MiB, 2 CPUs (2/4 vCPUs)`,
+  );
 });
 
 test('actuation through virsh: a quota is done and booked as libvirt has it; a balloon nobody inflates is failed', async () => {

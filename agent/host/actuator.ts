@@ -55,6 +55,8 @@ export interface LibvirtStep {
   callMs: number;
   confirmMs: number;
   confirmed: boolean;
+  /** What else is known when it was not confirmed (virsh's own timeout, say). */
+  note?: string;
 }
 
 export interface VmActuator {

@@ -111,6 +111,18 @@ test('unplug: virsh gives up waiting (TCG) but the guest ejects the vCPU later: 
   expect(report.errors).toEqual([]);
 });
 
+test('unplug: virsh gives up and libvirt never shows the vCPU gone (as measured under TCG): failed, not done', async () => {
+  const { fake, actuator, guest } = await setup({ cpuMode: 'unplug', memoryMode: 'virtio-mem' });
+  fake.guest.setvcpus = () => ({ timedOut: true });
+  const report = await actuator.apply(guest, { cpus: 1, memoryBytes: 256 * MiB }, 'down');
+  expect(report.status).toBe('failed');
+  expect(report.actual?.cpus).toBe(2);
+  expect(report.steps).toEqual([
+    expect.objectContaining({ call: 'setvcpus', want: 1, got: 2, confirmed: false }),
+  ]);
+  expect(report.errors[0].message).toMatch(/virsh timed out waiting for the guest/);
+});
+
 test('unplug refused by QEMU: failed, its stderr in the error, nothing moved', async () => {
   const { fake, actuator, guest } = await setup({ cpuMode: 'unplug', memoryMode: 'virtio-mem' });
   fake.guest.setvcpus = () => ({

@@ -42,7 +42,7 @@ export const HOST_EXIT = {
 export const HOST_EXIT_HELP = `Host exit codes (besides 0-6):
   ${HOST_EXIT.LATE}  the guest was late (no outcome by the deadline); nothing removed unless --force
   ${HOST_EXIT.CANCELLED}  the notice was cancelled
-  ${HOST_EXIT.ACTUATION}  the guest answered but the VM cgroup limits or balloon could not be set`;
+  ${HOST_EXIT.ACTUATION}  the guest answered but the VM could not be lowered or raised (cgroup, balloon; libvirt: partial or failed)`;
 
 interface G {
   socket?: string;

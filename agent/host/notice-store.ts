@@ -109,7 +109,9 @@ export const FINAL_STATES: readonly HostNoticeState[] = [...FINAL];
 export function bookedChange(rec: HostNoticeRecord): Resources {
   const a = rec.actuation;
   const change = rec.notice.change;
-  if (!a?.status || a.status === 'done' || !a.before || !a.actual) return change;
+  if (!a?.status || a.status === 'done') return change;
+  // Failed before libvirt could even say where the domain was (it went down): nothing moved.
+  if (!a.before || !a.actual) return { memoryBytes: 0, cpus: 0 };
   const sign = rec.notice.kind === 'reclaim' ? 1 : -1;
   const clamp = (v: number, hi: number): number => Math.min(hi, Math.max(0, v));
   return {

@@ -13,6 +13,7 @@ import { isNestError, type NestError } from '../../../../agent/common/errors';
 import { silentLogger } from '../../../../agent/common/log';
 import { validateHostConfig, type GuestConfig } from '../../../../agent/host/config';
 import { HostBroker, type HostChannel } from '../../../../agent/host/host-broker';
+import { bookedChange, type HostNoticeRecord } from '../../../../agent/host/notice-store';
 import { LibvirtActuator } from '../../../../agent/host/libvirt/actuator';
 import { LibvirtDomains, resolveAllocations } from '../../../../agent/host/libvirt/domains';
 import { Virsh } from '../../../../agent/host/libvirt/virsh';
@@ -256,4 +257,18 @@ test('through the host broker: a partial actuation is recorded partial, the book
   } finally {
     await fs.rm(dir, { recursive: true, force: true });
   }
+});
+
+test('a domain gone down before the actuation: failed, and the books count nothing of it', async () => {
+  const { fake, actuator, guest } = await setup({ cpuMode: 'unplug', memoryMode: 'virtio-mem' });
+  fake.d.state = 'shut off';
+  const report = await actuator.apply(guest, { cpus: 1, memoryBytes: 192 * MiB }, 'down');
+  expect(report.status).toBe('failed');
+  expect([report.before, report.actual]).toEqual([undefined, undefined]);
+  expect(report.errors[0].code).toBe('DOMAIN_DOWN');
+  const rec = {
+    notice: { kind: 'reclaim', change: { cpus: 1, memoryBytes: 64 * MiB } },
+    actuation: report,
+  } as unknown as HostNoticeRecord;
+  expect(bookedChange(rec)).toEqual({ cpus: 0, memoryBytes: 0 });
 });

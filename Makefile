@@ -156,6 +156,11 @@ install:
 	for f in guest host; do \
 	  if [ -f examples/$$f.yaml ]; then install -m 0644 examples/$$f.yaml $(DESTDIR)$(CONFDIR)/$$f.yaml.example; fi; done
 	if [ -f docs/install.md ]; then install -m 0644 docs/install.md $(DESTDIR)$(DOCDIR)/install.md; fi
+	@# The libvirt walk-through, its domain XML and host.yaml (docs/libvirt.md): documents,
+	@# not configs (everything under /etc/nestbroker is a conffile of the package).
+	if [ -f docs/libvirt.md ]; then install -m 0644 docs/libvirt.md $(DESTDIR)$(DOCDIR)/libvirt.md; \
+	  install -D -m 0644 docs/libvirt/domain.xml $(DESTDIR)$(DOCDIR)/libvirt/domain.xml; \
+	  install -D -m 0644 examples/host-libvirt.yaml $(DESTDIR)$(DOCDIR)/examples/host-libvirt.yaml; fi
 	@# Man pages and completion, when `make man` made them.
 	for m in dist/man/*.[0-9]; do [ -f "$$m" ] || continue; \
 	  install -D -m 0644 "$$m" $(DESTDIR)$(MANDIR)/man$${m##*.}/$${m##*/}; done

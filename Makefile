@@ -155,7 +155,8 @@ install:
 	install -m 0644 systemd/$(UDEV_RULE) $(DESTDIR)$(UDEVRULESDIR)/$(UDEV_RULE)
 	for f in guest host; do \
 	  if [ -f examples/$$f.yaml ]; then install -m 0644 examples/$$f.yaml $(DESTDIR)$(CONFDIR)/$$f.yaml.example; fi; done
-	if [ -f docs/install.md ]; then install -m 0644 docs/install.md $(DESTDIR)$(DOCDIR)/install.md; fi
+	for d in install errors; do \
+	  if [ -f docs/$$d.md ]; then install -m 0644 docs/$$d.md $(DESTDIR)$(DOCDIR)/$$d.md; fi; done
 	@# The libvirt walk-through, its domain XML and host.yaml (docs/libvirt.md): documents,
 	@# not configs (everything under /etc/nestbroker is a conffile of the package).
 	if [ -f docs/libvirt.md ]; then install -m 0644 docs/libvirt.md $(DESTDIR)$(DOCDIR)/libvirt.md; \

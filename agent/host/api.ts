@@ -102,6 +102,7 @@ export function noticeView(r: HostNoticeRecord) {
     outcomeAt: r.outcomeAt,
     actuatedAt: r.actuatedAt,
     finishedAt: r.finishedAt,
+    reconciledAt: r.reconciledAt,
     outcome: r.outcome,
     credited: r.credited,
     actuation: r.actuation,

@@ -43,6 +43,8 @@ export function exitForError(err: unknown): number {
     case 'NOTICE_REJECTED':
     case 'NOTICE_STALE':
     case 'JOURNAL_WRITE':
+    case 'DOMAIN_DOWN': // libvirt: refused before anything was journaled (docs/libvirt.md)
+    case 'PREREQUISITE_MISSING':
       return EXIT.REJECTED;
     case 'TIMEOUT':
       return EXIT.TIMEOUT;

@@ -49,7 +49,7 @@ export const HOST_EXIT = {
 export const HOST_EXIT_HELP = `Host exit codes (besides 0-6):
   ${HOST_EXIT.LATE}  the guest was late (no outcome by the deadline); nothing removed unless --force
   ${HOST_EXIT.CANCELLED}  the notice was cancelled
-  ${HOST_EXIT.ACTUATION}  the guest answered but the VM cgroup limits or balloon could not be set`;
+  ${HOST_EXIT.ACTUATION}  the guest answered but the VM could not be lowered or raised (cgroup, balloon; libvirt: partial or failed)`;
 
 interface G {
   socket?: string;
@@ -73,6 +73,7 @@ export function exitForNotice(n: NoticeView): number {
   if (n.state === 'cancelled') return HOST_EXIT.CANCELLED;
   if (n.state === 'late' || n.late) return HOST_EXIT.LATE;
   if (n.state === 'refused') return EXIT.REJECTED;
+  if (n.state === 'partial' || n.state === 'failed') return HOST_EXIT.ACTUATION;
   if (n.actuation && n.actuation.errors.length > 0) return HOST_EXIT.ACTUATION;
   if (n.outcome) return exitForOutcome(n.outcome);
   return n.state === 'done' ? EXIT.OK : EXIT.ERROR;
@@ -166,8 +167,20 @@ export function processesTable(vms: VmProcesses[]): string {
 }
 
 function guestsTable(gs: GuestStatus[]): string {
+  // With libvirt, a column of what libvirt says now (docs/libvirt.md).
+  const libvirt = gs.some((g) => g.domain);
   return table(
-    ['guest', 'prio', 'connected', 'granted', 'allocation', 'floor', 'projects', 'pending'],
+    [
+      'guest',
+      'prio',
+      'connected',
+      'granted',
+      'allocation',
+      'floor',
+      'projects',
+      'pending',
+      ...(libvirt ? ['libvirt'] : []),
+    ],
     gs.map((g) => [
       g.name,
       g.priority,
@@ -177,8 +190,16 @@ function guestsTable(gs: GuestStatus[]): string {
       res(g.books.floor),
       g.inventory ? String(g.inventory.projects.length) : '-',
       g.pending.length ? g.pending.join(',') : '-',
+      ...(libvirt ? [domainText(g.domain)] : []),
     ]),
   );
+}
+
+function domainText(d: GuestStatus['domain']): string {
+  if (!d) return '-';
+  if (d.cpus === undefined || d.memoryBytes === undefined) return `${d.name}: ${d.state}`;
+  const vcpus = d.vcpus ? ` (${d.vcpus.current}/${d.vcpus.max} vCPUs)` : '';
+  return `${d.name}: ${d.state}, ${fmtBytes(d.memoryBytes)}, ${cpusText(d.cpus)}${vcpus}`;
 }
 
 /** Newest first, times as the guest's `notices` prints them (format.ts fmtTime). */

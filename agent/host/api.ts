@@ -16,8 +16,16 @@ import { parseCpus, parseDuration, parseSize } from '../common/units';
 import type { Resources } from '../broker/types';
 import type { PlanResult } from '../protocol/messages';
 import { MAX_DEADLINE_AHEAD_MS } from '../protocol/schemas';
-import type { HostBroker, HostNoticeRecord, HostProgress } from './host-broker';
+import {
+  FINAL_STATES,
+  type DomainStatus,
+  type HostBroker,
+  type HostNoticeRecord,
+  type HostProgress,
+} from './host-broker';
 import type { Watcher } from './watcher';
+import type { GuestConfig, LibvirtGuestConfig } from './config';
+import type { LibvirtDomains } from './libvirt/domains';
 
 export const DEFAULT_DEADLINE_MS = 60_000;
 
@@ -106,12 +114,49 @@ export function noticeView(r: HostNoticeRecord) {
 
 export type NoticeView = ReturnType<typeof noticeView>;
 
+/** What libvirt says of one guest's domain, never throwing (a down domain is a state). */
+export async function domainStatus(
+  domains: LibvirtDomains,
+  g: LibvirtGuestConfig,
+): Promise<DomainStatus> {
+  try {
+    const v = await domains.view(g);
+    return {
+      name: g.domain,
+      state: v.state,
+      id: v.info.id,
+      cpus: v.resources.cpus,
+      memoryBytes: v.resources.memoryBytes,
+      vcpus: { current: v.info.vcpus.current, max: v.info.vcpus.max },
+      channel: v.info.channel?.path,
+    };
+  } catch (err) {
+    const e = err as { code?: string; message?: string };
+    const state =
+      e.code === 'DOMAIN_DOWN'
+        ? await domains.state(g.domain).catch(() => 'DOMAIN_DOWN')
+        : (e.code ?? 'INTERNAL');
+    return { name: g.domain, state, error: e.message };
+  }
+}
+
 export function registerHostApi(
   server: RpcServer,
   broker: HostBroker,
   watcher?: Watcher,
+  libvirt?: { domains: LibvirtDomains; guests: readonly GuestConfig[] },
 ): RpcServer {
-  server.handle('guests', async () => broker.guests());
+  server.handle('guests', async () => {
+    const gs = broker.guests();
+    if (!libvirt) return gs;
+    // docs/libvirt.md: the vCPUs and memory as libvirt has them, next to the books.
+    return Promise.all(
+      gs.map(async (s) => {
+        const lv = libvirt.guests.find((g) => g.name === s.name)?.libvirt;
+        return lv ? { ...s, domain: await domainStatus(libvirt.domains, lv) } : s;
+      }),
+    );
+  });
 
   server.handle('status', async (a) => ({
     // Static facts, read once (systeminformation; cgroup-adapter/host-usage.ts).
@@ -123,7 +168,7 @@ export function registerHostApi(
     trigger: watcher?.triggerState() ?? null,
     notices: broker
       .notices()
-      .filter((r) => !['done', 'late', 'refused', 'cancelled'].includes(r.state))
+      .filter((r) => !FINAL_STATES.includes(r.state))
       .map(noticeView),
   }));
 

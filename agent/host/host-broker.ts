@@ -36,6 +36,7 @@ import { bootId } from '../common/clock';
 // the code imports the host broker from one place.
 export type { ChannelFactory, HostBrokerDeps, HostChannel } from './guest-connections';
 export {
+  FINAL_STATES,
   RETAIN_FINAL_NOTICES,
   type HostNoticeRecord,
   type HostNoticeState,
@@ -60,6 +61,22 @@ export interface GuestStatus {
   lastSeq?: number;
   books: GuestBooks;
   pending: string[];
+  /** With `hypervisor: libvirt`: what libvirt says of the domain now (operator API only). */
+  domain?: DomainStatus;
+}
+
+/** A guest's libvirt domain as `nestctl guests` shows it. */
+export interface DomainStatus {
+  name: string;
+  /** `virsh domstate`, or the error code when libvirt could not say. */
+  state: string;
+  id?: number;
+  /** CPUs and memory as the guest's modes count them (docs/libvirt.md, "Books"). */
+  cpus?: number;
+  memoryBytes?: number;
+  vcpus?: { current: number; max: number };
+  channel?: string;
+  error?: string;
 }
 
 export class HostBroker extends NoticeLifecycle {
@@ -156,6 +173,9 @@ export class HostBroker extends NoticeLifecycle {
         : req.change;
     const r = kind === 'reclaim' ? checkReclaim(books, change) : checkRestore(books, change);
     if (!r.ok) throw rejected(kind, g.name, r.problems);
+    // With libvirt: the domain is running and has what the guest's modes need, or the
+    // notice is refused here (DOMAIN_DOWN, PREREQUISITE_MISSING), nothing journaled.
+    await this.deps.actuator.precheck?.(g, kind, r.allocation);
     // docs/reliability.md: a cap on what one guest may have in flight; nothing journaled or
     // booked.
     const cap =

@@ -18,7 +18,10 @@ import type { MetricsServer } from '../common/metrics';
 import { ReconnectingChannel, type Clock } from '../transport/reconnect';
 import { connectTls } from '../transport/tls';
 import { connectUnix } from '../transport/unix';
-import { CgroupQmpActuator } from './actuator';
+import { CgroupQmpActuator, type VmActuator } from './actuator';
+import { LibvirtActuator } from './libvirt/actuator';
+import { LibvirtDomains, resolveAllocations } from './libvirt/domains';
+import { Virsh } from './libvirt/virsh';
 import { registerHostApi } from './api';
 import {
   DEFAULT_HOST_CONFIG_PATH,
@@ -47,6 +50,8 @@ export interface RunningHost {
   watcher: Watcher;
   /** Serving /metrics when the config asks for it. */
   metrics: MetricsServer | null;
+  /** With `hypervisor: libvirt`: the domains it follows (events, live XML). */
+  domains?: LibvirtDomains;
   stop(): Promise<void>;
 }
 
@@ -70,6 +75,7 @@ export function channelFactory(
   cfg: Readonly<HostConfig>,
   log: Logger,
   clock?: Clock,
+  domains?: LibvirtDomains,
 ): (g: GuestConfig) => ReconnectingChannel {
   return (g: GuestConfig) => {
     const chLog = log.child({ guest: g.name, transport: g.channel.transport });
@@ -77,6 +83,31 @@ export function channelFactory(
     // docs/reliability.md: each connection to a guest takes at most this many lines from
     // it.
     const rateLimit = { perSecond: cfg.limits.messagesPerSecond, burst: cfg.limits.messageBurst };
+    if (c.transport === 'libvirt') {
+      if (!domains) throw new Error(`guest "${g.name}": a libvirt channel needs LibvirtDomains`);
+      // docs/libvirt.md, "Life-cycle": the socket path is read from the domain's live XML
+      // at every attempt (it changes with the domain id at every start), and a domain that
+      // starts again is retried at once rather than at the end of the backoff.
+      const channel = new ReconnectingChannel({
+        connect: async () => {
+          const socketPath = await domains.channelPath(c.domain);
+          const ch = await connectUnix(socketPath, { log: chLog, rateLimit });
+          chLog.info({ path: socketPath }, 'connected to the domain channel');
+          domains.noteChannel(g.name, c.domain, socketPath);
+          return ch;
+        },
+        backoff: { initialMs: cfg.reconnect.minMs, maxMs: cfg.reconnect.maxMs },
+        heartbeat: heartbeatFor(cfg.heartbeat),
+        clock,
+        log: chLog,
+      });
+      domains.on('lifecycle', (e: { guest: string; event: string }) => {
+        if (e.guest === g.name && (e.event === 'Started' || e.event === 'Resumed'))
+          channel.retryNow();
+      });
+      domains.on('resync', () => channel.retryNow());
+      return channel.start();
+    }
     const connect =
       c.transport === 'unix'
         ? () => connectUnix(c.path, { log: chLog, rateLimit })
@@ -120,11 +151,38 @@ export async function startHost(cfg: Readonly<HostConfig>, log: Logger): Promise
 }
 
 async function startHostLocked(
-  cfg: Readonly<HostConfig>,
+  fileCfg: Readonly<HostConfig>,
   log: Logger,
   lock: StateLock,
 ): Promise<RunningHost> {
+  let cfg = fileCfg;
+  let domains: LibvirtDomains | undefined;
+  let actuator: VmActuator;
+  if (cfg.hypervisor.type === 'libvirt') {
+    // docs/libvirt.md: everything through virsh; no cgroup of libvirt's is touched by us.
+    const virsh = new Virsh({ uri: cfg.hypervisor.uri, timeoutMs: cfg.hypervisor.timeoutMs });
+    cfg = await resolveAllocations(cfg, virsh);
+    domains = new LibvirtDomains(virsh, cfg.guests, log.child({ part: 'libvirt' }));
+    domains.follow();
+    actuator = new LibvirtActuator(domains, log.child({ part: 'actuator' }));
+  } else actuator = new CgroupQmpActuator(null, log.child({ part: 'actuator' }));
+  try {
+    return await startHostWith(cfg, log, lock, actuator, domains);
+  } catch (err) {
+    await domains?.stop();
+    throw err;
+  }
+}
+
+async function startHostWith(
+  cfg: Readonly<HostConfig>,
+  log: Logger,
+  lock: StateLock,
+  libvirtOrRaw: VmActuator,
+  domains: LibvirtDomains | undefined,
+): Promise<RunningHost> {
   let adapter: CgroupAdapter | null = null;
+  let actuator = libvirtOrRaw;
   if (cfg.guests.some((g) => g.cgroup)) {
     // The VM cgroups are libvirt's (or the demo's): we never create or remove them,
     // only read them and set their limits. systemd-style names (machine-qemu\x2d1…).
@@ -134,17 +192,23 @@ async function startHostLocked(
       names: 'systemd',
       log: log.child({ part: 'cgroup' }),
     });
+    actuator = new CgroupQmpActuator(adapter, log.child({ part: 'actuator' }));
   }
   const broker = new HostBroker({
     config: cfg,
-    actuator: new CgroupQmpActuator(adapter, log.child({ part: 'actuator' })),
-    connect: channelFactory(cfg, log),
+    actuator,
+    connect: channelFactory(cfg, log, undefined, domains),
     log,
   });
   await broker.start();
   const watcher = new Watcher(cfg, broker, adapter, log.child({ part: 'watcher' }));
   watcher.start();
-  const server = registerHostApi(new RpcServer(log.child({ part: 'api' })), broker, watcher);
+  const server = registerHostApi(
+    new RpcServer(log.child({ part: 'api' })),
+    broker,
+    watcher,
+    domains ? { domains, guests: cfg.guests } : undefined,
+  );
   await server.listen(cfg.socket, { mode: cfg.socketMode, group: await groupId(cfg.socketGroup) });
   // The guest names as a function: a reload may add or remove guests (agent/host/reload.ts).
   const metrics = cfg.metrics
@@ -158,11 +222,13 @@ async function startHostLocked(
     server,
     watcher,
     metrics,
+    ...(domains ? { domains } : {}),
     async stop() {
       watcher.stop();
       await metrics?.close();
       await server.close();
       await broker.stop();
+      await domains?.stop();
       await lock.release();
     },
   };

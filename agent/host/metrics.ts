@@ -24,7 +24,7 @@ export function hostMetrics(
   const registry = new Registry();
   const notices = new Counter({
     name: 'nestbroker_host_notices_total',
-    help: 'Notices that reached a final state, by guest, kind and state (done, actuation_failed, late, refused, cancelled)',
+    help: 'Notices that reached a final state, by guest, kind and state (done, actuation_failed, partial, failed, late, refused, cancelled)',
     labelNames: ['guest', 'kind', 'state'],
     registers: [registry],
   });

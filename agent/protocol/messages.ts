@@ -30,8 +30,14 @@ export const RESYNC_BYTE = 0xff;
  * outcome over the line cap into parts only for a peer that listed this.
  */
 export const CAP_OUTCOME_PARTS = 'outcome-parts';
+/**
+ * Real CPU removal (docs/protocol.md, "Versions and capabilities"). Listed by a guest: it
+ * takes `leavingCpus` in a reclaim and moves its projects off them first. Listed by a host:
+ * it takes `onlineCpus` and `memTotal` on an outcome.
+ */
+export const CAP_CPU_UNPLUG = 'cpu-unplug';
 /** What this implementation lists in its `hello` (guest) and `welcome` (host). */
-export const CAPABILITIES: readonly string[] = Object.freeze([CAP_OUTCOME_PARTS]);
+export const CAPABILITIES: readonly string[] = Object.freeze([CAP_OUTCOME_PARTS, CAP_CPU_UNPLUG]);
 
 export type InventoryProject = z.infer<typeof S.InventoryProjectSchema>;
 export type Hello = z.infer<typeof S.HelloSchema>;

@@ -34,6 +34,7 @@ import { FINAL, type HostNoticeRecord } from './notice-store';
 // Where the parts live (docs/architecture.md, "Who owns what"); re-exported so the rest of
 // the code imports the host broker from one place.
 export type { ChannelFactory, HostBrokerDeps, HostChannel } from './guest-connections';
+import type { GuestReported } from './guest-connections';
 export {
   RETAIN_FINAL_NOTICES,
   type HostNoticeRecord,
@@ -57,6 +58,8 @@ export interface GuestStatus {
   helloAt?: string;
   inventory?: Hello['inventory'];
   lastSeq?: number;
+  /** The guest kernel's online CPUs and MemTotal, as it last reported them. */
+  reported?: GuestReported;
   books: GuestBooks;
   pending: string[];
 }
@@ -241,6 +244,7 @@ export class HostBroker extends NoticeLifecycle {
       helloAt: link?.helloAt,
       inventory: link?.hello?.inventory,
       lastSeq: link?.hello?.lastSeq,
+      reported: link?.reported,
       books: this.booksFor(name),
       pending: this.notices(name)
         .filter((r) => !FINAL.has(r.state))

@@ -4,9 +4,18 @@
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
-import pidusage from 'pidusage';
-import * as si from 'systeminformation';
 import { CgroupError } from './errors';
+
+// Both libraries are loaded on first use, not at start: systeminformation only where Linux
+// has no /proc (the fallback below) and pidusage only for processUsage. Loaded up front
+// they were ~10 MiB of the host broker's idle RSS (docs/performance.md, "Footprint: what
+// each step saved").
+type Si = typeof import('systeminformation');
+type PidUsage = typeof import('pidusage');
+// eslint-disable-next-line @typescript-eslint/no-require-imports
+const si = (): Si => require('systeminformation') as Si;
+// eslint-disable-next-line @typescript-eslint/no-require-imports
+const pidusage = (): PidUsage => require('pidusage') as PidUsage;
 
 export interface HostUsage {
   memTotal: number;
@@ -36,7 +45,7 @@ export async function hostUsage(): Promise<HostUsage> {
     meminfo = fs.readFileSync('/proc/meminfo', 'utf8');
     stat = fs.readFileSync('/proc/stat', 'utf8');
   } catch {
-    const [mem, cpu, load] = await Promise.all([si.mem(), si.cpu(), si.currentLoad()]);
+    const [mem, cpu, load] = await Promise.all([si().mem(), si().cpu(), si().currentLoad()]);
     return {
       memTotal: mem.total,
       memAvailable: mem.available,
@@ -77,7 +86,7 @@ export interface ProcessUsage {
 /** One process's usage; code ESRCH when it is gone. */
 export async function processUsage(pid: number): Promise<ProcessUsage> {
   try {
-    const s = await pidusage(pid);
+    const s = await pidusage()(pid);
     return { pid, cpuPct: s.cpu, rssBytes: s.memory, elapsedMs: s.elapsed };
   } catch (e) {
     const gone = !fs.existsSync(`/proc/${pid}`);
@@ -91,5 +100,5 @@ export async function processUsage(pid: number): Promise<ProcessUsage> {
 
 /** Drops pidusage's per-pid history (call when done sampling). */
 export function clearProcessUsage(): void {
-  pidusage.clear();
+  pidusage().clear();
 }

@@ -22,7 +22,7 @@ import { Journal } from '../common/journal';
 import { StateLock } from '../common/state-lock';
 import type { Logger } from '../common/log';
 import { RpcServer } from '../common/rpc';
-import { MetricsServer } from '../common/metrics';
+import type { MetricsServer } from '../common/metrics';
 import type { Resources } from '../broker/types';
 import type { Hello } from '../protocol/messages';
 import { NoticeBook } from '../client/notices';
@@ -33,7 +33,6 @@ import type { OperatorTarget, TopRow, TopView } from './operator-target';
 import { ProjectNoticeBoard } from './project-notices';
 import { ProjectRegistry } from './projects';
 import { UsageSampler } from './usage';
-import { guestMetrics } from './metrics';
 import { openUpstream, type Upstream } from './upstream';
 import {
   DEFAULT_PREREQUISITE_PATHS,
@@ -209,7 +208,11 @@ export class GuestAgent implements OperatorTarget {
     await rpc.listen(cfg.socket, { mode: 0o660, group: await groupId(cfg.socketGroup) });
     undo.push(() => rpc.close());
     // Bound early too: a port in use fails the start before anything is adopted.
-    if (cfg.metrics)
+    // prom-client and the metrics code are loaded only when metrics are on: ~12 MiB of an
+    // idle agent's RSS otherwise (docs/performance.md, "Footprint: what each step saved").
+    if (cfg.metrics) {
+      const { MetricsServer } = await import('../common/metrics');
+      const { guestMetrics } = await import('./metrics');
       agent.metrics = await MetricsServer.listen(
         guestMetrics({
           cfg,
@@ -221,6 +224,7 @@ export class GuestAgent implements OperatorTarget {
         cfg.metrics,
         log.child({ part: 'metrics' }),
       );
+    }
     undo.push(async () => agent.metrics?.close());
     await board.listen();
     undo.push(() => board.close());

@@ -6,15 +6,15 @@
  * resumed by the next start.
  */
 import { promises as fs } from 'node:fs';
-import yargs from 'yargs';
 import { openCgroupAdapter } from '../../cgroup-adapter/index';
 import type { CgroupAdapter } from '../../cgroup-adapter/types';
 import { isNestError } from '../common/errors';
 import { lookupGroup } from '../common/nss';
-import { createLogger, type Logger } from '../common/log';
+import { createLogger, LOG_FORMATS, type Logger } from '../common/log';
+import { quickDaemonArgs } from '../common/daemon-args';
 import { RpcServer } from '../common/rpc';
 import { StateLock } from '../common/state-lock';
-import { MetricsServer } from '../common/metrics';
+import type { MetricsServer } from '../common/metrics';
 import { ReconnectingChannel, type Clock } from '../transport/reconnect';
 import { connectTls } from '../transport/tls';
 import { connectUnix } from '../transport/unix';
@@ -27,7 +27,6 @@ import {
   type HostConfig,
 } from './config';
 import { HostBroker } from './host-broker';
-import { hostMetrics } from './metrics';
 import { Watcher } from './watcher';
 
 export interface RunningHost {
@@ -136,16 +135,7 @@ async function startHostLocked(
   watcher.start();
   const server = registerHostApi(new RpcServer(log.child({ part: 'api' })), broker, watcher);
   await server.listen(cfg.socket, { mode: cfg.socketMode, group: await groupId(cfg.socketGroup) });
-  const metrics = cfg.metrics
-    ? await MetricsServer.listen(
-        hostMetrics(
-          broker,
-          cfg.guests.map((g) => g.name),
-        ),
-        cfg.metrics,
-        log.child({ part: 'metrics' }),
-      )
-    : null;
+  const metrics = cfg.metrics ? await serveMetrics(cfg.metrics, broker, cfg, log) : null;
   log.info({ socket: cfg.socket, guests: cfg.guests.map((g) => g.name) }, 'host broker ready');
   return {
     config: cfg,
@@ -163,21 +153,34 @@ async function startHostLocked(
   };
 }
 
+/**
+ * prom-client and the metrics code are loaded only when metrics are on (docs/performance.md,
+ * "Footprint: what each step saved": ~12 MiB of an idle broker's RSS otherwise).
+ */
+async function serveMetrics(
+  at: NonNullable<HostConfig['metrics']>,
+  broker: HostBroker,
+  cfg: Readonly<HostConfig>,
+  log: Logger,
+): Promise<MetricsServer> {
+  const { MetricsServer } = await import('../common/metrics');
+  const { hostMetrics } = await import('./metrics');
+  const registry = hostMetrics(
+    broker,
+    cfg.guests.map((g) => g.name),
+  );
+  return MetricsServer.listen(registry, at, log.child({ part: 'metrics' }));
+}
+
 /** Entry of `nestbroker host` (agent/cli/nestbroker.ts). Resolves with the exit code. */
 export async function runHost(argv: string[]): Promise<number> {
   // nestbroker.ts passes its whole argv: drop the subcommand's own name.
-  const a = await yargs(argv[0] === 'host' ? argv.slice(1) : argv)
-    .scriptName('nestbroker host')
-    .usage('$0 [--config FILE]\n\nRuns the host broker (the VM-level broker) in the foreground.')
-    .option('config', {
-      alias: 'c',
-      type: 'string',
-      default: DEFAULT_HOST_CONFIG_PATH,
-      describe: 'host config (YAML); see docs/host-broker.md',
-    })
-    .strict()
-    .help()
-    .parseAsync();
+  const own = argv[0] === 'host' ? argv.slice(1) : argv;
+  const quick = quickDaemonArgs(['host', ...own], LOG_FORMATS);
+  const a =
+    quick && !quick.logFormat && !quick.check
+      ? { config: quick.config ?? DEFAULT_HOST_CONFIG_PATH }
+      : await parseHostArgs(own);
   const log = createLogger('nestbroker-host');
   let cfg: Readonly<HostConfig>;
   try {
@@ -206,6 +209,23 @@ export async function runHost(argv: string[]): Promise<number> {
     process.once('SIGTERM', () => stop('SIGTERM'));
     process.once('SIGINT', () => stop('SIGINT'));
   });
+}
+
+/** Anything but the plain `--config FILE`: yargs, loaded now (help, errors). */
+async function parseHostArgs(argv: string[]): Promise<{ config: string }> {
+  const { default: yargs } = await import('yargs');
+  return yargs(argv)
+    .scriptName('nestbroker host')
+    .usage('$0 [--config FILE]\n\nRuns the host broker (the VM-level broker) in the foreground.')
+    .option('config', {
+      alias: 'c',
+      type: 'string',
+      default: DEFAULT_HOST_CONFIG_PATH,
+      describe: 'host config (YAML); see docs/host-broker.md',
+    })
+    .strict()
+    .help()
+    .parseAsync();
 }
 
 /** `(CODE) message` for a start-up failure: the code is what scripts branch on. */

@@ -47,7 +47,14 @@ beforeEach(async () => {
   dir = await fs.mkdtemp(path.join(os.tmpdir(), 'nb-host-late-'));
   const channel = path.join(dir, 'vm1.sock');
   guest = await ScriptedGuest.listen('vm1', channel);
-  broker = await startOneGuestBroker({ dir, root: t.rootName, adapter: t.adapter, channel, log });
+  broker = await startOneGuestBroker({
+    dir,
+    root: t.rootName,
+    adapter: t.adapter,
+    channel,
+    log,
+    heartbeatTimeout: '5s',
+  });
   await waitFor('the guest to connect', async () => broker.status('vm1').connected, 5000, 20);
 });
 

@@ -68,6 +68,15 @@ describe('how a stop ends, and what it did on the way', () => {
       signalled: 0,
     },
     {
+      case: 'nothing runs as readPids reads it: already-gone, not even an adapter read',
+      run: { script: { pids: [[101]] }, deps: { readPids: () => [] } },
+      exit: 'already-gone',
+      events: [],
+      ms: 0,
+      reason: /^no process was running$/,
+      signalled: 0,
+    },
+    {
       case: 'it exits within its grace: graceful, never killed',
       run: { script: { pids: [[101, 102]], exitsAfterMs: 1_200 } },
       exit: 'graceful',
@@ -158,18 +167,15 @@ describe('how a stop ends, and what it did on the way', () => {
       signalled: 1,
     },
     {
+      // Both reads of cgroup.procs (is anything running? what to signal) go through
+      // readPids: no thread-pool read through the adapter at all.
       case: 'cgroup.procs read synchronously (readPids) is the list signalled',
       run: {
         script: { pids: [[101]], exitsAfterMs: 5 },
         deps: { readPids: () => [101, 103] },
       },
       exit: 'graceful',
-      events: [
-        `pids ${G} → [101]`,
-        'signal 101 SIGTERM',
-        'signal 103 SIGTERM',
-        `waitEmpty ${G} 5000`,
-      ],
+      events: ['signal 101 SIGTERM', 'signal 103 SIGTERM', `waitEmpty ${G} 5000`],
       ms: 5,
       reason: /^exited/,
       signalled: 2,

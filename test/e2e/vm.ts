@@ -192,7 +192,9 @@ export class Vm {
 
   /** Boots the guest and returns once the runner inside answered. */
   static async boot(o: VmOptions): Promise<Vm> {
-    const opts: Required<VmOptions> = { memoryMiB: 1024, cpus: 2, bootTimeoutMs: 180_000, ...o };
+    // Boot under TCG takes ~40 s on an idle 2-core machine; with the load average at 13 it
+    // passed 180 s: the bound is for a hung guest, not a slow one.
+    const opts: Required<VmOptions> = { memoryMiB: 1024, cpus: 2, bootTimeoutMs: 420_000, ...o };
     await fsp.mkdir(opts.outDir, { recursive: true });
     // Unix socket paths must stay under 108 bytes: a short temp dir, not outDir.
     // KVM where /dev/kvm is there AND works with `-cpu max`; otherwise software emulation.

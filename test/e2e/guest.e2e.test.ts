@@ -153,7 +153,8 @@ describe('nestbroker in a real guest (QEMU, systemd, cgroup v2, virtio-serial, b
         /\/etc\/nestbroker\/guest\.yaml[\s\S]*\/etc\/nestbroker\/host\.yaml/,
       );
       expect(await vm!.sh('getent group nestbroker')).toMatch(/^nestbroker:/);
-      // In a guest (no /dev/kvm) the host broker's unit is enabled but skipped.
+      // In a guest (a VM: ConditionVirtualization=!vm) the host broker's unit is enabled but
+      // skipped, so installing the package started nothing that waits for a guest.
       const host = await vm!.sh(
         'systemctl is-enabled nestbroker-host.service; systemctl show -p ConditionResult -p ActiveState nestbroker-host.service',
       );

@@ -136,6 +136,8 @@ describe('nestbroker in a real guest (QEMU, systemd, cgroup v2, virtio-serial, b
       need('boot');
       const deb = await phase('makeDeb', () => packDeb(OUT));
       results.aptInstall = await phase('install', () => installNestbroker(vm!, deb));
+      // The test's projects, before the udev step below makes systemd start the agent.
+      await writeGuestConfig(vm!);
       expect(await vm!.sh("dpkg-query -W -f '${Status}' nestbroker")).toBe('install ok installed');
       // The node it runs on is Debian's package (bookworm: 18.x), not one copied in.
       const node = await vm!.sh(
@@ -240,7 +242,6 @@ describe('nestbroker in a real guest (QEMU, systemd, cgroup v2, virtio-serial, b
     'the agent runs as the systemd service with its projects in delegated cgroups',
     async () => {
       need('install');
-      await writeGuestConfig(vm!);
       const up = await phase('agentStart', async () => {
         await vm!.sh('systemctl enable --now nestbroker-guest.service', 120_000);
         // Projects up: each wrote its .started marker.

@@ -30,8 +30,12 @@ export interface Notice {
 
 export type ProjectAction = 'unchanged' | 'shrunk' | 'stopped' | 'grown' | 'started';
 
-/** How a stopped project ended (never a bare boolean: see CONTRIBUTING.md on kubelet). */
-export type ExitKind = 'graceful' | 'killed' | 'already-gone' | 'timeout';
+/**
+ * How a stopped project ended (never a bare boolean: see CONTRIBUTING.md on kubelet).
+ * `escaped`: the group emptied, but processes of the project were found alive outside it
+ * (and killed): ProjectOutcome.escaped names them.
+ */
+export type ExitKind = 'graceful' | 'killed' | 'already-gone' | 'timeout' | 'escaped';
 
 export interface ProjectLimits {
   memoryHigh: number | 'max';
@@ -61,6 +65,8 @@ export interface ProjectOutcome {
   ms: number;
   reason: string;
   error?: { code: string; message: string };
+  /** Pids of the project's processes found outside its group after the stop, killed. */
+  escaped?: number[];
 }
 
 export type OutcomeStatus = 'complete' | 'partial' | 'failed';

@@ -269,6 +269,7 @@ export class GuestBroker implements LocalBroker {
               // From its turn: the wait for lower-ranked projects' signals is theirs.
               ms: r.ms,
               reason: `${d.reason}; ${r.reason}`,
+              ...(r.escaped ? { escaped: r.escaped } : {}),
             };
           }
           case 'shrunk': {
@@ -284,6 +285,7 @@ export class GuestBroker implements LocalBroker {
               after: STOPPED_LIMITS,
               exit: r.exit,
               ms: Date.now() - t0,
+              ...(r.escaped ? { escaped: r.escaped } : {}),
               reason: `${d.reason}; memory stayed at ${formatBytes(came.usage)}, above ${formatBytes(d.memoryTarget)}, until its grace ran out: stopped (${r.reason})`,
             };
           }
@@ -333,6 +335,15 @@ export class GuestBroker implements LocalBroker {
           log: ctx.log,
         },
       );
+      // The group is empty now; what the project started and is still alive lives outside
+      // it, beyond every limit: found, killed, and the stop reported `escaped`
+      // (docs/reliability.md, "Processes that leave their project").
+      const escaped = await this.registry.killEscaped(name, ctx.log);
+      if (escaped.length > 0) {
+        r.exit = 'escaped';
+        r.escaped = escaped.map((e) => e.pid);
+        r.reason = `${r.reason}; ${escaped.length} of its processes had left its cgroup (pids ${r.escaped.join(', ')}, outside in ${[...new Set(escaped.flatMap((e) => e.hierarchies))].join(', ')}): killed`;
+      }
       ctx.log.info({ exit: r.exit, ms: r.ms, phases: r.phases }, 'project stopped');
       ctx.progress({
         phase: 'stopped',

@@ -44,7 +44,7 @@ export function ensureBuilt(): void {
 export interface ProjectSpec {
   name: string;
   priority: number;
-  mode: 'graceful' | 'stubborn' | 'forker' | 'done';
+  mode: 'graceful' | 'stubborn' | 'forker' | 'done' | 'escape';
   memory?: { min: string; max: string };
   cpu?: { min: number; max: number };
   grace?: string;

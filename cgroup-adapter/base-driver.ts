@@ -202,8 +202,7 @@ export abstract class BaseDriver implements CgroupAdapter {
     const out = new Map<number, string[]>();
     for (const h of this.hierarchies) {
       const inside = new Set(await readProcsRecursive(dirs[h.name]));
-      for (const pid of pids)
-        if (!inside.has(pid)) out.set(pid, [...(out.get(pid) ?? []), h.name]);
+      for (const pid of pids) if (!inside.has(pid)) out.set(pid, [...(out.get(pid) ?? []), h.name]);
     }
     return out;
   }

@@ -60,12 +60,14 @@ const DROPPED_CAPS = '-sys_admin,-setpcap';
  * capability (no CAP_SETPCAP). Tried once with /bin/true, the same chain a child runs.
  */
 export function cgroupNamespaceSupport():
-  | { ok: true; unshare: string; setpriv: string }
-  | { ok: false; reason: string } {
+  { ok: true; unshare: string; setpriv: string } | { ok: false; reason: string } {
   const unshare = findProgram('unshare');
   const setpriv = findProgram('setpriv');
   if (!unshare || !setpriv)
-    return { ok: false, reason: 'unshare(1) or setpriv(1) (util-linux) not found in /usr/bin or /bin' };
+    return {
+      ok: false,
+      reason: 'unshare(1) or setpriv(1) (util-linux) not found in /usr/bin or /bin',
+    };
   const r = spawnSync(
     unshare,
     ['--cgroup', '--', setpriv, `--bounding-set=${DROPPED_CAPS}`, '--', '/bin/true'],

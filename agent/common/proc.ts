@@ -6,6 +6,7 @@
  * that are no longer in it.
  */
 import { readdirSync, readFileSync } from 'node:fs';
+import { performance } from 'node:perf_hooks';
 
 /** A process as we knew it: the pid and the start time that make it that process. */
 export interface KnownProcess {
@@ -56,31 +57,43 @@ export function stillAlive(p: KnownProcess): boolean {
   return s !== undefined && s.start === p.start && s.state !== 'Z' && s.state !== 'X';
 }
 
-/**
- * Every live process of the session `leader` began (setsid: the session id is the
- * leader's pid), the leader itself included if alive. A project is started in its own
- * session (agent/guest/projects.ts), so its forks carry that id unless they call setsid
- * themselves. Only processes started no earlier than the leader count: an older process
- * in a session with that number belongs to an earlier owner of the pid.
- */
-export function sessionMembers(leader: KnownProcess): KnownProcess[] {
-  const out: KnownProcess[] = [];
+/** Every process /proc lists now (zombies left out), by pid. */
+function scan(): Map<number, Stat> {
+  const out = new Map<number, Stat>();
   let names: string[];
   try {
     names = readdirSync('/proc');
   } catch {
     return out;
   }
-  // A live process with the leader's pid that is not the leader began a session of its
-  // own with that number: the leader's descendants can no longer be told from its.
-  const now = readStat(leader.pid);
-  if (now && now.start !== leader.start) return out;
   for (const n of names) {
     if (!/^[0-9]+$/.test(n)) continue;
-    const pid = Number(n);
-    const s = readStat(pid);
-    if (s && s.session === leader.pid && s.start >= leader.start && s.state !== 'Z' && s.state !== 'X')
-      out.push({ pid, start: s.start });
+    const s = readStat(Number(n));
+    if (s && s.state !== 'Z' && s.state !== 'X') out.set(Number(n), s);
   }
+  return out;
+}
+
+let cached: { at: number; procs: Map<number, Stat> } | undefined;
+/** A scan of /proc is shared by the stops of one notice that run together. */
+const SCAN_MAX_AGE_MS = 50;
+
+/**
+ * Every live process of the session `leader` began (setsid: the session id is the
+ * leader's pid), the leader itself included if alive. A project is started in its own
+ * session (agent/guest/projects.ts), so its forks carry that id unless they call setsid
+ * themselves. Only processes started no earlier than the leader count: an older process
+ * in a session with that number belongs to an earlier owner of the pid. One scan of /proc
+ * serves every call within SCAN_MAX_AGE_MS.
+ */
+export function sessionMembers(leader: KnownProcess, now = performance.now()): KnownProcess[] {
+  if (!cached || now - cached.at > SCAN_MAX_AGE_MS) cached = { at: now, procs: scan() };
+  const out: KnownProcess[] = [];
+  // A live process with the leader's pid that is not the leader began a session of its
+  // own with that number: the leader's descendants can no longer be told from its.
+  const holder = cached.procs.get(leader.pid);
+  if (holder && holder.start !== leader.start) return out;
+  for (const [pid, s] of cached.procs)
+    if (s.session === leader.pid && s.start >= leader.start) out.push({ pid, start: s.start });
   return out;
 }

@@ -42,7 +42,7 @@ export function guestMetrics(src: GuestMetricsSources): Registry {
   });
   const stops = new Counter({
     name: 'nestbroker_guest_project_stops_total',
-    help: 'Project stops by how they ended: graceful (exited in its grace) or killed',
+    help: 'Project stops by how they ended: graceful (exited in its grace), killed, or escaped (processes found outside its cgroup, killed)',
     labelNames: ['project', 'exit'],
     registers: [registry],
   });

@@ -405,7 +405,7 @@ export class ProjectRegistry {
     if (all.length > 0) {
       log.warn(
         { project: name, escaped: all, left: all.filter(stillAlive).map((e) => e.pid) },
-        'processes had left the project\'s cgroup: killed',
+        "processes had left the project's cgroup: killed",
       );
     }
     return all;

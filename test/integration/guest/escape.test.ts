@@ -66,7 +66,8 @@ beforeAll(async () => {
 afterAll(() => g?.dispose());
 
 test('a project without command.user is warned about at start', () => {
-  const warn = g.agent!.stdout()
+  const warn = g
+    .agent!.stdout()
     .split('\n')
     .filter((l) => l.includes('no command.user'))
     .map((l) => JSON.parse(l) as { level: number; project: string; msg: string });
@@ -130,7 +131,8 @@ describe('a reclaim that stops it', () => {
   test('the agent logged the escape as a warning, naming the pids', async () => {
     if (refused.length === g.t.driver.hierarchies.length) return;
     await waitFor('the warning', () => g.agent!.stdout().includes('had left the project'));
-    const line = g.agent!.stdout()
+    const line = g
+      .agent!.stdout()
       .split('\n')
       .find((l) => l.includes('had left the project'))!;
     const w = JSON.parse(line) as { level: number; escaped: { pid: number }[] };

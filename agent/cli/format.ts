@@ -39,6 +39,7 @@ export function exitForError(err: unknown): number {
     case 'NOTICE_REJECTED':
     case 'NOTICE_STALE':
     case 'JOURNAL_WRITE':
+    case 'PROJECT_STATE':
       return EXIT.REJECTED;
     case 'TIMEOUT':
       return EXIT.TIMEOUT;

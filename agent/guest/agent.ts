@@ -31,6 +31,7 @@ import { GuestBroker, type AllocationBook } from './executor';
 import { registerOperatorApi } from './operator';
 import { ProjectNoticeBoard } from './project-notices';
 import { ProjectRegistry } from './projects';
+import { Supervisor } from './supervisor';
 import { UsageSampler } from './usage';
 import { guestMetrics } from './metrics';
 import { openUpstream, type Upstream } from './upstream';
@@ -74,6 +75,7 @@ export class GuestAgent {
     readonly broker: GuestBroker,
     readonly book: NoticeBook,
     readonly rpc: RpcServer,
+    readonly supervisor: Supervisor,
     private readonly log: Logger,
   ) {}
 
@@ -160,6 +162,7 @@ export class GuestAgent {
       maxPending: cfg.limits.pendingNotices,
     });
     const rpc = new RpcServer(log.child({ part: 'operator' }));
+    const supervisor = new Supervisor(cfg, registry, adapter, log.child({ part: 'supervisor' }));
     const agent = new GuestAgent(
       cfg,
       adapter,
@@ -170,6 +173,7 @@ export class GuestAgent {
       broker,
       book,
       rpc,
+      supervisor,
       log,
     );
 
@@ -189,6 +193,7 @@ export class GuestAgent {
           book,
           registry,
           usage,
+          supervisor,
           allocation: () => allocation.current(),
         }),
         cfg.metrics,
@@ -201,8 +206,10 @@ export class GuestAgent {
     await registry.init();
     ready();
     usage.start();
+    await supervisor.start();
     undo.push(async () => {
       usage.stop();
+      supervisor.stop();
       book.close();
     });
     for (const p of book.resume())
@@ -230,6 +237,7 @@ export class GuestAgent {
 
   async stop(): Promise<void> {
     this.usage.stop();
+    this.supervisor.stop();
     this.book.close();
     // Outcomes complete before the stop are journaled and sent upstream before the channel
     // closes; notices still running are left to the next start (NoticeBook.close).
@@ -327,6 +335,8 @@ export class GuestAgent {
         priority: p.priority,
         state: this.registry.stateFrom(p.name, pids),
         stoppedForRoom: this.registry.stoppedForRoom(p.name),
+        stoppedByOperator: this.registry.stoppedByOperator(p.name),
+        restart: p.restart.policy,
         group,
         limits: this.registry.limits(p.name),
         kernel,

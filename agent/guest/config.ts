@@ -52,6 +52,25 @@ export interface CommandConfig {
 
 export type AdoptConfig = { cgroup: string } | { pids: number[] };
 
+/** systemd.service(5) `Restart=` values this agent knows. */
+export type RestartPolicy = 'no' | 'on-failure' | 'always';
+
+/**
+ * The restart policy of a project whose processes ended on their own, as systemd's
+ * (systemd.service(5) Restart=, RestartSec=, RestartMaxDelaySec=; systemd.unit(5)
+ * StartLimitBurst=, StartLimitIntervalSec=).
+ */
+export interface RestartConfig {
+  policy: RestartPolicy;
+  /** Wait before a restart (RestartSec=). */
+  delayMs: number;
+  /** Each restart in a row doubles the wait, up to this (RestartMaxDelaySec=). */
+  maxDelayMs: number;
+  /** More than `burst` starts within `intervalMs`: given up, the project `failed`. */
+  burst: number;
+  intervalMs: number;
+}
+
 export interface ProjectConfig {
   name: string;
   /** Higher keeps longer. */
@@ -66,6 +85,8 @@ export interface ProjectConfig {
   };
   notify?: { signal: string };
   restartOnRestore: boolean;
+  /** What happens when the project's processes end on their own (agent/guest/supervisor.ts). */
+  restart: RestartConfig;
   command?: CommandConfig;
   adopt?: AdoptConfig;
   pidsMax?: number | 'max';
@@ -129,6 +150,13 @@ export const GUEST_DEFAULTS = Object.freeze({
     /** Only for `command` projects: an adopted project has nothing to start again. */
     restartOnRestoreCommand: true,
     restartOnRestoreAdopt: false,
+    // systemd's defaults: Restart=no, RestartSec=100ms, StartLimitBurst=5 in 10s.
+    restart: Object.freeze({
+      policy: 'no' as RestartPolicy,
+      delayMs: 100,
+      burst: 5,
+      intervalMs: 10_000,
+    }),
   }),
 });
 
@@ -333,6 +361,13 @@ function checkPositiveDuration(v: unknown): ParseResult<number> {
   return r;
 }
 
+function checkRestartPolicy(v: unknown): ParseResult<RestartPolicy> {
+  // YAML 1.1 readers turn a bare `no` into false: taken as the policy it meant.
+  if (v === false) return { ok: true, value: 'no' };
+  if (v === 'no' || v === 'on-failure' || v === 'always') return { ok: true, value: v };
+  return { ok: false, message: `must be no, on-failure or always, got ${describe(v)}` };
+}
+
 function checkUsageInterval(v: unknown): ParseResult<number> {
   const r = parseDuration(v);
   if (!r.ok) return r;
@@ -464,6 +499,21 @@ const projectSchema = z
       .strict()
       .optional(),
     restartOnRestore: opt(checkBool),
+    // `restart: on-failure`, or the mapping with the backoff.
+    restart: z
+      .preprocess(
+        (v) => (typeof v === 'string' || typeof v === 'boolean' ? { policy: v } : v),
+        z
+          .object({
+            policy: dflt(checkRestartPolicy, D.project.restart.policy),
+            delay: dflt(parseDuration, D.project.restart.delayMs),
+            maxDelay: opt(parseDuration),
+            burst: dflt(checkInt(1, 1000), D.project.restart.burst),
+            interval: dflt(checkPositiveDuration, D.project.restart.intervalMs),
+          })
+          .strict(),
+      )
+      .optional(),
     command: commandSchema.optional(),
     adopt: adoptSchema.optional(),
     pidsMax: opt(checkPidsMax),
@@ -767,6 +817,24 @@ function crossChecks(raw: unknown): { problems: Problem[]; warnings: Problem[] }
         value: undefined,
         message: 'is required unless adopt is given (a project is either started or adopted)',
       });
+    const restart = rec(p.restart);
+    const policy = typeof p.restart === 'string' ? p.restart : restart?.policy;
+    if (hasAdopt && (policy === 'on-failure' || policy === 'always'))
+      problems.push({
+        field: f('restart'),
+        value: p.restart,
+        message: 'must be no for an adopted project: there is no command to start it again',
+      });
+    if (restart && restart.maxDelay !== undefined) {
+      const d = val(parseDuration(restart.delay ?? D.project.restart.delayMs));
+      const m = val(parseDuration(restart.maxDelay));
+      if (d !== undefined && m !== undefined && m < d)
+        problems.push({
+          field: f('restart', 'maxDelay'),
+          value: restart.maxDelay,
+          message: `must not be below restart.delay (${d} ms), got ${m} ms`,
+        });
+    }
     if (hasAdopt && p.restartOnRestore === true)
       problems.push({
         field: f('restartOnRestore'),
@@ -918,6 +986,15 @@ function normalise(p: Parsed, warnings: Problem[], source: string): GuestConfig 
       restartOnRestore:
         q.restartOnRestore ??
         (adopt ? D.project.restartOnRestoreAdopt : D.project.restartOnRestoreCommand),
+      restart: q.restart
+        ? {
+            policy: q.restart.policy,
+            delayMs: q.restart.delay,
+            maxDelayMs: q.restart.maxDelay ?? q.restart.delay,
+            burst: q.restart.burst,
+            intervalMs: q.restart.interval,
+          }
+        : { ...D.project.restart, maxDelayMs: D.project.restart.delayMs },
     };
     if (q.notify) out.notify = { signal: q.notify.signal };
     if (q.command) {

@@ -296,8 +296,12 @@ export class GuestBroker implements LocalBroker {
           }
           case 'started': {
             await this.registry.applyLimits(name, d.after);
-            // Idempotent after a restart: a project already running is not started twice.
-            if ((await this.registry.pids(name)).length === 0)
+            // Idempotent after a restart: a project already running is not started twice;
+            // one an operator stopped stays stopped (nestctl --guest start is its way back).
+            if (
+              (await this.registry.pids(name)).length === 0 &&
+              !this.registry.stoppedByOperator(name)
+            )
               await this.registry.start(name, ctx.log);
             ctx.progress({ phase: 'started', action: 'started', ms: Date.now() - t0 });
             return { ...base, action: 'started', after: d.after, exit: null, ms: Date.now() - t0 };

@@ -37,6 +37,11 @@ export type ProjectState = 'running' | 'stopped' | 'starting' | 'stopping' | 'fa
 export interface ProjectRecord {
   /** Stopped by a notice for lack of room: a restore may start it again. */
   stoppedForRoom: boolean;
+  /**
+   * Stopped by `nestctl --guest stop`: stays stopped (across agent restarts, restores and
+   * its restart policy) until `nestctl --guest start`.
+   */
+  stoppedByOperator?: boolean;
   /** The limits last applied (what `before` is in the next outcome). */
   limits: ProjectLimits;
   /**
@@ -101,6 +106,16 @@ export class ProjectRegistry {
   stoppedForRoom(name: string): boolean {
     return this.records[name]?.stoppedForRoom ?? false;
   }
+
+  stoppedByOperator(name: string): boolean {
+    return this.records[name]?.stoppedByOperator ?? false;
+  }
+
+  /** Told of every start and of every exit of a process the registry started (supervisor.ts). */
+  hooks: {
+    started?: (name: string) => void;
+    exited?: (name: string, code: number | null, signal: string | null) => void;
+  } = {};
 
   /**
    * The group's processes now: through `fastPids` (the usage sampler's open cgroup.procs,
@@ -193,6 +208,10 @@ export class ProjectRegistry {
       if (!exists) await this.adapter.create(group);
       const rec = (this.records[p.name] ??= { stoppedForRoom: false, limits: initialLimits(p) });
       await this.adapter.setLimits(group, toAdapterLimits(rec.limits, p));
+      if (rec.stoppedByOperator) {
+        log.info('stopped by an operator; stays stopped until nestctl --guest start');
+        continue;
+      }
       if (rec.stoppedForRoom) {
         log.info('stopped for lack of room; waits for a restore');
         continue;
@@ -303,12 +322,15 @@ export class ProjectRegistry {
       // The shell that execs the program keeps its pid and start time: this is the project.
       const known = child.pid === undefined ? undefined : knownNow(child.pid);
       if (known) this.remember(name, [known]);
-      child.on('exit', (code, signal) =>
-        log.info({ project: name, code, signal }, 'project process exited'),
-      );
+      child.on('exit', (code, signal) => {
+        log.info({ project: name, code, signal }, 'project process exited');
+        this.hooks.exited?.(name, code, signal);
+      });
       child.on('error', (err) => log.warn({ project: name, err }, 'project process error'));
       child.unref();
       this.children.set(name, child);
+      // Told before anything is awaited: its exit cannot be seen before its start.
+      this.hooks.started?.(name);
       log.info({ project: name, pid: child.pid, group }, 'project started');
     } finally {
       closeSync(fd);

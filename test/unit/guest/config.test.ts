@@ -119,6 +119,7 @@ describe('a good config comes back normalised and frozen', () => {
       cpu: { min: 0, max: 'max', weight: 100 },
       stop: { signal: 'SIGTERM', gracePeriodMs: 30_000 },
       restartOnRestore: true,
+      restart: { policy: 'no', delayMs: 100, maxDelayMs: 100, burst: 5, intervalMs: 10_000 },
       command: { argv: ['/bin/true'], env: {} },
     });
   });

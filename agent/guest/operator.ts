@@ -210,9 +210,13 @@ export function registerOperatorApi(
     if (typeof args.project !== 'string')
       problems.push({ field: 'project', value: args.project, message: 'must be a project name' });
     if (problems.length > 0)
-      throw new NestError('INPUT_INVALID', problems.map((p) => `${p.field}: ${p.message}`).join('; '), {
-        problems,
-      });
+      throw new NestError(
+        'INPUT_INVALID',
+        problems.map((p) => `${p.field}: ${p.message}`).join('; '),
+        {
+          problems,
+        },
+      );
     agent.registry.config(args.project as string); // PROJECT_UNKNOWN
     return args.project as string;
   };

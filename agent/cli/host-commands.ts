@@ -7,6 +7,7 @@ import type { Argv } from 'yargs';
 import { rpcCall } from '../common/rpc';
 import { formatMs, parseDuration } from '../common/units';
 import type { NoticeView } from '../host/api';
+import type { TriggerView } from '../host/watcher';
 import type { GuestStatus, HostProgress } from '../host/host-broker';
 import { DEFAULT_HOST_SOCKET } from '../host/config';
 import { parseTopArgs, topLoop, topOptions } from './top';
@@ -91,7 +92,52 @@ interface HostStatus {
       };
     }[];
   } | null;
-  trigger: { enabled: boolean } | null;
+  trigger: TriggerView | null;
+}
+
+/** A configured duration as it would be written in the config: `500ms`, `30s`, `2m`, `1h`. */
+function fmtDuration(ms: number): string {
+  for (const [unit, n] of [
+    ['h', 3_600_000],
+    ['m', 60_000],
+    ['s', 1000],
+  ] as const)
+    if (ms >= n && ms % n === 0) return `${ms / n}${unit}`;
+  return `${ms}ms`;
+}
+
+/**
+ * The automatic trigger for people: what makes it fire, the breach now, the last fire,
+ * the last decision and the guests it passed over (docs/host-broker.md).
+ */
+export function triggerText(t: TriggerView | null): string[] {
+  if (!t) return [];
+  const th = t.thresholds;
+  const when = [
+    th.memoryAvailableBelowBytes !== null
+      ? `host MemAvailable < ${fmtBytes(th.memoryAvailableBelowBytes)}`
+      : '',
+    th.memoryPsiAbove !== null ? `memory PSI some avg10 > ${th.memoryPsiAbove}%` : '',
+  ].filter(Boolean);
+  const out = [
+    `trigger: ${t.enabled ? 'on' : 'off'}; fires when ${when.length ? when.join(' or ') : '(no threshold set)'} for ${fmtDuration(th.forMs)}; step ${res(th.step)}, deadline ${fmtDuration(th.deadlineMs)}, cooldown ${fmtDuration(th.cooldownMs)}, looks every ${fmtDuration(th.intervalMs)}`,
+  ];
+  if (!t.enabled) return out;
+  out.push(
+    `  breach:     ${t.breachSince ? `since ${fmtTime(t.breachSince)} (${formatMs(t.breachForMs ?? 0)}, ${fmtDuration(th.forMs)} required)` : 'none now'}`,
+  );
+  out.push(
+    `  last fire:  ${t.lastFire ? `${fmtTime(t.lastFire.at)} (${formatMs(t.lastFire.agoMs)} ago): ${res(t.lastFire.change)} from ${t.lastFire.guest}; ${t.lastFire.reason}` : 'never'}` +
+      (t.cooldownLeftMs > 0 ? `; cooling down for ${formatMs(t.cooldownLeftMs)} more` : ''),
+  );
+  const d = t.decision;
+  out.push(
+    `  decision:   ${d.fire ? `reclaim ${res(d.change)} from ${d.guest} (${d.reason})` : d.why}${t.decidedAt ? ` (at ${fmtTime(t.decidedAt)})` : ''}`,
+  );
+  const skipped = Object.entries(t.skippedUnreachable);
+  if (skipped.length)
+    out.push(`  passed over (not connected): ${skipped.map(([g, n]) => `${g} ${n}×`).join(', ')}`);
+  return out;
 }
 
 /** `status` (and each refresh of `top`) for people. */
@@ -101,6 +147,7 @@ export function statusText(s: HostStatus): string {
   out.push(
     `host: ${h ? `${fmtBytes(h.memoryAvailableBytes)} available of ${fmtBytes(h.memoryTotalBytes)}, memory PSI some avg10 ${h.memoryPsiSomeAvg10 ?? '-'}` : 'not sampled yet'}; trigger ${s.trigger?.enabled ? 'on' : 'off'}`,
   );
+  out.push(...triggerText(s.trigger));
   out.push('');
   out.push(guestsTable(s.guests));
   if (s.host?.vms.length) {
@@ -144,7 +191,18 @@ function guestsTable(gs: GuestStatus[]): string {
 /** Newest first, times as the guest's `notices` prints them (format.ts fmtTime). */
 function noticesTable(ns: NoticeView[]): string {
   return table(
-    ['id', 'kind', 'state', 'change', 'allocation', 'issued', 'deadline', 'outcome'],
+    [
+      'id',
+      'kind',
+      'from',
+      'state',
+      'change',
+      'allocation',
+      'issued',
+      'deadline',
+      'outcome',
+      'reason',
+    ],
     newestFirst(
       ns,
       (n) => n.issuedAt,
@@ -152,12 +210,14 @@ function noticesTable(ns: NoticeView[]): string {
     ).map((n) => [
       n.id,
       n.kind,
+      n.source,
       n.late && n.state !== 'late' ? `${n.state} (late)` : n.state,
       res(n.change),
       res(n.allocation),
       fmtTime(n.issuedAt),
       fmtTime(n.deadline),
       n.outcome ? `${n.outcome.status} in ${formatMs(n.outcome.ms)}` : (n.error?.code ?? '-'),
+      n.reason,
     ]),
   );
 }

@@ -107,7 +107,7 @@ export function registerHostApi(
   server.handle('status', async () => ({
     guests: broker.guests(),
     host: watcher ? await watcher.observe() : null,
-    trigger: watcher?.triggerState() ?? null,
+    trigger: watcher?.triggerView() ?? null,
     notices: broker
       .notices()
       .filter((r) => !['done', 'late', 'refused', 'cancelled'].includes(r.state))

@@ -141,6 +141,7 @@ async function startHostLocked(
         hostMetrics(
           broker,
           cfg.guests.map((g) => g.name),
+          watcher,
         ),
         cfg.metrics,
         log.child({ part: 'metrics' }),

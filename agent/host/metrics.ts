@@ -2,8 +2,8 @@
  * The host broker's Prometheus metrics (docs/architecture.md, "Observability"): notices by guest, kind
  * and final state; the cascade latency (issued → final, which includes the guest's work
  * and the VM's actuation); project stops by how they ended, as the guests reported them;
- * VM actuation steps that failed; and per guest whether it is connected and what the books
- * grant it. Counters move on the broker's `finished` event; gauges are read from the books
+ * VM actuation steps that failed; the guests the automatic trigger passed over for not
+ * being connected; and per guest whether it is connected and what the books grant it. Counters move on the broker's `finished` event; gauges are read from the books
  * at scrape time.
  *
  * A notice whose guest did its part but whose VM actuation had a failed step (the broker
@@ -13,8 +13,13 @@
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import { addProcessMetrics, LATENCY_BUCKETS } from '../common/metrics';
 import type { HostBroker, HostNoticeRecord } from './host-broker';
+import type { Watcher } from './watcher';
 
-export function hostMetrics(broker: HostBroker, guests: readonly string[]): Registry {
+export function hostMetrics(
+  broker: HostBroker,
+  guests: readonly string[],
+  watcher?: Pick<Watcher, 'skippedByGuest'>,
+): Registry {
   const registry = new Registry();
   const notices = new Counter({
     name: 'nestbroker_host_notices_total',
@@ -89,6 +94,18 @@ export function hostMetrics(broker: HostBroker, guests: readonly string[]): Regi
     registers: [registry],
     collect() {
       for (const g of guests) this.set({ guest: g }, broker.status(g).pending.length);
+    },
+  });
+  // The automatic trigger passed a guest over because its agent was not connected
+  // (agent/host/trigger.ts): counted by the watcher, read at scrape time.
+  new Counter({
+    name: 'nestbroker_host_trigger_skipped_unreachable_total',
+    help: 'Times the automatic trigger would have reclaimed from a guest but passed it over because its agent was not connected',
+    labelNames: ['guest'],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const g of guests) this.inc({ guest: g }, watcher?.skippedByGuest.get(g) ?? 0);
     },
   });
   addProcessMetrics(registry);

@@ -13,6 +13,7 @@ import { promises as fs } from 'node:fs';
 import { hostUsage } from '../../cgroup-adapter/host-usage';
 import type { CgroupAdapter, GroupUsage, Limits } from '../../cgroup-adapter/types';
 import type { Logger } from '../common/log';
+import type { Resources } from '../broker/types';
 import type { HostConfig } from './config';
 import type { HostBroker } from './host-broker';
 import {
@@ -23,6 +24,30 @@ import {
   type TriggerDecision,
   type TriggerState,
 } from './trigger';
+
+/** The trigger as `status` shows it (triggerView). */
+export interface TriggerView {
+  enabled: boolean;
+  thresholds: {
+    memoryAvailableBelowBytes: number | null;
+    memoryPsiAbove: number | null;
+    forMs: number;
+    cooldownMs: number;
+    intervalMs: number;
+    deadlineMs: number;
+    step: Resources;
+  };
+  /** When the current breach started (null: none now), and how long it has lasted. */
+  breachSince: string | null;
+  breachForMs: number | null;
+  lastFire: { at: string; agoMs: number; guest: string; change: Resources; reason: string } | null;
+  cooldownLeftMs: number;
+  /** The last tick's decision, and when it was made. */
+  decision: TriggerDecision;
+  decidedAt: string | null;
+  /** Times each guest was passed over for not being connected. */
+  skippedUnreachable: Record<string, number>;
+}
 
 export interface VmSample {
   guest: string;
@@ -92,6 +117,10 @@ export class Watcher {
   private running = false;
   /** Guests passed over by the trigger because their agent was not connected (a metric). */
   skippedUnreachable = 0;
+  /** The same, per guest (`nestbroker_host_trigger_skipped_unreachable_total{guest}`). */
+  readonly skippedByGuest = new Map<string, number>();
+  /** The last time the trigger fired (a notice went out): guest, change, reason. */
+  private lastFire: { at: number; guest: string; change: Resources; reason: string } | null = null;
   private readonly source: HostSource;
   private readonly clock: WatcherClock;
 
@@ -136,6 +165,53 @@ export class Watcher {
 
   triggerState(): TriggerState & { enabled: boolean } {
     return { ...this.state, enabled: this.cfg.trigger.enabled };
+  }
+
+  /**
+   * The trigger for `status`: its thresholds, when the current breach started and for how
+   * long, the last fire, the last decision and the guests skipped. Times the loop keeps on
+   * its own clock are given as ages (ms before now) and as wall-clock times derived from
+   * them, so the view is right whatever origin that clock has.
+   */
+  triggerView(): TriggerView {
+    const t = this.cfg.trigger;
+    const now = this.clock.now();
+    const wall = (at: number | null): string | null =>
+      at === null ? null : new Date(Date.now() - (now - at)).toISOString();
+    const since = this.state.breachSince;
+    return {
+      enabled: t.enabled,
+      thresholds: {
+        memoryAvailableBelowBytes: t.memoryAvailableBelowBytes ?? null,
+        memoryPsiAbove: t.memoryPsiAbove ?? null,
+        forMs: t.forMs,
+        cooldownMs: t.cooldownMs,
+        intervalMs: t.intervalMs,
+        deadlineMs: t.deadlineMs,
+        step: { memoryBytes: t.step.memoryBytes, cpus: t.step.cpus },
+      },
+      breachSince: wall(since),
+      breachForMs: since === null ? null : now - since,
+      lastFire: this.lastFire
+        ? {
+            at: wall(this.lastFire.at)!,
+            agoMs: now - this.lastFire.at,
+            guest: this.lastFire.guest,
+            change: this.lastFire.change,
+            reason: this.lastFire.reason,
+          }
+        : null,
+      cooldownLeftMs:
+        this.state.lastFiredAt === null
+          ? 0
+          : Math.max(0, t.cooldownMs - (now - this.state.lastFiredAt)),
+      decision: this.sample?.decision ?? {
+        fire: false,
+        why: t.enabled ? 'not evaluated yet' : 'trigger disabled',
+      },
+      decidedAt: this.sample?.at ?? null,
+      skippedUnreachable: Object.fromEntries(this.skippedByGuest),
+    };
   }
 
   /**
@@ -211,6 +287,8 @@ export class Watcher {
     const r = evaluateTrigger(this.cfg.trigger, this.state, host, candidates);
     this.state = r.state;
     this.skippedUnreachable += r.decision.skippedUnreachable?.length ?? 0;
+    for (const g of r.decision.skippedUnreachable ?? [])
+      this.skippedByGuest.set(g, (this.skippedByGuest.get(g) ?? 0) + 1);
     if (r.decision.fire) {
       this.log.warn({ decision: r.decision }, 'automatic trigger: reclaiming');
       try {
@@ -221,6 +299,12 @@ export class Watcher {
           reason: r.decision.reason,
           source: 'trigger',
         });
+        this.lastFire = {
+          at: now,
+          guest: r.decision.guest,
+          change: r.decision.change,
+          reason: r.decision.reason,
+        };
       } catch (err) {
         // Refused: no notice went out, so no cooldown (it starts only when one did) and the
         // breach keeps its clock: the next tick may try again.

@@ -134,6 +134,21 @@ export function triggerText(t: TriggerView | null): string[] {
   out.push(
     `  decision:   ${d.fire ? `reclaim ${res(d.change)} from ${d.guest} (${d.reason})` : d.why}${t.decidedAt ? ` (at ${fmtTime(t.decidedAt)})` : ''}`,
   );
+  const gb = t.giveBack;
+  if (gb) {
+    const band = [
+      gb.memoryAvailableAboveBytes !== null
+        ? `MemAvailable ≥ ${fmtBytes(gb.memoryAvailableAboveBytes)}`
+        : '',
+      gb.memoryPsiBelow !== null ? `memory PSI some avg10 < ${gb.memoryPsiBelow}%` : '',
+    ].filter(Boolean);
+    out.push(
+      `  give-back:  when ${band.join(' and ')} for ${fmtDuration(gb.afterMs)}: ${gb.clearSince ? `clear since ${fmtTime(gb.clearSince)} (${formatMs(gb.clearForMs ?? 0)})` : 'not clear now'}; last ${gb.last ? `${fmtTime(gb.last.at)}: ${res(gb.last.change)} to ${gb.last.guest}` : 'never'}` +
+        (gb.decision
+          ? `; ${gb.decision.give ? `giving ${res(gb.decision.change)} to ${gb.decision.guest}` : gb.decision.why}`
+          : ''),
+    );
+  }
   const skipped = Object.entries(t.skippedUnreachable);
   if (skipped.length)
     out.push(`  passed over (not connected): ${skipped.map(([g, n]) => `${g} ${n}×`).join(', ')}`);

@@ -80,6 +80,12 @@ export interface TriggerConfig {
   intervalMs: number;
   /** After a trigger fires, wait this long before it may fire again (ms). */
   cooldownMs: number;
+  /**
+   * Give-back (hysteresis): once the pressure has stayed clear — below every threshold, and
+   * past these, which sit further from them — for `afterMs`, one step of what the trigger
+   * took is given back (agent/host/trigger.ts evaluateGiveBack). Absent: never.
+   */
+  giveBack?: { memoryAvailableAboveBytes?: number; memoryPsiBelow?: number; afterMs: number };
 }
 
 export interface HostConfig {
@@ -124,6 +130,7 @@ export const HOST_DEFAULTS = {
   triggerDeadline: '60s',
   triggerInterval: '5s',
   triggerCooldown: '2m',
+  triggerGiveBackAfter: '5m',
 } as const;
 
 // ---- schema (shape only; units are parsed afterwards so every problem names its field) ----
@@ -173,6 +180,14 @@ const triggerSchema = z
     deadline: durationLike.optional(),
     interval: durationLike.optional(),
     cooldown: durationLike.optional(),
+    giveBack: z
+      .object({
+        memoryAvailableAbove: sizeLike.optional(),
+        memoryPsiBelow: z.number().min(0).max(100).optional(),
+        after: durationLike.optional(),
+      })
+      .strict()
+      .optional(),
   })
   .strict();
 
@@ -467,6 +482,47 @@ export function validateHostConfig(raw: unknown, baseDir = process.cwd()): Reado
     intervalMs: dur('trigger.interval', t?.interval, HOST_DEFAULTS.triggerInterval),
     cooldownMs: dur('trigger.cooldown', t?.cooldown, HOST_DEFAULTS.triggerCooldown),
   };
+  const gb = t?.giveBack;
+  if (gb) {
+    trigger.giveBack = {
+      afterMs: dur('trigger.giveBack.after', gb.after, HOST_DEFAULTS.triggerGiveBackAfter),
+    };
+    if (gb.memoryAvailableAbove !== undefined)
+      trigger.giveBack.memoryAvailableAboveBytes = unit(
+        'trigger.giveBack.memoryAvailableAbove',
+        gb.memoryAvailableAbove,
+        parseSize,
+        0,
+      );
+    if (gb.memoryPsiBelow !== undefined) trigger.giveBack.memoryPsiBelow = gb.memoryPsiBelow;
+    const above = trigger.giveBack.memoryAvailableAboveBytes;
+    const below = trigger.memoryAvailableBelowBytes;
+    if (above === undefined && gb.memoryPsiBelow === undefined)
+      problems.push({
+        field: 'trigger.giveBack',
+        value: gb,
+        message:
+          'trigger.giveBack needs trigger.giveBack.memoryAvailableAbove or trigger.giveBack.memoryPsiBelow (where the pressure counts as cleared)',
+      });
+    // The band between the two thresholds is the hysteresis: without it, a give-back would
+    // bring the host straight back to its trigger threshold.
+    if (above !== undefined && below !== undefined && above <= below)
+      problems.push({
+        field: 'trigger.giveBack.memoryAvailableAbove',
+        value: gb.memoryAvailableAbove,
+        message: `must be above trigger.memoryAvailableBelow (${below} B), got ${above} B`,
+      });
+    if (
+      gb.memoryPsiBelow !== undefined &&
+      trigger.memoryPsiAbove !== undefined &&
+      gb.memoryPsiBelow >= trigger.memoryPsiAbove
+    )
+      problems.push({
+        field: 'trigger.giveBack.memoryPsiBelow',
+        value: gb.memoryPsiBelow,
+        message: `must be below trigger.memoryPsiAbove (${trigger.memoryPsiAbove}), got ${gb.memoryPsiBelow}`,
+      });
+  }
   if (trigger.enabled) {
     if (trigger.memoryAvailableBelowBytes === undefined && trigger.memoryPsiAbove === undefined)
       problems.push({

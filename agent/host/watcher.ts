@@ -17,8 +17,13 @@ import type { Resources } from '../broker/types';
 import type { HostConfig } from './config';
 import type { HostBroker } from './host-broker';
 import {
+  evaluateGiveBack,
   evaluateTrigger,
+  INITIAL_GIVE_BACK_STATE,
   INITIAL_TRIGGER_STATE,
+  type GiveBackCandidate,
+  type GiveBackDecision,
+  type GiveBackState,
   type GuestCandidate,
   type HostObservation,
   type TriggerDecision,
@@ -47,6 +52,16 @@ export interface TriggerView {
   decidedAt: string | null;
   /** Times each guest was passed over for not being connected. */
   skippedUnreachable: Record<string, number>;
+  /** The give-back (hysteresis), when configured. */
+  giveBack: {
+    memoryAvailableAboveBytes: number | null;
+    memoryPsiBelow: number | null;
+    afterMs: number;
+    clearSince: string | null;
+    clearForMs: number | null;
+    last: { at: string; agoMs: number; guest: string; change: Resources; reason: string } | null;
+    decision: GiveBackDecision | null;
+  } | null;
 }
 
 export interface VmSample {
@@ -63,6 +78,8 @@ export interface WatchSample {
   /** Every VM's cgroup in an on-demand sample (observe()); empty in a trigger tick's. */
   vms: VmSample[];
   decision: TriggerDecision;
+  /** The give-back's decision of that tick (absent: not configured, or the trigger fired). */
+  giveBack?: GiveBackDecision;
 }
 
 /** `some avg10=1.23 ...` → 1.23 (Documentation/accounting/psi.rst). */
@@ -111,6 +128,9 @@ export interface WatcherOptions {
 
 export class Watcher {
   private state: TriggerState = INITIAL_TRIGGER_STATE;
+  private giveBackState: GiveBackState = INITIAL_GIVE_BACK_STATE;
+  private lastGiveBack: { at: number; guest: string; change: Resources; reason: string } | null =
+    null;
   private sample: WatchSample | null = null;
   private timer: unknown = null;
   private observing: Promise<WatchSample> | null = null;
@@ -126,7 +146,7 @@ export class Watcher {
 
   constructor(
     private readonly cfg: Readonly<HostConfig>,
-    private readonly broker: Pick<HostBroker, 'status' | 'issue'>,
+    private readonly broker: Pick<HostBroker, 'status' | 'issue' | 'notices'>,
     private readonly adapter: CgroupAdapter | null,
     private readonly log: Logger,
     opts: WatcherOptions = {},
@@ -211,6 +231,46 @@ export class Watcher {
       },
       decidedAt: this.sample?.at ?? null,
       skippedUnreachable: Object.fromEntries(this.skippedByGuest),
+      giveBack: t.giveBack
+        ? {
+            memoryAvailableAboveBytes: t.giveBack.memoryAvailableAboveBytes ?? null,
+            memoryPsiBelow: t.giveBack.memoryPsiBelow ?? null,
+            afterMs: t.giveBack.afterMs,
+            clearSince: wall(this.giveBackState.clearSince),
+            clearForMs:
+              this.giveBackState.clearSince === null ? null : now - this.giveBackState.clearSince,
+            last: this.lastGiveBack
+              ? {
+                  at: wall(this.lastGiveBack.at)!,
+                  agoMs: now - this.lastGiveBack.at,
+                  guest: this.lastGiveBack.guest,
+                  change: this.lastGiveBack.change,
+                  reason: this.lastGiveBack.reason,
+                }
+              : null,
+            decision: this.sample?.giveBack ?? null,
+          }
+        : null,
+    };
+  }
+
+  /**
+   * What the trigger's own reclaims took from a guest and its give-backs have not returned
+   * (from the notices the broker holds: done ones whose source is the trigger), at most what
+   * the books lack (an operator's restore may have given it back already).
+   */
+  private takenByTrigger(guest: string, room: Resources): Resources {
+    let mem = 0;
+    let cpus = 0;
+    for (const n of this.broker.notices(guest)) {
+      if (n.source !== 'trigger' || n.state !== 'done') continue;
+      const sign = n.notice.kind === 'reclaim' ? 1 : -1;
+      mem += sign * n.notice.change.memoryBytes;
+      cpus += sign * n.notice.change.cpus;
+    }
+    return {
+      memoryBytes: Math.max(0, Math.min(mem, room.memoryBytes)),
+      cpus: Math.max(0, Math.min(Math.round(cpus * 1000) / 1000, room.cpus)),
     };
   }
 
@@ -312,7 +372,63 @@ export class Watcher {
         this.log.error({ err }, 'automatic reclaim could not be issued');
       }
     }
-    this.sample = { at: new Date(now).toISOString(), host, vms: [], decision: r.decision };
+    let giveBack: GiveBackDecision | undefined;
+    if (!r.decision.fire && this.cfg.trigger.giveBack)
+      giveBack = await this.giveBackStep(now, host);
+    this.sample = {
+      at: new Date(now).toISOString(),
+      host,
+      vms: [],
+      decision: r.decision,
+      ...(giveBack ? { giveBack } : {}),
+    };
     return this.sample;
+  }
+
+  /** The give-back half of a step: evaluate (pure), and issue at most one restore. */
+  private async giveBackStep(now: number, host: HostObservation): Promise<GiveBackDecision> {
+    const candidates: GiveBackCandidate[] = this.cfg.guests.map((g) => {
+      const st = this.broker.status(g.name);
+      const room = {
+        memoryBytes: Math.max(0, st.books.allocation.memoryBytes - st.books.granted.memoryBytes),
+        cpus: Math.max(
+          0,
+          Math.round((st.books.allocation.cpus - st.books.granted.cpus) * 1000) / 1000,
+        ),
+      };
+      return {
+        name: g.name,
+        priority: g.priority,
+        taken: this.takenByTrigger(g.name, room),
+        room,
+        busy: st.pending.length > 0,
+        reachable: st.connected,
+      };
+    });
+    const before = this.giveBackState;
+    const r = evaluateGiveBack(this.cfg.trigger, this.giveBackState, host, candidates);
+    this.giveBackState = r.state;
+    if (!r.decision.give) return r.decision;
+    this.log.info({ decision: r.decision }, 'automatic give-back: restoring');
+    try {
+      await this.broker.issue('restore', {
+        guest: r.decision.guest,
+        change: r.decision.change,
+        deadlineMs: this.cfg.trigger.deadlineMs,
+        reason: r.decision.reason,
+        source: 'trigger',
+      });
+      this.lastGiveBack = {
+        at: now,
+        guest: r.decision.guest,
+        change: r.decision.change,
+        reason: r.decision.reason,
+      };
+    } catch (err) {
+      // Refused: nothing went out; the clear clock keeps running, the next tick may retry.
+      this.giveBackState = { ...before, clearSince: before.clearSince ?? now };
+      this.log.error({ err }, 'automatic give-back could not be issued');
+    }
+    return r.decision;
   }
 }

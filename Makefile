@@ -4,7 +4,7 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 NODE_MODULES_STAMP := node_modules/.package-lock.json
 
-.PHONY: all deps build typecheck lint test check demo bench e2e install uninstall clean man deb packaging-deps
+.PHONY: all deps build typecheck lint test check demo bench e2e install uninstall clean man deb packaging-deps schemas
 
 all: build
 
@@ -31,6 +31,11 @@ lint: deps
 test: build typecheck lint packaging-deps
 	npx jest --runInBand
 	npx jest -c jest.e2e.config.js --runInBand
+
+# The JSON Schemas of docs/schemas/, generated from the zod schemas (tools/schemas.ts;
+# docs/protocol.md, "JSON Schemas"). A test fails when the checked-in ones are stale.
+schemas: build
+	node dist/tools/schemas.js docs/schemas
 
 # Faster edit loop: build and the unit tests only.
 check: build

@@ -16,7 +16,21 @@ export default tseslint.config(
   },
   {
     // Command-line programs, tests and benchmarks print for people.
-    files: ['agent/cli/**', 'bench/**', 'test/**', 'demo/**'],
+    files: ['agent/cli/**', 'bench/**', 'test/**', 'demo/**', 'tools/**'],
+    rules: { 'no-console': 'off' },
+  },
+  {
+    // Examples are plain Node programs for people to read and run (examples/minimal-host.mjs).
+    files: ['examples/**/*.mjs'],
+    languageOptions: {
+      globals: {
+        console: 'readonly',
+        process: 'readonly',
+        Buffer: 'readonly',
+        setTimeout: 'readonly',
+        clearTimeout: 'readonly',
+      },
+    },
     rules: { 'no-console': 'off' },
   },
 );

@@ -1,84 +1,48 @@
 /**
  * The notice and outcome types used at every level of the nesting (docs/architecture.md,
  * "Two roles at every level"): host → guest, guest → project, and a guest → a nested agent
- * one level deeper. Schemas that validate these at the boundary live in agent/protocol/.
+ * one level deeper. The wire types are `z.infer` of the zod schemas that validate them at
+ * the boundary (agent/protocol/schemas.ts; their fields are specified in docs/protocol.md):
+ * one source, not two copies held equal.
  */
+import type { z } from 'zod';
+import type * as S from '../protocol/schemas';
+import type * as PS from '../protocol/project-schemas';
 
-export interface Resources {
-  cpus: number; // CPUs, may be fractional (0.5)
-  memoryBytes: number;
-}
+/** CPUs (may be fractional, 0.5) and bytes of memory. */
+export type Resources = z.infer<typeof S.ResourcesSchema>;
 
-export type NoticeKind = 'reclaim' | 'restore';
+export type NoticeKind = Notice['kind'];
 
-export interface Notice {
-  id: string;
-  /** Name of the child container (the guest) this notice is for. */
-  guest: string;
-  /** Ordered per guest; a notice with a lower seq than one already applied is stale. */
-  seq: number;
-  kind: NoticeKind;
-  /** What goes away (reclaim) or comes back (restore). */
-  change: Resources;
-  /** The child's allocation once the notice is carried out. */
-  allocation: Resources;
-  /** ISO-8601; the resources go at this time whatever the child does. */
-  deadline: string;
-  reason: string;
-  issuedAt: string;
-}
+/**
+ * A notice to a child container (the guest): `seq` ordered per guest (a notice with a seq
+ * not after one already applied is stale), `change` what goes away (reclaim) or comes back
+ * (restore), `allocation` the child's allocation once carried out, `deadline` (ISO-8601)
+ * when the resources go whatever the child does.
+ */
+export type Notice = z.infer<typeof S.NoticeSchema>;
 
-export type ProjectAction = 'unchanged' | 'shrunk' | 'stopped' | 'grown' | 'started';
+export type ProjectAction = ProjectOutcome['action'];
 
 /**
  * How a stopped project ended (never a bare boolean: see CONTRIBUTING.md on kubelet).
  * `escaped`: the group emptied, but processes of the project were found alive outside it
  * (and killed): ProjectOutcome.escaped names them.
  */
-export type ExitKind = 'graceful' | 'killed' | 'already-gone' | 'timeout' | 'escaped';
+export type ExitKind = NonNullable<ProjectOutcome['exit']>;
 
-export interface ProjectLimits {
-  memoryHigh: number | 'max';
-  memoryMax: number | 'max';
-  /** CPUs as a quota (cpu.max quota / period); 'max' for no quota. */
-  cpuMax: number | 'max';
-  cpuset?: string;
-}
+/** memory.high, memory.max, CPUs as a quota (cpu.max quota / period), 'max' for none. */
+export type ProjectLimits = z.infer<typeof S.ProjectLimitsSchema>;
 
-/** What a child gets before anything is taken from it (claim 1: "the second notice comprises the first"). */
-export interface ProjectNotice {
-  notice: Notice;
-  project: string;
-  action: ProjectAction;
-  limits: ProjectLimits;
-  gracePeriodMs: number;
-  deadline: string;
-  reason: string;
-}
+/**
+ * What a project gets before anything is taken from it (claim 1: "the second notice
+ * comprises the first"): docs/project-protocol.md.
+ */
+export type ProjectNotice = PS.ProjectNotice;
 
-export interface ProjectOutcome {
-  name: string;
-  action: ProjectAction;
-  before: ProjectLimits;
-  after: ProjectLimits;
-  exit: ExitKind | null;
-  ms: number;
-  reason: string;
-  error?: { code: string; message: string };
-  /** Pids of the project's processes found outside its group after the stop, killed. */
-  escaped?: number[];
-}
+export type ProjectOutcome = z.infer<typeof S.ProjectOutcomeSchema>;
 
-export type OutcomeStatus = 'complete' | 'partial' | 'failed';
+export type OutcomeStatus = Outcome['status'];
 
-export interface Outcome {
-  noticeId: string;
-  guest: string;
-  status: OutcomeStatus;
-  projects: ProjectOutcome[];
-  /** What the child actually gave back (reclaim) or took (restore). */
-  freed: Resources;
-  startedAt: string;
-  finishedAt: string;
-  ms: number;
-}
+/** A notice's result; `freed` is what the child actually gave back (reclaim) or took (restore). */
+export type Outcome = z.infer<typeof S.OutcomeSchema>;

@@ -8,7 +8,7 @@ import { rpcCall } from '../common/rpc';
 import { formatMs } from '../common/units';
 import type { Outcome } from '../broker/types';
 import type { Plan } from '../guest/planner';
-import type { TopView } from '../guest/agent';
+import type { TopView } from '../guest/operator-target';
 import { parseTopArgs, topLoop, topOptions } from './top';
 import {
   checkChangeFlags,

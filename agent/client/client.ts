@@ -11,15 +11,25 @@
  *
  * The checking, journaling and exactly-once execution live in the NoticeBook; this file
  * only speaks the protocol. A duplicate notice id gets its journaled outcome again.
+ *
+ * Capabilities (docs/protocol.md, "Versions and capabilities"): `hello` lists ours; the
+ * broker's come in its `welcome`, and until then it is assumed to have none. Outcomes owed
+ * from an earlier connection are sent once the welcome has said what the broker takes.
+ * A broker older than capabilities refuses the field: its `error` about our hello gets a
+ * second hello without it, and that connection then runs without any.
  */
 import type { Logger } from '../common/log';
 import { isNestError } from '../common/errors';
 import {
+  CAPABILITIES,
+  CAP_OUTCOME_PARTS,
   PROTOCOL_VERSION,
   newMessageId,
+  type ErrorMsg,
   type Hello,
   type Message,
   type Progress,
+  type Welcome,
 } from '../protocol/messages';
 import { errorReply, parseMessage } from '../protocol/schemas';
 import { outcomeMessages } from '../protocol/outcome-parts';
@@ -68,17 +78,21 @@ export class Client {
   private readonly progressBucket = new TokenBucket(PROGRESS_RATE);
   /** Progress lines not sent because of PROGRESS_RATE (for logs and tests). */
   progressDropped = 0;
+  /** This connection's hello (an error about it may ask for a hello without capabilities). */
+  private helloId: string | null = null;
+  /** The broker refused our `capabilities` field on this connection: say hello without. */
+  private legacyHello = false;
+  /** The broker's capabilities from its welcome on this connection; null before it. */
+  private peerCaps: ReadonlySet<string> | null = null;
 
   constructor(private readonly opts: ClientOptions) {
     this.channel = opts.channel;
     this.book = opts.book;
     this.log = opts.log.child({ role: 'client' });
-    this.channel.on('open', () => {
-      this.open = true;
-      void this.hello();
-    });
+    this.channel.on('open', () => this.opened());
     this.channel.on('close', () => {
       this.open = false;
+      this.peerCaps = null;
     });
     // Messages are handled one after another, in the order they came: two notices in
     // flight at once must be checked (seq) and journaled in order.
@@ -90,10 +104,17 @@ export class Client {
     this.book.on('progress', (noticeId: string, ev: ChildProgress) => this.progress(noticeId, ev));
   }
 
-  /** For a channel that was already open when the client was attached. */
+  /** A new connection (also for a channel that was already open when the client was attached). */
   opened(): void {
     this.open = true;
+    this.peerCaps = null;
+    this.legacyHello = false;
     void this.hello();
+  }
+
+  /** The broker's capabilities on this connection (empty before its welcome). */
+  get brokerCapabilities(): readonly string[] {
+    return [...(this.peerCaps ?? [])];
   }
 
   /** False when the message did not go (no peer, or it could not be encoded). */
@@ -109,20 +130,51 @@ export class Client {
 
   private async hello(): Promise<void> {
     const inventory = await this.opts.inventory();
-    this.send({
+    const hello: Hello = {
       type: 'hello',
       id: newMessageId(),
       version: PROTOCOL_VERSION,
       guest: this.book.name,
       inventory,
       lastSeq: this.book.lastSeq,
-    });
+    };
+    if (!this.legacyHello) hello.capabilities = [...CAPABILITIES];
+    this.helloId = hello.id;
+    this.send(hello);
     // Outcomes finished while the channel was down are sent again; the broker above
-    // journals by notice id, so a repeat is harmless.
+    // journals by notice id, so a repeat is harmless. One too large for a line waits for
+    // the welcome, which says whether it may come in parts.
+    this.sendOwed();
+  }
+
+  private sendOwed(): void {
     for (const id of this.owed) {
       const rec = this.book.get(id);
       if (rec?.outcome) this.sendOutcome(rec.outcome);
     }
+  }
+
+  private welcomed(msg: Welcome): void {
+    if (msg.version !== PROTOCOL_VERSION)
+      this.log.error(
+        { version: msg.version, ours: PROTOCOL_VERSION },
+        'the broker above speaks another protocol version',
+      );
+    this.peerCaps = new Set(msg.capabilities ?? []);
+    this.log.info(
+      { heartbeatMs: msg.heartbeatMs, capabilities: msg.capabilities ?? [] },
+      'welcomed by the broker above',
+    );
+    // What waited for the welcome (an outcome over one line) goes now, in parts or cut.
+    this.sendOwed();
+  }
+
+  /** An `error` naming our hello's unknown `capabilities` field: a broker older than them. */
+  private refusedCapabilities(msg: ErrorMsg): boolean {
+    if (this.legacyHello || msg.replyTo === undefined || msg.replyTo !== this.helloId) return false;
+    return (msg.problems ?? []).some(
+      (p) => p.field === '(message)' && p.message.includes('"capabilities"'),
+    );
   }
 
   private async onMessage(raw: Message | string): Promise<void> {
@@ -164,11 +216,16 @@ export class Client {
         this.send({ type: 'pong', id: newMessageId(), replyTo: msg.id, t: msg.t });
         return;
       case 'welcome':
-        this.log.info({ heartbeatMs: msg.heartbeatMs }, 'welcomed by the broker above');
+        return this.welcomed(msg);
+      case 'error':
+        if (this.refusedCapabilities(msg)) {
+          this.log.info('the broker above takes no capabilities: saying hello without them');
+          this.legacyHello = true;
+          return this.hello();
+        }
+        this.log.warn({ msg }, 'the broker above reported an error');
         return;
       case 'pong':
-      case 'error':
-        if (msg.type === 'error') this.log.warn({ msg }, 'the broker above reported an error');
         return;
       default:
         this.send({
@@ -229,9 +286,13 @@ export class Client {
   private sendOutcome(outcome: Outcome): void {
     if (!this.open) return; // sent again after the next hello
     // One line, or outcome-part messages then the summary when it is over the line cap
-    // (~190+ projects, docs/performance.md). Each send is whole: a resend repeats every
-    // part.
-    for (const msg of outcomeMessages(outcome)) {
+    // (~190+ projects, docs/performance.md) and the broker takes parts. Each send is
+    // whole: a resend repeats every part.
+    const msgs = outcomeMessages(outcome, { parts: this.peerCaps?.has(CAP_OUTCOME_PARTS) ?? true });
+    // Before the welcome we do not know whether the broker takes parts: an outcome that
+    // needs them stays owed until the welcome says (welcomed() sends it).
+    if (this.peerCaps === null && msgs.length > 1) return;
+    for (const msg of msgs) {
       if (!this.send(msg)) return; // cut short: still owed, sent again after the next hello
     }
     this.owed.delete(outcome.noticeId);

@@ -21,6 +21,7 @@ import {
   type StepStore,
 } from '../broker/broker';
 import { faultPoint } from '../common/fault';
+import { MAX_DEADLINE_AHEAD_MS } from '../protocol/schemas';
 
 export type NoticeSource = 'upstream' | 'local';
 export type NoticeState = 'accepted' | 'running' | 'done' | 'cancelled' | 'rejected';
@@ -281,7 +282,9 @@ export class NoticeBook extends EventEmitter {
     if (problems.length > 0) {
       // A replayed seq, or a deadline already past on arrival (the broker above has given
       // up on it: a guest stopped past the deadline must not act on it when it wakes).
-      const code = problems.some((p) => p.field === 'seq' || p.field === 'deadline')
+      const code = problems.some(
+        (p) => (p.field === 'seq' || p.field === 'deadline') && p.message.startsWith('stale'),
+      )
         ? 'NOTICE_STALE'
         : mismatch
           ? 'ALLOCATION_MISMATCH'
@@ -415,6 +418,12 @@ export class NoticeBook extends EventEmitter {
         field: 'deadline',
         value: notice.deadline,
         message: `stale: the deadline passed ${this.now() - deadline} ms before the notice arrived; nothing done`,
+      });
+    else if (deadline - this.now() > MAX_DEADLINE_AHEAD_MS)
+      problems.push({
+        field: 'deadline',
+        value: notice.deadline,
+        message: `more than ${MAX_DEADLINE_AHEAD_MS / 3_600_000} h away (docs/protocol.md, "Deadlines"); nothing done`,
       });
     if (problems.length === 0 && this.broker.allocation) {
       const mismatch = allocationProblems(notice, this.allocationBefore());

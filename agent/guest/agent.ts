@@ -23,12 +23,13 @@ import { StateLock } from '../common/state-lock';
 import type { Logger } from '../common/log';
 import { RpcServer } from '../common/rpc';
 import { MetricsServer } from '../common/metrics';
-import type { ProjectLimits, Resources } from '../broker/types';
+import type { Resources } from '../broker/types';
 import type { Hello } from '../protocol/messages';
 import { NoticeBook } from '../client/notices';
 import { minimumsAbove, type GuestConfig } from './config';
 import { GuestBroker, type AllocationBook } from './executor';
 import { registerOperatorApi } from './operator';
+import type { OperatorTarget, TopRow, TopView } from './operator-target';
 import { ProjectNoticeBoard } from './project-notices';
 import { ProjectRegistry } from './projects';
 import { Supervisor } from './supervisor';
@@ -59,7 +60,7 @@ class JournaledAllocation implements AllocationBook {
   }
 }
 
-export class GuestAgent {
+export class GuestAgent implements OperatorTarget {
   readonly startedAt = new Date();
   private upstream: Upstream | null = null;
   private metrics: MetricsServer | null = null;
@@ -347,32 +348,6 @@ export class GuestAgent {
     }
     return rows;
   }
-}
-
-/** One project in `top`: null where the kernel file could not be read (a group just gone). */
-export interface TopRow {
-  name: string;
-  priority: number;
-  state: string;
-  limits: ProjectLimits;
-  memoryBytes: number | null;
-  memoryPeakBytes: number | null;
-  oomKills: number | null;
-  /** memory / cpu pressure, `some` avg10 (%), where the kernel has PSI. */
-  memoryPressure10: number | null;
-  cpuPressure10: number | null;
-  /** CPUs in use over the sampler's last interval. */
-  cpus: number | null;
-  throttledUs: number | null;
-  pids: number | null;
-}
-
-export interface TopView {
-  guest: string;
-  at: string;
-  allocation: Resources;
-  projectAllocation: Resources;
-  projects: TopRow[];
 }
 
 /** The operator socket's group → gid, through NSS (agent/common/nss.ts). */

@@ -19,7 +19,6 @@
  * them (independent: each takes from its own project only); the grows together; the
  * starts one at a time, highest rank first.
  */
-import type { CgroupAdapter } from '../../cgroup-adapter/types';
 import type { Logger } from '../common/log';
 import { isNestError, type Problem } from '../common/errors';
 import { formatBytes } from '../common/units';
@@ -50,7 +49,7 @@ import {
 import type { GuestConfig } from './config';
 import type { ProjectRegistry } from './projects';
 import type { ProjectNoticeBoard } from './project-notices';
-import { stopProject } from './stopper';
+import { stopProject, type SendSignal, type StopCgroup } from './stopper';
 import { faultPoint } from '../common/fault';
 import type { UsageSampler } from './usage';
 
@@ -60,6 +59,32 @@ export interface AllocationBook {
   set(r: Resources): Promise<void>;
 }
 
+/**
+ * What the executor uses of each part of the agent: one narrow interface per kind of act
+ * (CONTRIBUTING.md, "Policy is pure; actuation is narrow"). The agent passes the real
+ * ones (agent/guest/agent.ts); a test passes recording fakes.
+ */
+export type ExecutorRegistry = Pick<
+  ProjectRegistry,
+  | 'config'
+  | 'group'
+  | 'limits'
+  | 'pids'
+  | 'transientState'
+  | 'setTransient'
+  | 'stoppedForRoom'
+  | 'stoppedByOperator'
+  | 'killEscaped'
+  | 'setRecord'
+  | 'writeLimits'
+  | 'applyMemoryMax'
+  | 'applyLimits'
+  | 'start'
+  | 'spawnHook'
+>;
+export type ExecutorBoard = Pick<ProjectNoticeBoard, 'deliver' | 'waitDone'>;
+export type ExecutorUsage = Pick<UsageSampler, 'recent' | 'onlineCpus' | 'memoryNow' | 'pidsNow'>;
+
 const STOPPED_LIMITS: ProjectLimits = { memoryHigh: 0, memoryMax: 0, cpuMax: 0 };
 
 export class GuestBroker implements LocalBroker {
@@ -67,12 +92,14 @@ export class GuestBroker implements LocalBroker {
 
   constructor(
     private readonly cfg: GuestConfig,
-    private readonly registry: ProjectRegistry,
-    private readonly board: ProjectNoticeBoard,
-    private readonly adapter: CgroupAdapter,
-    private readonly usage: UsageSampler,
+    private readonly registry: ExecutorRegistry,
+    private readonly board: ExecutorBoard,
+    private readonly adapter: StopCgroup,
+    private readonly usage: ExecutorUsage,
     private readonly allocationBook: AllocationBook,
     private readonly log: Logger,
+    /** kill(2) for the stop signals; a test records them instead. */
+    private readonly sendSignal?: SendSignal,
   ) {
     this.name = cfg.guest;
   }
@@ -336,6 +363,7 @@ export class GuestBroker implements LocalBroker {
           },
           onSignalled: () => turns?.release(name),
           readPids: () => this.usage.pidsNow(group),
+          sendSignal: this.sendSignal,
           log: ctx.log,
         },
       );

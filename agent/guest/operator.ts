@@ -17,7 +17,7 @@ import { NestError, type Problem } from '../common/errors';
 import { parseCpus, parseDuration, parseSize } from '../common/units';
 import type { RpcHandler, RpcServer } from '../common/rpc';
 import type { Notice, NoticeKind, Resources } from '../broker/types';
-import type { GuestAgent } from './agent';
+import type { OperatorTarget } from './operator-target';
 
 export const DEFAULT_LOCAL_DEADLINE_MS = 30_000;
 
@@ -83,7 +83,7 @@ export function parseChangeArgs(args: Record<string, unknown>, kind: NoticeKind)
 
 /** A local notice for this guest: seq 0 (local notices never move the host's seq). */
 export function localNotice(
-  agent: GuestAgent,
+  agent: OperatorTarget,
   kind: NoticeKind,
   a: ChangeArgs,
   now = new Date(),
@@ -124,7 +124,7 @@ export function localNotice(
 
 export function registerOperatorApi(
   server: RpcServer,
-  agent: GuestAgent,
+  agent: OperatorTarget,
   ready: Promise<void> = Promise.resolve(),
 ): void {
   // Every command waits until the agent has its projects up (start-up takes a moment).
@@ -217,7 +217,7 @@ export function registerOperatorApi(
           problems,
         },
       );
-    agent.registry.config(args.project as string); // PROJECT_UNKNOWN
+    // An unknown name is PROJECT_UNKNOWN from the supervisor (the registry's config lookup).
     return args.project as string;
   };
   rpc.handle('stop', async (args) => agent.supervisor.operatorStop(projectArg(args)));

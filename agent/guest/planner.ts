@@ -103,25 +103,6 @@ const toMilliDown = (c: number): number => Math.floor(c * MILLI + EPS);
 const toMilliUp = (c: number): number => Math.ceil(c * MILLI - EPS);
 const fromMilli = (m: number): number => m / MILLI;
 
-interface Work {
-  p: PlanProject;
-  name: string;
-  priority: number;
-  /** ranking.ts: share of the allocation held above the minimum; undefined = unknown. */
-  usageAboveMin?: number;
-  running: boolean;
-  memCurrent?: number;
-  memFloor: number;
-  memEffMax: number;
-  cpuFloor: number; // milli-CPUs
-  cpuEffMax: number; // milli-CPUs
-  admitted: boolean;
-  starting: boolean;
-  memTarget: number;
-  cpuTarget: number; // milli-CPUs
-  whyOut?: string;
-}
-
 function num(v: number | 'max' | undefined): number {
   return v === undefined || v === 'max' ? Number.POSITIVE_INFINITY : v;
 }
@@ -182,262 +163,390 @@ function cpusetSize(s: string | undefined): number {
   return n;
 }
 
-export function plan(
-  projects: PlanProject[],
-  usage: Record<string, PlanUsage>,
-  allocation: Resources,
-  now: Date,
-  opts: { onlineCpus?: number } = {},
-): Plan {
-  checkInput(projects, allocation);
-  const allocMem = Math.floor(allocation.memoryBytes);
-  const allocCpu = toMilliDown(allocation.cpus);
+/**
+ * What the stages share: the allocation as integer units, bytes and milli-CPUs (the
+ * planner's arithmetic), and what is left of it as stages take from it.
+ */
+export interface Budget {
+  memoryBytes: number;
+  /** Thousandths of a CPU. */
+  cpuMilli: number;
+}
 
-  // 1. measure
-  const work: Work[] = projects.map((p) => {
-    const running = p.state === 'running';
-    const u = Object.prototype.hasOwnProperty.call(usage, p.name) ? usage[p.name] : undefined;
-    const cfgMemMax = Math.max(num(p.memory.max), p.memory.min);
-    const memFloor = Math.max(p.memory.min, Math.min(PLAN_FLOORS.memoryBytes, cfgMemMax));
-    const cpuMinM = toMilliUp(p.cpu.min);
-    const cpuMaxM = Math.max(
-      p.cpu.max === 'max' ? Number.POSITIVE_INFINITY : toMilliDown(p.cpu.max),
-      cpuMinM,
-    );
-    const cpuFloor = Math.max(cpuMinM, Math.min(toMilliUp(PLAN_FLOORS.cpus), cpuMaxM));
-    let usageAboveMin: number | undefined = 0;
-    if (running) {
-      // Missing data rule: a running project we have no usage for ranks as using the most.
-      usageAboveMin = u
-        ? Math.max(0, u.memoryCurrent - p.memory.min) / Math.max(allocMem, 1) +
-          Math.max(0, (u.cpuUsageRate ?? 0) - p.cpu.min) / Math.max(allocation.cpus, 0.001)
-        : undefined;
-    }
-    return {
-      p,
-      name: p.name,
-      priority: p.priority,
-      usageAboveMin,
-      running,
-      memCurrent: running ? u?.memoryCurrent : undefined,
-      memFloor,
-      memEffMax: Math.min(cfgMemMax, allocMem),
-      cpuFloor,
-      cpuEffMax: Math.min(cpuMaxM, allocCpu),
-      admitted: false,
-      starting: false,
-      memTarget: 0,
-      cpuTarget: 0,
-    };
-  });
-
-  // 2. admit running projects, highest-ranked first, while their floors fit
-  let memLeft = allocMem;
-  let cpuLeft = allocCpu;
-  const shortOf = (w: Work): string | undefined => {
-    const parts = [];
-    if (w.memFloor > memLeft)
-      parts.push(`its minimum memory ${formatBytes(w.memFloor)} > ${formatBytes(memLeft)} left`);
-    if (w.cpuFloor > cpuLeft)
-      parts.push(
-        `its minimum CPU ${fmtCpus(fromMilli(w.cpuFloor))} > ${fmtCpus(fromMilli(cpuLeft))} left`,
-      );
-    return parts.length > 0 ? parts.join(' and ') : undefined;
+/** The allocation as a budget: whole bytes, milli-CPUs rounded down (never above it). */
+export function budgetOf(allocation: Resources): Budget {
+  return {
+    memoryBytes: Math.floor(allocation.memoryBytes),
+    cpuMilli: toMilliDown(allocation.cpus),
   };
+}
+
+/** One project as the planner sees it, measured against the allocation (stage 1). */
+export interface Measured {
+  p: PlanProject;
+  name: string;
+  priority: number;
+  /** ranking.ts: share of the allocation held above the minimum; undefined = unknown. */
+  usageAboveMin?: number;
+  running: boolean;
+  /** memory.current of a running project, when known. */
+  memCurrent?: number;
+  /** What it gets at least if it runs: its minimum, never below PLAN_FLOORS. */
+  memFloor: number;
+  /** What it may get at most: min(its max, the allocation). */
+  memEffMax: number;
+  /** Milli-CPUs. */
+  cpuFloor: number;
+  /** Milli-CPUs. */
+  cpuEffMax: number;
+}
+
+/**
+ * Stage 1, measure: a project's floor and effective maximum in this allocation, and how
+ * much it holds above its minimum (for the ranking).
+ */
+export function measure(p: PlanProject, u: PlanUsage | undefined, allocation: Resources): Measured {
+  const { memoryBytes: allocMem, cpuMilli: allocCpu } = budgetOf(allocation);
+  const running = p.state === 'running';
+  const cfgMemMax = Math.max(num(p.memory.max), p.memory.min);
+  const memFloor = Math.max(p.memory.min, Math.min(PLAN_FLOORS.memoryBytes, cfgMemMax));
+  const cpuMinM = toMilliUp(p.cpu.min);
+  const cpuMaxM = Math.max(
+    p.cpu.max === 'max' ? Number.POSITIVE_INFINITY : toMilliDown(p.cpu.max),
+    cpuMinM,
+  );
+  const cpuFloor = Math.max(cpuMinM, Math.min(toMilliUp(PLAN_FLOORS.cpus), cpuMaxM));
+  let usageAboveMin: number | undefined = 0;
+  if (running) {
+    // Missing data rule: a running project we have no usage for ranks as using the most.
+    usageAboveMin = u
+      ? Math.max(0, u.memoryCurrent - p.memory.min) / Math.max(allocMem, 1) +
+        Math.max(0, (u.cpuUsageRate ?? 0) - p.cpu.min) / Math.max(allocation.cpus, 0.001)
+      : undefined;
+  }
+  return {
+    p,
+    name: p.name,
+    priority: p.priority,
+    usageAboveMin,
+    running,
+    memCurrent: running ? u?.memoryCurrent : undefined,
+    memFloor,
+    memEffMax: Math.min(cfgMemMax, allocMem),
+    cpuFloor,
+    cpuEffMax: Math.min(cpuMaxM, allocCpu),
+  };
+}
+
+/** Why a project's floors do not fit in what is left, in words; undefined when they fit. */
+export function shortfall(w: Measured, left: Budget): string | undefined {
+  const parts = [];
+  if (w.memFloor > left.memoryBytes)
+    parts.push(
+      `its minimum memory ${formatBytes(w.memFloor)} > ${formatBytes(left.memoryBytes)} left`,
+    );
+  if (w.cpuFloor > left.cpuMilli)
+    parts.push(
+      `its minimum CPU ${fmtCpus(fromMilli(w.cpuFloor))} > ${fmtCpus(fromMilli(left.cpuMilli))} left`,
+    );
+  return parts.length > 0 ? parts.join(' and ') : undefined;
+}
+
+/** Whether a project runs after the plan, and if not, why. */
+export type Admission = { admitted: true; starting: boolean } | { admitted: false; why: string };
+
+export interface Admitted {
+  admissions: Map<string, Admission>;
+  /** What is left once the admitted projects have their floors. */
+  left: Budget;
+}
+
+/**
+ * Stage 2, admit: running projects, the highest-ranked first, while their floors fit; one
+ * whose floor does not fit in what those above it left is out (it is stopped).
+ */
+export function admitRunning(work: readonly Measured[], budget: Budget): Admitted {
+  const admissions = new Map<string, Admission>();
+  let { memoryBytes, cpuMilli } = budget;
   for (const w of work.filter((x) => x.running).sort(keepsFirst)) {
-    const short = shortOf(w);
+    const short = shortfall(w, { memoryBytes, cpuMilli });
     if (short) {
-      w.whyOut = short;
+      admissions.set(w.name, { admitted: false, why: short });
       continue;
     }
-    w.admitted = true;
-    memLeft -= w.memFloor;
-    cpuLeft -= w.cpuFloor;
+    admissions.set(w.name, { admitted: true, starting: false });
+    memoryBytes -= w.memFloor;
+    cpuMilli -= w.cpuFloor;
   }
+  return { admissions, left: { memoryBytes, cpuMilli } };
+}
 
-  // 3. restart those stopped for room, highest priority first, in what is left
+/**
+ * Stage 3, restart: stopped-for-room projects with restartOnRestore, highest-ranked first,
+ * while their floors fit in what is left (a restart never displaces a running project).
+ */
+export function admitRestarts(work: readonly Measured[], left: Budget): Admitted {
+  const admissions = new Map<string, Admission>();
+  let { memoryBytes, cpuMilli } = left;
   for (const w of work.filter((x) => !x.running).sort(keepsFirst)) {
     if (!w.p.stoppedForRoom) {
-      w.whyOut = 'it was not stopped for lack of room';
+      admissions.set(w.name, { admitted: false, why: 'it was not stopped for lack of room' });
       continue;
     }
     if (!w.p.restartOnRestore) {
-      w.whyOut = 'restartOnRestore is off';
+      admissions.set(w.name, { admitted: false, why: 'restartOnRestore is off' });
       continue;
     }
-    const short = shortOf(w);
+    const short = shortfall(w, { memoryBytes, cpuMilli });
     if (short) {
-      w.whyOut = short;
+      admissions.set(w.name, { admitted: false, why: short });
       continue;
     }
-    w.admitted = true;
-    w.starting = true;
-    memLeft -= w.memFloor;
-    cpuLeft -= w.cpuFloor;
+    admissions.set(w.name, { admitted: true, starting: true });
+    memoryBytes -= w.memFloor;
+    cpuMilli -= w.cpuFloor;
   }
+  return { admissions, left: { memoryBytes, cpuMilli } };
+}
 
-  // 4. fill: floors first (already taken), then toward each effective max, highest-ranked first
-  const kept = work.filter((w) => w.admitted).sort(keepsFirst);
-  for (const w of kept) {
-    w.memTarget = w.memFloor;
-    w.cpuTarget = w.cpuFloor;
-  }
-  for (const w of kept) {
-    const m = Math.min(Math.max(0, w.memEffMax - w.memTarget), memLeft);
-    w.memTarget += m;
+/** What one admitted project is planned to get. */
+export interface Target {
+  memoryBytes: number;
+  /** Milli-CPUs. */
+  cpuMilli: number;
+}
+
+/**
+ * Stage 4, fill: every admitted project starts at its floor (already taken from `left`);
+ * what is left goes toward each effective max, highest-ranked first, so the lowest-ranked
+ * project is the one shrunk toward its minimum.
+ */
+export function fill(kept: readonly Measured[], left: Budget): Map<string, Target> {
+  const targets = new Map<string, Target>();
+  const ranked = kept.slice().sort(keepsFirst);
+  for (const w of ranked) targets.set(w.name, { memoryBytes: w.memFloor, cpuMilli: w.cpuFloor });
+  let { memoryBytes: memLeft, cpuMilli: cpuLeft } = left;
+  for (const w of ranked) {
+    const t = targets.get(w.name) as Target;
+    const m = Math.min(Math.max(0, w.memEffMax - t.memoryBytes), memLeft);
+    t.memoryBytes += m;
     memLeft -= m;
-    const c = Math.min(Math.max(0, w.cpuEffMax - w.cpuTarget), cpuLeft);
-    w.cpuTarget += c;
+    const c = Math.min(Math.max(0, w.cpuEffMax - t.cpuMilli), cpuLeft);
+    t.cpuMilli += c;
     cpuLeft -= c;
   }
+  return targets;
+}
 
-  // CPUs going away as whole CPUs: pin to the first ceil(allocation) (cgroup-v2.rst "Cpuset").
-  // When they all come back, a project that was pinned gets every online CPU again.
-  const online = opts.onlineCpus;
+/** The cpuset running projects get: pinned when whole CPUs go away. */
+export interface CpusetPlan {
+  online?: number;
+  /** The cpuset every running project gets, when CPUs go away as whole CPUs. */
+  pinned?: string;
+  /** The plan's reason for pinning, in words. */
+  note?: string;
+}
+
+/**
+ * CPUs going away as whole CPUs: pin to the first ceil(allocation) (cgroup-v2.rst
+ * "Cpuset"). When they all come back, a project that was pinned gets every online CPU
+ * again.
+ */
+export function planCpuset(allocationCpus: number, online: number | undefined): CpusetPlan {
   const pinned =
-    online !== undefined && online > 0 && allocation.cpus < online
-      ? cpusetOf(Math.min(online, Math.max(1, Math.ceil(allocation.cpus - EPS))))
+    online !== undefined && online > 0 && allocationCpus < online
+      ? cpusetOf(Math.min(online, Math.max(1, Math.ceil(allocationCpus - EPS))))
       : undefined;
-  const cpusetNote =
+  const note =
     pinned !== undefined
-      ? `whole CPUs go away (${fmtCpus(allocation.cpus)} of ${online} online): running projects get cpuset ${pinned}`
+      ? `whole CPUs go away (${fmtCpus(allocationCpus)} of ${online} online): running projects get cpuset ${pinned}`
       : undefined;
-  const cpusetFor = (before: string | undefined): string | undefined => {
-    if (online === undefined || online <= 0) return before;
-    if (pinned !== undefined) return pinned;
-    return before === undefined ? undefined : cpusetOf(online);
-  };
+  return { online, pinned, note };
+}
 
-  // 5. explain
-  const decisions: Omit<Decision, 'order'>[] = [];
-  const kindOf = new Map<string, 'stop' | 'shrink' | 'grow' | 'start' | 'same'>();
-  for (const w of work) {
-    const p = w.p;
-    const before = p.limits;
-    if (!w.admitted) {
-      const action: ProjectAction = w.running ? 'stopped' : 'unchanged';
-      kindOf.set(w.name, w.running ? 'stop' : 'same');
-      decisions.push({
+/** A running project's cpuset after the plan, from the one it has. */
+export function cpusetAfter(c: CpusetPlan, before: string | undefined): string | undefined {
+  if (c.online === undefined || c.online <= 0) return before;
+  if (c.pinned !== undefined) return c.pinned;
+  return before === undefined ? undefined : cpusetOf(c.online);
+}
+
+/**
+ * What a change of limits is: `shrunk` if anything goes down (memory.max, the effective
+ * memory.high, cpu.max, the size of the cpuset), else `grown` if anything goes up, else
+ * `unchanged`; a restart is `started` whatever the limits.
+ */
+export function classify(
+  before: ProjectLimits,
+  after: ProjectLimits,
+  starting: boolean,
+): ProjectAction {
+  // memory.high above memory.max has no effect (cgroup-v2.rst "memory.high"): compare
+  // the effective one, so that high 'max' with max 1GiB → both 1GiB is not a change.
+  const effHigh = (l: ProjectLimits) => Math.min(num(l.memoryHigh), num(l.memoryMax));
+  const cmps = [
+    cmpLimit(before.memoryMax, after.memoryMax),
+    cmpLimit(effHigh(before), effHigh(after)),
+    cmpLimit(before.cpuMax, after.cpuMax),
+  ];
+  const cpusetShrinks = cpusetSize(after.cpuset) < cpusetSize(before.cpuset);
+  const cpusetGrows = cpusetSize(after.cpuset) > cpusetSize(before.cpuset);
+  if (starting) return 'started';
+  if (cmps.some((c) => c < 0) || cpusetShrinks) return 'shrunk';
+  if (cmps.some((c) => c > 0) || cpusetGrows) return 'grown';
+  return 'unchanged';
+}
+
+/** The limits that change, in words (`memory.max 1 GiB → 512 MiB`). */
+export function changes(before: ProjectLimits, after: ProjectLimits): string[] {
+  const words: string[] = [];
+  const diff = (label: string, b: number | 'max', a: number | 'max', unit: 'bytes' | 'cpus') => {
+    if (cmpLimit(b, a) !== 0) words.push(`${label} ${fmtLimit(b, unit)} → ${fmtLimit(a, unit)}`);
+  };
+  diff('memory.max', before.memoryMax, after.memoryMax, 'bytes');
+  if (
+    cmpLimit(before.memoryHigh, after.memoryHigh) !== 0 &&
+    cmpLimit(before.memoryMax, after.memoryMax) === 0
+  )
+    diff('memory.high', before.memoryHigh, after.memoryHigh, 'bytes');
+  diff('cpu', before.cpuMax, after.cpuMax, 'cpus');
+  if ((before.cpuset ?? '') !== (after.cpuset ?? ''))
+    words.push(`cpuset ${before.cpuset ?? 'all'} → ${after.cpuset ?? 'all'}`);
+  return words;
+}
+
+/** Which step of the execution order a decision belongs to. */
+export type StepKind = 'stop' | 'shrink' | 'grow' | 'start' | 'same';
+
+export interface Explained {
+  decision: Omit<Decision, 'order'>;
+  kind: StepKind;
+}
+
+const KIND_OF: Record<ProjectAction, StepKind> = {
+  stopped: 'stop',
+  shrunk: 'shrink',
+  grown: 'grow',
+  started: 'start',
+  unchanged: 'same',
+};
+
+/**
+ * Stage 5, explain: one project's decision, with its new limits and the reason in words.
+ * An admitted project comes with its target (stage 4).
+ */
+export function explain(
+  w: Measured,
+  a: Admission,
+  target: Target | undefined,
+  cpuset: CpusetPlan,
+): Explained {
+  const p = w.p;
+  const before = p.limits;
+  if (!a.admitted) {
+    const why = a.why;
+    return {
+      kind: w.running ? 'stop' : 'same',
+      decision: {
         project: w.name,
-        action,
+        action: w.running ? 'stopped' : 'unchanged',
         before,
         after: before,
         memoryTarget: 0,
         reason: w.running
-          ? `stopped: ${w.whyOut}, after the projects ranked above it (priority ${p.priority})`
-          : `stays stopped: ${w.whyOut}`,
-      });
-      continue;
-    }
-    const after: ProjectLimits = {
-      memoryHigh: w.memTarget,
-      memoryMax: w.memTarget,
-      cpuMax: fromMilli(w.cpuTarget),
+          ? `stopped: ${why}, after the projects ranked above it (priority ${p.priority})`
+          : `stays stopped: ${why}`,
+      },
     };
-    const cs = cpusetFor(before.cpuset);
-    if (cs !== undefined) after.cpuset = cs;
-
-    const mustComeDown =
-      !w.starting && w.memCurrent !== undefined && w.memCurrent > w.memTarget
-        ? w.memCurrent
-        : undefined;
-    const words: string[] = [];
-    const diff = (label: string, b: number | 'max', a: number | 'max', unit: 'bytes' | 'cpus') => {
-      if (cmpLimit(b, a) !== 0) words.push(`${label} ${fmtLimit(b, unit)} → ${fmtLimit(a, unit)}`);
-    };
-    diff('memory.max', before.memoryMax, after.memoryMax, 'bytes');
-    if (
-      cmpLimit(before.memoryHigh, after.memoryHigh) !== 0 &&
-      cmpLimit(before.memoryMax, after.memoryMax) === 0
-    )
-      diff('memory.high', before.memoryHigh, after.memoryHigh, 'bytes');
-    diff('cpu', before.cpuMax, after.cpuMax, 'cpus');
-    if ((before.cpuset ?? '') !== (after.cpuset ?? ''))
-      words.push(`cpuset ${before.cpuset ?? 'all'} → ${after.cpuset ?? 'all'}`);
-
-    // memory.high above memory.max has no effect (cgroup-v2.rst "memory.high"): compare
-    // the effective one, so that high 'max' with max 1GiB → both 1GiB is not a change.
-    const effHigh = (l: ProjectLimits) => Math.min(num(l.memoryHigh), num(l.memoryMax));
-    const cmps = [
-      cmpLimit(before.memoryMax, after.memoryMax),
-      cmpLimit(effHigh(before), effHigh(after)),
-      cmpLimit(before.cpuMax, after.cpuMax),
-    ];
-    const cpusetShrinks = cpusetSize(after.cpuset) < cpusetSize(before.cpuset);
-    const cpusetGrows = cpusetSize(after.cpuset) > cpusetSize(before.cpuset);
-    let action: ProjectAction;
-    if (w.starting) action = 'started';
-    else if (cmps.some((c) => c < 0) || cpusetShrinks) action = 'shrunk';
-    else if (cmps.some((c) => c > 0) || cpusetGrows) action = 'grown';
-    else action = 'unchanged';
-    kindOf.set(
-      w.name,
-      action === 'started'
-        ? 'start'
-        : action === 'shrunk'
-          ? 'shrink'
-          : action === 'grown'
-            ? 'grow'
-            : 'same',
-    );
-
-    const atMin = w.memTarget === w.memFloor && w.cpuTarget === w.cpuFloor;
-    const atMax = w.memTarget >= w.memEffMax && w.cpuTarget >= w.cpuEffMax;
-    const where = atMax
-      ? 'at its maximum'
-      : atMin
-        ? 'down to its minimum: once every running project has its minimum, those ranked above it take the rest'
-        : 'between its minimum and maximum: what is left once every running project has its minimum and those ranked above it their maximum';
-    let reason: string;
-    if (action === 'started')
-      reason = `started again (stopped for room, restartOnRestore): its minimum fits; ${words.join(', ') || 'limits as before'}, ${where}`;
-    else if (action === 'unchanged') reason = `unchanged: ${where}`;
-    else reason = `${action}: ${words.join(', ')}; ${where} (priority ${p.priority})`;
-    if (mustComeDown !== undefined)
-      reason += `; uses ${formatBytes(mustComeDown)}, above its new memory.max ${formatBytes(w.memTarget)}: memory.high is lowered first and memory.max follows once usage is below it, or the project is stopped`;
-    else if (w.running && w.memCurrent === undefined && action === 'shrunk')
-      reason += '; its usage is unknown: memory.high is lowered first';
-
-    const d: Omit<Decision, 'order'> = {
-      project: w.name,
-      action,
-      before,
-      // Nothing to write: keep the limits exactly as the cgroup shows them.
-      after: action === 'unchanged' ? before : after,
-      memoryTarget: w.memTarget,
-      reason,
-    };
-    if (mustComeDown !== undefined) d.mustComeDownFrom = mustComeDown;
-    decisions.push(d);
   }
+  if (target === undefined)
+    throw new NestError('INTERNAL', `plan: project "${w.name}" is admitted without a target`);
+  const after: ProjectLimits = {
+    memoryHigh: target.memoryBytes,
+    memoryMax: target.memoryBytes,
+    cpuMax: fromMilli(target.cpuMilli),
+  };
+  const cs = cpusetAfter(cpuset, before.cpuset);
+  if (cs !== undefined) after.cpuset = cs;
 
-  // Execution order: free first (stops, then shrinks, lowest-ranked first), then give
-  // (grows, then starts, highest-ranked first), then the untouched ones by name.
+  const mustComeDown =
+    !a.starting && w.memCurrent !== undefined && w.memCurrent > target.memoryBytes
+      ? w.memCurrent
+      : undefined;
+  const words = changes(before, after);
+  const action = classify(before, after, a.starting);
+
+  const atMin = target.memoryBytes === w.memFloor && target.cpuMilli === w.cpuFloor;
+  const atMax = target.memoryBytes >= w.memEffMax && target.cpuMilli >= w.cpuEffMax;
+  const where = atMax
+    ? 'at its maximum'
+    : atMin
+      ? 'down to its minimum: once every running project has its minimum, those ranked above it take the rest'
+      : 'between its minimum and maximum: what is left once every running project has its minimum and those ranked above it their maximum';
+  let reason: string;
+  if (action === 'started')
+    reason = `started again (stopped for room, restartOnRestore): its minimum fits; ${words.join(', ') || 'limits as before'}, ${where}`;
+  else if (action === 'unchanged') reason = `unchanged: ${where}`;
+  else reason = `${action}: ${words.join(', ')}; ${where} (priority ${p.priority})`;
+  if (mustComeDown !== undefined)
+    reason += `; uses ${formatBytes(mustComeDown)}, above its new memory.max ${formatBytes(target.memoryBytes)}: memory.high is lowered first and memory.max follows once usage is below it, or the project is stopped`;
+  else if (w.running && w.memCurrent === undefined && action === 'shrunk')
+    reason += '; its usage is unknown: memory.high is lowered first';
+
+  const d: Omit<Decision, 'order'> = {
+    project: w.name,
+    action,
+    before,
+    // Nothing to write: keep the limits exactly as the cgroup shows them.
+    after: action === 'unchanged' ? before : after,
+    memoryTarget: target.memoryBytes,
+    reason,
+  };
+  if (mustComeDown !== undefined) d.mustComeDownFrom = mustComeDown;
+  return { kind: KIND_OF[action], decision: d };
+}
+
+const PHASE: Record<StepKind, number> = { stop: 0, shrink: 1, grow: 2, start: 3, same: 4 };
+
+/**
+ * Execution order: free first (stops, then shrinks, lowest-ranked first), then give
+ * (grows, then starts, highest-ranked first), then the untouched ones by name.
+ */
+export function executionOrder(
+  explained: readonly Explained[],
+  work: readonly Measured[],
+): Decision[] {
   const byWork = new Map(work.map((w) => [w.name, w]));
-  const phase = { stop: 0, shrink: 1, grow: 2, start: 3, same: 4 } as const;
-  const ordered = decisions.slice().sort((a, b) => {
-    const ka = kindOf.get(a.project) ?? 'same';
-    const kb = kindOf.get(b.project) ?? 'same';
-    if (ka !== kb) return phase[ka] - phase[kb];
-    const wa = byWork.get(a.project) as Work;
-    const wb = byWork.get(b.project) as Work;
-    if (ka === 'stop' || ka === 'shrink') return givesFirst(wa, wb);
-    if (ka === 'grow' || ka === 'start') return keepsFirst(wa, wb);
+  const ordered = explained.slice().sort((a, b) => {
+    if (a.kind !== b.kind) return PHASE[a.kind] - PHASE[b.kind];
+    const wa = byWork.get(a.decision.project) as Measured;
+    const wb = byWork.get(b.decision.project) as Measured;
+    if (a.kind === 'stop' || a.kind === 'shrink') return givesFirst(wa, wb);
+    if (a.kind === 'grow' || a.kind === 'start') return keepsFirst(wa, wb);
     return wa.name < wb.name ? -1 : wa.name > wb.name ? 1 : 0;
   });
-  const out: Decision[] = ordered.map((d, i) => ({ ...d, order: i + 1 }));
+  return ordered.map((e, i) => ({ ...e.decision, order: i + 1 }));
+}
 
-  // The plan as a whole
-  const runningAfter = work.filter((w) => w.admitted);
+/**
+ * The plan as a whole: the totals of what runs after it (`kept`: the targets of the
+ * projects that run), and its reasons in words.
+ */
+export function summarize(
+  decisions: readonly Decision[],
+  kept: readonly Target[],
+  budget: Budget,
+  opts: { cpusetNote?: string; anyRunning: boolean },
+): Pick<Plan, 'totals' | 'fits' | 'reasons'> {
   const totals = {
-    memoryMax: runningAfter.reduce((s, w) => s + w.memTarget, 0),
-    cpus: fromMilli(runningAfter.reduce((s, w) => s + w.cpuTarget, 0)),
+    memoryMax: kept.reduce((s, t) => s + t.memoryBytes, 0),
+    cpus: fromMilli(kept.reduce((s, t) => s + t.cpuMilli, 0)),
   };
-  const stopped = out.filter((d) => d.action === 'stopped').map((d) => d.project);
-  const started = out.filter((d) => d.action === 'started').map((d) => d.project);
-  const comeDown = out.filter((d) => d.mustComeDownFrom !== undefined).map((d) => d.project);
+  const stopped = decisions.filter((d) => d.action === 'stopped').map((d) => d.project);
+  const started = decisions.filter((d) => d.action === 'started').map((d) => d.project);
+  const comeDown = decisions.filter((d) => d.mustComeDownFrom !== undefined).map((d) => d.project);
   const reasons = [
-    `allocation ${formatBytes(allocMem)} memory and ${fmtCpus(fromMilli(allocCpu))} (net of the guest's reserve); planned limits add up to ${formatBytes(totals.memoryMax)} and ${fmtCpus(totals.cpus)}`,
+    `allocation ${formatBytes(budget.memoryBytes)} memory and ${fmtCpus(fromMilli(budget.cpuMilli))} (net of the guest's reserve); planned limits add up to ${formatBytes(totals.memoryMax)} and ${fmtCpus(totals.cpus)}`,
   ];
   if (stopped.length > 0)
     reasons.push(
@@ -449,16 +558,48 @@ export function plan(
     reasons.push(
       `${comeDown.length} project(s) must bring memory down before memory.max is lowered: ${comeDown.join(', ')}`,
     );
-  if (cpusetNote) reasons.push(cpusetNote);
-  if (runningAfter.length === 0 && work.some((w) => w.running))
+  if (opts.cpusetNote) reasons.push(opts.cpusetNote);
+  if (kept.length === 0 && opts.anyRunning)
     reasons.push('the allocation is too small for any project');
+  return { totals, fits: stopped.length === 0, reasons };
+}
 
+/** The planner: the stages above, composed (numbered as in the pipeline at the top). */
+export function plan(
+  projects: PlanProject[],
+  usage: Record<string, PlanUsage>,
+  allocation: Resources,
+  now: Date,
+  opts: { onlineCpus?: number } = {},
+): Plan {
+  checkInput(projects, allocation);
+  const budget = budgetOf(allocation);
+  const usageOf = (name: string): PlanUsage | undefined =>
+    Object.prototype.hasOwnProperty.call(usage, name) ? usage[name] : undefined;
+
+  const work = projects.map((p) => measure(p, usageOf(p.name), allocation)); // 1
+  const running = admitRunning(work, budget); // 2
+  const restarts = admitRestarts(work, running.left); // 3
+  const admissions = new Map([...running.admissions, ...restarts.admissions]);
+  const kept = work.filter((w) => admissions.get(w.name)?.admitted === true);
+  const targets = fill(kept, restarts.left); // 4
+  const cpuset = planCpuset(allocation.cpus, opts.onlineCpus);
+  const explained = work.map((w) =>
+    explain(w, admissions.get(w.name) as Admission, targets.get(w.name), cpuset),
+  ); // 5
+  const decisions = executionOrder(explained, work);
+  const whole = summarize(
+    decisions,
+    kept.map((w) => targets.get(w.name) as Target),
+    budget,
+    { cpusetNote: cpuset.note, anyRunning: work.some((w) => w.running) },
+  );
   return {
-    decisions: out,
+    decisions,
     allocation: { cpus: allocation.cpus, memoryBytes: allocation.memoryBytes },
-    totals,
-    fits: stopped.length === 0,
-    reasons,
+    totals: whole.totals,
+    fits: whole.fits,
+    reasons: whole.reasons,
     plannedAt: now.toISOString(),
   };
 }

@@ -6,7 +6,7 @@
  *     process of the project's cgroup (read at the moment of signalling: never a stale pid),
  *   - pushed as a JSON line to every process of that project connected to the project socket.
  *
- * The project socket speaks one JSON value a line (docs/guest-agent.md has a client):
+ * The project socket speaks one JSON value a line (docs/project-protocol.md specifies it):
  *   project → {"type":"hello","project":"web","token":"<contents of token file>"}
  *   agent   → {"type":"welcome","project":"web"} then {"type":"notice","notice":ProjectNotice}*
  *   project → {"type":"done","noticeId":"..."}      (ends its grace period early)
@@ -156,6 +156,8 @@ export class ProjectNoticeBoard {
     });
     sock.on('data', (chunk: Buffer) => {
       for (const ev of decoder.push(chunk)) {
+        // A 0xFF only drops a partial line, as on the host channel (docs/project-protocol.md).
+        if (ev.kind === 'resync') continue;
         if (ev.kind !== 'line') {
           this.write(sock, { type: 'error', message: `unreadable line (${ev.kind})` });
           continue;

@@ -23,8 +23,22 @@ export interface StopSpec {
   preStop?: { command: string[]; timeoutMs: number };
 }
 
+/**
+ * What a stop does to a project's group, and nothing more (CONTRIBUTING.md, "Policy is
+ * pure; actuation is narrow"): read `cgroup.procs`, wait for `cgroup.events` to say
+ * `populated 0`, write `cgroup.kill` (cgroup-adapter/ has them; a test records them).
+ */
+export type StopCgroup = Pick<CgroupAdapter, 'pids' | 'waitEmpty' | 'kill'>;
+
+/** Sends a signal to one process (kill(2)); throws ESRCH when it has already exited. */
+export type SendSignal = (pid: number, signal: NodeJS.Signals) => void;
+
+const sendSignalReal: SendSignal = (pid, signal) => {
+  process.kill(pid, signal);
+};
+
 export interface StopDeps {
-  adapter: CgroupAdapter;
+  adapter: StopCgroup;
   /** Starts argv inside `group` (spawnInto); the hook's stdio goes wherever the caller says. */
   spawnHook(group: string, argv: string[]): Promise<ChildProcess>;
   /** Resolves true when the project answers `done` for this notice. */
@@ -41,6 +55,8 @@ export interface StopDeps {
    * of many stops in turn do not each wait for the thread pool; null: use the adapter.
    */
   readPids?: () => number[] | null;
+  /** kill(2) by default; a test records the signals instead. */
+  sendSignal?: SendSignal;
   log: Logger;
   now?: () => number;
 }
@@ -100,7 +116,13 @@ export async function stopProject(
   // 2. The stop signal to every process in the group as the kernel lists it now.
   const graceMs = Math.min(spec.gracePeriodMs, left());
   phases.signalled = at();
-  const signalled = await signalGroup(deps.adapter, group, spec.signal, deps.readPids);
+  const signalled = await signalGroup(
+    deps.adapter,
+    group,
+    spec.signal,
+    deps.readPids,
+    deps.sendSignal,
+  );
   deps.onSignalled?.();
   faultPoint('mid-stop');
   log.info({ signal: spec.signal, pids: signalled, graceMs }, 'stop signal sent');
@@ -157,16 +179,17 @@ export async function stopProject(
 
 /** Sends `signal` to each pid in the group's cgroup.procs now; returns how many got it. */
 export async function signalGroup(
-  adapter: CgroupAdapter,
+  adapter: Pick<StopCgroup, 'pids'>,
   group: string,
   signal: string,
   readPids?: () => number[] | null,
+  send: SendSignal = sendSignalReal,
 ): Promise<number> {
   let n = 0;
   const now = readPids?.() ?? (await adapter.pids(group));
   for (const pid of now) {
     try {
-      process.kill(pid, signal as NodeJS.Signals);
+      send(pid, signal as NodeJS.Signals);
       n++;
     } catch (err) {
       // ESRCH: it exited after cgroup.procs was read: nothing left to signal.

@@ -13,6 +13,7 @@ import { NestError, type Problem } from '../common/errors';
 import { RpcServer, type RpcContext } from '../common/rpc';
 import { parseCpus, parseDuration, parseSize } from '../common/units';
 import type { Resources } from '../broker/types';
+import { MAX_DEADLINE_AHEAD_MS } from '../protocol/schemas';
 import type { HostBroker, HostNoticeRecord, HostProgress } from './host-broker';
 import type { Watcher } from './watcher';
 
@@ -48,11 +49,16 @@ function args(a: Record<string, unknown>) {
   const deadline = (): number => {
     if (a.deadline === undefined) return DEFAULT_DEADLINE_MS;
     const r = parseDuration(a.deadline);
-    if (!r.ok || r.value < 100) {
+    if (!r.ok || r.value < 100 || r.value > MAX_DEADLINE_AHEAD_MS) {
       problems.push({
         field: 'deadline',
         value: a.deadline,
-        message: r.ok ? 'deadline must be at least 100ms' : `deadline ${r.message}`,
+        message: !r.ok
+          ? `deadline ${r.message}`
+          : r.value < 100
+            ? 'deadline must be at least 100ms'
+            : // A guest refuses a notice whose deadline is further (docs/protocol.md, "Deadlines").
+              `deadline must be at most ${MAX_DEADLINE_AHEAD_MS / 3_600_000}h`,
       });
       return 0;
     }

@@ -9,7 +9,13 @@ import { EventEmitter } from 'node:events';
 import type { Notice, Outcome } from '../broker/types';
 import { NestError } from '../common/errors';
 import type { Logger } from '../common/log';
-import { newMessageId, PROTOCOL_VERSION, type Hello, type Message } from '../protocol/messages';
+import {
+  CAPABILITIES,
+  newMessageId,
+  PROTOCOL_VERSION,
+  type Hello,
+  type Message,
+} from '../protocol/messages';
 import { parseMessage } from '../protocol/schemas';
 import { OutcomeAssembler } from '../protocol/outcome-parts';
 import { creditedByOutcome } from './books';
@@ -200,9 +206,15 @@ export abstract class GuestConnections extends EventEmitter {
       version: PROTOCOL_VERSION,
       guest: g.name,
       heartbeatMs: this.deps.config.heartbeat.intervalMs,
+      // We assemble outcome parts (docs/protocol.md, "Versions and capabilities").
+      capabilities: [...CAPABILITIES],
     });
     log.info(
-      { lastSeq: hello.lastSeq, projects: hello.inventory.projects.length },
+      {
+        lastSeq: hello.lastSeq,
+        projects: hello.inventory.projects.length,
+        capabilities: hello.capabilities ?? [],
+      },
       'guest said hello',
     );
     this.emit('hello', g.name);

@@ -1,9 +1,11 @@
 /**
- * Messages on the host↔guest channel (and between a guest and a nested agent).
- * Newline-delimited JSON, one message a line, ≤ 64 KiB (framing.ts). Every message
- * has a `type` and a message `id`; replies name the message they answer in `replyTo`.
- * The zod schemas that validate these at the boundary are in schemas.ts and must stay
- * in step with these types (a test checks it).
+ * Messages on the host↔guest channel (and between a guest and a nested agent), specified
+ * in docs/protocol.md. Newline-delimited JSON, one message a line, ≤ 64 KiB (framing.ts).
+ * Every message has a `type` and a message `id`; replies name the message they answer in
+ * `replyTo`.
+ *
+ * The types here are `z.infer` of the zod schemas in schemas.ts, which validate every
+ * message at the boundary: one source, so a field cannot be added to one and not the other.
  *
  * Flow: hello → welcome; notice|restore → ack → progress* → outcome-part* → outcome;
  * cancel → ack;
@@ -11,139 +13,57 @@
  * Only resource targets cross the channel: nothing in a message is ever executed.
  */
 import { randomUUID } from 'node:crypto';
-import type { Notice, Outcome, ProjectAction, ExitKind, ProjectOutcome } from '../broker/types';
+import type { z } from 'zod';
+import type * as S from './schemas';
 
+/**
+ * The protocol version (docs/protocol.md, "Versions and capabilities"). It changes only for
+ * a change an older peer cannot follow; optional features are capabilities instead.
+ */
 export const PROTOCOL_VERSION = 1;
 export const MAX_LINE_BYTES = 64 * 1024;
 /** A 0xFF byte discards any partial line (qemu-guest-agent's guest-sync-delimited). */
 export const RESYNC_BYTE = 0xff;
 
-export interface InventoryProject {
-  name: string;
-  priority: number;
-  state: 'running' | 'stopped' | 'starting' | 'stopping' | 'failed';
-}
+/**
+ * The receiver assembles `outcome-part` messages (outcome-parts.ts): a sender splits an
+ * outcome over the line cap into parts only for a peer that listed this.
+ */
+export const CAP_OUTCOME_PARTS = 'outcome-parts';
+/** What this implementation lists in its `hello` (guest) and `welcome` (host). */
+export const CAPABILITIES: readonly string[] = Object.freeze([CAP_OUTCOME_PARTS]);
 
-export interface Hello {
-  type: 'hello';
-  id: string;
-  version: number;
-  guest: string;
-  inventory: { cpus: number; memoryBytes: number; projects: InventoryProject[] };
-  /** Highest notice seq this guest has applied (from its journal), or 0. */
-  lastSeq: number;
-}
-
-export interface Welcome {
-  type: 'welcome';
-  id: string;
-  replyTo: string;
-  version: number;
-  guest: string;
-  heartbeatMs: number;
-}
-
-export interface NoticeMsg {
-  type: 'notice';
-  id: string;
-  notice: Notice; // kind 'reclaim'
-}
-
-export interface RestoreMsg {
-  type: 'restore';
-  id: string;
-  notice: Notice; // kind 'restore'
-}
-
-export interface Ack {
-  type: 'ack';
-  id: string;
-  replyTo: string;
-  noticeId: string;
-  /** accepted: new; duplicate: already known (the outcome follows from the journal); rejected: see error. */
-  state: 'accepted' | 'duplicate' | 'rejected' | 'cancelled' | 'not-cancellable';
-  error?: { code: string; message: string };
-}
-
-export interface Progress {
-  type: 'progress';
-  id: string;
-  noticeId: string;
-  project: string;
-  phase: 'notified' | 'shrunk' | 'stopping' | 'stopped' | 'started' | 'grown';
-  action: ProjectAction;
-  exit?: ExitKind | null;
-  ms: number;
-}
-
-export interface OutcomeMsg {
-  type: 'outcome';
-  id: string;
-  /**
-   * With `parts`, `outcome.projects` is empty: the per-project results came just before,
-   * in `parts` outcome-part messages (outcome-parts.ts), and the receiver assembles them.
-   * Without it (an outcome that fits one line, or an older peer) the outcome is whole.
-   */
-  outcome: Outcome;
-  parts?: number;
-}
-
+export type InventoryProject = z.infer<typeof S.InventoryProjectSchema>;
+export type Hello = z.infer<typeof S.HelloSchema>;
+export type Welcome = z.infer<typeof S.WelcomeSchema>;
+/** A `notice` message carries a notice of kind 'reclaim'. */
+export type NoticeMsg = z.infer<typeof S.NoticeMsgSchema>;
+/** A `restore` message carries a notice of kind 'restore'. */
+export type RestoreMsg = z.infer<typeof S.RestoreMsgSchema>;
+/**
+ * accepted: new; duplicate: already known (the outcome follows from the journal);
+ * rejected: see error; cancelled / not-cancellable: the answer to a cancel.
+ */
+export type Ack = z.infer<typeof S.AckSchema>;
+export type Progress = z.infer<typeof S.ProgressSchema>;
+/**
+ * With `parts`, `outcome.projects` is empty: the per-project results came just before,
+ * in `parts` outcome-part messages (outcome-parts.ts), and the receiver assembles them.
+ * Without it (an outcome that fits one line, or a peer without `outcome-parts`) the
+ * outcome is whole.
+ */
+export type OutcomeMsg = z.infer<typeof S.OutcomeMsgSchema>;
 /**
  * One chunk of an outcome's per-project results, for an outcome too large for one line
  * (≈ 340 bytes a project: more than ~190 projects overflow MAX_LINE_BYTES). Parts
  * 0 … count-1 precede the `outcome` message that names `parts: count`.
  */
-export interface OutcomePart {
-  type: 'outcome-part';
-  id: string;
-  noticeId: string;
-  index: number;
-  count: number;
-  projects: ProjectOutcome[];
-}
-
-export interface Cancel {
-  type: 'cancel';
-  id: string;
-  noticeId: string;
-}
-
-export interface Ping {
-  type: 'ping';
-  id: string;
-  t: number;
-}
-
-export interface Pong {
-  type: 'pong';
-  id: string;
-  replyTo: string;
-  t: number;
-}
-
-export interface ErrorMsg {
-  type: 'error';
-  id: string;
-  replyTo?: string;
-  code: string;
-  message: string;
-  problems?: { field: string; message: string }[];
-}
-
-export type Message =
-  | Hello
-  | Welcome
-  | NoticeMsg
-  | RestoreMsg
-  | Ack
-  | Progress
-  | OutcomeMsg
-  | OutcomePart
-  | Cancel
-  | Ping
-  | Pong
-  | ErrorMsg;
-
+export type OutcomePart = z.infer<typeof S.OutcomePartSchema>;
+export type Cancel = z.infer<typeof S.CancelSchema>;
+export type Ping = z.infer<typeof S.PingSchema>;
+export type Pong = z.infer<typeof S.PongSchema>;
+export type ErrorMsg = z.infer<typeof S.ErrorMsgSchema>;
+export type Message = z.infer<typeof S.MessageSchema>;
 export type MessageType = Message['type'];
 
 /** A fresh message id (a UUID fits the id pattern of schemas.ts). */

@@ -9,6 +9,13 @@
  * rebuilds the whole outcome when the summary comes; a summary whose parts did not all
  * arrive (a reconnect in between, a rate limit) is refused, and the sender's usual resend
  * (the whole sequence again, from its journal) completes it later.
+ *
+ * Parts go only to a peer that listed the `outcome-parts` capability (docs/protocol.md,
+ * "Versions and capabilities"). A peer without it gets one `outcome` line whatever the
+ * size: when the whole would pass the cap, its `projects` are cut to what fits (those
+ * acted on first), the rest of the outcome (status, freed, times) unchanged. That peer
+ * would otherwise reject the parts and never hear the outcome at all; the full per-project
+ * results stay in the guest's journal (`nestctl --guest notices`).
  */
 import type { Outcome, ProjectOutcome } from '../broker/types';
 import { MAX_LINE_BYTES, newMessageId, type OutcomeMsg, type OutcomePart } from './messages';
@@ -17,13 +24,21 @@ import { MAX_OUTCOME_PARTS, MAX_PROJECTS } from './schemas';
 /** Room kept in a part's line for everything but the projects (type, ids, index, count). */
 const PART_OVERHEAD = 512;
 
-/** The messages that carry one outcome, in sending order; every one fits `maxLineBytes`. */
+export interface OutcomeSendOptions {
+  /** The receiver assembles parts (it listed `outcome-parts`). Default true. */
+  parts?: boolean;
+  maxLineBytes?: number;
+}
+
+/** The messages that carry one outcome, in sending order; every one fits the line cap. */
 export function outcomeMessages(
   outcome: Outcome,
-  maxLineBytes: number = MAX_LINE_BYTES,
+  opts: OutcomeSendOptions = {},
 ): (OutcomeMsg | OutcomePart)[] {
+  const maxLineBytes = opts.maxLineBytes ?? MAX_LINE_BYTES;
   const whole: OutcomeMsg = { type: 'outcome', id: newMessageId(), outcome };
   if (Buffer.byteLength(JSON.stringify(whole)) + 1 <= maxLineBytes) return [whole];
+  if (opts.parts === false) return [cutToFit(whole, maxLineBytes)];
 
   const budget = maxLineBytes - PART_OVERHEAD;
   const chunks: ProjectOutcome[][] = [];
@@ -56,6 +71,27 @@ export function outcomeMessages(
     parts: count,
   });
   return out;
+}
+
+/**
+ * One `outcome` line within the cap for a peer without parts: the projects acted on
+ * (anything but `unchanged`, or with an error) first, in their order, then the others,
+ * as many as fit.
+ */
+function cutToFit(whole: OutcomeMsg, maxLineBytes: number): OutcomeMsg {
+  const all = whole.outcome.projects;
+  const acted = (p: ProjectOutcome): boolean => p.action !== 'unchanged' || p.error !== undefined;
+  const order = [...all.filter(acted), ...all.filter((p) => !acted(p))];
+  const empty = { ...whole, outcome: { ...whole.outcome, projects: [] } };
+  let size = Buffer.byteLength(JSON.stringify(empty)) + 1;
+  const kept = new Set<ProjectOutcome>();
+  for (const p of order) {
+    const n = Buffer.byteLength(JSON.stringify(p)) + 1; // + the comma
+    if (size + n > maxLineBytes) break;
+    kept.add(p);
+    size += n;
+  }
+  return { ...whole, outcome: { ...whole.outcome, projects: all.filter((p) => kept.has(p)) } };
 }
 
 export type Assembled =

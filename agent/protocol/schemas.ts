@@ -8,12 +8,13 @@
  * every string and array bounded. Nesting depth and total size are bounded by the 64 KiB
  * line cap before JSON.parse ever runs (framing.ts).
  *
- * test/unit/protocol/schemas-types.test.ts keeps `z.infer` of these and the hand-written
- * types equal, checked by tsc.
+ * These schemas are the one source of the protocol: the TypeScript types of messages.ts
+ * and broker/types.ts are `z.infer` of them, and the JSON Schemas of docs/schemas/ are
+ * generated from them (`make schemas`; test/unit/protocol/json-schemas.test.ts checks that
+ * the published ones are in step). The `.describe()` texts become their descriptions.
  */
 import { z } from 'zod';
 import type { ErrorCode } from '../common/errors';
-import type { ErrorMsg, Message } from './messages';
 
 export const ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$/;
 export const MAX_PROJECTS = 10_000;
@@ -22,6 +23,16 @@ export const MAX_REASON = 1024;
 export const MAX_ERROR_MESSAGE = 4096;
 /** Problems listed in one error reply (the rest are counted in its message). */
 export const MAX_PROBLEMS = 20;
+/**
+ * The latest a notice's deadline may be after it arrives (docs/protocol.md, "Deadlines").
+ * Node's timers fire AT ONCE for a delay over 2³¹−1 ms (24.8 days): a deadline weeks
+ * ahead made every step of a notice time out in its first millisecond. A day is far more
+ * than any reclaim needs, and well inside what a timer can wait.
+ */
+export const MAX_DEADLINE_AHEAD_MS = 24 * 60 * 60 * 1000;
+/** A capability name (docs/protocol.md, "Versions and capabilities"). */
+export const CAPABILITY_PATTERN = /^[a-z][a-z0-9-]{0,63}$/;
+export const MAX_CAPABILITIES = 32;
 
 const id = z.string().regex(ID_PATTERN, 'must be 1–128 of [A-Za-z0-9_.:-], starting alphanumeric');
 const name = id;
@@ -105,7 +116,22 @@ export const InventoryProjectSchema = z
   })
   .strict();
 
-const version = z.number().int().min(1).max(1_000_000);
+const version = z
+  .number()
+  .int()
+  .min(1)
+  .max(1_000_000)
+  .describe('the protocol version the sender speaks; both peers must speak the same');
+/**
+ * Optional features the sender implements (docs/protocol.md, "Versions and capabilities").
+ * Absent means none. A name the receiver does not know is ignored, never an error, so a
+ * newer peer can list features an older one has never heard of.
+ */
+const capabilities = z
+  .array(z.string().regex(CAPABILITY_PATTERN, 'must be 1–64 of [a-z0-9-], starting a-z'))
+  .max(MAX_CAPABILITIES)
+  .describe('optional features the sender implements; unknown names are ignored')
+  .optional();
 
 export const HelloSchema = z
   .object({
@@ -120,9 +146,11 @@ export const HelloSchema = z
         projects: z.array(InventoryProjectSchema).max(MAX_PROJECTS),
       })
       .strict(),
-    lastSeq: seq,
+    lastSeq: seq.describe('highest notice seq this guest has accepted (from its journal), or 0'),
+    capabilities,
   })
-  .strict();
+  .strict()
+  .describe('guest → host, first message of every connection');
 
 export const WelcomeSchema = z
   .object({
@@ -131,9 +159,16 @@ export const WelcomeSchema = z
     replyTo: id,
     version,
     guest: name,
-    heartbeatMs: z.number().int().nonnegative().max(86_400_000),
+    heartbeatMs: z
+      .number()
+      .int()
+      .nonnegative()
+      .max(86_400_000)
+      .describe('how often the host pings (0: never)'),
+    capabilities,
   })
-  .strict();
+  .strict()
+  .describe('host → guest, the answer to hello');
 
 export const NoticeMsgSchema = z
   .object({ type: z.literal('notice'), id, notice: NoticeSchema })
@@ -251,6 +286,9 @@ export const MessageSchema = z
     }
   });
 
+type Message = z.infer<typeof MessageSchema>;
+type ErrorMsg = z.infer<typeof ErrorMsgSchema>;
+
 export const MESSAGE_TYPES = MessageSchema.innerType().options.map(
   (o) => o.shape.type.value,
 ) as Message['type'][];
@@ -284,7 +322,7 @@ export function parseMessage(line: string): ParseResult {
   }
   const replyTo = usableId(raw);
   const parsed = MessageSchema.safeParse(raw);
-  if (parsed.success) return { ok: true, msg: parsed.data as Message };
+  if (parsed.success) return { ok: true, msg: parsed.data };
   const problems = parsed.error.issues.map((issue) => describeIssue(issue, raw));
   const type = typeOf(raw);
   const shown = problems.slice(0, MAX_PROBLEMS);

@@ -183,6 +183,32 @@ test('stale, foreign and unfit notices are rejected with the reason, and nothing
   expect(broker.calls.map((c) => c.id)).toEqual(['n5']);
 });
 
+test('a deadline more than a day away is refused: a timer that long fires at once (docs/protocol.md, "Deadlines")', async () => {
+  // 2099: Node's setTimeout caps at 2^31-1 ms (24.8 days) and fires in 1 ms beyond it;
+  // such a notice once had every step "time out" in its first millisecond.
+  host.send({
+    type: 'notice',
+    id: 'm1',
+    notice: notice('n1', 1, { deadline: '2099-01-01T00:00:00.000Z' }),
+  });
+  expect(await next('ack')).toMatchObject({
+    state: 'rejected',
+    error: {
+      code: 'NOTICE_REJECTED',
+      message: expect.stringMatching(/deadline: more than 24 h away/),
+    },
+  });
+  // 23 hours ahead is fine; the refused one did not move lastSeq.
+  host.send({
+    type: 'notice',
+    id: 'm2',
+    notice: notice('n2', 1, { deadline: new Date(Date.now() + 23 * 3_600_000).toISOString() }),
+  });
+  expect(await next('ack')).toMatchObject({ state: 'accepted' });
+  await next('outcome');
+  expect(broker.calls.map((c) => c.id)).toEqual(['n2']);
+});
+
 test('a journal that cannot be written: rejected with JOURNAL_WRITE, nothing done', async () => {
   // The notices directory replaced by a file: every record write fails (even as root).
   await fsp.rm(path.join(dir, 'state/notices'), { recursive: true });

@@ -238,6 +238,12 @@ describe('a live guest agent', () => {
         actions: { batch: 'started', web: 'unchanged' },
       },
     });
+    // `started` is reported once the project's process is started in its group; it writes
+    // its start line once its program has loaded: waited for, not assumed.
+    await waitFor(
+      'batch to write its third start line',
+      () => g.env.markerLines('batch').filter((l) => l.startsWith('start ')).length >= 3,
+    );
     expect(g.env.markerLines('batch').filter((l) => l.startsWith('start '))).toHaveLength(3);
   });
 });

@@ -124,7 +124,7 @@ export function triggerText(t: TriggerView | null): string[] {
   ];
   if (!t.enabled) return out;
   out.push(
-    `  breach:     ${t.breachSince ? `since ${fmtTime(t.breachSince)} (${formatMs(t.breachForMs ?? 0)}, ${fmtDuration(th.forMs)} required)` : 'none now'}`,
+    `  breach:     ${t.breachSince ? `since ${fmtTime(t.breachSince)} (for ${formatMs(t.breachForMs ?? 0)}; ${formatMs(t.breachCountedMs ?? 0)} of the ${fmtDuration(th.forMs)} a step needs counted since the last fire)` : 'none now'}`,
   );
   out.push(
     `  last fire:  ${t.lastFire ? `${fmtTime(t.lastFire.at)} (${formatMs(t.lastFire.agoMs)} ago): ${res(t.lastFire.change)} from ${t.lastFire.guest}; ${t.lastFire.reason}` : 'never'}` +

@@ -17,6 +17,7 @@ import type { Resources } from '../broker/types';
 import type { HostConfig } from './config';
 import type { HostBroker } from './host-broker';
 import {
+  breaches,
   evaluateGiveBack,
   evaluateTrigger,
   INITIAL_GIVE_BACK_STATE,
@@ -45,6 +46,8 @@ export interface TriggerView {
   /** When the current breach started (null: none now), and how long it has lasted. */
   breachSince: string | null;
   breachForMs: number | null;
+  /** How much of it counts toward the next step (the count starts again at each fire). */
+  breachCountedMs: number | null;
   lastFire: { at: string; agoMs: number; guest: string; change: Resources; reason: string } | null;
   cooldownLeftMs: number;
   /** The last tick's decision, and when it was made. */
@@ -129,6 +132,12 @@ export interface WatcherOptions {
 export class Watcher {
   private state: TriggerState = INITIAL_TRIGGER_STATE;
   private giveBackState: GiveBackState = INITIAL_GIVE_BACK_STATE;
+  /**
+   * Since when the host has been past a threshold without a break, on the loop's clock: the
+   * breach as the operator sees it. The policy's own breachSince starts again at each fire
+   * (each step needs a full `for`), so it cannot say this.
+   */
+  private pressureSince: number | null = null;
   private lastGiveBack: { at: number; guest: string; change: Resources; reason: string } | null =
     null;
   private sample: WatchSample | null = null;
@@ -198,7 +207,8 @@ export class Watcher {
     const now = this.clock.now();
     const wall = (at: number | null): string | null =>
       at === null ? null : new Date(Date.now() - (now - at)).toISOString();
-    const since = this.state.breachSince;
+    const since = this.pressureSince;
+    const counted = this.state.breachSince;
     return {
       enabled: t.enabled,
       thresholds: {
@@ -212,6 +222,7 @@ export class Watcher {
       },
       breachSince: wall(since),
       breachForMs: since === null ? null : now - since,
+      breachCountedMs: counted === null ? null : now - counted,
       lastFire: this.lastFire
         ? {
             at: wall(this.lastFire.at)!,
@@ -344,6 +355,8 @@ export class Watcher {
       };
     });
     const before = this.state;
+    const crossed = breaches(this.cfg.trigger, host).length > 0;
+    this.pressureSince = crossed ? (this.pressureSince ?? now) : null;
     const r = evaluateTrigger(this.cfg.trigger, this.state, host, candidates);
     this.state = r.state;
     this.skippedUnreachable += r.decision.skippedUnreachable?.length ?? 0;

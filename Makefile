@@ -146,7 +146,8 @@ install:
 	install -m 0644 systemd/$(UDEV_RULE) $(DESTDIR)$(UDEVRULESDIR)/$(UDEV_RULE)
 	for f in guest host; do \
 	  if [ -f examples/$$f.yaml ]; then install -m 0644 examples/$$f.yaml $(DESTDIR)$(CONFDIR)/$$f.yaml.example; fi; done
-	if [ -f docs/install.md ]; then install -m 0644 docs/install.md $(DESTDIR)$(DOCDIR)/install.md; fi
+	for d in install errors; do \
+	  if [ -f docs/$$d.md ]; then install -m 0644 docs/$$d.md $(DESTDIR)$(DOCDIR)/$$d.md; fi; done
 	@# Man pages and completion, when `make man` made them.
 	for m in dist/man/*.[0-9]; do [ -f "$$m" ] || continue; \
 	  install -D -m 0644 "$$m" $(DESTDIR)$(MANDIR)/man$${m##*.}/$${m##*/}; done

@@ -2,6 +2,7 @@
  * Coded errors of the cgroup layer. Callers branch on `code` (and `errno`), never on the
  * message text (CONTRIBUTING.md). The message still carries the file, the data written and
  * the errno, because "having data in the error message helps in debugging" (runc).
+ * docs/errors.md "CgroupError codes" has a row for each code (a test keeps them in step).
  */
 
 export const CgroupErrorCodes = {
@@ -37,8 +38,15 @@ export interface CgroupErrorOptions {
   problems?: Problem[];
 }
 
+/**
+ * One problem found in an input, for every layer of nestbroker: a config file, an operator
+ * argument, a protocol message, a limit value. agent/common/errors.ts re-exports this type
+ * rather than declaring its own (this module depends on nothing of agent/).
+ */
 export interface Problem {
+  /** Path of the field, e.g. `projects[1].memory.max`, `--memory`, `memory.max`. */
   field: string;
+  /** What was received (left out of protocol replies, which carry field and message only). */
   value: unknown;
   message: string;
 }

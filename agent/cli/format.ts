@@ -4,6 +4,7 @@
  * `nestctl --help`). Host commands (agent/cli/host-commands.ts) use the same helpers.
  */
 import { isNestError, NestError, type Problem } from '../common/errors';
+import { isCgroupError } from '../../cgroup-adapter/errors';
 import { formatBytes, formatMs, parseCpus, parseDuration, parseSize } from '../common/units';
 import type { Outcome, ProjectLimits } from '../broker/types';
 
@@ -29,7 +30,10 @@ export function exitForOutcome(o: Pick<Outcome, 'status'>): number {
   return o.status === 'complete' ? EXIT.OK : o.status === 'partial' ? EXIT.PARTIAL : EXIT.FAILED;
 }
 
+/** The exit code for an error (docs/errors.md lists it for every code). */
 export function exitForError(err: unknown): number {
+  // A CgroupError (the daemon's cgroup layer or the kernel refused) is a failure of the
+  // daemon, not of the caller's input: exit 1 with its own code printed.
   if (!isNestError(err)) return EXIT.ERROR;
   switch (err.code) {
     case 'INPUT_INVALID':
@@ -54,7 +58,8 @@ export function exitForError(err: unknown): number {
  * and then one line each.
  */
 export function formatError(err: unknown): string {
-  if (!isNestError(err)) return `error: ${err instanceof Error ? err.message : String(err)}`;
+  if (!isNestError(err) && !isCgroupError(err))
+    return `error: ${err instanceof Error ? err.message : String(err)}`;
   const problems = err.problems as Problem[];
   if (problems.length === 1)
     return `error (${err.code}): ${problems[0].field}: ${problems[0].message}`;
@@ -73,6 +78,14 @@ export function jsonError(err: unknown): string {
       code: e.code ?? 'INTERNAL',
       message: e.message ?? String(err),
       problems: e.problems ?? [],
+      // A CgroupError says so, with the errno and the file (docs/errors.md).
+      ...(isCgroupError(err)
+        ? {
+            catalog: 'cgroup',
+            ...(err.errno !== undefined ? { errno: err.errno } : {}),
+            ...(err.file !== undefined ? { file: err.file } : {}),
+          }
+        : {}),
     },
   });
 }

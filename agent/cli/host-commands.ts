@@ -5,6 +5,7 @@
  */
 import type { Argv } from 'yargs';
 import { rpcCall } from '../common/rpc';
+import { isNestError, type Problem } from '../common/errors';
 import { formatMs, parseDuration } from '../common/units';
 import type { NoticeView } from '../host/api';
 import type { TriggerView } from '../host/watcher';
@@ -52,13 +53,15 @@ interface G {
 
 const sock = (a: G): string => a.socket ?? DEFAULT_HOST_SOCKET;
 
+/** The exit code of a host command that failed with `err` (docs/errors.md lists each). */
+export function exitForHostError(err: unknown): number {
+  if (isNestError(err, 'GUEST_UNKNOWN')) return EXIT.USAGE;
+  if (isNestError(err, 'GUEST_LATE')) return HOST_EXIT.LATE;
+  return exitForError(err);
+}
+
 function run(a: G, io: Io, fn: () => Promise<number>): Promise<void> {
-  return runCommand(a, io, fn, (err) => {
-    const code = (err as { code?: string }).code;
-    if (code === 'GUEST_UNKNOWN') return EXIT.USAGE;
-    if (code === 'GUEST_LATE') return HOST_EXIT.LATE;
-    return exitForError(err);
-  });
+  return runCommand(a, io, fn, exitForHostError);
 }
 
 export function exitForNotice(n: NoticeView): number {
@@ -388,7 +391,7 @@ export function registerHostCommands(y: Argv, io: Io = stdio): Argv {
               granted: { memoryBytes: number; cpus: number };
               floor: { memoryBytes: number; cpus: number };
             };
-            problems: { field: string; message: string }[];
+            problems: Problem[];
             inventory: { projects: { name: string; priority: number; state: string }[] } | null;
             note: string;
           };

@@ -4,6 +4,8 @@
  *
  *   nestbroker guest --config /etc/nestbroker/guest.yaml   the guest agent (in a KVM guest)
  *   nestbroker host  --config /etc/nestbroker/host.yaml    the host broker (on the KVM host)
+ *   nestbroker guest|host --check [--config FILE]        validate the config and exit
+ *                                    (0 valid, 2 invalid: agent/cli/check.ts)
  *   nestbroker wait-ready guest|host --config FILE [--pid PID] [--timeout 90s]
  *                                    until that daemon is ready (the units' ExecStartPost=)
  */
@@ -14,7 +16,8 @@ import { GUEST_DEFAULTS, loadGuestConfig } from '../guest/config';
 import { isNestError } from '../common/errors';
 import { parseDuration } from '../common/units';
 import { waitReady } from './wait-ready';
-import { LOG_FORMATS } from '../common/log';
+import { runCheck } from './check';
+import { createLogger, LOG_FORMATS } from '../common/log';
 
 /** The operator socket named by a daemon's config (the same file its unit starts it with). */
 async function socketOf(daemon: 'guest' | 'host', config: string | undefined): Promise<string> {
@@ -64,6 +67,9 @@ async function runHostEntry(argv: string[]): Promise<number> {
   return (await mod.runHost(own)) ?? 0;
 }
 
+const CHECK_HELP =
+  'validate the config, print every problem (exit 2) or a summary (exit 0); start nothing';
+
 export async function main(argv: string[]): Promise<number> {
   let code = 0;
   await yargs(argv)
@@ -79,24 +85,30 @@ export async function main(argv: string[]): Promise<number> {
       'guest',
       "run the guest agent: client of the host broker, broker of this guest's projects",
       (y) =>
-        y.option('config', {
-          type: 'string',
-          describe: 'config file (default /etc/nestbroker/guest.yaml)',
-        }),
+        y
+          .option('config', {
+            alias: 'c',
+            type: 'string',
+            describe: 'config file (default /etc/nestbroker/guest.yaml)',
+          })
+          .option('check', { type: 'boolean', describe: CHECK_HELP }),
       async (a) => {
-        code = await runGuest({ config: a.config });
+        code = a.check ? await runCheck('guest', a.config) : await runGuest({ config: a.config });
       },
     )
     .command(
       'host',
       'run the host broker',
       (y) =>
-        y.option('config', {
-          type: 'string',
-          describe: 'config file (default /etc/nestbroker/host.yaml)',
-        }),
-      async () => {
-        code = await runHostEntry(argv);
+        y
+          .option('config', {
+            alias: 'c',
+            type: 'string',
+            describe: 'config file (default /etc/nestbroker/host.yaml)',
+          })
+          .option('check', { type: 'boolean', describe: CHECK_HELP }),
+      async (a) => {
+        code = a.check ? await runCheck('host', a.config) : await runHostEntry(argv);
       },
     )
     .command(
@@ -126,7 +138,15 @@ if (require.main === module) {
   main(hideBin(process.argv)).then(
     (code) => process.exit(code),
     (err: unknown) => {
-      process.stderr.write(`nestbroker: ${err instanceof Error ? err.stack : String(err)}\n`);
+      // One line with the code on stderr, never a stack trace (a start-up failure is for
+      // an operator to read; docs/errors.md says what each code means). The whole error,
+      // stack and all, goes to the log (the journal under systemd) for a bug report.
+      createLogger('nestbroker').fatal({ err }, 'nestbroker failed');
+      const code = (err as { code?: unknown }).code;
+      const message = err instanceof Error ? err.message : String(err);
+      process.stderr.write(
+        `nestbroker: (${typeof code === 'string' ? code : 'INTERNAL'}) ${message.split('\n').join(' ')}\n`,
+      );
       process.exit(1);
     },
   );

@@ -1,7 +1,11 @@
 /**
  * The error catalog: every error nestbroker raises carries a stable code, and callers
  * branch on the code, never on the message (CONTRIBUTING.md, fastify's FST_ERR_*).
+ * docs/errors.md has a row for each code (meaning, nestctl's exit, what an operator does);
+ * test/unit/repo/errors-doc.test.ts keeps the two in step both ways.
  */
+import type { Problem } from '../../cgroup-adapter/errors';
+
 export const ErrorCodes = {
   CONFIG_INVALID: 'config file failed validation',
   CONFIG_UNREADABLE: 'config file could not be read',
@@ -36,12 +40,11 @@ export const ErrorCodes = {
 
 export type ErrorCode = keyof typeof ErrorCodes;
 
-export interface Problem {
-  /** Dotted path of the field, e.g. `projects[1].memory.max`. */
-  field: string;
-  value: unknown;
-  message: string;
-}
+/**
+ * One problem found in an input: one type for every layer. It lives in the lowest one,
+ * the cgroup adapter (which depends on nothing of agent/), and is the same type here.
+ */
+export type { Problem } from '../../cgroup-adapter/errors';
 
 export class NestError extends Error {
   readonly code: ErrorCode;

@@ -6,10 +6,14 @@
  *   request   {"id": "...", "cmd": "reclaim", "args": {...}}
  *   replies   {"id": "...", "progress": {...}}*            (streamed while the handler works)
  *             {"id": "...", "result": ...}                  (exactly one of these two ends it)
- *             {"id": "...", "error": {"code", "message", "problems"?}}
+ *             {"id": "...", "error": {"code", "message", "problems"?, "catalog"?, "errno"?, "file"?}}
  *
  * Several requests may be in flight on one connection; replies carry the request's id.
  * A request that cannot be parsed at all is answered with `"id": null`.
+ *
+ * An error's `code` is one of the catalog in docs/errors.md: a NestError's code, or, with
+ * `"catalog": "cgroup"`, a CgroupError's (with the `errno` and `file` it carried), so a
+ * kernel refusal reaches the operator as itself (EBUSY, ENOENT...), not as INTERNAL.
  */
 import { promises as fsp } from 'node:fs';
 import net from 'node:net';
@@ -17,6 +21,7 @@ import path from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { z } from 'zod';
 import { ErrorCodes, NestError, type ErrorCode, type Problem } from './errors';
+import { CgroupError, CgroupErrorCodes, type CgroupErrorCode } from '../../cgroup-adapter/errors';
 import { LineDecoder, encode } from '../protocol/framing';
 import { MAX_LINE_BYTES } from '../protocol/messages';
 import type { Logger } from './log';
@@ -54,6 +59,11 @@ export interface RpcErrorBody {
   code: string;
   message: string;
   problems?: Problem[];
+  /** `cgroup`: `code` is a CgroupError's (docs/errors.md "CgroupError codes"). */
+  catalog?: 'cgroup';
+  /** A CgroupError's errno (`EBUSY`...) and the cgroup file involved. */
+  errno?: string;
+  file?: string;
 }
 
 const RequestSchema = z
@@ -265,6 +275,11 @@ export class RpcServer {
           done = true;
           if (err instanceof NestError) {
             send({ id, error: errorBody(err) });
+          } else if (err instanceof CgroupError) {
+            // The kernel or the cgroup layer refused: the operator sees that code; the log
+            // keeps the whole error (file, data written, errno, cause).
+            this.log?.error({ err, cmd }, 'operator command failed in the cgroup layer');
+            send({ id, error: cgroupErrorBody(err) });
           } else {
             this.log?.error({ err, cmd }, 'operator command failed unexpectedly');
             send({ id, error: { code: 'INTERNAL', message: errorMessage(err) } });
@@ -286,6 +301,14 @@ function idOfLine(line: string): unknown {
 function errorBody(err: NestError): RpcErrorBody {
   const body: RpcErrorBody = { code: err.code, message: err.message };
   if (err.problems.length > 0) body.problems = err.problems;
+  return body;
+}
+
+function cgroupErrorBody(err: CgroupError): RpcErrorBody {
+  const body: RpcErrorBody = { code: err.code, message: err.message, catalog: 'cgroup' };
+  if (err.problems.length > 0) body.problems = err.problems;
+  if (err.errno !== undefined) body.errno = err.errno;
+  if (err.file !== undefined) body.file = err.file;
   return body;
 }
 
@@ -327,7 +350,10 @@ export interface CallOptions {
   timeoutMs?: number;
 }
 
-/** One request, its progress lines, its result. Rejects with a NestError carrying the remote code. */
+/**
+ * One request, its progress lines, its result. Rejects with a NestError carrying the remote
+ * code, or the CgroupError the daemon's cgroup layer raised (`catalog: "cgroup"`).
+ */
 export function rpcCall(
   socketPath: string,
   cmd: string,
@@ -341,7 +367,7 @@ export function rpcCall(
     const decoder = new LineDecoder(RPC_MAX_REPLY_BYTES);
     let settled = false;
     let timer: NodeJS.Timeout | undefined;
-    const finish = (err: NestError | null, result?: unknown): void => {
+    const finish = (err: NestError | CgroupError | null, result?: unknown): void => {
       if (settled) return;
       settled = true;
       if (timer) clearTimeout(timer);
@@ -397,10 +423,17 @@ export function rpcCall(
   });
 }
 
-function remoteError(body: unknown): NestError {
+/** A reply's error as the error it was in the daemon: a NestError, or a CgroupError. */
+export function remoteError(body: unknown): NestError | CgroupError {
   const b = (body ?? {}) as Partial<RpcErrorBody>;
   const message = typeof b.message === 'string' ? b.message : 'remote error without a message';
   const problems = Array.isArray(b.problems) ? b.problems : [];
+  if (b.catalog === 'cgroup' && typeof b.code === 'string' && b.code in CgroupErrorCodes)
+    return new CgroupError(b.code as CgroupErrorCode, message, {
+      problems,
+      errno: typeof b.errno === 'string' ? b.errno : undefined,
+      file: typeof b.file === 'string' ? b.file : undefined,
+    });
   if (typeof b.code === 'string' && b.code in ErrorCodes) {
     return new NestError(b.code as ErrorCode, message, { problems });
   }

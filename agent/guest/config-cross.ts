@@ -15,7 +15,7 @@ import {
   rec,
   val,
 } from './config-values';
-import { fieldPath } from './config-problems';
+import { fieldPath } from '../common/config-check';
 import { GUEST_DEFAULTS } from './config-defaults';
 
 const D = GUEST_DEFAULTS;

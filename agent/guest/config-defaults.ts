@@ -41,8 +41,6 @@ export const GUEST_DEFAULTS = Object.freeze({
   }),
 });
 
-/** Config files larger than this are refused before parsing (a config is a few KiB). */
-export const MAX_CONFIG_BYTES = 1024 * 1024;
 /** sun_path is 108 bytes on Linux, one of them the terminating NUL. */
 export const MAX_SOCKET_PATH_BYTES = 107;
 /** The kernel's smallest cpu.max quota is 1000µs per 100000µs period. */

@@ -5,7 +5,8 @@
  */
 import { z } from 'zod';
 import type { Problem } from '../common/errors';
-import { parseCpus, parseDuration, parseSize, type ParseResult } from '../common/units';
+import { parseCpus, parseDuration, parseSize } from '../common/units';
+import { dflt, field, opt, schemaKeys } from '../common/config-check';
 import type { AdoptConfig, GuestConfig, ProjectConfig, UpstreamConfig } from './config-types';
 import { GUEST_DEFAULTS, PID_MAX_LIMIT } from './config-defaults';
 import {
@@ -36,31 +37,6 @@ import {
 // ---------------------------------------------------------------------------------------
 // The schema: shapes and single values
 // ---------------------------------------------------------------------------------------
-
-export function field<T>(check: (v: unknown) => ParseResult<T>) {
-  return z.unknown().transform((v, ctx): T => {
-    if (v === undefined) {
-      ctx.addIssue({ code: z.ZodIssueCode.custom, message: 'is required' });
-      return z.NEVER;
-    }
-    const r = check(v);
-    if (!r.ok) {
-      ctx.addIssue({ code: z.ZodIssueCode.custom, message: r.message });
-      return z.NEVER;
-    }
-    return r.value;
-  });
-}
-
-/** An optional field: absent stays absent. */
-function opt<T>(check: (v: unknown) => ParseResult<T>) {
-  return field(check).optional();
-}
-
-/** A field with a default (already normalised: it goes through the same check). */
-function dflt<T>(check: (v: unknown) => ParseResult<T>, value: T) {
-  return field(check).default(value as unknown);
-}
 
 export const argv = z.array(field(checkArg)).min(1, 'must have at least the program').max(1024);
 
@@ -221,15 +197,6 @@ export const guestSchema = z
   })
   .strict();
 
-export function unwrap(s: z.ZodTypeAny): z.ZodTypeAny {
-  for (;;) {
-    if (s instanceof z.ZodOptional || s instanceof z.ZodNullable) s = s.unwrap();
-    else if (s instanceof z.ZodDefault) s = s.removeDefault();
-    else if (s instanceof z.ZodEffects) s = s.innerType();
-    else return s;
-  }
-}
-
 type Parsed = z.output<typeof guestSchema>;
 
 export function normalise(p: Parsed, warnings: Problem[], source: string): GuestConfig {
@@ -306,28 +273,5 @@ export function normalise(p: Parsed, warnings: Problem[], source: string): Guest
  * has one row for each (a test keeps them in step).
  */
 export function configKeys(): string[] {
-  const out: string[] = [];
-  const walk = (s: z.ZodTypeAny, prefix: string): void => {
-    s = unwrap(s);
-    if (s instanceof z.ZodArray) {
-      const el = unwrap(s.element);
-      if (el instanceof z.ZodObject || el instanceof z.ZodDiscriminatedUnion)
-        walk(el, `${prefix}[]`);
-      return;
-    }
-    const shapes: Record<string, z.ZodTypeAny>[] =
-      s instanceof z.ZodObject
-        ? [s.shape]
-        : s instanceof z.ZodDiscriminatedUnion
-          ? [...s.optionsMap.values()].map((o) => o.shape)
-          : [];
-    for (const shape of shapes)
-      for (const [k, v] of Object.entries(shape)) {
-        const key = prefix === '' ? k : `${prefix}.${k}`;
-        if (!out.includes(key)) out.push(key);
-        walk(v, key);
-      }
-  };
-  walk(guestSchema, '');
-  return out;
+  return schemaKeys(guestSchema);
 }

@@ -7,6 +7,7 @@
 import { constants as osConstants } from 'os';
 import * as path from 'path';
 import { describe, parseCpus, parseDuration, parseSize, type ParseResult } from '../common/units';
+import { checkInt } from '../common/config-check';
 import { MAX_SOCKET_PATH_BYTES, MIN_CPU_MAX, PID_MAX_LIMIT } from './config-defaults';
 import type { RestartPolicy } from './config-types';
 
@@ -174,25 +175,8 @@ export function checkCpuMax(v: unknown): ParseResult<number | 'max'> {
   return r;
 }
 
-export function checkInt(
-  min: number,
-  max: number,
-  what = 'an integer',
-): (v: unknown) => ParseResult<number> {
-  return (v) =>
-    typeof v === 'number' && Number.isInteger(v) && v >= min && v <= max
-      ? { ok: true, value: v }
-      : { ok: false, message: `must be ${what} from ${min} to ${max}, got ${describe(v)}` };
-}
-
 export function checkPidsMax(v: unknown): ParseResult<number | 'max'> {
   return v === 'max' ? { ok: true, value: 'max' } : checkInt(1, PID_MAX_LIMIT, 'a count')(v);
-}
-
-export function checkBool(v: unknown): ParseResult<boolean> {
-  return typeof v === 'boolean'
-    ? { ok: true, value: v }
-    : { ok: false, message: `must be true or false, got ${describe(v)}` };
 }
 
 export function checkPositiveDuration(v: unknown): ParseResult<number> {
@@ -244,17 +228,5 @@ export function checkEnvValue(v: unknown): ParseResult<string> {
   return checkArg(v);
 }
 
-export function checkHost(v: unknown): ParseResult<string> {
-  if (typeof v === 'string' && /^[A-Za-z0-9.:-]{1,253}$/.test(v)) return { ok: true, value: v };
-  return { ok: false, message: `must be an IP address or host name, got ${describe(v)}` };
-}
-
-export function rec(v: unknown): Record<string, unknown> | undefined {
-  return v !== null && typeof v === 'object' && !Array.isArray(v)
-    ? (v as Record<string, unknown>)
-    : undefined;
-}
-
-export function val<T>(r: ParseResult<T>): T | undefined {
-  return r.ok ? r.value : undefined;
-}
+// Shared with the host config (agent/common/config-check.ts).
+export { checkBool, checkHost, checkInt, rec, val } from '../common/config-check';

@@ -8,17 +8,22 @@
  * outer's): the sum of the running projects' limits (memory.max, CPU quota) never exceeds
  * the allocation it is given, which the caller passes already net of the guest's reserve.
  *
- * Pipeline, as kubelet's eviction manager reads:
- *   1. measure   each project's floor (its minimum) and effective max (min(max, allocation))
- *   2. admit     running projects, the highest-ranked first, while their floors fit;
- *                a project whose floor does not fit in what those above it left is stopped
- *   3. restart   stopped-for-room projects with restartOnRestore, highest priority first,
- *                while their floors fit in what is left (a restart never displaces a
- *                running project)
- *   4. fill      every admitted project starts at its floor; what is left is handed out
- *                toward each effective max, highest-ranked first, so the lowest-ranked
- *                project is the one shrunk toward its minimum
- *   5. explain   one decision per project, with the reason in words, in execution order
+ * Pipeline, as kubelet's eviction manager reads; each stage is an exported pure function
+ * with its own table of cases (test/unit/guest/planner-stages.test.ts), and plan() at the
+ * end of this file composes them:
+ *   1. measure        each project's floor (its minimum) and effective max
+ *                     (min(max, allocation))
+ *   2. admitRunning   running projects, the highest-ranked first, while their floors fit;
+ *                     one whose floor does not fit in what those above it left is stopped
+ *   3. admitRestarts  stopped-for-room projects with restartOnRestore, highest priority
+ *                     first, while their floors fit in what is left (a restart never
+ *                     displaces a running project)
+ *   4. fill           every admitted project starts at its floor; what is left is handed
+ *                     out toward each effective max, highest-ranked first, so the
+ *                     lowest-ranked project is the one shrunk toward its minimum
+ *   5. explain        one decision per project (planCpuset, changes, classify), with the
+ *                     reason in words; executionOrder puts them in order, summarize says
+ *                     what the plan does as a whole
  *
  * Ranking (agent/broker/ranking.ts): lowest priority gives first; within a priority the
  * one using most above its minimum (share of the allocation, memory + CPU); then by name.

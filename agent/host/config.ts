@@ -1,18 +1,42 @@
 /**
  * The host broker's config: /etc/nestbroker/host.yaml (docs/host-broker.md).
  *
- * Validated once at start against a strict schema (unknown keys are errors), then the
- * cross checks that a schema cannot express (floor ≤ allocation, unique names, a TLS
- * channel has all its files). Every problem is reported together, naming the field and
- * the value received (fastify's initial-config-validation; CONTRIBUTING.md). The result is
- * frozen: nothing changes the config after start.
+ * Validated once at start by the config layer the guest agent shares
+ * (agent/common/config-check.ts): a strict schema (unknown keys are errors, with a "did
+ * you mean") whose single values are checked where they are written, and beside it the
+ * cross checks a schema cannot express (floor ≤ allocation, unique names, one channel per
+ * guest), run on the raw input so that no problem hides another. Every problem is
+ * reported together, naming the field and the value received (CONTRIBUTING.md). The
+ * result is frozen: nothing changes the config after start.
  */
-import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
-import YAML from 'yaml';
 import { z } from 'zod';
-import { NestError, type Problem } from '../common/errors';
-import { parseCpus, parseDuration, parseSize, type ParseResult } from '../common/units';
+import type { Problem } from '../common/errors';
+import {
+  checkBool,
+  checkConfig,
+  checkHost,
+  checkInt,
+  checkString,
+  deepFreeze,
+  field,
+  opt,
+  readConfigFile,
+  rec,
+  schemaKeys,
+  val,
+  type Check,
+  type CrossResult,
+} from '../common/config-check';
+import {
+  describe,
+  formatBytes,
+  formatMs,
+  parseCpus,
+  parseDuration,
+  parseSize,
+  type ParseResult,
+} from '../common/units';
 
 export const DEFAULT_HOST_CONFIG_PATH = '/etc/nestbroker/host.yaml';
 export const DEFAULT_HOST_SOCKET = '/run/nestbroker/host.sock';
@@ -133,58 +157,140 @@ export const HOST_DEFAULTS = {
   triggerGiveBackAfter: '5m',
 } as const;
 
-// ---- schema (shape only; units are parsed afterwards so every problem names its field) ----
+// ---- schema: shapes, unknown keys and single values (agent/common/config-check.ts) ----
 
-const sizeLike = z.union([z.string(), z.number()]);
-const durationLike = z.union([z.string(), z.number()]);
-const cpusLike = z.union([z.string(), z.number()]);
+/** A duration with a lower bound, checked where it is written (heartbeat.interval). */
+function durationAtLeast(minMs: number, shown: string): Check<number> {
+  return (v) => {
+    const r = parseDuration(v);
+    if (!r.ok || r.value >= minMs) return r;
+    return { ok: false, message: `must be at least ${shown}, got ${describe(v)}` };
+  };
+}
 
-const resourcesSchema = z.object({ cpus: cpusLike, memory: sizeLike }).strict();
+/** An allocation is something: above 0. */
+function positive(parse: Check<number>): Check<number> {
+  return (v) => {
+    const r = parse(v);
+    if (!r.ok || r.value > 0) return r;
+    return { ok: false, message: `must be more than 0, got ${describe(v)}` };
+  };
+}
+
+function checkGuestName(v: unknown): ParseResult<string> {
+  if (typeof v === 'string' && GUEST_NAME.test(v)) return { ok: true, value: v };
+  return {
+    ok: false,
+    message: `must match ${GUEST_NAME} (it names journal files and notices), got ${describe(v)}`,
+  };
+}
+
+/** A cgroup path beneath the root: relative, no `..`, no empty segments. */
+function checkCgroupPath(v: unknown): ParseResult<string> {
+  if (typeof v !== 'string' || v === '')
+    return { ok: false, message: `must be a relative cgroup path, got ${describe(v)}` };
+  if (v.startsWith('/'))
+    return {
+      ok: false,
+      message: `must be relative to cgroup.root (no leading "/"), got ${describe(v)}`,
+    };
+  for (const s of v.split('/')) {
+    if (s === '' || s === '.' || s === '..')
+      return {
+        ok: false,
+        message: `must not contain empty, "." or ".." segments, got ${describe(v)}`,
+      };
+    if (s.length > 255) return { ok: false, message: 'has a segment longer than 255 bytes' };
+    if (/[\0\n]/.test(s)) return { ok: false, message: 'must not contain NUL or newline' };
+  }
+  return { ok: true, value: v };
+}
+
+/** The operator socket's mode: octal, and never open to "other" users. */
+function checkSocketMode(v: unknown): ParseResult<number> {
+  const m =
+    typeof v === 'number' && Number.isInteger(v)
+      ? v
+      : typeof v === 'string' && /^0?[0-7]{3}$/.test(v)
+        ? parseInt(v, 8)
+        : NaN;
+  if (!Number.isInteger(m) || m < 0 || m > 0o777)
+    return { ok: false, message: `must be an octal mode like "0660", got ${describe(v)}` };
+  if (m & 0o007)
+    return {
+      ok: false,
+      message: `must not give "other" users access to the operator socket, got ${describe(v)}`,
+    };
+  return { ok: true, value: m };
+}
+
+/** A group name, or a gid (YAML reads `socketGroup: 1000` as a number; docs/host-broker.md). */
+function checkGroup(v: unknown): ParseResult<string> {
+  if (typeof v === 'number' && Number.isInteger(v) && v >= 0 && v <= 0xfffffffe)
+    return { ok: true, value: String(v) };
+  const r = checkString(v);
+  return r.ok ? r : { ok: false, message: `must be a group name or a gid, got ${describe(v)}` };
+}
+
+function checkPercent(v: unknown): ParseResult<number> {
+  return typeof v === 'number' && Number.isFinite(v) && v >= 0 && v <= 100
+    ? { ok: true, value: v }
+    : { ok: false, message: `must be a percentage from 0 to 100, got ${describe(v)}` };
+}
+
+const resourcesSchema = z
+  .object({ cpus: field(positive(parseCpus)), memory: field(positive(parseSize)) })
+  .strict();
+
+const floorSchema = z.object({ cpus: field(parseCpus), memory: field(parseSize) }).strict();
 
 const channelSchema = z.discriminatedUnion('transport', [
-  z.object({ transport: z.literal('unix'), path: z.string().min(1) }).strict(),
+  z.object({ transport: z.literal('unix'), path: field(checkString) }).strict(),
   z
     .object({
       transport: z.literal('tls'),
-      host: z.string().min(1),
-      port: z.number().int().min(1).max(65535),
-      cert: z.string().min(1),
-      key: z.string().min(1),
-      ca: z.string().min(1),
-      servername: z.string().min(1).optional(),
+      host: field(checkString),
+      port: field(checkInt(1, 65535, 'a port')),
+      cert: field(checkString),
+      key: field(checkString),
+      ca: field(checkString),
+      servername: opt(checkString),
     })
     .strict(),
 ]);
 
 const guestSchema = z
   .object({
-    name: z.string(),
-    priority: z.number().int().min(0).max(1_000_000),
+    name: field(checkGuestName),
+    priority: field(checkInt(0, 1_000_000)),
     allocation: resourcesSchema,
-    floor: resourcesSchema.optional(),
+    floor: floorSchema.optional(),
     channel: channelSchema,
-    cgroup: z.string().min(1).optional(),
-    qmp: z.string().min(1).optional(),
-    balloonTimeout: durationLike.optional(),
-    memoryOverhead: sizeLike.optional(),
+    cgroup: opt(checkCgroupPath),
+    qmp: opt(checkString),
+    balloonTimeout: opt(parseDuration),
+    memoryOverhead: opt(parseSize),
   })
   .strict();
 
 const triggerSchema = z
   .object({
-    enabled: z.boolean().default(false),
-    memoryAvailableBelow: sizeLike.optional(),
-    memoryPsiAbove: z.number().min(0).max(100).optional(),
-    for: durationLike.optional(),
-    step: z.object({ cpus: cpusLike.optional(), memory: sizeLike.optional() }).strict().optional(),
-    deadline: durationLike.optional(),
-    interval: durationLike.optional(),
-    cooldown: durationLike.optional(),
+    enabled: opt(checkBool),
+    memoryAvailableBelow: opt(parseSize),
+    memoryPsiAbove: opt(checkPercent),
+    for: opt(parseDuration),
+    step: z
+      .object({ cpus: opt(parseCpus), memory: opt(parseSize) })
+      .strict()
+      .optional(),
+    deadline: opt(parseDuration),
+    interval: opt(parseDuration),
+    cooldown: opt(parseDuration),
     giveBack: z
       .object({
-        memoryAvailableAbove: sizeLike.optional(),
-        memoryPsiBelow: z.number().min(0).max(100).optional(),
-        after: durationLike.optional(),
+        memoryAvailableAbove: opt(parseSize),
+        memoryPsiBelow: opt(checkPercent),
+        after: opt(parseDuration),
       })
       .strict()
       .optional(),
@@ -193,38 +299,38 @@ const triggerSchema = z
 
 const hostSchema = z
   .object({
-    stateDir: z.string().min(1).optional(),
-    socket: z.string().min(1).optional(),
-    socketGroup: z.string().min(1).optional(),
-    socketMode: z.union([z.number().int(), z.string()]).optional(),
+    stateDir: opt(checkString),
+    socket: opt(checkString),
+    socketGroup: opt(checkGroup),
+    socketMode: opt(checkSocketMode),
     cgroup: z
       .object({
-        root: z.string().min(1).optional(),
+        root: opt(checkCgroupPath),
         driver: z.enum(['auto', 'v2', 'hybrid']).optional(),
       })
       .strict()
       .optional(),
     heartbeat: z
-      .object({ interval: durationLike.optional(), timeout: durationLike.optional() })
+      .object({ interval: opt(durationAtLeast(100, '100ms')), timeout: opt(parseDuration) })
       .strict()
       .optional(),
     reconnect: z
-      .object({ min: durationLike.optional(), max: durationLike.optional() })
+      .object({ min: opt(parseDuration), max: opt(parseDuration) })
       .strict()
       .optional(),
     trigger: triggerSchema.optional(),
     limits: z
       .object({
-        messagesPerSecond: z.number().int().min(1).max(1_000_000).optional(),
-        messageBurst: z.number().int().min(1).max(1_000_000).optional(),
-        pendingNoticesPerGuest: z.number().int().min(1).max(100_000).optional(),
+        messagesPerSecond: opt(checkInt(1, 1_000_000, 'messages a second')),
+        messageBurst: opt(checkInt(1, 1_000_000, 'messages')),
+        pendingNoticesPerGuest: opt(checkInt(1, 100_000, 'notices')),
       })
       .strict()
       .optional(),
     metrics: z
       .object({
-        host: z.string().regex(/^[A-Za-z0-9.:-]{1,253}$/, 'must be an IP address or host name'),
-        port: z.number().int().min(0).max(65535),
+        host: field(checkHost),
+        port: field(checkInt(0, 65535, 'a port (0: any free one)')),
       })
       .strict()
       .optional(),
@@ -232,277 +338,123 @@ const hostSchema = z
   })
   .strict();
 
-function zodField(p: (string | number)[]): string {
-  return p.reduce<string>(
-    (acc, seg) => (typeof seg === 'number' ? `${acc}[${seg}]` : acc ? `${acc}.${seg}` : seg),
-    '',
-  );
+/** Every key the host config knows, as dotted paths (docs/host-broker.md has a row for each). */
+export function hostConfigKeys(): string[] {
+  return schemaKeys(hostSchema);
 }
 
-function valueAt(obj: unknown, p: (string | number)[]): unknown {
-  let cur: unknown = obj;
-  for (const seg of p) {
-    if (cur === null || typeof cur !== 'object') return undefined;
-    cur = (cur as Record<string | number, unknown>)[seg];
-  }
-  return cur;
+/** A default written as text (HOST_DEFAULTS, which the docs repeat) in milliseconds. */
+function ms(text: string): number {
+  const r = parseDuration(text);
+  if (!r.ok) throw new Error(`HOST_DEFAULTS: ${text} ${r.message}`);
+  return r.value;
 }
 
-/** A cgroup path beneath the root: relative, no `..`, no empty segments. */
-function checkCgroupPath(v: string): string | undefined {
-  if (v.startsWith('/')) return 'must be relative to cgroup.root (no leading "/")';
-  const segs = v.split('/');
-  for (const s of segs) {
-    if (s === '' || s === '.' || s === '..')
-      return `must not contain empty, "." or ".." segments, got "${v}"`;
-    if (s.length > 255) return 'has a segment longer than 255 bytes';
-    if (/[\0\n]/.test(s)) return 'must not contain NUL or newline';
-  }
-  return undefined;
-}
+// ---- cross-field checks, on the raw input (they run even where single values failed) ----
 
-/**
- * Validates a parsed YAML document. Throws CONFIG_INVALID listing every problem.
- * `baseDir` resolves relative paths (the config file's directory).
- */
-export function validateHostConfig(raw: unknown, baseDir = process.cwd()): Readonly<HostConfig> {
+function crossChecks(top: Record<string, unknown>, baseDir: string): CrossResult {
   const problems: Problem[] = [];
-  const parsed = hostSchema.safeParse(raw);
-  if (!parsed.success) {
-    for (const issue of parsed.error.issues) {
-      const field = zodField(issue.path) || '(root)';
-      const value =
-        issue.code === 'unrecognized_keys'
-          ? issue.keys
-          : valueAt(raw, issue.path as (string | number)[]);
-      problems.push({
-        field:
-          issue.code === 'unrecognized_keys'
-            ? issue.keys.map((k) => (field === '(root)' ? k : `${field}.${k}`)).join(', ')
-            : field,
-        value,
-        message:
-          issue.code === 'unrecognized_keys'
-            ? `unknown key(s) ${issue.keys.map((k) => `"${k}"`).join(', ')}`
-            : issue.message,
-      });
-    }
-    throw configInvalid(problems);
-  }
-  const c = parsed.data;
+  const resolve = (p: unknown): string | undefined =>
+    typeof p === 'string' && p !== '' ? path.resolve(baseDir, p) : undefined;
 
-  const unit = <T>(
-    field: string,
-    value: unknown,
-    parse: (v: unknown) => ParseResult<T>,
-    fallback: T,
-  ): T => {
-    const r = parse(value);
-    if (r.ok) return r.value;
-    problems.push({ field, value, message: `${field} ${r.message}` });
-    return fallback;
-  };
-  const dur = (field: string, value: unknown, dflt: string): number =>
-    unit(field, value ?? dflt, parseDuration, 0);
-  const resolve = (p: string): string => path.resolve(baseDir, p);
-
-  const stateDir = resolve(c.stateDir ?? HOST_DEFAULTS.stateDir);
-  const socket = resolve(c.socket ?? HOST_DEFAULTS.socket);
-  let socketMode: number = HOST_DEFAULTS.socketMode;
-  if (c.socketMode !== undefined) {
-    const m =
-      typeof c.socketMode === 'number'
-        ? c.socketMode
-        : /^0?[0-7]{3}$/.test(c.socketMode)
-          ? parseInt(c.socketMode, 8)
-          : NaN;
-    if (!Number.isInteger(m) || m < 0 || m > 0o777)
-      problems.push({
-        field: 'socketMode',
-        value: c.socketMode,
-        message: 'socketMode must be an octal mode like "0660"',
-      });
-    else if (m & 0o007)
-      problems.push({
-        field: 'socketMode',
-        value: c.socketMode,
-        message: 'socketMode must not give "other" users access to the operator socket',
-      });
-    else socketMode = m;
-  }
-
-  const cgroupRoot = c.cgroup?.root ?? HOST_DEFAULTS.cgroupRoot;
-  const rootProblem = checkCgroupPath(cgroupRoot);
-  if (rootProblem)
-    problems.push({
-      field: 'cgroup.root',
-      value: cgroupRoot,
-      message: `cgroup.root ${rootProblem}`,
-    });
-
-  const heartbeat = {
-    intervalMs: dur('heartbeat.interval', c.heartbeat?.interval, HOST_DEFAULTS.heartbeatInterval),
-    timeoutMs: dur('heartbeat.timeout', c.heartbeat?.timeout, HOST_DEFAULTS.heartbeatTimeout),
-  };
-  if (heartbeat.intervalMs < 100)
-    problems.push({
-      field: 'heartbeat.interval',
-      value: c.heartbeat?.interval,
-      message: 'heartbeat.interval must be at least 100ms',
-    });
-  if (heartbeat.timeoutMs <= heartbeat.intervalMs)
+  const hb = rec(top.heartbeat);
+  const hbInterval = val(parseDuration(hb?.interval ?? HOST_DEFAULTS.heartbeatInterval));
+  const hbTimeout = val(parseDuration(hb?.timeout ?? HOST_DEFAULTS.heartbeatTimeout));
+  if (hbInterval !== undefined && hbTimeout !== undefined && hbTimeout <= hbInterval)
     problems.push({
       field: 'heartbeat.timeout',
-      value: c.heartbeat?.timeout ?? HOST_DEFAULTS.heartbeatTimeout,
-      message: 'heartbeat.timeout must be longer than heartbeat.interval',
+      value: hb?.timeout ?? HOST_DEFAULTS.heartbeatTimeout,
+      message: `must be longer than heartbeat.interval (${formatMs(hbInterval)}), got ${formatMs(hbTimeout)}`,
     });
-  const reconnect = {
-    minMs: dur('reconnect.min', c.reconnect?.min, HOST_DEFAULTS.reconnectMin),
-    maxMs: dur('reconnect.max', c.reconnect?.max, HOST_DEFAULTS.reconnectMax),
-  };
-  if (reconnect.maxMs < reconnect.minMs)
+  const rc = rec(top.reconnect);
+  const rcMin = val(parseDuration(rc?.min ?? HOST_DEFAULTS.reconnectMin));
+  const rcMax = val(parseDuration(rc?.max ?? HOST_DEFAULTS.reconnectMax));
+  if (rcMin !== undefined && rcMax !== undefined && rcMax < rcMin)
     problems.push({
       field: 'reconnect.max',
-      value: c.reconnect?.max,
-      message: 'reconnect.max must not be shorter than reconnect.min',
+      value: rc?.max ?? HOST_DEFAULTS.reconnectMax,
+      message: `must not be shorter than reconnect.min (${formatMs(rcMin)}), got ${formatMs(rcMax)}`,
     });
 
-  const seen = new Map<string, number>();
-  const guests: GuestConfig[] = c.guests.map((g, i) => {
+  const guests = Array.isArray(top.guests) ? top.guests : [];
+  const names = new Map<string, number>();
+  // Two guests on one channel or one VM cgroup would mean one VM's notices reach another.
+  const seen = {
+    channel: new Map<string, number>(),
+    cgroup: new Map<string, number>(),
+    qmp: new Map<string, number>(),
+  };
+  const once = (
+    what: keyof typeof seen,
+    i: number,
+    key: string | undefined,
+    value: unknown,
+  ): void => {
+    if (key === undefined) return;
+    const j = seen[what].get(key);
+    if (j !== undefined)
+      problems.push({
+        field: `guests[${i}].${what}`,
+        value,
+        message: `is the same as guests[${j}].${what}`,
+      });
+    else seen[what].set(key, i);
+  };
+  guests.forEach((g0, i) => {
+    const g = rec(g0);
+    if (!g) return;
     const f = `guests[${i}]`;
-    if (!GUEST_NAME.test(g.name))
-      problems.push({
-        field: `${f}.name`,
-        value: g.name,
-        message: `${f}.name must match ${GUEST_NAME} (it names journal files and notices)`,
-      });
-    const prev = seen.get(g.name);
-    if (prev !== undefined)
-      problems.push({
-        field: `${f}.name`,
-        value: g.name,
-        message: `guest name "${g.name}" is already used by guests[${prev}]`,
-      });
-    else seen.set(g.name, i);
-
-    const allocation = {
-      cpus: unit(`${f}.allocation.cpus`, g.allocation.cpus, parseCpus, 0),
-      memoryBytes: unit(`${f}.allocation.memory`, g.allocation.memory, parseSize, 0),
-    };
-    const floor = {
-      cpus: unit(`${f}.floor.cpus`, g.floor?.cpus ?? 0, parseCpus, 0),
-      memoryBytes: unit(`${f}.floor.memory`, g.floor?.memory ?? 0, parseSize, 0),
-    };
-    if (allocation.cpus <= 0)
-      problems.push({
-        field: `${f}.allocation.cpus`,
-        value: g.allocation.cpus,
-        message: `${f}.allocation.cpus must be more than 0`,
-      });
-    if (allocation.memoryBytes <= 0)
-      problems.push({
-        field: `${f}.allocation.memory`,
-        value: g.allocation.memory,
-        message: `${f}.allocation.memory must be more than 0`,
-      });
-    if (floor.cpus > allocation.cpus)
-      problems.push({
-        field: `${f}.floor.cpus`,
-        value: g.floor?.cpus,
-        message: `${f}.floor.cpus (${floor.cpus}) must not exceed allocation.cpus (${allocation.cpus})`,
-      });
-    if (floor.memoryBytes > allocation.memoryBytes)
-      problems.push({
-        field: `${f}.floor.memory`,
-        value: g.floor?.memory,
-        message: `${f}.floor.memory must not exceed allocation.memory`,
-      });
-    if (g.cgroup !== undefined) {
-      const p = checkCgroupPath(g.cgroup);
-      if (p) problems.push({ field: `${f}.cgroup`, value: g.cgroup, message: `${f}.cgroup ${p}` });
+    if (typeof g.name === 'string') {
+      const prev = names.get(g.name);
+      if (prev !== undefined)
+        problems.push({
+          field: `${f}.name`,
+          value: g.name,
+          message: `is already the name of guests[${prev}]; names must be unique`,
+        });
+      else names.set(g.name, i);
     }
-    const channel: ChannelConfig =
-      g.channel.transport === 'unix'
-        ? { transport: 'unix', path: resolve(g.channel.path) }
-        : {
-            ...g.channel,
-            cert: resolve(g.channel.cert),
-            key: resolve(g.channel.key),
-            ca: resolve(g.channel.ca),
-          };
-    return {
-      name: g.name,
-      priority: g.priority,
-      allocation,
-      floor,
-      channel,
-      cgroup: g.cgroup,
-      qmp: g.qmp === undefined ? undefined : resolve(g.qmp),
-      balloonTimeoutMs: dur(`${f}.balloonTimeout`, g.balloonTimeout, HOST_DEFAULTS.balloonTimeout),
-      memoryOverheadBytes: unit(`${f}.memoryOverhead`, g.memoryOverhead ?? 0, parseSize, 0),
-    };
+    const alloc = rec(g.allocation);
+    const floor = rec(g.floor);
+    if (alloc && floor) {
+      const aCpus = val(parseCpus(alloc.cpus));
+      const fCpus = val(parseCpus(floor.cpus));
+      if (aCpus !== undefined && fCpus !== undefined && fCpus > aCpus)
+        problems.push({
+          field: `${f}.floor.cpus`,
+          value: floor.cpus,
+          message: `must not exceed allocation.cpus (${aCpus}), got ${fCpus}`,
+        });
+      const aMem = val(parseSize(alloc.memory));
+      const fMem = val(parseSize(floor.memory));
+      if (aMem !== undefined && fMem !== undefined && fMem > aMem)
+        problems.push({
+          field: `${f}.floor.memory`,
+          value: floor.memory,
+          message: `must not exceed allocation.memory (${formatBytes(aMem)}), got ${formatBytes(fMem)}`,
+        });
+    }
+    const ch = rec(g.channel);
+    if (ch?.transport === 'unix') once('channel', i, resolve(ch.path), ch.path);
+    else if (ch?.transport === 'tls' && typeof ch.host === 'string')
+      once('channel', i, `${ch.host}:${String(ch.port)}`, `${ch.host}:${String(ch.port)}`);
+    once('cgroup', i, typeof g.cgroup === 'string' ? g.cgroup : undefined, g.cgroup);
+    once('qmp', i, resolve(g.qmp), g.qmp);
   });
 
-  // Two guests on one channel or one VM cgroup would mean one VM's notices reach another.
-  const dup = (what: string, key: (g: GuestConfig) => string | undefined): void => {
-    const by = new Map<string, number>();
-    guests.forEach((g, i) => {
-      const k = key(g);
-      if (k === undefined) return;
-      const j = by.get(k);
-      if (j !== undefined)
-        problems.push({
-          field: `guests[${i}].${what}`,
-          value: k,
-          message: `guests[${i}].${what} is the same as guests[${j}].${what}`,
-        });
-      else by.set(k, i);
-    });
-  };
-  dup('channel', (g) =>
-    g.channel.transport === 'unix' ? g.channel.path : `${g.channel.host}:${g.channel.port}`,
-  );
-  dup('cgroup', (g) => g.cgroup);
-  dup('qmp', (g) => g.qmp);
-
-  const t = c.trigger;
-  const trigger: TriggerConfig = {
-    enabled: t?.enabled ?? false,
-    memoryAvailableBelowBytes:
-      t?.memoryAvailableBelow === undefined
-        ? undefined
-        : unit('trigger.memoryAvailableBelow', t.memoryAvailableBelow, parseSize, 0),
-    memoryPsiAbove: t?.memoryPsiAbove,
-    forMs: dur('trigger.for', t?.for, HOST_DEFAULTS.triggerFor),
-    step: {
-      cpus: unit('trigger.step.cpus', t?.step?.cpus ?? 0, parseCpus, 0),
-      memoryBytes: unit('trigger.step.memory', t?.step?.memory ?? 0, parseSize, 0),
-    },
-    deadlineMs: dur('trigger.deadline', t?.deadline, HOST_DEFAULTS.triggerDeadline),
-    intervalMs: dur('trigger.interval', t?.interval, HOST_DEFAULTS.triggerInterval),
-    cooldownMs: dur('trigger.cooldown', t?.cooldown, HOST_DEFAULTS.triggerCooldown),
-  };
-  const gb = t?.giveBack;
-  if (gb) {
-    trigger.giveBack = {
-      afterMs: dur('trigger.giveBack.after', gb.after, HOST_DEFAULTS.triggerGiveBackAfter),
-    };
-    if (gb.memoryAvailableAbove !== undefined)
-      trigger.giveBack.memoryAvailableAboveBytes = unit(
-        'trigger.giveBack.memoryAvailableAbove',
-        gb.memoryAvailableAbove,
-        parseSize,
-        0,
-      );
-    if (gb.memoryPsiBelow !== undefined) trigger.giveBack.memoryPsiBelow = gb.memoryPsiBelow;
-    const above = trigger.giveBack.memoryAvailableAboveBytes;
-    const below = trigger.memoryAvailableBelowBytes;
-    if (above === undefined && gb.memoryPsiBelow === undefined)
+  const t = rec(top.trigger);
+  const gb = rec(t?.giveBack);
+  if (t && gb) {
+    const above =
+      gb.memoryAvailableAbove === undefined ? undefined : val(parseSize(gb.memoryAvailableAbove));
+    const below =
+      t.memoryAvailableBelow === undefined ? undefined : val(parseSize(t.memoryAvailableBelow));
+    if (gb.memoryAvailableAbove === undefined && gb.memoryPsiBelow === undefined)
       problems.push({
         field: 'trigger.giveBack',
         value: gb,
         message:
-          'trigger.giveBack needs trigger.giveBack.memoryAvailableAbove or trigger.giveBack.memoryPsiBelow (where the pressure counts as cleared)',
+          'names no condition: give memoryAvailableAbove or memoryPsiBelow (where the pressure counts as cleared)',
       });
     // The band between the two thresholds is the hysteresis: without it, a give-back would
     // bring the host straight back to its trigger threshold.
@@ -513,92 +465,133 @@ export function validateHostConfig(raw: unknown, baseDir = process.cwd()): Reado
         message: `must be above trigger.memoryAvailableBelow (${below} B), got ${above} B`,
       });
     if (
-      gb.memoryPsiBelow !== undefined &&
-      trigger.memoryPsiAbove !== undefined &&
-      gb.memoryPsiBelow >= trigger.memoryPsiAbove
+      typeof gb.memoryPsiBelow === 'number' &&
+      typeof t.memoryPsiAbove === 'number' &&
+      gb.memoryPsiBelow >= t.memoryPsiAbove
     )
       problems.push({
         field: 'trigger.giveBack.memoryPsiBelow',
         value: gb.memoryPsiBelow,
-        message: `must be below trigger.memoryPsiAbove (${trigger.memoryPsiAbove}), got ${gb.memoryPsiBelow}`,
+        message: `must be below trigger.memoryPsiAbove (${t.memoryPsiAbove}), got ${gb.memoryPsiBelow}`,
       });
   }
-  if (trigger.enabled) {
-    if (trigger.memoryAvailableBelowBytes === undefined && trigger.memoryPsiAbove === undefined)
+  if (t && t.enabled === true) {
+    if (t.memoryAvailableBelow === undefined && t.memoryPsiAbove === undefined)
       problems.push({
         field: 'trigger',
         value: t,
-        message: 'trigger.enabled needs trigger.memoryAvailableBelow or trigger.memoryPsiAbove',
+        message: 'is enabled but names no condition: give memoryAvailableBelow or memoryPsiAbove',
       });
-    if (trigger.step.cpus === 0 && trigger.step.memoryBytes === 0)
+    const step = rec(t.step);
+    const stepCpus = step?.cpus === undefined ? 0 : val(parseCpus(step.cpus));
+    const stepMem = step?.memory === undefined ? 0 : val(parseSize(step.memory));
+    if (stepCpus === 0 && stepMem === 0)
       problems.push({
         field: 'trigger.step',
-        value: t?.step,
-        message: 'trigger.enabled needs a step that takes something (step.memory or step.cpus)',
+        value: t.step,
+        message: 'must take something when the trigger is enabled (step.memory or step.cpus)',
       });
-    if (trigger.intervalMs < 100)
+    const interval = val(parseDuration(t.interval ?? HOST_DEFAULTS.triggerInterval));
+    if (interval !== undefined && interval < 100)
       problems.push({
         field: 'trigger.interval',
-        value: t?.interval,
-        message: 'trigger.interval must be at least 100ms',
+        value: t.interval,
+        message: `must be at least 100ms when the trigger is enabled, got ${formatMs(interval)}`,
       });
   }
+  return { problems };
+}
 
-  if (problems.length > 0) throw configInvalid(problems);
+// ---- entry points ----
 
-  return deepFreeze({
-    stateDir,
-    socket,
+type Parsed = z.output<typeof hostSchema>;
+
+function normalise(c: Parsed, baseDir: string): HostConfig {
+  const resolve = (p: string): string => path.resolve(baseDir, p);
+  const guests: GuestConfig[] = c.guests.map((g) => ({
+    name: g.name,
+    priority: g.priority,
+    allocation: { cpus: g.allocation.cpus, memoryBytes: g.allocation.memory },
+    floor: { cpus: g.floor?.cpus ?? 0, memoryBytes: g.floor?.memory ?? 0 },
+    channel:
+      g.channel.transport === 'unix'
+        ? { transport: 'unix', path: resolve(g.channel.path) }
+        : {
+            ...g.channel,
+            cert: resolve(g.channel.cert),
+            key: resolve(g.channel.key),
+            ca: resolve(g.channel.ca),
+          },
+    cgroup: g.cgroup,
+    qmp: g.qmp === undefined ? undefined : resolve(g.qmp),
+    balloonTimeoutMs: g.balloonTimeout ?? ms(HOST_DEFAULTS.balloonTimeout),
+    memoryOverheadBytes: g.memoryOverhead ?? 0,
+  }));
+  const t = c.trigger;
+  return {
+    stateDir: resolve(c.stateDir ?? HOST_DEFAULTS.stateDir),
+    socket: resolve(c.socket ?? HOST_DEFAULTS.socket),
     socketGroup: c.socketGroup,
-    socketMode,
-    cgroup: { root: cgroupRoot, driver: c.cgroup?.driver ?? 'auto' },
-    heartbeat,
-    reconnect,
-    trigger,
+    socketMode: c.socketMode ?? HOST_DEFAULTS.socketMode,
+    cgroup: {
+      root: c.cgroup?.root ?? HOST_DEFAULTS.cgroupRoot,
+      driver: c.cgroup?.driver ?? 'auto',
+    },
+    heartbeat: {
+      intervalMs: c.heartbeat?.interval ?? ms(HOST_DEFAULTS.heartbeatInterval),
+      timeoutMs: c.heartbeat?.timeout ?? ms(HOST_DEFAULTS.heartbeatTimeout),
+    },
+    reconnect: {
+      minMs: c.reconnect?.min ?? ms(HOST_DEFAULTS.reconnectMin),
+      maxMs: c.reconnect?.max ?? ms(HOST_DEFAULTS.reconnectMax),
+    },
+    trigger: {
+      enabled: t?.enabled ?? false,
+      memoryAvailableBelowBytes: t?.memoryAvailableBelow,
+      memoryPsiAbove: t?.memoryPsiAbove,
+      forMs: t?.for ?? ms(HOST_DEFAULTS.triggerFor),
+      step: { cpus: t?.step?.cpus ?? 0, memoryBytes: t?.step?.memory ?? 0 },
+      deadlineMs: t?.deadline ?? ms(HOST_DEFAULTS.triggerDeadline),
+      intervalMs: t?.interval ?? ms(HOST_DEFAULTS.triggerInterval),
+      cooldownMs: t?.cooldown ?? ms(HOST_DEFAULTS.triggerCooldown),
+      ...(t?.giveBack
+        ? {
+            giveBack: {
+              afterMs: t.giveBack.after ?? ms(HOST_DEFAULTS.triggerGiveBackAfter),
+              ...(t.giveBack.memoryAvailableAbove !== undefined
+                ? { memoryAvailableAboveBytes: t.giveBack.memoryAvailableAbove }
+                : {}),
+              ...(t.giveBack.memoryPsiBelow !== undefined
+                ? { memoryPsiBelow: t.giveBack.memoryPsiBelow }
+                : {}),
+            },
+          }
+        : {}),
+    },
     limits: { ...HOST_LIMIT_DEFAULTS, ...c.limits },
     ...(c.metrics ? { metrics: { host: c.metrics.host, port: c.metrics.port } } : {}),
     guests,
-  });
+  };
 }
 
-function configInvalid(problems: Problem[]): NestError {
-  return new NestError(
-    'CONFIG_INVALID',
-    `host config has ${problems.length} problem(s):\n` +
-      problems.map((p) => `  - ${p.field}: ${p.message}`).join('\n'),
-    { problems },
-  );
+/**
+ * Validates a parsed YAML document. Throws CONFIG_INVALID listing every problem (field
+ * path, value received, message; a misspelt key with the nearest known one).
+ * `baseDir` resolves relative paths (the config file's directory); `source` names the
+ * config in the message (the file, when read from one).
+ */
+export function validateHostConfig(
+  raw: unknown,
+  baseDir = process.cwd(),
+  source = 'host config',
+): Readonly<HostConfig> {
+  const { data } = checkConfig(hostSchema, raw, {
+    source,
+    cross: (top) => crossChecks(top, baseDir),
+  });
+  return deepFreeze(normalise(data, baseDir));
 }
 
 export async function loadHostConfig(file: string): Promise<Readonly<HostConfig>> {
-  let text: string;
-  try {
-    text = await fs.readFile(file, 'utf8');
-  } catch (cause) {
-    throw new NestError('CONFIG_UNREADABLE', `cannot read host config ${file}: ${String(cause)}`, {
-      cause,
-    });
-  }
-  let doc: unknown;
-  try {
-    doc = YAML.parse(text);
-  } catch (cause) {
-    throw new NestError(
-      'CONFIG_INVALID',
-      `host config ${file} is not valid YAML: ${String(cause)}`,
-      {
-        cause,
-        problems: [{ field: '(file)', value: file, message: String(cause) }],
-      },
-    );
-  }
-  return validateHostConfig(doc, path.dirname(path.resolve(file)));
-}
-
-function deepFreeze<T>(o: T): Readonly<T> {
-  if (o && typeof o === 'object') {
-    for (const v of Object.values(o as Record<string, unknown>)) deepFreeze(v);
-    Object.freeze(o);
-  }
-  return o;
+  return validateHostConfig(await readConfigFile(file), path.dirname(path.resolve(file)), file);
 }

@@ -176,11 +176,6 @@ export async function runHost(argv: string[]): Promise<number> {
       default: DEFAULT_HOST_CONFIG_PATH,
       describe: 'host config (YAML); see docs/host-broker.md',
     })
-    .option('check', {
-      type: 'boolean',
-      default: false,
-      describe: 'validate the config, print every problem, and exit',
-    })
     .strict()
     .help()
     .parseAsync();
@@ -190,14 +185,11 @@ export async function runHost(argv: string[]): Promise<number> {
     cfg = await loadHostConfig(a.config);
   } catch (err) {
     if (isNestError(err)) {
-      process.stderr.write(`${err.message}\n`);
+      // As the guest agent says it (agent/guest/main.ts): every problem, one a line.
+      process.stderr.write(`nestbroker host: config refused: ${err.message}\n`);
       return 2;
     }
     throw err;
-  }
-  if (a.check) {
-    process.stdout.write(`${a.config}: OK (${cfg.guests.length} guests)\n`);
-    return 0;
   }
   let host: RunningHost;
   try {

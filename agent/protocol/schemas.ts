@@ -14,7 +14,7 @@
  * the published ones are in step). The `.describe()` texts become their descriptions.
  */
 import { z } from 'zod';
-import type { ErrorCode } from '../common/errors';
+import type { ErrorCode, Problem } from '../common/errors';
 
 export const ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$/;
 export const MAX_PROJECTS = 10_000;
@@ -293,10 +293,11 @@ export const MESSAGE_TYPES = MessageSchema.innerType().options.map(
   (o) => o.shape.type.value,
 ) as Message['type'][];
 
-export interface ProtocolProblem {
-  field: string;
-  message: string;
-}
+/**
+ * A Problem as a protocol `error` carries it: field and message, not the value (which may be
+ * what made the line too long or hostile to echo back).
+ */
+export type ProtocolProblem = Omit<Problem, 'value'>;
 
 export interface ParseFailure {
   code: ErrorCode;

@@ -209,3 +209,17 @@ test('cancel before the deadline while the guest is away: accepted, the guest is
   const after = all.find((x) => x.id === issued.id)!;
   expect(after.state).toBe('cancelled');
 }, 60_000);
+
+test('a deadline more than 24 h away is refused by the API before anything is journaled (docs/protocol.md, "Deadlines")', async () => {
+  const before = ((await rpcCall(stack.hostSocket, 'notices', { guest: 'vm1' })) as NoticeView[])
+    .length;
+  // A guest would refuse it: Node fires a timer over 24.8 days at once.
+  await expect(
+    rpcCall(stack.hostSocket, 'reclaim', { guest: 'vm1', memory: '64MiB', deadline: '25h' }),
+  ).rejects.toMatchObject({
+    code: 'INPUT_INVALID',
+    message: expect.stringContaining('at most 24h'),
+  });
+  const after = (await rpcCall(stack.hostSocket, 'notices', { guest: 'vm1' })) as NoticeView[];
+  expect(after).toHaveLength(before);
+});

@@ -61,6 +61,7 @@ test('the program under /usr, units, udev rule, man pages, completion; configs a
     '/usr/share/bash-completion/completions/nestctl',
     '/usr/lib/sysusers.d/nestbroker.conf',
     '/usr/share/doc/nestbroker/copyright',
+    '/usr/share/doc/nestbroker/errors.md.gz',
   ])
     expect(files).toContain(f);
   // Nothing outside /usr, /lib (units, udev) and /etc/nestbroker.

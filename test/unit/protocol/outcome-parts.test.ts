@@ -80,6 +80,29 @@ test.each([300, 500, 10_000])(
   },
 );
 
+test.each([300, 10_000])(
+  '%i projects to a peer without outcome-parts: one outcome line within 64 KiB, acted-on projects first, the rest whole',
+  (n) => {
+    // Acted-on projects at the end: the cut must keep them wherever they are.
+    const o = outcome(n);
+    o.projects = o.projects.map((p, i) =>
+      i < n - 20 ? { ...p, action: 'unchanged', exit: null } : p,
+    );
+    const msgs = overTheWire(outcomeMessages(o, { parts: false }));
+    expect(msgs.map((m) => m.type)).toEqual(['outcome']);
+    const got = (msgs[0] as OutcomeMsg).outcome;
+    expect(msgs[0]).not.toHaveProperty('parts');
+    expect({ ...got, projects: [] }).toEqual({ ...o, projects: [] });
+    expect(got.projects.length).toBeLessThan(n);
+    expect(got.projects.length).toBeGreaterThan(20);
+    const names = new Set(got.projects.map((p) => p.name));
+    for (const p of o.projects.slice(n - 20)) expect(names.has(p.name)).toBe(true);
+    // Kept in their original order.
+    const order = o.projects.filter((p) => names.has(p.name)).map((p) => p.name);
+    expect(got.projects.map((p) => p.name)).toEqual(order);
+  },
+);
+
 test('projects with the longest reasons the schema allows still fit, one or more a part', () => {
   const o = outcome(300, 'x'.repeat(1024));
   const msgs = overTheWire(outcomeMessages(o));

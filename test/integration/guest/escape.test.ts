@@ -5,7 +5,8 @@
  * writes its own pid into another group of the test's root in every hierarchy, and forks
  * a second sleeper from there. Where the kernel refuses the move (cgroup2 mounted with
  * nsdelegate) it "cannot"; where it allows it (this build machine: no nsdelegate, and v1
- * hierarchies never check namespaces), the stop that follows must catch it: the outcome
+ * hierarchies never check namespaces), the stop that follows must catch it, even by an
+ * agent started after the escape (it knows the processes from the state dir): the outcome
  * says `escaped` with the pids, and those processes (with their start times) are gone.
  */
 import { readFileSync, readlinkSync } from 'node:fs';
@@ -91,18 +92,24 @@ test('the project runs in a cgroup namespace of its own, rooted at its group', (
   );
 });
 
-describe('a reclaim that stops it', () => {
+describe('an agent restart, then a reclaim that stops it', () => {
   let code: number | null;
   let outcome: Outcome;
   const of = (name: string): ProjectOutcome => outcome.projects.find((p) => p.name === name)!;
 
   beforeAll(async () => {
     expect(escaper && outsideSleeper && insideSleeper).toBeTruthy();
+    // The new agent knows the processes its predecessor started only from the state dir.
+    await g.restart();
     code = (await nestctl(g.env, ['reclaim', '--memory', '3.5GiB', '--deadline', '20s'])).code;
     const notices = JSON.parse((await nestctl(g.env, ['notices', '--json'])).stdout) as {
       outcome: Outcome;
     }[];
     outcome = notices[0].outcome;
+  });
+
+  test('the new agent re-adopted the project (its sleeper still in the group)', () => {
+    expect(g.agent!.stdout()).toMatch(/"project":"runaway".*re-adopted a running project/);
   });
 
   test('the kernel refused the move, or the stop caught it: escaped, with its pids', () => {

@@ -78,8 +78,11 @@ dist/bash-completion/nestctl: build
 # What test/integration/packaging/deb.test.ts needs to build and check the .deb: Debian's
 # packages, installed with apt-get when missing.
 PACKAGING_DEBS := debhelper go-md2man lintian dpkg-dev
+# What the other tests need from Debian: libfaketime (test/integration/guest/wall-step.test.ts
+# steps a guest agent's wall clock without touching the machine's).
+TEST_DEBS := libfaketime
 packaging-deps:
-	@missing=$$(for p in $(PACKAGING_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(for p in $(PACKAGING_DEBS) $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
 # ---- the Debian package (debian/; docs/install.md) -------------------------------------

@@ -240,11 +240,11 @@ export abstract class BaseDriver implements CgroupAdapter {
    */
   async kill(group: string, timeoutMs = this.opts.timeoutMs): Promise<KillResult> {
     const dir = this.dir(group, true);
-    const start = Date.now();
+    const start = performance.now();
     if (this.capabilities.cgroupKill && this.opts.killMethod === 'auto') {
       await writeText(path.join(dir, 'cgroup.kill'), '1');
       await this.waitEmpty(group, timeoutMs);
-      return { method: 'cgroup.kill', ms: Date.now() - start };
+      return { method: 'cgroup.kill', ms: Math.round(performance.now() - start) };
     }
     const deadline = start + timeoutMs;
     for (let round = 0; ; round++) {
@@ -253,7 +253,7 @@ export abstract class BaseDriver implements CgroupAdapter {
         throw e;
       });
       if (!ev.populated) break;
-      const left = deadline - Date.now();
+      const left = deadline - performance.now();
       if (left <= 0) {
         throw new CgroupError('TIMEOUT', `kill ${dir}: still populated after ${timeoutMs} ms`, {
           file: path.join(dir, 'cgroup.events'),
@@ -277,7 +277,7 @@ export abstract class BaseDriver implements CgroupAdapter {
         }
       }
       if (frozen || this.capabilities.freeze) {
-        await this.thaw(group, Math.max(100, deadline - Date.now())).catch((e) => {
+        await this.thaw(group, Math.max(100, deadline - performance.now())).catch((e) => {
           if (!isCgroupError(e, 'ENOENT')) throw e;
         });
       }
@@ -285,7 +285,7 @@ export abstract class BaseDriver implements CgroupAdapter {
         await waitForEvents(
           dir,
           (x) => !x.populated,
-          Math.min(200 * (round + 1), Math.max(1, deadline - Date.now())),
+          Math.min(200 * (round + 1), Math.max(1, deadline - performance.now())),
           'kill',
           {
             goneIsDone: true,
@@ -296,7 +296,7 @@ export abstract class BaseDriver implements CgroupAdapter {
         if (!isCgroupError(e, 'TIMEOUT')) throw e;
       }
     }
-    return { method: 'freeze-sigkill', ms: Date.now() - start };
+    return { method: 'freeze-sigkill', ms: Math.round(performance.now() - start) };
   }
 
   async waitEmpty(group: string, timeoutMs: number): Promise<void> {

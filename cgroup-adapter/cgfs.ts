@@ -97,7 +97,7 @@ export async function childDirs(dir: string): Promise<string[]> {
  * memory charges, a dying css). ENOENT means already gone: fine.
  */
 export async function rmdirRetry(dir: string, budgetMs: number): Promise<void> {
-  const deadline = Date.now() + budgetMs;
+  const deadline = performance.now() + budgetMs;
   let delay = 10;
   for (;;) {
     try {
@@ -106,9 +106,9 @@ export async function rmdirRetry(dir: string, budgetMs: number): Promise<void> {
     } catch (e) {
       const code = (e as NodeJS.ErrnoException).code;
       if (code === 'ENOENT') return;
-      if (code !== 'EBUSY' || Date.now() >= deadline) throw fromFsError('rmdir', dir, e);
+      if (code !== 'EBUSY' || performance.now() >= deadline) throw fromFsError('rmdir', dir, e);
     }
-    await sleep(Math.min(delay, Math.max(1, deadline - Date.now())));
+    await sleep(Math.min(delay, Math.max(1, deadline - performance.now())));
     delay = Math.min(delay * 2, 200);
   }
 }

@@ -19,6 +19,7 @@
  */
 import type { Logger } from '../common/log';
 import { withTimeout } from '../common/timeout';
+import { fromWall, systemClock, type Clock } from '../common/clock';
 import type { Outcome, OutcomeStatus, ProjectOutcome, Resources, Notice } from './types';
 
 /** One child's part of a plan. */
@@ -40,7 +41,11 @@ export interface ChildProgress {
 export interface ChildContext {
   /** Fires at the notice deadline or when the broker is stopped. */
   signal: AbortSignal;
+  /** The deadline as wall time: for messages and logs only. */
   deadline: Date;
+  /** The deadline on the run's clock (Clock.monotonic): what every wait is bounded by. */
+  deadlineMono: number;
+  clock: Clock;
   log: Logger;
   /** True when this step was started by an earlier run of the broker that did not finish it. */
   resumed: boolean;
@@ -119,7 +124,13 @@ export interface StepResult<CO> {
 
 export interface BrokerRunOptions<CN, CO> {
   noticeId: string;
+  /** The deadline's wall form (messages, logs). */
   deadline: Date;
+  /**
+   * The deadline on `clock.monotonic()`, converted once where the notice arrived. Without
+   * it the wall form is converted here, once, at the start of the run.
+   */
+  deadlineMono?: number;
   /** An outside abort (the agent shutting down). The deadline is added to it. */
   signal?: AbortSignal;
   journal?: StepJournal<CO>;
@@ -136,7 +147,7 @@ export interface BrokerRunOptions<CN, CO> {
    * as the plan, written meanwhile); a rejection ends the run with nothing taken.
    */
   ready?: Promise<unknown>;
-  now?: () => number;
+  clock?: Clock;
 }
 
 export class BrokerTimeout extends Error {
@@ -149,7 +160,9 @@ export async function runBroker<CN, CO>(
   children: ReadonlyMap<string, ChildHandle<CN, CO>>,
   opts: BrokerRunOptions<CN, CO>,
 ): Promise<StepResult<CO>[]> {
-  const now = opts.now ?? Date.now;
+  const clock = opts.clock ?? systemClock;
+  const now = (): number => clock.monotonic();
+  const deadlineMono = opts.deadlineMono ?? fromWall(opts.deadline, clock);
   const log = opts.log.child({ noticeId: opts.noticeId });
   const overrunMs = opts.overrunMs ?? 10_000;
   const deliverTimeoutMs = opts.deliverTimeoutMs ?? 5_000;
@@ -160,11 +173,11 @@ export async function runBroker<CN, CO>(
 
   // One signal for everything: the deadline or the outside abort, whichever comes first.
   const ac = new AbortController();
-  const untilDeadline = Math.max(0, opts.deadline.getTime() - now());
-  const deadlineTimer = setTimeout(
-    () => ac.abort(new BrokerTimeout(`deadline ${opts.deadline.toISOString()} passed`)),
-    untilDeadline,
-  );
+  const timerOff = new AbortController();
+  void clock.sleep(Math.max(0, deadlineMono - now()), timerOff.signal).then(() => {
+    if (!timerOff.signal.aborted)
+      ac.abort(new BrokerTimeout(`deadline ${opts.deadline.toISOString()} passed`));
+  });
   const onOutside = (): void => ac.abort(opts.signal?.reason);
   if (opts.signal?.aborted) onOutside();
   opts.signal?.addEventListener('abort', onOutside, { once: true });
@@ -172,6 +185,8 @@ export async function runBroker<CN, CO>(
   const ctxFor = (child: string, resumed: boolean): ChildContext => ({
     signal: ac.signal,
     deadline: opts.deadline,
+    deadlineMono,
+    clock,
     log: log.child({ child }),
     resumed,
     progress: (ev) => opts.onProgress?.({ ...ev, child }),
@@ -202,7 +217,7 @@ export async function runBroker<CN, CO>(
             deliverTimeoutMs,
             `delivering the notice to ${s.child}`,
           );
-          await save(s.child, { deliveredAt: new Date().toISOString() });
+          await save(s.child, { deliveredAt: new Date(clock.now()).toISOString() });
           opts.onProgress?.({
             child: s.child,
             phase: 'notified',
@@ -241,13 +256,13 @@ export async function runBroker<CN, CO>(
             return;
           }
           const resumed = rec?.startedAt !== undefined;
-          await save(s.child, { startedAt: rec?.startedAt ?? new Date().toISOString() });
+          await save(s.child, { startedAt: rec?.startedAt ?? new Date(clock.now()).toISOString() });
           const t0 = now();
           let outcome: CO;
           try {
             outcome = await bounded(
               children.get(s.child)!.apply(s.notice, ctxFor(s.child, resumed)),
-              Math.max(0, opts.deadline.getTime() - now()) + overrunMs,
+              Math.max(0, deadlineMono - now()) + overrunMs,
               `step of ${s.child} (deadline ${opts.deadline.toISOString()} + ${overrunMs} ms)`,
             );
           } catch (err) {
@@ -262,7 +277,7 @@ export async function runBroker<CN, CO>(
     log.debug({ phase: 'steps-done' }, 'notice phase');
     return acting.map((s) => results.get(s.child)!);
   } finally {
-    clearTimeout(deadlineTimer);
+    timerOff.abort();
     opts.signal?.removeEventListener('abort', onOutside);
   }
 }
@@ -301,6 +316,8 @@ export function summariseProjects(
   startedAt: Date,
   finishedAt: Date,
   next: Resources = previous,
+  /** How long it took, on the monotonic clock; the two wall times are for display only. */
+  ms: number = finishedAt.getTime() - startedAt.getTime(),
 ): Outcome {
   let memBefore = 0;
   let memAfter = 0;
@@ -335,6 +352,6 @@ export function summariseProjects(
     },
     startedAt: startedAt.toISOString(),
     finishedAt: finishedAt.toISOString(),
-    ms: finishedAt.getTime() - startedAt.getTime(),
+    ms: Math.max(0, Math.round(ms)),
   };
 }

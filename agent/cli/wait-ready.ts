@@ -46,7 +46,8 @@ function notListening(err: unknown): boolean {
 
 /** Resolves with the daemon's status once it answers; rejects TIMEOUT or TRANSPORT. */
 export async function waitReady(o: WaitReadyOptions): Promise<unknown> {
-  const now = o.now ?? Date.now;
+  // Monotonic: a wall-clock step while a unit starts is not a timeout (docs/reliability.md, "Time").
+  const now = o.now ?? (() => performance.now());
   const sleep = o.sleep ?? ((ms: number) => new Promise<void>((r) => setTimeout(r, ms)));
   const alive = o.alive ?? pidAlive;
   const pollMs = o.pollMs ?? 100;

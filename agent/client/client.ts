@@ -22,6 +22,7 @@ import type { Logger } from '../common/log';
 import { isNestError } from '../common/errors';
 import {
   CAPABILITIES,
+  CAP_MONOTONIC_CLOCK,
   CAP_OUTCOME_PARTS,
   PROTOCOL_VERSION,
   newMessageId,
@@ -29,6 +30,7 @@ import {
   type Hello,
   type Message,
   type Progress,
+  type SenderClock,
   type Welcome,
 } from '../protocol/messages';
 import { errorReply, parseMessage } from '../protocol/schemas';
@@ -38,6 +40,7 @@ import type { ChildProgress } from '../broker/broker';
 import { TokenBucket, type Channel } from '../transport/channel';
 import type { NoticeBook } from './notices';
 import { faultPoint } from '../common/fault';
+import { systemClock, type Clock } from '../common/clock';
 
 /** The channel to the broker above (agent/transport): validated messages in, messages out. */
 export type ClientChannel = Channel;
@@ -47,7 +50,11 @@ export interface ClientOptions {
   book: NoticeBook;
   inventory(): Promise<Hello['inventory']>;
   log: Logger;
+  clock?: Clock;
 }
+
+/** Readings of the broker's clock kept per connection (the least delayed one counts). */
+const CLOCK_SAMPLES = 8;
 
 /**
  * Progress is best effort, the outcome is not: progress lines beyond this rate are not
@@ -84,15 +91,28 @@ export class Client {
   private legacyHello = false;
   /** The broker's capabilities from its welcome on this connection; null before it. */
   private peerCaps: ReadonlySet<string> | null = null;
+  private readonly clock: Clock;
+  /**
+   * local monotonic − broker's monotonic, at each reading of the broker's clock on this
+   * connection (welcome, its pings). The smallest is the reading that waited least on the
+   * way, so the best estimate of the offset (NTP's minimum filter, RFC 5905 "Clock Filter
+   * Algorithm"). Empty: the broker sends no clock; its wall deadline is converted instead.
+   */
+  private offsets: number[] = [];
+  /** Our pings in flight (id → sent at, local monotonic): their pongs time the channel. */
+  private readonly pings = new Map<string, number>();
 
   constructor(private readonly opts: ClientOptions) {
     this.channel = opts.channel;
     this.book = opts.book;
     this.log = opts.log.child({ role: 'client' });
+    this.clock = opts.clock ?? systemClock;
     this.channel.on('open', () => this.opened());
     this.channel.on('close', () => {
       this.open = false;
       this.peerCaps = null;
+      this.offsets = [];
+      this.pings.clear();
     });
     // Messages are handled one after another, in the order they came: two notices in
     // flight at once must be checked (seq) and journaled in order.
@@ -161,6 +181,12 @@ export class Client {
         'the broker above speaks another protocol version',
       );
     this.peerCaps = new Set(msg.capabilities ?? []);
+    // A broker that lists monotonic-clock sends its clock here and pings on it
+    // (docs/protocol.md, "Deadlines").
+    this.offsets = [];
+    if (this.peerCaps.has(CAP_MONOTONIC_CLOCK) && msg.clock !== undefined)
+      this.noteClock(msg.clock);
+    this.ping();
     this.log.info(
       { heartbeatMs: msg.heartbeatMs, capabilities: msg.capabilities ?? [] },
       'welcomed by the broker above',
@@ -189,7 +215,7 @@ export class Client {
     switch (msg.type) {
       case 'notice':
       case 'restore':
-        return this.onNotice(msg.id, msg.notice, msg.type);
+        return this.onNotice(msg.id, msg.notice, msg.type, this.localDeadline(msg.clock));
       case 'cancel': {
         try {
           const state = await this.book.cancel(msg.noticeId);
@@ -214,6 +240,7 @@ export class Client {
       }
       case 'ping':
         this.send({ type: 'pong', id: newMessageId(), replyTo: msg.id, t: msg.t });
+        if (this.offsets.length > 0) this.noteClock(msg.t);
         return;
       case 'welcome':
         return this.welcomed(msg);
@@ -225,8 +252,14 @@ export class Client {
         }
         this.log.warn({ msg }, 'the broker above reported an error');
         return;
-      case 'pong':
+      case 'pong': {
+        const sent = this.pings.get(msg.replyTo);
+        if (sent !== undefined) {
+          this.pings.delete(msg.replyTo);
+          this.book.margin.record('send', this.clock.monotonic() - sent);
+        }
         return;
+      }
       default:
         this.send({
           type: 'error',
@@ -238,7 +271,48 @@ export class Client {
     }
   }
 
-  private async onNotice(msgId: string, notice: Notice, type: 'notice' | 'restore'): Promise<void> {
+  /** One reading of the broker's monotonic clock, taken as it arrived. */
+  private noteClock(peer: number): void {
+    this.offsets.push(this.clock.monotonic() - peer);
+    if (this.offsets.length > CLOCK_SAMPLES) this.offsets.shift();
+  }
+
+  /**
+   * A notice's deadline on our monotonic clock, converted once, on receipt. Its time left
+   * is the broker's (deadline − sent, on the broker's clock), less how long the message
+   * took to be read here: our clock now against the broker's `sent` through the offset.
+   * That includes time this process could not run (SIGSTOP, a paused VM), so a notice that
+   * waited past its deadline is stale whatever the wall clocks say. Undefined without the
+   * broker's clock: the NoticeBook converts the wall deadline instead.
+   */
+  private localDeadline(c: SenderClock | undefined): number | undefined {
+    if (!c) return undefined;
+    const now = this.clock.monotonic();
+    const transit =
+      this.offsets.length > 0 ? Math.max(0, now - Math.min(...this.offsets) - c.sent) : 0;
+    return now - transit + (c.deadline - c.sent);
+  }
+
+  /**
+   * Times a round trip to the broker above: the outcome's send. Only to a broker that
+   * listed monotonic-clock (it answers pings on its channel and keeps time with us); to
+   * another the margin's round trip stays its prior (agent/common/end-margin.ts).
+   */
+  private ping(): void {
+    if (!this.peerCaps?.has(CAP_MONOTONIC_CLOCK)) return;
+    const id = newMessageId();
+    const t = this.clock.monotonic();
+    if (this.pings.size > 16) this.pings.clear();
+    this.pings.set(id, t);
+    if (!this.send({ type: 'ping', id, t })) this.pings.delete(id);
+  }
+
+  private async onNotice(
+    msgId: string,
+    notice: Notice,
+    type: 'notice' | 'restore',
+    deadlineMono?: number,
+  ): Promise<void> {
     const expected = type === 'notice' ? 'reclaim' : 'restore';
     if (notice.kind !== expected) {
       this.send({
@@ -256,7 +330,7 @@ export class Client {
     }
     let sub;
     try {
-      sub = await this.book.submit(notice, 'upstream');
+      sub = await this.book.submit(notice, 'upstream', { deadlineMono });
     } catch (err) {
       sub = { state: 'rejected' as const, error: errorOf(err), outcome: undefined };
     }
@@ -296,6 +370,8 @@ export class Client {
       if (!this.send(msg)) return; // cut short: still owed, sent again after the next hello
     }
     this.owed.delete(outcome.noticeId);
+    // The next notice's margin counts the channel as it is now, not as it was at the welcome.
+    this.ping();
   }
 
   private progress(noticeId: string, ev: ChildProgress): void {

@@ -21,6 +21,8 @@ import {
   type StepStore,
 } from '../broker/broker';
 import { faultPoint } from '../common/fault';
+import { bootId, restoreDeadline, systemClock, type Clock } from '../common/clock';
+import { EndMargin } from '../common/end-margin';
 import { MAX_DEADLINE_AHEAD_MS } from '../protocol/schemas';
 
 export type NoticeSource = 'upstream' | 'local';
@@ -37,10 +39,33 @@ export interface NoticeRecord {
   runs: number;
   outcome?: Outcome;
   error?: { code: string; message: string };
+  /**
+   * The deadline on this machine's monotonic clock, converted once on receipt, and the
+   * boot it belongs to (agent/common/clock.ts: a restart in the same boot keeps it).
+   */
+  deadlineMono?: number;
+  bootId?: string;
+}
+
+/** How a notice arrived, on this machine's clock (the Client converts the wire's). */
+export interface Arrival {
+  /** The deadline on clock.monotonic(); absent: the notice's wall deadline, converted now. */
+  deadlineMono?: number;
 }
 
 export interface CarryOutContext {
   signal: AbortSignal;
+  /**
+   * When the steps must be done, on clock.monotonic(): the notice's deadline less the time
+   * its end needs (EndMargin.afterMs: the journal writes and the outcome's send after the
+   * last step), so the outcome is at the broker above BEFORE the deadline.
+   */
+  deadline: number;
+  /** How long before `deadline` a stop's grace ends, so the kill is over by then (EndMargin.killMs). */
+  killMs: number;
+  clock: Clock;
+  /** Where the stops report how long each kill took. */
+  margin: EndMargin;
   log: Logger;
   /** True when an earlier run of this agent started this notice and did not finish it. */
   resumed: boolean;
@@ -87,7 +112,9 @@ export interface NoticeBookOptions {
   maxPending?: number;
   /** Finished records kept on disk (default RETAIN_FINAL_ON_DISK). */
   retainOnDisk?: number;
-  now?: () => number;
+  clock?: Clock;
+  /** The measured time a notice's end takes (shared with the client and the stops). */
+  margin?: EndMargin;
 }
 
 export const DEFAULT_MAX_PENDING_NOTICES = 64;
@@ -129,7 +156,10 @@ export class NoticeBook extends EventEmitter {
   private pruning: Promise<void> = Promise.resolve();
   private readonly retainOnDisk: number;
   private readonly maxPending: number;
-  private readonly now: () => number;
+  private readonly clock: Clock;
+  readonly margin: EndMargin;
+  /** Each notice's deadline on clock.monotonic(), and what was left of it on arrival. */
+  private readonly deadlines = new Map<string, { at: number; budgetMs: number }>();
 
   constructor(
     stateDir: string,
@@ -139,7 +169,8 @@ export class NoticeBook extends EventEmitter {
   ) {
     super();
     this.maxPending = opts.maxPending ?? DEFAULT_MAX_PENDING_NOTICES;
-    this.now = opts.now ?? Date.now;
+    this.clock = opts.clock ?? systemClock;
+    this.margin = opts.margin ?? new EndMargin();
     this.retainOnDisk = opts.retainOnDisk ?? RETAIN_FINAL_ON_DISK;
     this.notices = new Journal(path.join(stateDir, 'notices'));
     this.steps = new Journal(path.join(stateDir, 'steps'));
@@ -161,8 +192,10 @@ export class NoticeBook extends EventEmitter {
     const loaded = (await this.notices.all()).map((r) => r.value);
     for (const value of loaded) this.noteSeq(value);
     const finished = (r: NoticeRecord): string => r.finishedAt ?? r.receivedAt;
-    for (const value of loaded.sort((a, b) => finished(a).localeCompare(finished(b))))
+    for (const value of loaded.sort((a, b) => finished(a).localeCompare(finished(b)))) {
       this.records.set(value.notice.id, value);
+      if (value.state === 'accepted' || value.state === 'running') this.deadlineOf(value);
+    }
     this.evict();
   }
 
@@ -248,8 +281,11 @@ export class NoticeBook extends EventEmitter {
    * Validate → journal → queue. Never acts on a notice it could not journal. Admissions
    * are one at a time, so the duplicate and seq checks see every earlier notice.
    */
-  submit(notice: Notice, source: NoticeSource): Promise<Submitted> {
-    const p = this.admitting.then(() => this.admit(notice, source));
+  submit(notice: Notice, source: NoticeSource, arrival: Arrival = {}): Promise<Submitted> {
+    // Converted once, on receipt, before the wait for earlier admissions: the time spent
+    // queued counts against the notice.
+    const deadlineMono = arrival.deadlineMono ?? restoreDeadline({}, notice.deadline, this.clock);
+    const p = this.admitting.then(() => this.admit(notice, source, deadlineMono));
     this.admitting = p.then(
       () => undefined,
       () => undefined,
@@ -257,7 +293,11 @@ export class NoticeBook extends EventEmitter {
     return p;
   }
 
-  private async admit(notice: Notice, source: NoticeSource): Promise<Submitted> {
+  private async admit(
+    notice: Notice,
+    source: NoticeSource,
+    deadlineMono: number,
+  ): Promise<Submitted> {
     const log = this.log.child({ noticeId: notice.id });
     const known = this.records.get(notice.id) ?? (await this.recall(notice.id));
     if (known) {
@@ -278,7 +318,7 @@ export class NoticeBook extends EventEmitter {
       log.warn({ pending, cap: this.maxPending }, 'notice refused: too many pending');
       return { state: 'rejected', error: { code: 'NOTICE_BACKLOG', message } };
     }
-    const { problems, mismatch } = await this.validate(notice, source);
+    const { problems, mismatch } = await this.validate(notice, source, deadlineMono);
     if (problems.length > 0) {
       // A replayed seq, or a deadline already past on arrival (the broker above has given
       // up on it: a guest stopped past the deadline must not act on it when it wakes).
@@ -300,7 +340,7 @@ export class NoticeBook extends EventEmitter {
         notice,
         source,
         state: 'rejected',
-        receivedAt: new Date().toISOString(),
+        receivedAt: new Date(this.clock.now()).toISOString(),
         runs: 0,
         error: { code, message: error.message },
       };
@@ -317,13 +357,20 @@ export class NoticeBook extends EventEmitter {
       notice,
       source,
       state: 'accepted',
-      receivedAt: new Date().toISOString(),
+      receivedAt: new Date(this.clock.now()).toISOString(),
       runs: 0,
+      deadlineMono,
+      bootId: bootId(),
     };
+    this.deadlines.set(notice.id, {
+      at: deadlineMono,
+      budgetMs: Math.max(0, deadlineMono - this.clock.monotonic()),
+    });
     try {
-      await this.notices.put(noticeKey(notice.id), rec);
+      await this.put(rec);
     } catch (err) {
       const message = isNestError(err) ? err.message : String(err);
+      this.deadlines.delete(notice.id);
       log.error({ err }, 'could not journal the notice: refused, nothing done');
       return { state: 'rejected', error: { code: 'JOURNAL_WRITE', message } };
     }
@@ -354,7 +401,8 @@ export class NoticeBook extends EventEmitter {
     if (rec.state === 'rejected' || rec.state === 'cancelled') return 'cancelled';
     if (rec.state !== 'accepted') return 'not-cancellable';
     rec.state = 'cancelled';
-    rec.finishedAt = new Date().toISOString();
+    rec.finishedAt = new Date(this.clock.now()).toISOString();
+    this.deadlines.delete(id);
     await this.notices.put(noticeKey(id), rec);
     this.evict();
     this.log.info({ noticeId: id }, 'notice cancelled before work started');
@@ -396,6 +444,7 @@ export class NoticeBook extends EventEmitter {
   private async validate(
     notice: Notice,
     source: NoticeSource,
+    deadlineMono: number,
   ): Promise<{ problems: Problem[]; mismatch: boolean }> {
     const problems: Problem[] = [];
     if (notice.guest !== this.broker.name)
@@ -410,16 +459,21 @@ export class NoticeBook extends EventEmitter {
         value: notice.seq,
         message: `stale: notice seq ${notice.seq} is not after ${this.lastSeqValue}, already applied`,
       });
-    const deadline = Date.parse(notice.deadline);
-    if (Number.isNaN(deadline))
+    const left = deadlineMono - this.clock.monotonic();
+    if (Number.isNaN(Date.parse(notice.deadline)) || Number.isNaN(deadlineMono))
       problems.push({ field: 'deadline', value: notice.deadline, message: 'not a date' });
-    else if (deadline <= this.now())
+    // A reclaim that arrives after its deadline is stale: the broker above has given up on
+    // it and given the resources back, so acting on it now would take what it no longer
+    // asks for. A restore is not: the broker above raised the VM first and keeps the
+    // restore on its books even when late, so carrying it out late is what makes the two
+    // agree (docs/reliability.md, "A deadline shorter than a grace period").
+    else if (left <= 0 && notice.kind === 'reclaim')
       problems.push({
         field: 'deadline',
         value: notice.deadline,
-        message: `stale: the deadline passed ${this.now() - deadline} ms before the notice arrived; nothing done`,
+        message: `stale: the deadline passed ${Math.round(-left)} ms before the notice arrived; nothing done`,
       });
-    else if (deadline - this.now() > MAX_DEADLINE_AHEAD_MS)
+    else if (left > MAX_DEADLINE_AHEAD_MS)
       problems.push({
         field: 'deadline',
         value: notice.deadline,
@@ -449,6 +503,24 @@ export class NoticeBook extends EventEmitter {
     if (last) return { ...last.notice.allocation };
     if (!this.broker.allocation) throw new NestError('INTERNAL', 'this broker keeps no allocation');
     return this.broker.allocation();
+  }
+
+  /** A notice record journaled, its fsync timed for the margin (EndMargin 'journal'). */
+  private async put(rec: NoticeRecord): Promise<void> {
+    const t0 = this.clock.monotonic();
+    await this.notices.put(noticeKey(rec.notice.id), rec);
+    this.margin.record('journal', this.clock.monotonic() - t0);
+  }
+
+  /** The monotonic deadline of a pending notice: kept from receipt, or restored once from the journal. */
+  private deadlineOf(rec: NoticeRecord): { at: number; budgetMs: number } {
+    let d = this.deadlines.get(rec.notice.id);
+    if (!d) {
+      const at = restoreDeadline(rec, rec.notice.deadline, this.clock);
+      d = { at, budgetMs: Math.max(0, at - this.clock.monotonic()) };
+      this.deadlines.set(rec.notice.id, d);
+    }
+    return d;
   }
 
   /** Accepted or running, not yet finished. */
@@ -492,9 +564,17 @@ export class NoticeBook extends EventEmitter {
       throw new NestError('NOTICE_UNKNOWN', `notice ${notice.id} was cancelled`);
     const resumed = rec.state === 'running';
     rec.state = 'running';
-    rec.startedAt ??= new Date().toISOString();
+    rec.startedAt ??= new Date(this.clock.now()).toISOString();
     rec.runs += 1;
-    await this.notices.put(noticeKey(notice.id), rec);
+    await this.put(rec);
+    // The steps end early enough for the kill, the journal writes and the outcome's send
+    // to be over by the deadline (EndMargin: measured, the latest writes included).
+    const { at, budgetMs } = this.deadlineOf(rec);
+    const { killMs, afterMs } = this.margin.forBudget(budgetMs);
+    log.info(
+      { leftMs: Math.round(at - this.clock.monotonic()), killMs, afterMs },
+      'the steps end before the deadline by the measured margin',
+    );
     const key = noticeKey(notice.id);
     // One record for all the notice's steps, group-committed (broker.ts).
     const steps: StepJournal<unknown> = new NoticeStepJournal<unknown>(
@@ -507,6 +587,10 @@ export class NoticeBook extends EventEmitter {
       log,
       resumed,
       steps,
+      deadline: at - afterMs,
+      killMs,
+      clock: this.clock,
+      margin: this.margin,
       onProgress: (ev) => this.emit('progress', notice.id, ev),
     });
     if (this.stopping.signal.aborted) {
@@ -520,8 +604,9 @@ export class NoticeBook extends EventEmitter {
     const finish = async (): Promise<Outcome> => {
       rec.state = 'done';
       rec.outcome = outcome;
-      rec.finishedAt = new Date().toISOString();
-      await this.notices.put(noticeKey(notice.id), rec);
+      rec.finishedAt = new Date(this.clock.now()).toISOString();
+      this.deadlines.delete(notice.id);
+      await this.put(rec);
       faultPoint('before-outcome');
       log.info({ status: outcome.status, freed: outcome.freed, ms: outcome.ms }, 'notice done');
       this.emit('outcome', outcome);

@@ -278,6 +278,8 @@ export class GuestAgent implements OperatorTarget {
       },
       projects: this.cfg.projects.length,
       metrics: this.metrics ? this.metrics.address : null,
+      // What a notice's end takes here, measured (agent/common/end-margin.ts).
+      endMargin: this.book.margin.snapshot(),
       notices: {
         total: all.length,
         running: all.filter((r) => r.state === 'running' || r.state === 'accepted').length,

@@ -186,7 +186,10 @@ export class GuestBroker implements LocalBroker {
   }
 
   async carryOut(notice: Notice, ctx: CarryOutContext): Promise<Outcome> {
-    const startedAt = new Date();
+    const clock = ctx.clock;
+    // Wall time for the record only; the duration is on the monotonic clock.
+    const startedAt = new Date(clock.now());
+    const t0 = clock.monotonic();
     const log = ctx.log;
     const deadline = new Date(notice.deadline);
     // The plan is made once and journaled with the steps, so a run resumed after a
@@ -212,6 +215,7 @@ export class GuestBroker implements LocalBroker {
       thePlan.decisions,
       notice,
       (name) => this.registry.config(name).stop.gracePeriodMs,
+      Math.max(0, ctx.deadline - ctx.killMs - clock.monotonic()),
     );
     // Stop signals go in plan order (lowest rank first); a stop already done before a
     // restart has no turn to take.
@@ -220,11 +224,13 @@ export class GuestBroker implements LocalBroker {
     for (const child of stopSteps)
       if ((await planJournal.get(child))?.outcome !== undefined) turns.release(child);
     const children = new Map<string, ChildHandle<ProjectNotice, ProjectOutcome>>();
-    for (const s of steps) children.set(s.child, this.handle(decisions.get(s.child)!, turns));
+    for (const s of steps) children.set(s.child, this.handle(decisions.get(s.child)!, turns, ctx));
 
     const results = await runBroker(steps, children, {
       noticeId: notice.id,
       deadline,
+      deadlineMono: ctx.deadline,
+      clock,
       signal: ctx.signal,
       journal: ctx.steps as StepJournal<ProjectOutcome>,
       ready: planSaved,
@@ -261,20 +267,32 @@ export class GuestBroker implements LocalBroker {
           reason: d.reason,
         },
     );
-    await this.allocationBook.set(notice.allocation);
-    return summariseProjects(
+    const outcome = summariseProjects(
       notice,
       projects,
       this.net(previous),
       startedAt,
-      new Date(),
+      new Date(clock.now()),
       this.net(notice.allocation),
+      clock.monotonic() - t0,
     );
+    // The allocation the host's books will hold after this outcome (host-broker.ts): a
+    // reclaim that failed outright is refused there and given back, so it is not recorded
+    // here either; anything else (complete, partial; late or not) the host counts.
+    if (notice.kind === 'restore' || outcome.status !== 'failed')
+      await this.allocationBook.set(notice.allocation);
+    return outcome;
   }
 
   /** The child handle of one project for one notice. */
-  private handle(d: Decision, turns: SignalTurns): ChildHandle<ProjectNotice, ProjectOutcome> {
+  private handle(
+    d: Decision,
+    turns: SignalTurns,
+    notice: CarryOutContext,
+  ): ChildHandle<ProjectNotice, ProjectOutcome> {
     const name = d.project;
+    const clock = notice.clock;
+    const since = (t: number): number => Math.round(clock.monotonic() - t);
     const p = this.registry.config(name);
     return {
       name,
@@ -283,11 +301,11 @@ export class GuestBroker implements LocalBroker {
         await this.board.deliver(pn, { signal: p.notify?.signal, pids });
       },
       apply: async (pn, ctx) => {
-        const t0 = Date.now();
+        const t0 = clock.monotonic();
         const base = { name, before: d.before, reason: d.reason };
         switch (d.action) {
           case 'stopped': {
-            const r = await this.stop(name, pn, ctx, turns);
+            const r = await this.stop(name, pn, ctx, notice, turns);
             return {
               ...base,
               action: 'stopped',
@@ -300,26 +318,26 @@ export class GuestBroker implements LocalBroker {
             };
           }
           case 'shrunk': {
-            const came = await this.shrink(d, pn, ctx);
+            const came = await this.shrink(d, pn, ctx, notice);
             if (came.ok) {
-              ctx.progress({ phase: 'shrunk', action: 'shrunk', ms: Date.now() - t0 });
-              return { ...base, action: 'shrunk', after: d.after, exit: null, ms: Date.now() - t0 };
+              ctx.progress({ phase: 'shrunk', action: 'shrunk', ms: since(t0) });
+              return { ...base, action: 'shrunk', after: d.after, exit: null, ms: since(t0) };
             }
-            const r = await this.stop(name, pn, ctx);
+            const r = await this.stop(name, pn, ctx, notice);
             return {
               ...base,
               action: 'stopped',
               after: STOPPED_LIMITS,
               exit: r.exit,
-              ms: Date.now() - t0,
+              ms: since(t0),
               ...(r.escaped ? { escaped: r.escaped } : {}),
               reason: `${d.reason}; memory stayed at ${formatBytes(came.usage)}, above ${formatBytes(d.memoryTarget)}, until its grace ran out: stopped (${r.reason})`,
             };
           }
           case 'grown': {
             await this.registry.applyLimits(name, d.after);
-            ctx.progress({ phase: 'grown', action: 'grown', ms: Date.now() - t0 });
-            return { ...base, action: 'grown', after: d.after, exit: null, ms: Date.now() - t0 };
+            ctx.progress({ phase: 'grown', action: 'grown', ms: since(t0) });
+            return { ...base, action: 'grown', after: d.after, exit: null, ms: since(t0) };
           }
           case 'started': {
             await this.registry.applyLimits(name, d.after);
@@ -330,8 +348,8 @@ export class GuestBroker implements LocalBroker {
               !this.registry.stoppedByOperator(name)
             )
               await this.registry.start(name, ctx.log);
-            ctx.progress({ phase: 'started', action: 'started', ms: Date.now() - t0 });
-            return { ...base, action: 'started', after: d.after, exit: null, ms: Date.now() - t0 };
+            ctx.progress({ phase: 'started', action: 'started', ms: since(t0) });
+            return { ...base, action: 'started', after: d.after, exit: null, ms: since(t0) };
           }
           default:
             return { ...base, action: 'unchanged', after: d.before, exit: null, ms: 0 };
@@ -340,7 +358,13 @@ export class GuestBroker implements LocalBroker {
     };
   }
 
-  private async stop(name: string, pn: ProjectNotice, ctx: ChildContext, turns?: SignalTurns) {
+  private async stop(
+    name: string,
+    pn: ProjectNotice,
+    ctx: ChildContext,
+    notice: CarryOutContext,
+    turns?: SignalTurns,
+  ) {
     const p = this.registry.config(name);
     const group = this.registry.group(name);
     this.registry.setTransient(name, 'stopping');
@@ -351,8 +375,13 @@ export class GuestBroker implements LocalBroker {
       const r = await stopProject(
         group,
         { signal: p.stop.signal, gracePeriodMs: p.stop.gracePeriodMs, preStop: p.stop.preStop },
-        new Date(pn.deadline),
+        // The steps' end (the notice's deadline less the measured margin of its end), on
+        // the monotonic clock: the project's wall deadline is for the project to read.
+        ctx.deadlineMono,
         {
+          clock: notice.clock,
+          killMs: notice.killMs,
+          onKilled: (ms) => notice.margin.record('kill', ms),
           adapter: this.adapter,
           spawnHook: (g, argv) => this.registry.spawnHook(name, g, argv),
           waitDone: (signal) => this.board.waitDone(name, pn.notice.id, signal),
@@ -396,7 +425,9 @@ export class GuestBroker implements LocalBroker {
     d: Decision,
     pn: ProjectNotice,
     ctx: ChildContext,
+    notice: CarryOutContext,
   ): Promise<{ ok: true } | { ok: false; usage: number }> {
+    const clock = notice.clock;
     const name = d.project;
     const group = this.registry.group(name);
     const target = d.memoryTarget;
@@ -407,13 +438,14 @@ export class GuestBroker implements LocalBroker {
     // memory.high and CPU are set, memory.max not yet: the half-limited state
     // (test/faults/).
     faultPoint('mid-shrink');
-    const until = Math.min(Date.now() + pn.gracePeriodMs, new Date(pn.deadline).getTime());
+    // The wait for usage to come down leaves room for the stop's kill if it does not.
+    const until = Math.min(clock.monotonic() + pn.gracePeriodMs, ctx.deadlineMono - notice.killMs);
     let current = await this.usage.memoryNow(group);
     // Polled soon, then less often (2, 4, … 100 ms): usage that comes down at once (most
     // of the time) is seen at once, not a fixed 100 ms later; the read is cheap.
     let pause = 2;
-    while (current > target && Date.now() < until && !ctx.signal.aborted) {
-      await sleep(Math.min(pause, Math.max(1, until - Date.now())));
+    while (current > target && clock.monotonic() < until && !ctx.signal.aborted) {
+      await clock.sleep(Math.min(pause, Math.max(1, until - clock.monotonic())), ctx.signal);
       pause = Math.min(100, pause * 2);
       current = await this.usage.memoryNow(group);
     }
@@ -428,8 +460,9 @@ export function toSteps(
   decisions: Decision[],
   notice: Notice,
   graceOf: (name: string) => number,
+  /** Time left for the graces (monotonic: the steps' end less the kill), capping each. */
+  deadlineLeft: number,
 ): BrokerStep<ProjectNotice>[] {
-  const deadlineLeft = Math.max(0, Date.parse(notice.deadline) - Date.now());
   // Steps of one class run as one broker group. Stops and shrinks are one class: each
   // takes only from its own project, the plan already made them fit together, and the
   // stop signals keep their rank order through SignalTurns; run one after the other they
@@ -451,7 +484,7 @@ export function toSteps(
         project: d.project,
         action: d.action,
         limits: d.action === 'stopped' ? STOPPED_LIMITS : d.after,
-        gracePeriodMs: Math.min(graceOf(d.project), deadlineLeft),
+        gracePeriodMs: Math.min(graceOf(d.project), Math.floor(deadlineLeft)),
         deadline: notice.deadline,
         reason: d.reason,
       },
@@ -496,8 +529,4 @@ export class SignalTurns {
   release(name: string): void {
     this.gates.get(name)?.open();
   }
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
 }

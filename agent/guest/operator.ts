@@ -12,6 +12,7 @@
  *
  * Every argument is checked at this boundary and every problem reported at once.
  */
+import { systemClock } from '../common/clock';
 import { randomUUID } from 'node:crypto';
 import { NestError, type Problem } from '../common/errors';
 import { parseCpus, parseDuration, parseSize } from '../common/units';
@@ -156,13 +157,17 @@ export function registerOperatorApi(
   });
   for (const kind of ['reclaim', 'restore'] as const) {
     rpc.handle(kind, async (args, ctx) => {
-      const n = localNotice(agent, kind, parseChangeArgs(args, kind));
+      const change = parseChangeArgs(args, kind);
+      // The deadline on the monotonic clock from the start: a local notice never goes
+      // through its wall form (docs/reliability.md, "Time").
+      const deadlineMono = systemClock.monotonic() + change.deadlineMs;
+      const n = localNotice(agent, kind, change);
       const onProgress = (id: string, ev: unknown): void => {
         if (id === n.id) ctx.progress(ev);
       };
       agent.book.on('progress', onProgress);
       try {
-        const sub = await agent.book.submit(n, 'local');
+        const sub = await agent.book.submit(n, 'local', { deadlineMono });
         if (!sub.outcome)
           throw new NestError(
             (sub.error?.code as 'NOTICE_REJECTED') ?? 'NOTICE_REJECTED',

@@ -23,6 +23,7 @@ import { promises as fsp, openSync, closeSync } from 'node:fs';
 import * as path from 'node:path';
 import type { CgroupAdapter, Limits } from '../../cgroup-adapter/types';
 import { cgroupNamespaceSupport, spawnInto } from '../../cgroup-adapter/spawn';
+import { systemClock } from '../common/clock';
 import { Journal } from '../common/journal';
 import { NestError, isNestError } from '../common/errors';
 import { lookupUser } from '../common/nss';
@@ -420,8 +421,8 @@ export class ProjectRegistry {
           if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
         }
       }
-      const until = Date.now() + ESCAPE_KILL_WAIT_MS;
-      while (now.some(stillAlive) && Date.now() < until) await sleep(10);
+      const until = systemClock.monotonic() + ESCAPE_KILL_WAIT_MS;
+      while (now.some(stillAlive) && systemClock.monotonic() < until) await sleep(10);
     }
     const all = [...found.values()].sort((a, b) => a.pid - b.pid);
     if (all.length > 0) {

@@ -16,6 +16,7 @@ import type { CgroupAdapter } from '../../cgroup-adapter/types';
 import type { Logger } from '../common/log';
 import type { ExitKind } from '../broker/types';
 import { faultPoint } from '../common/fault';
+import { systemClock, type Clock } from '../common/clock';
 
 export interface StopSpec {
   signal: string;
@@ -58,7 +59,15 @@ export interface StopDeps {
   /** kill(2) by default; a test records the signals instead. */
   sendSignal?: SendSignal;
   log: Logger;
-  now?: () => number;
+  /** Every wait and every reported duration is on clock.monotonic() (docs/reliability.md, "Time"). */
+  clock?: Clock;
+  /**
+   * Milliseconds the kill itself is expected to take (EndMargin: measured): the grace
+   * ends that long before the deadline, so the group is empty AT the deadline, not after.
+   */
+  killMs?: number;
+  /** Called with how long cgroup.kill took to empty the group (feeds EndMargin). */
+  onKilled?: (ms: number) => void;
 }
 
 export interface StopResult {
@@ -79,13 +88,17 @@ const KILL_TIMEOUT_MS = 10_000;
 export async function stopProject(
   group: string,
   spec: StopSpec,
-  deadline: Date,
+  /** On deps.clock.monotonic(): the instant by which the group must be empty. */
+  deadline: number,
   deps: StopDeps,
 ): Promise<StopResult> {
-  const now = deps.now ?? Date.now;
+  const clock = deps.clock ?? systemClock;
+  const now = (): number => clock.monotonic();
   let t0 = now();
-  const at = (): number => now() - t0;
-  const left = (): number => Math.max(0, deadline.getTime() - now());
+  const at = (): number => Math.round(now() - t0);
+  const killMs = Math.max(0, deps.killMs ?? 0);
+  // The grace must leave room for the kill: it ends killMs before the deadline.
+  const graceLeft = (): number => Math.max(0, Math.floor(deadline - killMs - now()));
   const phases: StopResult['phases'] = { empty: 0 };
   const log = deps.log;
 
@@ -109,12 +122,18 @@ export async function stopProject(
   let hook: StopResult['hook'];
   if (spec.preStop && spec.preStop.command.length > 0) {
     phases.preStop = at();
-    hook = await runHook(group, spec.preStop, Math.min(spec.preStop.timeoutMs, left()), deps);
+    hook = await runHook(
+      group,
+      spec.preStop,
+      Math.min(spec.preStop.timeoutMs, graceLeft()),
+      deps,
+      clock,
+    );
     log.info({ hook, ms: at() - phases.preStop }, 'pre-stop hook finished');
   }
 
   // 2. The stop signal to every process in the group as the kernel lists it now.
-  const graceMs = Math.min(spec.gracePeriodMs, left());
+  const graceMs = Math.min(spec.gracePeriodMs, graceLeft());
   phases.signalled = at();
   const signalled = await signalGroup(
     deps.adapter,
@@ -153,7 +172,9 @@ export async function stopProject(
   // 4. Kill the whole group, forks included, and wait until it is empty.
   phases.killed = at();
   const capped = graceMs < spec.gracePeriodMs;
+  const k0 = now();
   await deps.adapter.kill(group, KILL_TIMEOUT_MS);
+  deps.onKilled?.(now() - k0);
   phases.empty = at();
   if (waited === 'done') {
     return {
@@ -204,6 +225,7 @@ async function runHook(
   preStop: { command: string[] },
   timeoutMs: number,
   deps: StopDeps,
+  clock: Clock,
 ): Promise<StopResult['hook']> {
   let child: ChildProcess;
   try {
@@ -214,18 +236,19 @@ async function runHook(
   }
   return new Promise((resolve) => {
     let settled = false;
-    const timer = setTimeout(() => {
+    const timerOff = new AbortController();
+    void clock.sleep(timeoutMs, timerOff.signal).then(() => {
       if (settled) return;
       settled = true;
       // The hook is our own child (not yet reaped), so its pid cannot have been reused.
       child.kill('SIGKILL');
       deps.log.warn({ timeoutMs, command: preStop.command }, 'pre-stop hook timed out; killed');
       resolve('timed-out');
-    }, timeoutMs);
+    });
     const done = (code: number | null): void => {
       if (settled) return;
       settled = true;
-      clearTimeout(timer);
+      timerOff.abort();
       resolve(code === 0 ? 'ok' : 'failed');
     };
     if (child.exitCode !== null) done(child.exitCode);

@@ -20,8 +20,8 @@
  * live here too: a stop is recorded (stoppedByOperator, in the state dir) before it acts.
  */
 import { EventEmitter } from 'node:events';
-import { performance } from 'node:perf_hooks';
 import type { CgroupAdapter } from '../../cgroup-adapter/types';
+import { systemClock } from '../common/clock';
 import { NestError } from '../common/errors';
 import type { Logger } from '../common/log';
 import type { ExitKind } from '../broker/types';
@@ -106,7 +106,7 @@ export class Supervisor extends EventEmitter {
     private readonly registry: ProjectRegistry,
     private readonly adapter: CgroupAdapter,
     private readonly log: Logger,
-    private readonly now: () => number = () => performance.now(),
+    private readonly now: () => number = () => systemClock.monotonic(),
   ) {
     super();
     for (const p of cfg.projects) this.watches.set(p.name, { starts: [], streak: 0 });
@@ -283,9 +283,9 @@ export class Supervisor extends EventEmitter {
     this.registry.setTransient(name, 'stopping');
     try {
       const hookMs = p.stop.preStop?.timeoutMs ?? 0;
-      const deadline = new Date(
-        Date.now() + hookMs + p.stop.gracePeriodMs + OPERATOR_STOP_SLACK_MS,
-      );
+      // On the monotonic clock, as stopProject takes it (docs/reliability.md, "Time").
+      const deadline =
+        systemClock.monotonic() + hookMs + p.stop.gracePeriodMs + OPERATOR_STOP_SLACK_MS;
       const r = await stopProject(
         this.registry.group(name),
         { signal: p.stop.signal, gracePeriodMs: p.stop.gracePeriodMs, preStop: p.stop.preStop },

@@ -40,7 +40,7 @@ export class UsageSampler {
     private readonly groups: () => { name: string; group: string }[],
     private readonly intervalMs: number,
     private readonly log: Logger,
-    private readonly now: () => number = Date.now,
+    private readonly now: () => number = () => performance.now(),
   ) {
     this.cheap = new GroupSampler(adapter);
   }

@@ -94,6 +94,7 @@ export function noticeView(r: HostNoticeRecord) {
     outcomeAt: r.outcomeAt,
     actuatedAt: r.actuatedAt,
     finishedAt: r.finishedAt,
+    reconciledAt: r.reconciledAt,
     outcome: r.outcome,
     credited: r.credited,
     actuation: r.actuation,

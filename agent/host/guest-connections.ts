@@ -11,6 +11,7 @@ import { NestError } from '../common/errors';
 import type { Logger } from '../common/log';
 import {
   CAPABILITIES,
+  CAP_MONOTONIC_CLOCK,
   newMessageId,
   PROTOCOL_VERSION,
   type Hello,
@@ -23,6 +24,7 @@ import type { GuestConfig, HostConfig } from './config';
 import { faultPoint } from '../common/fault';
 import type { VmActuator } from './actuator';
 import { NoticeStore, type HostNoticeRecord, type HostProgress } from './notice-store';
+import { restoreDeadline, systemClock, type Clock } from '../common/clock';
 
 /** What the host side needs of a channel to one guest (agent/transport's Channel has it). */
 export interface HostChannel {
@@ -59,6 +61,8 @@ export interface HostBrokerDeps {
   deliverTimeoutMs?: number;
   /** How long to wait for the guest's answer to a cancel. */
   cancelTimeoutMs?: number;
+  /** Durations, deadlines and timers on clock.monotonic(); clock.now() for timestamps only. */
+  clock?: Clock;
 }
 
 /** The guests' channels and what arrives on them; the base of HostBroker. */
@@ -67,12 +71,22 @@ export abstract class GuestConnections extends EventEmitter {
   protected readonly links = new Map<string, Link>();
   /** Outcome waiters by notice id (the running lifecycle's apply step). */
   protected readonly outcomeWaiters = new Map<string, (o: Outcome | NestError) => void>();
+  /**
+   * The journal write of each outcome that has arrived: the lifecycle is told of an outcome
+   * the moment it arrives (arriving by the deadline is what counts), and awaits this write
+   * before it actuates anything (notice-lifecycle.ts).
+   */
+  protected readonly outcomeSaved = new Map<string, Promise<void>>();
   protected readonly guestsByName = new Map<string, GuestConfig>();
   protected readonly log: Logger;
+  protected readonly clock: Clock;
+  /** Each pending notice's deadline on clock.monotonic(): set at issue, or restored once. */
+  protected readonly deadlines = new Map<string, number>();
 
   constructor(protected readonly deps: HostBrokerDeps) {
     super();
     this.log = deps.log.child({ role: 'host-broker' });
+    this.clock = deps.clock ?? systemClock;
     this.store = new NoticeStore(deps.config.stateDir, this.log);
     for (const g of deps.config.guests) this.guestsByName.set(g.name, g);
   }
@@ -111,10 +125,35 @@ export abstract class GuestConnections extends EventEmitter {
     channel.on('message', (raw) => this.onMessage(g, link, raw));
   }
 
-  protected noticeMessage(notice: Notice): Message {
+  /**
+   * The notice on the wire, with the host's monotonic clock (docs/reliability.md, "Time"):
+   * the guest converts the deadline once, on receipt, to its own, whatever either wall
+   * clock says.
+   */
+  protected noticeMessage(notice: Notice, link: Link | undefined): Message {
+    const rec = this.store.get(notice.id);
+    const clock =
+      rec && link?.hello && takesClock(link.hello)
+        ? { sent: this.clock.monotonic(), deadline: Math.max(0, this.deadlineOf(rec)) }
+        : undefined;
     return notice.kind === 'reclaim'
-      ? { type: 'notice', id: newMessageId(), notice }
-      : { type: 'restore', id: newMessageId(), notice };
+      ? { type: 'notice', id: newMessageId(), notice, ...(clock ? { clock } : {}) }
+      : { type: 'restore', id: newMessageId(), notice, ...(clock ? { clock } : {}) };
+  }
+
+  /** A notice's deadline on clock.monotonic(), converted once from the journal after a restart. */
+  protected deadlineOf(rec: HostNoticeRecord): number {
+    let d = this.deadlines.get(rec.notice.id);
+    if (d === undefined) {
+      d = restoreDeadline(rec, rec.notice.deadline, this.clock);
+      this.deadlines.set(rec.notice.id, d);
+    }
+    return d;
+  }
+
+  /** Wall time for a record's timestamps (display only). */
+  protected stamp(): string {
+    return new Date(this.clock.now()).toISOString();
   }
 
   // ---------------------------------------------------------------- channel
@@ -198,7 +237,7 @@ export abstract class GuestConnections extends EventEmitter {
       return;
     }
     link.hello = hello;
-    link.helloAt = new Date().toISOString();
+    link.helloAt = this.stamp();
     this.sendTo(link, {
       type: 'welcome',
       id: newMessageId(),
@@ -206,8 +245,10 @@ export abstract class GuestConnections extends EventEmitter {
       version: PROTOCOL_VERSION,
       guest: g.name,
       heartbeatMs: this.deps.config.heartbeat.intervalMs,
-      // We assemble outcome parts (docs/protocol.md, "Versions and capabilities").
+      // We assemble outcome parts and send our monotonic clock (docs/protocol.md,
+      // "Versions and capabilities").
       capabilities: [...CAPABILITIES],
+      ...(takesClock(hello) ? { clock: this.clock.monotonic() } : {}),
     });
     log.info(
       {
@@ -229,10 +270,20 @@ export abstract class GuestConnections extends EventEmitter {
     }
     for (const rec of this.store.ofGuest(g.name)) {
       if (rec.outcome) continue;
-      if (rec.state !== 'issued' && rec.state !== 'acked') continue;
+      // A late reclaim the guest had accepted (its lastSeq is past it): asked again, the
+      // guest answers from its journal with what it did, and the outcome is reconciled
+      // (notice-lifecycle.ts, reconcileLate).
+      const lateAccepted =
+        rec.state === 'late' && rec.notice.kind === 'reclaim' && rec.notice.seq <= hello.lastSeq;
+      // A restore that ended late is on the books and the VM was raised: the guest must
+      // carry it out, late or not (agent/client/notices.ts accepts a late restore).
+      const lateRestore =
+        rec.state === 'done' && rec.late === true && rec.notice.kind === 'restore';
+      if (rec.state !== 'issued' && rec.state !== 'acked' && !lateAccepted && !lateRestore)
+        continue;
       if (rec.notice.kind === 'restore' && !rec.actuation) continue;
       log.info({ noticeId: rec.notice.id, seq: rec.notice.seq }, 'sending an unanswered notice');
-      this.request(link, rec.notice.id, this.noticeMessage(rec.notice))
+      this.request(link, rec.notice.id, this.noticeMessage(rec.notice, link))
         .then((ack) => this.onAck(rec, ack))
         .catch((err: unknown) => log.warn({ err, noticeId: rec.notice.id }, 'resend not acked'));
     }
@@ -254,7 +305,7 @@ export abstract class GuestConnections extends EventEmitter {
     if (ack.state !== 'accepted' && ack.state !== 'duplicate') return;
     if (rec.state === 'issued') {
       rec.state = 'acked';
-      rec.ackedAt = new Date().toISOString();
+      rec.ackedAt = this.stamp();
       void this.store.save(rec);
       this.note(rec, 'acked');
     }
@@ -282,7 +333,7 @@ export abstract class GuestConnections extends EventEmitter {
       'outcome arrived without all of its parts; not recorded',
     );
     if (tries > OUTCOME_PART_RETRIES) return;
-    this.request(link, noticeId, this.noticeMessage(rec.notice))
+    this.request(link, noticeId, this.noticeMessage(rec.notice, link))
       .then((ack) => this.onAck(rec, ack))
       .catch((err: unknown) => log.warn({ err }, 'asking again for the outcome failed'));
   }
@@ -298,13 +349,19 @@ export abstract class GuestConnections extends EventEmitter {
     }
     if (rec.outcome) return; // a repeat after a reconnect: the first one stands
     rec.outcome = outcome;
-    rec.outcomeAt = new Date().toISOString();
+    rec.outcomeAt = this.stamp();
     // The books credit at most what the notice asked for, whatever the guest claims.
     rec.credited = creditedByOutcome(rec.notice.change, outcome.freed);
     if (rec.state === 'issued' || rec.state === 'acked') rec.state = 'reported';
-    await this.store.save(rec);
+    const saved = this.store.save(rec);
+    this.outcomeSaved.set(rec.notice.id, saved);
     this.note(rec, 'outcome', { ms: outcome.ms });
     this.outcomeWaiters.get(rec.notice.id)?.(outcome);
+    try {
+      await saved;
+    } finally {
+      if (this.outcomeSaved.get(rec.notice.id) === saved) this.outcomeSaved.delete(rec.notice.id);
+    }
   }
 
   protected sendTo(link: Link, msg: Message): boolean {
@@ -342,7 +399,7 @@ export abstract class GuestConnections extends EventEmitter {
       }
       const rec = this.store.get(noticeId);
       if (rec && (msg.type === 'notice' || msg.type === 'restore')) {
-        rec.sentAt ??= new Date().toISOString();
+        rec.sentAt ??= this.stamp();
         this.note(rec, 'sent');
         faultPoint('after-send');
       }
@@ -355,10 +412,15 @@ export abstract class GuestConnections extends EventEmitter {
       guest: rec.notice.guest,
       phase,
       ...extra,
-      at: new Date().toISOString(),
+      at: this.stamp(),
     };
     rec.progress.push(ev);
     if (rec.progress.length > 500) rec.progress.shift();
     this.emit('progress', ev);
   }
+}
+
+/** The guest takes the host's monotonic clock on welcome and notices (it listed the capability). */
+function takesClock(hello: Hello): boolean {
+  return hello.capabilities?.includes(CAP_MONOTONIC_CLOCK) ?? false;
 }

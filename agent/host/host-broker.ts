@@ -30,6 +30,7 @@ import { HOST_LIMIT_DEFAULTS } from './config';
 import { faultPoint } from '../common/fault';
 import { NoticeLifecycle } from './notice-lifecycle';
 import { FINAL, type HostNoticeRecord } from './notice-store';
+import { bootId } from '../common/clock';
 
 // Where the parts live (docs/architecture.md, "Who owns what"); re-exported so the rest of
 // the code imports the host broker from one place.
@@ -144,7 +145,9 @@ export class HostBroker extends NoticeLifecycle {
         },
       );
     const seq = books.seq + 1;
-    const now = new Date();
+    // The wall form is for the wire and the record; the host waits by the monotonic one.
+    const now = new Date(this.clock.now());
+    const deadlineMono = this.clock.monotonic() + req.deadlineMs;
     const notice: Notice = {
       id: `${g.name}-${seq}-${randomBytes(4).toString('hex')}`,
       guest: g.name,
@@ -162,7 +165,11 @@ export class HostBroker extends NoticeLifecycle {
       force: req.force ?? false,
       source: req.source ?? 'operator',
       progress: [],
+      deadlineMono,
+      issuedMono: deadlineMono - req.deadlineMs,
+      bootId: bootId(),
     };
+    this.deadlines.set(notice.id, deadlineMono);
     // Journal first: the notice exists (and, being on the ledger, its resources are
     // marked deallocated in the books) before anything is sent (docs/architecture.md).
     await this.store.save(rec);
@@ -187,7 +194,7 @@ export class HostBroker extends NoticeLifecycle {
     if (rec.notice.kind !== 'reclaim') throw why('only a reclaim can be cancelled');
     if (rec.state !== 'issued' && rec.state !== 'acked')
       throw why(`it is ${rec.state} (the guest has already answered, or it is over)`);
-    if (Date.parse(rec.notice.deadline) <= Date.now()) throw why('its deadline has passed');
+    if (this.deadlineOf(rec) <= this.clock.monotonic()) throw why('its deadline has passed');
     const link = this.links.get(rec.notice.guest);
     if (link?.open && link.hello) {
       const ack = await this.request(link, rec.notice.id, {
@@ -203,7 +210,7 @@ export class HostBroker extends NoticeLifecycle {
       rec.cancelPending = true;
     }
     rec.state = 'cancelled';
-    rec.finishedAt = new Date().toISOString();
+    rec.finishedAt = this.stamp();
     await this.store.save(rec);
     this.note(rec, 'cancelled');
     this.aborts.get(id)?.abort(new NestError('NOTICE_REJECTED', 'cancelled'));

@@ -10,6 +10,7 @@
  * records it `done` with `actuation.errors`) is counted with state `actuation_failed`, not
  * `done`: the VM may still hold what the books no longer grant.
  */
+import { bootId, systemClock } from '../common/clock';
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import { addProcessMetrics, LATENCY_BUCKETS } from '../common/metrics';
 import type { HostBroker, HostNoticeRecord } from './host-broker';
@@ -52,10 +53,19 @@ export function hostMetrics(
     const state = rec.state === 'done' && failed.length > 0 ? 'actuation_failed' : rec.state;
     notices.inc({ guest, kind, state });
     for (const e of failed) actuationFailures.inc({ guest, step: e.step, code: e.code });
-    const from = Date.parse(rec.notice.issuedAt);
-    const to = Date.parse(rec.finishedAt ?? new Date().toISOString());
-    if (Number.isFinite(from) && Number.isFinite(to))
-      cascade.observe({ guest, kind }, Math.max(0, to - from) / 1000);
+    // On the monotonic clock when the notice was issued in this boot (it finishes now);
+    // the wall timestamps only for one issued before a reboot.
+    if (rec.issuedMono !== undefined && rec.bootId === bootId())
+      cascade.observe(
+        { guest, kind },
+        Math.max(0, systemClock.monotonic() - rec.issuedMono) / 1000,
+      );
+    else {
+      const from = Date.parse(rec.notice.issuedAt);
+      const to = Date.parse(rec.finishedAt ?? new Date().toISOString());
+      if (Number.isFinite(from) && Number.isFinite(to))
+        cascade.observe({ guest, kind }, Math.max(0, to - from) / 1000);
+    }
     for (const p of rec.outcome?.projects ?? [])
       if (p.action === 'stopped') stops.inc({ guest, exit: p.exit ?? 'unknown' });
   });

@@ -17,6 +17,7 @@ import type { GuestConfig } from './config';
 import { faultPoint } from '../common/fault';
 import { GuestConnections } from './guest-connections';
 import { FINAL, type HostNoticeRecord } from './notice-store';
+import { creditedByOutcome } from './books';
 
 /** Runs each notice's lifecycle once, however often it is asked for. */
 export abstract class NoticeLifecycle extends GuestConnections {
@@ -37,6 +38,7 @@ export abstract class NoticeLifecycle extends GuestConnections {
       .finally(() => {
         this.running.delete(id);
         this.aborts.delete(id);
+        this.deadlines.delete(id);
         // Before compact, which may fold it away (metrics read the whole record).
         if (FINAL.has(rec.state)) this.emit('finished', rec);
         this.store.compact(rec.notice.guest);
@@ -52,12 +54,14 @@ export abstract class NoticeLifecycle extends GuestConnections {
       // Restore: the VM gets the resources BEFORE the guest is told it may use them.
       this.note(rec, 'actuating');
       rec.actuation = await this.deps.actuator.apply(g, rec.notice.allocation, 'up');
-      rec.actuatedAt = new Date().toISOString();
+      rec.actuatedAt = this.stamp();
       await this.store.save(rec);
       this.note(rec, 'actuated');
     }
 
     const outcome = await this.deliverAndWait(rec, g, log);
+    // The outcome is journaled before anything depends on it (it was taken as it arrived).
+    await this.outcomeSaved.get(rec.notice.id);
 
     if (rec.state === 'cancelled') return rec;
     if (rec.notice.kind === 'restore') {
@@ -70,7 +74,7 @@ export abstract class NoticeLifecycle extends GuestConnections {
           message: `guest "${g.name}" did not answer the restore by its deadline`,
         };
       }
-      rec.finishedAt = new Date().toISOString();
+      rec.finishedAt = this.stamp();
       await this.store.save(rec);
       this.note(rec, rec.late ? 'late' : 'done');
       return rec;
@@ -79,7 +83,7 @@ export abstract class NoticeLifecycle extends GuestConnections {
     // Reclaim.
     if (!outcome && rec.state === 'refused') {
       // The guest rejected it (onAck): its own error stands; it was not late.
-      rec.finishedAt = new Date().toISOString();
+      rec.finishedAt = this.stamp();
       await this.store.save(rec);
       this.note(rec, 'refused');
       return rec;
@@ -92,7 +96,7 @@ export abstract class NoticeLifecycle extends GuestConnections {
       };
       if (!rec.force) {
         rec.state = 'late';
-        rec.finishedAt = new Date().toISOString();
+        rec.finishedAt = this.stamp();
         await this.store.save(rec);
         this.note(rec, 'late');
         log.warn('guest late; nothing removed (no --force)');
@@ -109,7 +113,7 @@ export abstract class NoticeLifecycle extends GuestConnections {
         code: 'NOTICE_REJECTED',
         message: `guest "${g.name}" reported that it could not free anything (status failed)`,
       };
-      rec.finishedAt = new Date().toISOString();
+      rec.finishedAt = this.stamp();
       await this.store.save(rec);
       this.note(rec, 'refused');
       return rec;
@@ -119,7 +123,7 @@ export abstract class NoticeLifecycle extends GuestConnections {
     faultPoint('before-actuation');
     this.note(rec, 'actuating');
     rec.actuation = await this.deps.actuator.apply(g, rec.notice.allocation, 'down');
-    rec.actuatedAt = new Date().toISOString();
+    rec.actuatedAt = this.stamp();
     rec.state = 'done';
     rec.finishedAt = rec.actuatedAt;
     await this.store.save(rec);
@@ -147,11 +151,11 @@ export abstract class NoticeLifecycle extends GuestConnections {
           );
         // The ack wait never runs past the deadline: a stopped guest is reported late at
         // its deadline, not a delivery timeout later.
-        const left = Date.parse(notice.deadline) - Date.now();
+        const left = this.deadlineOf(rec) - this.clock.monotonic();
         const ack = await this.request(
           link,
           notice.id,
-          this.noticeMessage(notice),
+          this.noticeMessage(notice, link),
           Math.max(1, Math.min(this.deps.deliverTimeoutMs ?? 5_000, left)),
         );
         this.onAck(rec, ack);
@@ -187,6 +191,8 @@ export abstract class NoticeLifecycle extends GuestConnections {
         {
           noticeId: rec.notice.id,
           deadline: new Date(rec.notice.deadline),
+          deadlineMono: this.deadlineOf(rec),
+          clock: this.clock,
           signal: ac.signal,
           journal,
           log,
@@ -203,6 +209,54 @@ export abstract class NoticeLifecycle extends GuestConnections {
       if (!isNestError(err)) throw err;
     }
     return rec.outcome;
+  }
+
+  /** A late reclaim's outcome goes to reconcileLate; any other to the waiting lifecycle. */
+  protected override async onOutcome(g: GuestConfig, outcome: Outcome): Promise<void> {
+    const rec = this.store.get(outcome.noticeId);
+    if (rec && !rec.outcome && rec.state === 'late' && rec.notice.guest === g.name)
+      return this.reconcileLate(g, rec, outcome);
+    return super.onOutcome(g, outcome);
+  }
+
+  /**
+   * The outcome of a reclaim the host had already given up on (late, no force): the guest
+   * carried it out after all, and recorded the smaller allocation unless it failed outright
+   * (agent/guest/executor.ts). The books follow what the guest did: a complete or partial
+   * outcome makes the notice count again and the VM is lowered by the usual path (the
+   * record goes back to `reported`, journaled, and its lifecycle actuates: a host restarted
+   * in between resumes it); a failed one changed nothing on either side: it stays late.
+   */
+  private async reconcileLate(
+    g: GuestConfig,
+    rec: HostNoticeRecord,
+    outcome: Outcome,
+  ): Promise<void> {
+    const log = this.log.child({ guest: g.name, noticeId: rec.notice.id });
+    if (outcome.guest !== g.name) return;
+    rec.outcome = outcome;
+    rec.outcomeAt = this.stamp();
+    rec.credited = creditedByOutcome(rec.notice.change, outcome.freed);
+    if (rec.notice.kind !== 'reclaim' || outcome.status === 'failed') {
+      await this.store.save(rec);
+      this.note(rec, 'outcome', { ms: outcome.ms });
+      log.info({ status: outcome.status }, 'late outcome: the guest changed nothing; stays late');
+      return;
+    }
+    rec.state = 'reported';
+    rec.reconciledAt = rec.outcomeAt;
+    rec.error = undefined;
+    rec.finishedAt = undefined;
+    await this.store.save(rec);
+    this.note(rec, 'reconciling', { ms: outcome.ms });
+    log.warn(
+      { status: outcome.status, freed: outcome.freed },
+      'late outcome: the guest carried the reclaim out; the books count it and the VM is lowered',
+    );
+    // An outcome that came while the lifecycle was still writing `late` waits for it to end
+    // (it ends without acting: the record is no longer final), then actuates in a new one.
+    const current = this.running.get(rec.notice.id);
+    void (current ?? Promise.resolve()).then(() => this.track(rec));
   }
 }
 

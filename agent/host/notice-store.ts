@@ -52,10 +52,24 @@ export interface HostNoticeRecord {
   actuation?: ActuationReport;
   actuatedAt?: string;
   late?: boolean;
+  /**
+   * A late reclaim whose outcome came after all: when it arrived. The books then count it
+   * and the VM is lowered, as the guest recorded (docs/reliability.md, "A deadline shorter
+   * than a grace period").
+   */
+  reconciledAt?: string;
   cancelPending?: boolean;
   error?: { code: string; message: string };
   progress: HostProgress[];
   finishedAt?: string;
+  /**
+   * The deadline on the host's monotonic clock and the boot it belongs to
+   * (agent/common/clock.ts): what the host waits by; `notice.deadline` is its wall form.
+   */
+  deadlineMono?: number;
+  /** When it was issued, on the same clock (the cascade's duration in metrics.ts). */
+  issuedMono?: number;
+  bootId?: string;
 }
 
 export const FINAL: ReadonlySet<HostNoticeState> = new Set([

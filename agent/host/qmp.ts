@@ -12,6 +12,7 @@
  * cannot give the memory back leaves `actual` short, which we report rather than wait for
  * ever).
  */
+import { systemClock } from '../common/clock';
 import net from 'node:net';
 import { NestError } from '../common/errors';
 import { withTimeout } from '../common/timeout';
@@ -66,7 +67,7 @@ export class QmpClient {
     opts: QmpOptions = {},
   ) {
     this.timeoutMs = opts.timeoutMs ?? 10_000;
-    this.now = opts.now ?? Date.now;
+    this.now = opts.now ?? (() => systemClock.monotonic());
     this.sleep = opts.sleep ?? ((ms) => new Promise((r) => setTimeout(r, ms)));
   }
 

@@ -9,6 +9,7 @@
  * VM's cgroup (usage, limits) is read on demand, for `status` (observe()): reading usage
  * and limits of 50 VM cgroups every tick was a 15 % CPU spike every 5 s on an idle host.
  */
+import { systemClock } from '../common/clock';
 import { promises as fs } from 'node:fs';
 import { hostUsage } from '../../cgroup-adapter/host-usage';
 import type { CgroupAdapter, GroupUsage, Limits } from '../../cgroup-adapter/types';
@@ -111,15 +112,21 @@ export const realHostSource: HostSource = {
   },
 };
 
-/** The loop's time: `now` for the policy, timers for the ticks (injected in tests). */
+/**
+ * The loop's time: `now` for the policy (breach and cooldown durations: monotonic in the
+ * daemon, docs/reliability.md "Time"), `wall` for the timestamps people read, timers for
+ * the ticks (injected in tests; without `wall`, `now` is shown as it is).
+ */
 export interface WatcherClock {
   now(): number;
+  wall?(): number;
   setTimeout(fn: () => void, ms: number): unknown;
   clearTimeout(handle: unknown): void;
 }
 
 export const realWatcherClock: WatcherClock = {
-  now: () => Date.now(),
+  now: () => systemClock.monotonic(),
+  wall: () => systemClock.now(),
   setTimeout: (fn, ms) => setTimeout(fn, ms),
   clearTimeout: (h) => clearTimeout(h as NodeJS.Timeout),
 };
@@ -192,8 +199,23 @@ export class Watcher {
     return this.sample;
   }
 
+  /** The trigger's state with its instants as wall time (ms since the epoch), for display. */
   triggerState(): TriggerState & { enabled: boolean } {
-    return { ...this.state, enabled: this.cfg.trigger.enabled };
+    return {
+      breachSince: this.wallOf(this.state.breachSince),
+      lastFiredAt: this.wallOf(this.state.lastFiredAt),
+      enabled: this.cfg.trigger.enabled,
+    };
+  }
+
+  /** An instant of the policy clock as wall time, for display only. */
+  private wallOf(t: number | null): number | null {
+    if (t === null || !this.clock.wall) return t;
+    return Math.round(this.clock.wall() + (t - this.clock.now()));
+  }
+
+  private stamp(now: number): string {
+    return new Date(this.wallOf(now) ?? now).toISOString();
   }
 
   /**
@@ -205,8 +227,7 @@ export class Watcher {
   triggerView(): TriggerView {
     const t = this.cfg.trigger;
     const now = this.clock.now();
-    const wall = (at: number | null): string | null =>
-      at === null ? null : new Date(Date.now() - (now - at)).toISOString();
+    const wall = (at: number | null): string | null => (at === null ? null : this.stamp(at));
     const since = this.pressureSince;
     const counted = this.state.breachSince;
     return {
@@ -312,7 +333,7 @@ export class Watcher {
         fire: false,
         why: this.cfg.trigger.enabled ? 'not evaluated yet' : 'trigger disabled',
       };
-      return { at: new Date(now).toISOString(), host, vms, decision };
+      return { at: this.stamp(now), host, vms, decision };
     })();
     this.observing = p;
     const clear = (): void => {
@@ -323,7 +344,8 @@ export class Watcher {
   }
 
   private async observeHost(now: number): Promise<WatchSample['host']> {
-    const host: WatchSample['host'] = { now };
+    // Shown as wall time; the policy gets the monotonic reading (step).
+    const host: WatchSample['host'] = { now: this.wallOf(now) ?? now };
     try {
       const u = await this.source.usage();
       host.memoryAvailableBytes = u.memAvailable;
@@ -357,7 +379,7 @@ export class Watcher {
     const before = this.state;
     const crossed = breaches(this.cfg.trigger, host).length > 0;
     this.pressureSince = crossed ? (this.pressureSince ?? now) : null;
-    const r = evaluateTrigger(this.cfg.trigger, this.state, host, candidates);
+    const r = evaluateTrigger(this.cfg.trigger, this.state, { ...host, now }, candidates);
     this.state = r.state;
     this.skippedUnreachable += r.decision.skippedUnreachable?.length ?? 0;
     for (const g of r.decision.skippedUnreachable ?? [])
@@ -386,10 +408,11 @@ export class Watcher {
       }
     }
     let giveBack: GiveBackDecision | undefined;
+    // The policy gets the monotonic reading; `host.now` is the wall time shown.
     if (!r.decision.fire && this.cfg.trigger.giveBack)
-      giveBack = await this.giveBackStep(now, host);
+      giveBack = await this.giveBackStep(now, { ...host, now });
     this.sample = {
-      at: new Date(now).toISOString(),
+      at: this.stamp(now),
       host,
       vms: [],
       decision: r.decision,

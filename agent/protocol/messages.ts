@@ -30,8 +30,17 @@ export const RESYNC_BYTE = 0xff;
  * outcome over the line cap into parts only for a peer that listed this.
  */
 export const CAP_OUTCOME_PARTS = 'outcome-parts';
+/**
+ * Deadlines on the host's monotonic clock (docs/protocol.md, "Deadlines"): a guest that
+ * lists it takes `clock` on `welcome`, `notice` and `restore`; a host that lists it sends
+ * them (to a guest that listed it) and pings on that clock.
+ */
+export const CAP_MONOTONIC_CLOCK = 'monotonic-clock';
 /** What this implementation lists in its `hello` (guest) and `welcome` (host). */
-export const CAPABILITIES: readonly string[] = Object.freeze([CAP_OUTCOME_PARTS]);
+export const CAPABILITIES: readonly string[] = Object.freeze([
+  CAP_OUTCOME_PARTS,
+  CAP_MONOTONIC_CLOCK,
+]);
 
 export type InventoryProject = z.infer<typeof S.InventoryProjectSchema>;
 export type Hello = z.infer<typeof S.HelloSchema>;
@@ -40,6 +49,8 @@ export type Welcome = z.infer<typeof S.WelcomeSchema>;
 export type NoticeMsg = z.infer<typeof S.NoticeMsgSchema>;
 /** A `restore` message carries a notice of kind 'restore'. */
 export type RestoreMsg = z.infer<typeof S.RestoreMsgSchema>;
+/** The sender's monotonic clock on a notice: its reading at send and the deadline on it. */
+export type SenderClock = z.infer<typeof S.SenderClockSchema>;
 /**
  * accepted: new; duplicate: already known (the outcome follows from the journal);
  * rejected: see error; cancelled / not-cancellable: the answer to a cancel.

@@ -166,15 +166,40 @@ export const WelcomeSchema = z
       .max(86_400_000)
       .describe('how often the host pings (0: never)'),
     capabilities,
+    clock: ms
+      .optional()
+      .describe("the host's monotonic clock at send, ms (capability monotonic-clock)"),
   })
   .strict()
   .describe('host → guest, the answer to hello');
 
+/**
+ * The host's monotonic clock on a notice (capability monotonic-clock): its reading when the
+ * message left and the deadline on the same clock. The guest converts the deadline once,
+ * on receipt, to its own monotonic clock (docs/protocol.md, "Deadlines").
+ */
+export const SenderClockSchema = z
+  .object({
+    sent: ms.describe("the host's monotonic clock when the message left, ms"),
+    deadline: ms.describe('the deadline on the same clock, ms'),
+  })
+  .strict();
+
 export const NoticeMsgSchema = z
-  .object({ type: z.literal('notice'), id, notice: NoticeSchema })
+  .object({
+    type: z.literal('notice'),
+    id,
+    notice: NoticeSchema,
+    clock: SenderClockSchema.optional(),
+  })
   .strict();
 export const RestoreMsgSchema = z
-  .object({ type: z.literal('restore'), id, notice: NoticeSchema })
+  .object({
+    type: z.literal('restore'),
+    id,
+    notice: NoticeSchema,
+    clock: SenderClockSchema.optional(),
+  })
   .strict();
 
 export const AckSchema = z

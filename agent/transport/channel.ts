@@ -134,7 +134,7 @@ export class TokenBucket {
   private at: number;
   constructor(
     private readonly limit: RateLimit,
-    private readonly now: () => number = Date.now,
+    private readonly now: () => number = () => performance.now(),
   ) {
     this.tokens = limit.burst;
     this.at = now();
@@ -177,7 +177,7 @@ export abstract class ChannelBase extends TypedEmitter<ChannelEvents> implements
   constructor(opts: ChannelOptions = {}) {
     super();
     this.rateLimit = opts.rateLimit;
-    this.now = opts.now ?? Date.now;
+    this.now = opts.now ?? (() => performance.now());
     this.log = opts.log ?? silentLogger();
     this.answerPings = opts.answerPings ?? true;
     this.maxBufferedBytes = opts.maxBufferedBytes ?? DEFAULT_MAX_BUFFERED_BYTES;

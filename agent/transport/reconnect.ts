@@ -10,8 +10,10 @@
 import { silentLogger, type Logger } from '../common/log';
 import { newMessageId, type ErrorMsg, type Message } from '../protocol/messages';
 import { TypedEmitter, type Channel, type ChannelEvents } from './channel';
+import { systemClock } from '../common/clock';
 
 export interface Clock {
+  /** Monotonic milliseconds (agent/common/clock.ts): a ping's `t`, and the guest reads the host's clock from it. */
   now(): number;
   setTimeout(fn: () => void, ms: number): unknown;
   clearTimeout(handle: unknown): void;
@@ -20,7 +22,7 @@ export interface Clock {
 }
 
 export const realClock: Clock = {
-  now: () => Date.now(),
+  now: () => systemClock.monotonic(),
   setTimeout: (fn, ms) => setTimeout(fn, ms),
   clearTimeout: (h) => clearTimeout(h as NodeJS.Timeout),
   random: () => Math.random(),

@@ -6,6 +6,7 @@
  * real act would take, so a test reads as the sequence of acts and the durations reported.
  * The real ones are tested on the kernel (test/integration/guest/).
  */
+import type { Clock } from '../../agent/common/clock';
 import { EventEmitter } from 'node:events';
 import type { ChildProcess } from 'node:child_process';
 import type { KillResult } from '../../cgroup-adapter/types';
@@ -22,11 +23,24 @@ import type { StepJournal, StepJournalRecord } from '../../agent/broker/broker';
 import type { ProjectLimits, Resources } from '../../agent/broker/types';
 
 /** Milliseconds the test decides; nothing here waits on a timer. */
-export class TestClock {
+export class TestClock implements Clock {
+  private sleepers: { at: number; wake: () => void }[] = [];
   constructor(public t = 1_000_000) {}
   now = (): number => this.t;
+  monotonic = (): number => this.t;
+  /** Wakes when the test's clock has moved past it (a pre-stop hook's timeout). */
+  sleep = (ms: number, signal?: AbortSignal): Promise<void> =>
+    new Promise((wake) => {
+      if (signal?.aborted) return wake();
+      const s = { at: this.t + ms, wake };
+      this.sleepers.push(s);
+      signal?.addEventListener('abort', () => wake(), { once: true });
+    });
   advance(ms: number): void {
     this.t += ms;
+    const due = this.sleepers.filter((s) => s.at <= this.t);
+    this.sleepers = this.sleepers.filter((s) => s.at > this.t);
+    for (const s of due) s.wake();
   }
 }
 

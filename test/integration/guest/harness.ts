@@ -144,10 +144,10 @@ export interface AgentProc {
   stop(): Promise<void>;
 }
 
-export function startAgent(env: Env): AgentProc {
+export function startAgent(env: Env, agentEnv: Record<string, string> = {}): AgentProc {
   const child = spawn(process.execPath, [NESTBROKER, 'guest', '--config', env.configFile], {
     stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, NESTBROKER_LOG_LEVEL: 'debug' },
+    env: { ...process.env, NESTBROKER_LOG_LEVEL: 'debug', ...agentEnv },
   });
   let out = '';
   let err = '';
@@ -232,6 +232,8 @@ export interface GuestUnderTestOptions {
   ready?: { what: string; until: (env: Env) => boolean | Promise<boolean> };
   /** After every agent has stopped, before the root and the env go (an unmount…). */
   cleanup?: (env: Env) => Promise<void> | void;
+  /** More environment for the agent process (LD_PRELOAD of libfaketime…), a function of the env. */
+  agentEnv?: (env: Env) => Record<string, string>;
 }
 
 /**
@@ -247,6 +249,7 @@ export class GuestUnderTest {
     /** The running agent; a test that starts another one replaces it (see restart). */
     public agent: AgentProc | undefined,
     private readonly cleanup?: (env: Env) => Promise<void> | void,
+    private readonly agentEnv: (env: Env) => Record<string, string> = () => ({}),
   ) {}
 
   static async start(
@@ -256,12 +259,12 @@ export class GuestUnderTest {
   ): Promise<GuestUnderTest> {
     ensureBuilt();
     const t = await openTestAdapter(tag);
-    const g = new GuestUnderTest(t, await makeEnv(), undefined, opts.cleanup);
+    const g = new GuestUnderTest(t, await makeEnv(), undefined, opts.cleanup, opts.agentEnv);
     try {
       const extra = typeof opts.extra === 'function' ? opts.extra(g.env) : opts.extra;
       await writeConfig(g.env, `${t.rootName}/guest`, projects, extra);
       await opts.prepare?.(g.env, t);
-      g.agent = startAgent(g.env);
+      g.agent = startAgent(g.env, g.agentEnv(g.env));
       await waitReady(g.env, g.agent);
       if (opts.ready) await waitFor(opts.ready.what, () => opts.ready!.until(g.env));
       return g;
@@ -274,7 +277,7 @@ export class GuestUnderTest {
   /** Stops the agent and starts a new one on the same config and state. */
   async restart(): Promise<AgentProc> {
     await this.agent?.stop();
-    this.agent = startAgent(this.env);
+    this.agent = startAgent(this.env, this.agentEnv(this.env));
     await waitReady(this.env, this.agent);
     return this.agent;
   }

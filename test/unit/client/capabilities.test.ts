@@ -128,7 +128,10 @@ const welcome = (hello: Message, capabilities?: string[]): Message => ({
 });
 
 test('the guest lists outcome-parts in its hello', async () => {
-  expect(await next('hello')).toMatchObject({ version: 1, capabilities: ['outcome-parts'] });
+  expect(await next('hello')).toMatchObject({
+    version: 1,
+    capabilities: ['outcome-parts', 'monotonic-clock'],
+  });
 });
 
 test('a host that listed outcome-parts gets the large outcome in parts, then the summary', async () => {

@@ -8,6 +8,8 @@
  * first; a restore raises limits and starts again what was stopped for room. The same on
  * real cgroups: test/integration/guest/shrink.test.ts and reclaim.test.ts.
  */
+import { fromWall, systemClock } from '../../../agent/common/clock';
+import { EndMargin } from '../../../agent/common/end-margin';
 import { silentLogger } from '../../../agent/common/log';
 import { validateGuestConfig } from '../../../agent/guest/config';
 import { GuestBroker } from '../../../agent/guest/executor';
@@ -114,6 +116,11 @@ async function carryOut(
     resumed: false,
     steps: new MemoryStepJournal(),
     onProgress: (ev) => progress.push(ev),
+    // The executor's own time is the machine's here; the fakes' clock times the fakes.
+    deadline: fromWall(Date.now() + 60_000),
+    killMs: 0,
+    clock: systemClock,
+    margin: new EndMargin(),
   });
   return { guest, outcome, progress };
 }

@@ -32,7 +32,7 @@ function stop(r: Run) {
   const events: string[] = [];
   const group = new FakeGroup(r.script, clock, events);
   const spec: StopSpec = { signal: 'SIGTERM', gracePeriodMs: 5_000, ...r.spec };
-  const deadline = new Date(clock.now() + (r.deadlineInMs ?? 60_000));
+  const deadline = clock.monotonic() + (r.deadlineInMs ?? 60_000);
   const result = stopProject(G, spec, deadline, {
     adapter: group,
     sendSignal: recordingSignals(events, { gone: r.gone, denied: r.denied }),
@@ -42,7 +42,7 @@ function stop(r: Run) {
     },
     waitDone: (signal) => group.waitDone(signal),
     log: silentLogger(),
-    now: clock.now,
+    clock,
     ...r.deps,
   });
   return { result, events, clock };
@@ -211,7 +211,7 @@ describe('the turn: stop signals go out in rank order', () => {
         gracePeriodMs: 5_000,
         preStop: { command: ['/bin/drain'], timeoutMs: 1_000 },
       },
-      new Date(clock.now() + 60_000),
+      clock.monotonic() + 60_000,
       {
         adapter: group,
         sendSignal: recordingSignals(events),
@@ -227,7 +227,7 @@ describe('the turn: stop signals go out in rank order', () => {
         },
         onSignalled: () => events.push('signalled: next one’s turn'),
         log: silentLogger(),
-        now: clock.now,
+        clock,
       },
     );
     await new Promise((r) => setImmediate(r));

@@ -98,7 +98,7 @@ export function evaluateTrigger(
       state: next,
       decision: {
         fire: false,
-        why: `threshold crossed for ${obs.now - breachSince} ms of the ${cfg.forMs} ms required`,
+        why: `threshold crossed for ${Math.round(obs.now - breachSince)} ms of the ${cfg.forMs} ms required`,
       },
     };
   if (state.lastFiredAt !== null && obs.now - state.lastFiredAt < cfg.cooldownMs)
@@ -127,7 +127,7 @@ export function evaluateTrigger(
           fire: true,
           guest: g.name,
           change,
-          reason: `automatic: ${crossed.join(' and ')} for ${obs.now - breachSince} ms`,
+          reason: `automatic: ${crossed.join(' and ')} for ${Math.round(obs.now - breachSince)} ms`,
           ...(skipped.length > 0 ? { skippedUnreachable: skipped } : {}),
         },
       };
@@ -232,7 +232,7 @@ export function evaluateGiveBack(
       state: next,
       decision: {
         give: false,
-        why: `pressure cleared for ${obs.now - clearSince} ms of the ${cfg.giveBack.afterMs} ms required`,
+        why: `pressure cleared for ${Math.round(obs.now - clearSince)} ms of the ${cfg.giveBack.afterMs} ms required`,
       },
     };
   if (guests.some((g) => g.busy))
@@ -252,7 +252,7 @@ export function evaluateGiveBack(
           give: true,
           guest: g.name,
           change,
-          reason: `automatic give-back: ${why.join(' and ')} for ${obs.now - clearSince} ms`,
+          reason: `automatic give-back: ${why.join(' and ')} for ${Math.round(obs.now - clearSince)} ms`,
         },
       };
   }

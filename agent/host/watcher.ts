@@ -242,12 +242,12 @@ export class Watcher {
         step: { memoryBytes: t.step.memoryBytes, cpus: t.step.cpus },
       },
       breachSince: wall(since),
-      breachForMs: since === null ? null : now - since,
-      breachCountedMs: counted === null ? null : now - counted,
+      breachForMs: since === null ? null : Math.round(now - since),
+      breachCountedMs: counted === null ? null : Math.round(now - counted),
       lastFire: this.lastFire
         ? {
             at: wall(this.lastFire.at)!,
-            agoMs: now - this.lastFire.at,
+            agoMs: Math.round(now - this.lastFire.at),
             guest: this.lastFire.guest,
             change: this.lastFire.change,
             reason: this.lastFire.reason,
@@ -256,7 +256,7 @@ export class Watcher {
       cooldownLeftMs:
         this.state.lastFiredAt === null
           ? 0
-          : Math.max(0, t.cooldownMs - (now - this.state.lastFiredAt)),
+          : Math.max(0, Math.round(t.cooldownMs - (now - this.state.lastFiredAt))),
       decision: this.sample?.decision ?? {
         fire: false,
         why: t.enabled ? 'not evaluated yet' : 'trigger disabled',
@@ -270,11 +270,13 @@ export class Watcher {
             afterMs: t.giveBack.afterMs,
             clearSince: wall(this.giveBackState.clearSince),
             clearForMs:
-              this.giveBackState.clearSince === null ? null : now - this.giveBackState.clearSince,
+              this.giveBackState.clearSince === null
+                ? null
+                : Math.round(now - this.giveBackState.clearSince),
             last: this.lastGiveBack
               ? {
                   at: wall(this.lastGiveBack.at)!,
-                  agoMs: now - this.lastGiveBack.at,
+                  agoMs: Math.round(now - this.lastGiveBack.at),
                   guest: this.lastGiveBack.guest,
                   change: this.lastGiveBack.change,
                   reason: this.lastGiveBack.reason,

@@ -4,7 +4,7 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 NODE_MODULES_STAMP := node_modules/.package-lock.json
 
-.PHONY: all deps build typecheck lint test check demo bench e2e install uninstall clean man deb packaging-deps schemas
+.PHONY: all deps build typecheck lint test check demo bench e2e install uninstall clean man deb packaging-deps test-deps schemas
 
 all: build
 
@@ -28,7 +28,7 @@ lint: deps
 # The README's test command: installs what it needs, then type-checks, lints and runs
 # every test: unit, integration on the real kernel as root, then the real-guest test
 # under QEMU (test/e2e; it installs its Debian packages itself and caches the image).
-test: build typecheck lint packaging-deps
+test: build typecheck lint test-deps
 	npx jest --runInBand
 	npx jest -c jest.e2e.config.js --runInBand
 
@@ -84,6 +84,15 @@ TEST_DEBS := libfaketime
 packaging-deps:
 	@missing=$$(for p in $(PACKAGING_DEBS) $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+
+# Every Debian package the tests need: the packaging ones above, and the real libvirtd that
+# test/integration/host/libvirt.test.ts drives (it starts virtlogd and libvirtd itself when
+# they are not running, and stops what it started; docs/libvirt.md, "Tests") with
+# virt-xml-validate for the docs' domain XML. No recommends: no systemd pulled in.
+LIBVIRT_DEBS := libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libxml2-utils qemu-system-x86
+test-deps: packaging-deps
+	@missing=$$(for p in $(LIBVIRT_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
 
 # ---- the Debian package (debian/; docs/install.md) -------------------------------------
 # dist/nestbroker_<version>_all.deb, built by dpkg-buildpackage (debhelper) in a copy of
@@ -151,6 +160,11 @@ install:
 	  if [ -f examples/$$f.yaml ]; then install -m 0644 examples/$$f.yaml $(DESTDIR)$(CONFDIR)/$$f.yaml.example; fi; done
 	for d in install errors; do \
 	  if [ -f docs/$$d.md ]; then install -m 0644 docs/$$d.md $(DESTDIR)$(DOCDIR)/$$d.md; fi; done
+	@# The libvirt walk-through, its domain XML and host.yaml (docs/libvirt.md): documents,
+	@# not configs (everything under /etc/nestbroker is a conffile of the package).
+	if [ -f docs/libvirt.md ]; then install -m 0644 docs/libvirt.md $(DESTDIR)$(DOCDIR)/libvirt.md; \
+	  install -D -m 0644 docs/libvirt/domain.xml $(DESTDIR)$(DOCDIR)/libvirt/domain.xml; \
+	  install -D -m 0644 examples/host-libvirt.yaml $(DESTDIR)$(DOCDIR)/examples/host-libvirt.yaml; fi
 	@# Man pages and completion, when `make man` made them.
 	for m in dist/man/*.[0-9]; do [ -f "$$m" ] || continue; \
 	  install -D -m 0644 "$$m" $(DESTDIR)$(MANDIR)/man$${m##*.}/$${m##*/}; done

@@ -6,7 +6,9 @@
  * them, g00, runs 200 projects and samples their usage every second (the agent's default
  * interval), the others 2 projects each. Over --seconds (60): CPU % of one core (utime +
  * stime from /proc/<pid>/stat) and RSS (VmRSS from /proc/<pid>/status) of the host broker
- * and of g00, sampled every second.
+ * and of g00, sampled every second; beside them, in the same window, a bare `node` idling
+ * (`node -e 'setInterval(…)'`, no flags) and one with the daemons' own flags
+ * (AGENT_NODE_FLAGS), the reference of the guest agent's RSS goal (≤ 1.25× bare node).
  *
  * Notices: then small alternating reclaim/restore notices of CPU only (0.5 CPU of a VM
  * with room to spare, so every project keeps running): g01 gets them back to back, one in
@@ -20,12 +22,13 @@
  * Options: --guests N (50), --projects N (200 on g00), --notice-seconds S (300),
  * --root NAME, --out FILE.
  */
+import { spawn, type ChildProcess } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { rpcCall } from '../agent/common/rpc';
 import type { NoticeView } from '../agent/host/api';
-import { removeLeftoverRoot } from '../demo/stack';
+import { AGENT_NODE_FLAGS, removeLeftoverRoot } from '../demo/stack';
 import {
   fitLine,
   intArg,
@@ -49,15 +52,27 @@ const OPTIONS = {
   projects: 'projects of the sampled guest g00 (default 200)',
   notices: 'notices the host handles after the idle window (default 10000; 0 skips)',
   'notice-seconds': 'time budget for the notices, s (default 300)',
+  agents:
+    "another build's dist/ whose daemons to measure (default this one's), to compare builds in one harness",
+  'node-args':
+    "extra node flags of the daemons (and of the flagged bare node), e.g. '--lite-mode', for A/B runs",
   root: 'cgroup root (default nestbroker-bench-<pid>)',
   out: 'JSON file (default bench/results/footprint.json)',
 };
 
 const MiB = 2 ** 20;
 const GOALS = {
-  guest: { cpuPercent: 1, rssBytes: 80 * MiB },
-  host: { cpuPercent: 2, rssBytes: 120 * MiB },
+  /** RSS: at most this many times a bare `node`'s, measured in the same window */
+  guest: { cpuPercent: 0.5, rssOverBareNode: 1.25 },
+  host: { cpuPercent: 2, rssBytes: 60 * MiB },
 };
+
+/** An idle `node` that does nothing: what Node itself costs on this machine, now. */
+function bareNode(flags: readonly string[]): ChildProcess {
+  return spawn(process.execPath, [...flags, '-e', 'setInterval(() => {}, 1 << 30)'], {
+    stdio: 'ignore',
+  });
+}
 
 interface Usage {
   cpuPercent: number;
@@ -108,9 +123,13 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     `footprint: host broker with ${nGuests} guests, g00 with ${nProjects} projects; idle ${seconds} s, then up to ${target} notices in ${budgetS} s; root ${root}`,
   );
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'nestbroker-bench-footprint-'));
+  const extra = (a['node-args'] ?? '').split(' ').filter((x) => x !== '');
+  const daemonFlags = [...AGENT_NODE_FLAGS, ...extra];
   const stack = new BenchStack({
     root,
     dir,
+    nodeArgs: { host: extra, guest: extra },
+    nestbroker: a.agents ? path.resolve(a.agents, 'agent', 'cli', 'nestbroker.js') : undefined,
     guests: Array.from({ length: nGuests }, (_, g) => ({
       name: `g${String(g).padStart(2, '0')}`,
       projects: g === 0 ? nProjects : 2,
@@ -126,7 +145,17 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   };
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
-  let idle: { host: Usage; guest: Usage; otherGuestsCpuPercent: number } | undefined;
+  let idle:
+    | {
+        host: Usage;
+        guest: Usage;
+        bareNode: Usage;
+        bareNodeAgentFlags: Usage;
+        agentFlags: readonly string[];
+        otherGuestsCpuPercent: number;
+      }
+    | undefined;
+  const bare = [bareNode([]), bareNode(daemonFlags)];
   const checkpoints: Checkpoint[] = [];
   let notices: Record<string, unknown> | undefined;
   try {
@@ -147,16 +176,21 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     // ---- idle
     const hs: ProcSample[] = [];
     const gs: ProcSample[] = [];
+    const bs: ProcSample[][] = [[], []];
     const o0 = others.map(sampleProc);
     for (let i = 0; i <= seconds; i++) {
       hs.push(sampleProc(hostPid));
       gs.push(sampleProc(g00));
+      bare.forEach((b, j) => bs[j].push(sampleProc(b.pid!)));
       if (i < seconds) await sleep(1000 - ((performance.now() - hs[0].at) % 1000));
     }
     const o1 = others.map(sampleProc);
     idle = {
       host: usageOver(hs),
       guest: usageOver(gs),
+      bareNode: usageOver(bs[0]),
+      bareNodeAgentFlags: usageOver(bs[1]),
+      agentFlags: daemonFlags,
       otherGuestsCpuPercent: r3(
         o0.reduce((s, x, i) => s + cpuPercent(x, o1[i]), 0) / Math.max(1, others.length),
       ),
@@ -286,6 +320,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
       );
     }
   } finally {
+    for (const b of bare) b.kill('SIGTERM');
     await stack.teardown().catch((err: unknown) => say(`  teardown: ${String(err)}`));
     await removeLeftoverRoot(root).catch(() => undefined);
     await fs.rm(dir, { recursive: true, force: true });
@@ -294,35 +329,59 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   }
 
   const mib = (b: number): number => r1(b / MiB);
+  const i = idle!;
+  const guestRssGoal = GOALS.guest.rssOverBareNode * i.bareNode.rssBytes.max;
+  const guestOverBare = r3(i.guest.rssBytes.max / i.bareNode.rssBytes.max);
+  const guestOverBareFlags = r3(i.guest.rssBytes.max / i.bareNodeAgentFlags.rssBytes.max);
+  const guestMet =
+    i.guest.cpuPercent <= GOALS.guest.cpuPercent && i.guest.rssBytes.max <= guestRssGoal;
+  const hostMet =
+    i.host.cpuPercent <= GOALS.host.cpuPercent && i.host.rssBytes.max <= GOALS.host.rssBytes;
   say(`\nidle footprint over ${seconds} s (CPU % of one core; RSS MiB)`);
   say(
     table([
-      ['process', 'CPU %', 'RSS mean', 'RSS max', 'goal CPU %', 'goal RSS', 'met'],
+      ['process', 'CPU %', 'RSS mean', 'RSS max', '× bare node', 'goal CPU %', 'goal RSS', 'met'],
       [
         `guest agent g00 (${nProjects} projects, usage every 1 s)`,
-        idle!.guest.cpuPercent,
-        mib(idle!.guest.rssBytes.mean),
-        mib(idle!.guest.rssBytes.max),
+        i.guest.cpuPercent,
+        mib(i.guest.rssBytes.mean),
+        mib(i.guest.rssBytes.max),
+        guestOverBare,
         GOALS.guest.cpuPercent,
-        mib(GOALS.guest.rssBytes),
-        idle!.guest.cpuPercent <= GOALS.guest.cpuPercent &&
-        idle!.guest.rssBytes.max <= GOALS.guest.rssBytes
-          ? 'yes'
-          : 'NO',
+        `${mib(guestRssGoal)} (${GOALS.guest.rssOverBareNode}× bare)`,
+        guestMet ? 'yes' : 'NO',
       ],
       [
         `host broker (${nGuests} guests)`,
-        idle!.host.cpuPercent,
-        mib(idle!.host.rssBytes.mean),
-        mib(idle!.host.rssBytes.max),
+        i.host.cpuPercent,
+        mib(i.host.rssBytes.mean),
+        mib(i.host.rssBytes.max),
+        r3(i.host.rssBytes.max / i.bareNode.rssBytes.max),
         GOALS.host.cpuPercent,
         mib(GOALS.host.rssBytes),
-        idle!.host.cpuPercent <= GOALS.host.cpuPercent &&
-        idle!.host.rssBytes.max <= GOALS.host.rssBytes
-          ? 'yes'
-          : 'NO',
+        hostMet ? 'yes' : 'NO',
       ],
-      [`other guest agents (2 projects), mean`, idle!.otherGuestsCpuPercent, '', '', '', '', ''],
+      [
+        'bare node (no flags)',
+        i.bareNode.cpuPercent,
+        mib(i.bareNode.rssBytes.mean),
+        mib(i.bareNode.rssBytes.max),
+        1,
+        '',
+        '',
+        '',
+      ],
+      [
+        `bare node (${daemonFlags.join(' ')})`,
+        i.bareNodeAgentFlags.cpuPercent,
+        mib(i.bareNodeAgentFlags.rssBytes.mean),
+        mib(i.bareNodeAgentFlags.rssBytes.max),
+        r3(i.bareNodeAgentFlags.rssBytes.max / i.bareNode.rssBytes.max),
+        '',
+        '',
+        '',
+      ],
+      [`other guest agents (2 projects), mean`, i.otherGuestsCpuPercent, '', '', '', '', '', ''],
     ]),
   );
   if (notices) {
@@ -370,26 +429,33 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   }
   const goals = [
     {
-      goal: 'idle guest agent with 200 projects: ≤ 1 % CPU',
-      measured: `${idle!.guest.cpuPercent} %`,
-      met: idle!.guest.cpuPercent <= GOALS.guest.cpuPercent,
+      goal: `idle guest agent with ${nProjects} projects: ≤ ${GOALS.guest.cpuPercent} % CPU`,
+      measured: `${i.guest.cpuPercent} %`,
+      met: i.guest.cpuPercent <= GOALS.guest.cpuPercent,
     },
     {
-      goal: 'idle guest agent: ≤ 80 MB RSS',
-      measured: `${mib(idle!.guest.rssBytes.max)} MiB max`,
-      met: idle!.guest.rssBytes.max <= GOALS.guest.rssBytes,
+      goal: `idle guest agent: RSS ≤ ${GOALS.guest.rssOverBareNode}× a bare node measured in the same window`,
+      measured: `${mib(i.guest.rssBytes.max)} MiB max = ${guestOverBare}× bare node (${mib(i.bareNode.rssBytes.max)} MiB); ${guestOverBareFlags}× a bare node with the agent's flags`,
+      met: i.guest.rssBytes.max <= guestRssGoal,
     },
     {
-      goal: 'host broker with 50 guests: ≤ 2 % CPU',
-      measured: `${idle!.host.cpuPercent} %`,
-      met: idle!.host.cpuPercent <= GOALS.host.cpuPercent,
+      goal: `host broker with ${nGuests} guests: ≤ ${GOALS.host.cpuPercent} % CPU`,
+      measured: `${i.host.cpuPercent} %`,
+      met: i.host.cpuPercent <= GOALS.host.cpuPercent,
     },
     {
-      goal: 'host broker: ≤ 120 MB RSS',
-      measured: `${mib(idle!.host.rssBytes.max)} MiB max`,
-      met: idle!.host.rssBytes.max <= GOALS.host.rssBytes,
+      goal: `host broker with ${nGuests} guests: ≤ ${mib(GOALS.host.rssBytes)} MiB RSS`,
+      measured: `${mib(i.host.rssBytes.max)} MiB max`,
+      met: i.host.rssBytes.max <= GOALS.host.rssBytes,
     },
   ];
+  say('\ngoals');
+  say(
+    table([
+      ['goal', 'measured', 'met'],
+      ...goals.map((g) => [g.goal, g.measured, g.met ? 'yes' : 'NO']),
+    ]),
+  );
   const out = writeResult(
     'footprint',
     { seconds, guests: nGuests, projects: nProjects, goalsSet: GOALS, idle, notices, goals },

@@ -57,6 +57,48 @@ export async function writeText(file: string, data: string): Promise<void> {
   }
 }
 
+/**
+ * readText and writeText done synchronously (open, one read or write(2), close on this
+ * thread), for the files whose write never waits inside the kernel: cpu.*, cpuset.*,
+ * pids.max, the v1 soft limit. Three or four thread-pool round trips each through the
+ * promises API, ~20 for one shrink's limits: a reclaim of 100 projects queued ~1 000 of
+ * them on libuv's 4 threads, ahead of the journal's fsyncs and the stops' reads
+ * (docs/performance.md, "Closing the gap: what was tried"). Memory limits that make the
+ * kernel reclaim in the writer (memory.max, memory.high, memory.limit_in_bytes) stay on the
+ * thread pool, so a slow reclaim cannot stall the event loop.
+ */
+export function readTextNow(file: string): string {
+  try {
+    return fs.readFileSync(file, 'utf8');
+  } catch (e) {
+    throw fromFsError('read', file, e);
+  }
+}
+
+export function writeTextNow(file: string, data: string): void {
+  let fd: number | undefined;
+  try {
+    fd = fs.openSync(file, fs.constants.O_WRONLY);
+    const buf = Buffer.from(data);
+    const n = fs.writeSync(fd, buf, 0, buf.length);
+    if (n !== buf.length)
+      throw new CgroupError('WRITE_FAILED', `short write to ${file}: ${n} of ${buf.length}`, {
+        file,
+        data,
+      });
+  } catch (e) {
+    if (isCgroupError(e)) throw e;
+    throw fromFsError('write', file, e, data);
+  } finally {
+    if (fd !== undefined)
+      try {
+        fs.closeSync(fd);
+      } catch {
+        // a close error after a complete write changes nothing the kernel did
+      }
+  }
+}
+
 export async function pathExists(p: string): Promise<boolean> {
   try {
     await fsp.access(p);

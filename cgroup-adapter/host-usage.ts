@@ -4,9 +4,18 @@
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
-import pidusage from 'pidusage';
-import * as si from 'systeminformation';
 import { CgroupError } from './errors';
+
+// Both libraries are loaded on first use, not at start: systeminformation only where Linux
+// has no /proc (the fallback below) and pidusage only for processUsage. Loaded up front
+// they were ~10 MiB of the host broker's idle RSS (docs/performance.md, "Footprint: what
+// each step saved").
+type Si = typeof import('systeminformation');
+type PidUsage = typeof import('pidusage');
+// eslint-disable-next-line @typescript-eslint/no-require-imports
+const si = (): Si => require('systeminformation') as Si;
+// eslint-disable-next-line @typescript-eslint/no-require-imports
+const pidusage = (): PidUsage => require('pidusage') as PidUsage;
 
 export interface HostUsage {
   memTotal: number;
@@ -36,7 +45,7 @@ export async function hostUsage(): Promise<HostUsage> {
     meminfo = fs.readFileSync('/proc/meminfo', 'utf8');
     stat = fs.readFileSync('/proc/stat', 'utf8');
   } catch {
-    const [mem, cpu, load] = await Promise.all([si.mem(), si.cpu(), si.currentLoad()]);
+    const [mem, cpu, load] = await Promise.all([si().mem(), si().cpu(), si().currentLoad()]);
     return {
       memTotal: mem.total,
       memAvailable: mem.available,
@@ -77,7 +86,7 @@ export interface ProcessUsage {
 /** One process's usage; code ESRCH when it is gone. */
 export async function processUsage(pid: number): Promise<ProcessUsage> {
   try {
-    const s = await pidusage(pid);
+    const s = await pidusage()(pid);
     return { pid, cpuPct: s.cpu, rssBytes: s.memory, elapsedMs: s.elapsed };
   } catch (e) {
     const gone = !fs.existsSync(`/proc/${pid}`);
@@ -91,5 +100,99 @@ export async function processUsage(pid: number): Promise<ProcessUsage> {
 
 /** Drops pidusage's per-pid history (call when done sampling). */
 export function clearProcessUsage(): void {
-  pidusage.clear();
+  pidusage().clear();
+}
+
+/** What the machine is (`nestctl status`): static facts, read once through systeminformation. */
+export interface HostInventory {
+  hostname: string;
+  /** e.g. "Intel Xeon® Processor", as systeminformation names it (manufacturer + brand). */
+  cpuModel: string;
+  /** Logical CPUs (threads) and physical cores. */
+  cpus: number;
+  physicalCores: number;
+  /** Base clock in GHz (0 where the kernel does not say). */
+  cpuGHz: number;
+  memTotalBytes: number;
+  /** e.g. "Debian GNU/Linux 12", and the kernel release. */
+  os: string;
+  kernel: string;
+  arch: string;
+}
+
+let inventory: Promise<HostInventory> | undefined;
+
+/**
+ * The machine's CPU model, cores, memory and OS (systeminformation's cpu(), mem(),
+ * osInfo(): about 0.1–0.3 s of reads and a few commands, so once per process and
+ * cached, never on a tick). A failed read is not cached.
+ */
+export function hostInventory(): Promise<HostInventory> {
+  inventory ??= (async () => {
+    const [cpu, mem, osi] = await Promise.all([si().cpu(), si().mem(), si().osInfo()]);
+    return {
+      hostname: osi.hostname || os.hostname(),
+      cpuModel: [cpu.manufacturer, cpu.brand].filter(Boolean).join(' ').trim(),
+      cpus: cpu.cores || os.cpus().length,
+      physicalCores: cpu.physicalCores || cpu.cores,
+      cpuGHz: cpu.speed || 0,
+      memTotalBytes: mem.total || os.totalmem(),
+      os: [osi.distro, osi.release].filter(Boolean).join(' '),
+      kernel: osi.kernel || os.release(),
+      arch: osi.arch || os.arch(),
+    };
+  })();
+  const p = inventory;
+  p.catch(() => {
+    if (inventory === p) inventory = undefined;
+  });
+  return p;
+}
+
+/** One process in a per-process view: who it is and what it uses (pidusage). */
+export interface ProcessRow extends ProcessUsage {
+  /** /proc/<pid>/comm: the program's name (15 characters at most, proc(5)). */
+  comm: string;
+  /** The command line, arguments joined by spaces, cut to 200 characters. */
+  cmdline: string;
+}
+
+/**
+ * Usage of these processes now, largest RSS first, through pidusage: one call for all of
+ * them (it reads /proc/<pid>/stat for each; its CPU share is since that pid's previous
+ * sample in this process, or since the process started on the first). A pid gone in
+ * between is left out. For views asked for on demand (`nestctl status --processes`,
+ * `nestctl --guest top --processes`), never a periodic sampler. pidusage forgets a pid
+ * it has not been asked about for a minute (its history's maxage).
+ */
+export async function processRows(pids: readonly number[]): Promise<ProcessRow[]> {
+  const unique = [...new Set(pids)].filter((p) => Number.isSafeInteger(p) && p > 0);
+  if (unique.length === 0) return [];
+  const rows: ProcessRow[] = [];
+  // pidusage rejects the whole batch when one pid is gone: ask each on its own.
+  await Promise.all(
+    unique.map(async (pid) => {
+      try {
+        const s = await pidusage()(pid);
+        const read = (f: string): string => {
+          try {
+            return fs.readFileSync(`/proc/${pid}/${f}`, 'utf8');
+          } catch {
+            return '';
+          }
+        };
+        rows.push({
+          pid,
+          cpuPct: Math.round(s.cpu * 100) / 100,
+          rssBytes: s.memory,
+          elapsedMs: s.elapsed,
+          comm: read('comm').trim(),
+          cmdline: read('cmdline').split('\0').filter(Boolean).join(' ').slice(0, 200),
+        });
+      } catch {
+        // Gone between the listing and the read: not a row.
+      }
+    }),
+  );
+  return rows.sort((a, b) => b.rssBytes - a.rssBytes || a.pid - b.pid);
 }

@@ -8,7 +8,15 @@
  */
 import * as path from 'node:path';
 import { BaseDriver, type DriverOptions, type Hierarchy } from './base-driver';
-import { pathExists, readOptional, readProcs, readText, writeText } from './cgfs';
+import {
+  pathExists,
+  readOptional,
+  readProcs,
+  readText,
+  readTextNow,
+  writeText,
+  writeTextNow,
+} from './cgfs';
 import { CgroupError, isCgroupError } from './errors';
 import type { V1Controller } from './detect';
 import {
@@ -144,20 +152,22 @@ export class HybridDriver extends BaseDriver {
       );
     // memory.high → memory.soft_limit_in_bytes: ADVISORY, only reclaimed toward under
     // global memory pressure; it never throttles (README "What does not map").
+    // It never reclaims (the kernel only records it), nor do the cpu, cpuset and pids files:
+    // written synchronously, no thread-pool round trip (cgfs.ts writeTextNow).
     if (m.high !== undefined) {
-      await writeText(
+      writeTextNow(
         path.join(memDir, 'memory.soft_limit_in_bytes'),
         printV1Bytes('memory.high', m.high),
       );
     }
-    if (l.cpu?.max) await this.writeCfs(cpuDir, l.cpu.max);
+    if (l.cpu?.max) this.writeCfs(cpuDir, l.cpu.max);
     // cpu.weight → cpu.shares (systemd's formula, formats-v1.ts cpuWeightToShares).
     if (l.cpu?.weight !== undefined) {
-      await writeText(path.join(cpuDir, 'cpu.shares'), String(cpuWeightToShares(l.cpu.weight)));
+      writeTextNow(path.join(cpuDir, 'cpu.shares'), String(cpuWeightToShares(l.cpu.weight)));
     }
-    if (l.cpus !== undefined) await writeText(path.join(cpusetDir, 'cpuset.cpus'), l.cpus);
+    if (l.cpus !== undefined) writeTextNow(path.join(cpusetDir, 'cpuset.cpus'), l.cpus);
     if (l.pidsMax !== undefined)
-      await writeText(path.join(pidsDir, 'pids.max'), printMax('pids.max', l.pidsMax));
+      writeTextNow(path.join(pidsDir, 'pids.max'), printMax('pids.max', l.pidsMax));
   }
 
   /**
@@ -167,22 +177,23 @@ export class HybridDriver extends BaseDriver {
    * whichever leaves the lower bandwidth in between — e.g. when the period shrinks with the
    * quota, the quota goes first — and retry the other order once on EINVAL.
    */
-  private async writeCfs(dir: string, next: CpuMax): Promise<void> {
+  private writeCfs(dir: string, next: CpuMax): void {
     const qFile = path.join(dir, 'cpu.cfs_quota_us');
     const pFile = path.join(dir, 'cpu.cfs_period_us');
-    const curQ = parseCfsQuota(await readText(qFile));
-    const curP = parseUint('cpu.cfs_period_us', await readText(pFile));
+    const curQ = parseCfsQuota(readTextNow(qFile));
+    const curP = parseUint('cpu.cfs_period_us', readTextNow(pFile));
     const bw = (q: Max, p: number) => (q === 'max' ? Infinity : q / p);
-    const writeQ = () => writeText(qFile, printCfsQuota(next.quotaUs));
-    const writeP = () =>
-      curP === next.periodUs ? Promise.resolve() : writeText(pFile, String(next.periodUs));
+    const writeQ = () => writeTextNow(qFile, printCfsQuota(next.quotaUs));
+    const writeP = () => {
+      if (curP !== next.periodUs) writeTextNow(pFile, String(next.periodUs));
+    };
     const quotaFirst = bw(next.quotaUs, curP) <= bw(curQ, next.periodUs);
     const order = quotaFirst ? [writeQ, writeP] : [writeP, writeQ];
     try {
-      for (const w of order) await w();
+      for (const w of order) w();
     } catch (e) {
       if (!isCgroupError(e, 'EINVAL')) throw e;
-      for (const w of order.reverse()) await w();
+      for (const w of order.reverse()) w();
     }
   }
 

@@ -29,6 +29,8 @@ export const SCHEMAS: Readonly<Record<string, ZodTypeAny>> = {
   outcome: S.OutcomeMsgSchema,
   'outcome-part': S.OutcomePartSchema,
   cancel: S.CancelSchema,
+  plan: S.PlanRequestSchema,
+  'plan-result': S.PlanResultSchema,
   ping: S.PingSchema,
   pong: S.PongSchema,
   error: S.ErrorMsgSchema,

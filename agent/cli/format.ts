@@ -44,6 +44,8 @@ export function exitForError(err: unknown): number {
     case 'NOTICE_STALE':
     case 'JOURNAL_WRITE':
     case 'PROJECT_STATE':
+    case 'DOMAIN_DOWN': // libvirt: refused before anything was journaled (docs/libvirt.md)
+    case 'PREREQUISITE_MISSING':
       return EXIT.REJECTED;
     case 'TIMEOUT':
       return EXIT.TIMEOUT;
@@ -251,4 +253,45 @@ export async function runCommand(
     else io.err(formatError(err));
     process.exitCode = exitFor(err);
   }
+}
+
+/** A daemon's answer to `reload` (agent/guest/reload.ts, agent/host/reload.ts). */
+export interface ReloadAnswer {
+  ok: boolean;
+  source?: string;
+  code?: string;
+  problems?: { field: string; message: string }[];
+  report?: {
+    source?: string;
+    added: string[];
+    removed: (string | { name: string; exit?: string })[];
+    changed: { name: string; fields: string[]; error?: string }[];
+    live: string[];
+    restartNeeded: string[];
+    errors: { field: string; message: string }[];
+  };
+}
+
+/** `nestctl reload`: what was applied, or why the file was refused; with its exit code. */
+export function formatReload(r: ReloadAnswer): { text: string; code: number } {
+  if (!r.ok || !r.report) {
+    const lines = [`reload refused (${r.code ?? 'CONFIG_INVALID'}): the config in force stays`];
+    for (const p of r.problems ?? []) lines.push(`  ${p.field}: ${p.message}`);
+    return { text: lines.join('\n'), code: EXIT.USAGE };
+  }
+  const rep = r.report;
+  const names = (xs: (string | { name: string; exit?: string })[]): string =>
+    xs
+      .map((x) => (typeof x === 'string' ? x : x.exit ? `${x.name} (${x.exit})` : x.name))
+      .join(', ');
+  const lines = [`reloaded ${rep.source ?? ''}`.trimEnd()];
+  if (rep.added.length) lines.push(`  added:    ${names(rep.added)}`);
+  if (rep.removed.length) lines.push(`  removed:  ${names(rep.removed)}`);
+  for (const c of rep.changed) lines.push(`  changed:  ${c.name}: ${c.fields.join(', ')}`);
+  if (rep.live.length) lines.push(`  applied:  ${rep.live.join(', ')}`);
+  if (rep.restartNeeded.length)
+    lines.push(`  not live: ${rep.restartNeeded.join(', ')} (the old values stay until a restart)`);
+  if (lines.length === 1) lines.push('  nothing changed');
+  for (const e of rep.errors) lines.push(`  failed:   ${e.field}: ${e.message}`);
+  return { text: lines.join('\n'), code: rep.errors.length ? EXIT.PARTIAL : EXIT.OK };
 }

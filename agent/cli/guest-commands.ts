@@ -22,7 +22,9 @@ import {
   formatOutcome,
   newestFirst,
   formatProgress,
+  formatReload,
   json,
+  type ReloadAnswer,
   runCommand,
   stdio,
   table,
@@ -91,6 +93,24 @@ export function topText(v: TopView): string {
         r.pids ?? '-',
       ]),
     ),
+    ...(rows.some((r) => r.processes)
+      ? [
+          '',
+          table(
+            ['project', 'pid', 'cpu', 'rss', 'running', 'command'],
+            rows.flatMap((r) =>
+              (r.processes ?? []).map((p) => [
+                r.name,
+                p.pid,
+                `${p.cpuPct.toFixed(1)}%`,
+                fmtBytes(p.rssBytes),
+                formatMs(p.elapsedMs),
+                p.cmdline || p.comm,
+              ]),
+            ),
+          ),
+        ]
+      : []),
   ].join('\n');
 }
 
@@ -162,14 +182,19 @@ export function registerGuestCommands(y: Argv<GlobalArgs>, io: Io = stdio): Argv
     .command(
       'top',
       'the projects as the kernel shows them now, refreshed: memory, peak, pressure, CPUs, OOM kills',
-      (b) => topOptions(b),
+      (b) =>
+        topOptions(b).option('processes', {
+          type: 'boolean',
+          describe: "each project's processes: CPU over the interval and RSS",
+        }),
       (a) =>
         run(a, io, async () => {
           const t = parseTopArgs(a);
           return topLoop(
             io,
             { ...t, json: a.json === true, tty: process.stdout.isTTY === true },
-            async () => (await rpcCall(socketOf(a), 'top', {})) as TopView,
+            async () =>
+              (await rpcCall(socketOf(a), 'top', { processes: a.processes === true })) as TopView,
             topText,
           );
         }),
@@ -332,6 +357,18 @@ export function registerGuestCommands(y: Argv<GlobalArgs>, io: Io = stdio): Argv
           };
           io.out(a.json ? json(r) : `notice ${String(a.noticeId)}: ${r.state}`);
           return r.state === 'cancelled' ? EXIT.OK : EXIT.REJECTED;
+        }),
+    )
+    .command(
+      'reload',
+      "re-read the agent's config file and apply what can change live (as SIGHUP does)",
+      (b) => b,
+      (a) =>
+        run(a, io, async () => {
+          const r = (await rpcCall(socketOf(a), 'reload', {}, { timeoutMs: 0 })) as ReloadAnswer;
+          const f = formatReload(r);
+          io.out(a.json ? json(r) : f.text);
+          return f.code;
         }),
     )
     .command(

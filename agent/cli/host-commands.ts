@@ -11,6 +11,9 @@ import type { NoticeView } from '../host/api';
 import type { TriggerView } from '../host/watcher';
 import type { GuestStatus, HostProgress } from '../host/host-broker';
 import { DEFAULT_HOST_SOCKET } from '../host/config';
+import type { PlanResult } from '../protocol/messages';
+import type { HostInventory } from '../../cgroup-adapter/host-usage';
+import type { VmProcesses } from '../host/watcher';
 import { parseTopArgs, topLoop, topOptions } from './top';
 import {
   checkChangeFlags,
@@ -19,9 +22,12 @@ import {
   exitForError,
   exitForOutcome,
   fmtBytes,
+  fmtLimits,
   fmtTime,
   formatOutcome,
+  formatReload,
   newestFirst,
+  type ReloadAnswer,
   json,
   runCommand,
   stdio,
@@ -44,7 +50,7 @@ export const HOST_EXIT = {
 export const HOST_EXIT_HELP = `Host exit codes (besides 0-6):
   ${HOST_EXIT.LATE}  the guest was late (no outcome by the deadline); nothing removed unless --force
   ${HOST_EXIT.CANCELLED}  the notice was cancelled
-  ${HOST_EXIT.ACTUATION}  the guest answered but the VM cgroup limits or balloon could not be set`;
+  ${HOST_EXIT.ACTUATION}  the guest answered but the VM could not be lowered or raised (cgroup, balloon; libvirt: partial or failed)`;
 
 interface G {
   socket?: string;
@@ -68,6 +74,7 @@ export function exitForNotice(n: NoticeView): number {
   if (n.state === 'cancelled') return HOST_EXIT.CANCELLED;
   if (n.state === 'late' || n.late) return HOST_EXIT.LATE;
   if (n.state === 'refused') return EXIT.REJECTED;
+  if (n.state === 'partial' || n.state === 'failed') return HOST_EXIT.ACTUATION;
   if (n.actuation && n.actuation.errors.length > 0) return HOST_EXIT.ACTUATION;
   if (n.outcome) return exitForOutcome(n.outcome);
   return n.state === 'done' ? EXIT.OK : EXIT.ERROR;
@@ -78,6 +85,8 @@ const res = (r: { memoryBytes: number; cpus: number } | undefined): string =>
 
 /** What the host's `status` returns (agent/host/api.ts). */
 interface HostStatus {
+  inventory?: HostInventory | null;
+  processes?: VmProcesses[];
   guests: GuestStatus[];
   notices: NoticeView[];
   host: {
@@ -165,6 +174,11 @@ export function statusText(s: HostStatus): string {
   out.push(
     `host: ${h ? `${fmtBytes(h.memoryAvailableBytes)} available of ${fmtBytes(h.memoryTotalBytes)}, memory PSI some avg10 ${h.memoryPsiSomeAvg10 ?? '-'}` : 'not sampled yet'}; trigger ${s.trigger?.enabled ? 'on' : 'off'}`,
   );
+  const inv = s.inventory;
+  if (inv)
+    out.push(
+      `machine ${inv.hostname}: ${inv.cpuModel}, ${inv.cpus} CPUs (${inv.physicalCores} cores${inv.cpuGHz ? `, ${inv.cpuGHz} GHz` : ''}), ${fmtBytes(inv.memTotalBytes)}; ${inv.os}, kernel ${inv.kernel}, ${inv.arch}`,
+    );
   out.push(...triggerText(s.trigger));
   out.push('');
   out.push(guestsTable(s.guests));
@@ -183,6 +197,10 @@ export function statusText(s: HostStatus): string {
       ),
     );
   }
+  if (s.processes) {
+    out.push('');
+    out.push(processesTable(s.processes));
+  }
   if (s.notices.length) {
     out.push('');
     out.push(noticesTable(s.notices));
@@ -190,9 +208,41 @@ export function statusText(s: HostStatus): string {
   return out.join('\n');
 }
 
+/** Each VM's processes (its QEMU), largest RSS first: CPU share since the last look, RSS. */
+export function processesTable(vms: VmProcesses[]): string {
+  const rows: (string | number)[][] = [];
+  for (const v of vms) {
+    if (v.error) rows.push([v.guest, '-', '-', '-', '-', `(${v.error})`]);
+    else if (v.processes.length === 0)
+      rows.push([v.guest, '-', '-', '-', '-', v.group ? '(no process)' : '(no cgroup configured)']);
+    for (const p of v.processes)
+      rows.push([
+        v.guest,
+        p.pid,
+        `${p.cpuPct.toFixed(1)}%`,
+        fmtBytes(p.rssBytes),
+        formatMs(p.elapsedMs),
+        p.cmdline || p.comm,
+      ]);
+  }
+  return table(['guest', 'pid', 'cpu', 'rss', 'running', 'command'], rows);
+}
+
 function guestsTable(gs: GuestStatus[]): string {
+  // With libvirt, a column of what libvirt says now (docs/libvirt.md).
+  const libvirt = gs.some((g) => g.domain);
   return table(
-    ['guest', 'prio', 'connected', 'granted', 'allocation', 'floor', 'projects', 'pending'],
+    [
+      'guest',
+      'prio',
+      'connected',
+      'granted',
+      'allocation',
+      'floor',
+      'projects',
+      'pending',
+      ...(libvirt ? ['libvirt'] : []),
+    ],
     gs.map((g) => [
       g.name,
       g.priority,
@@ -202,8 +252,16 @@ function guestsTable(gs: GuestStatus[]): string {
       res(g.books.floor),
       g.inventory ? String(g.inventory.projects.length) : '-',
       g.pending.length ? g.pending.join(',') : '-',
+      ...(libvirt ? [domainText(g.domain)] : []),
     ]),
   );
+}
+
+function domainText(d: GuestStatus['domain']): string {
+  if (!d) return '-';
+  if (d.cpus === undefined || d.memoryBytes === undefined) return `${d.name}: ${d.state}`;
+  const vcpus = d.vcpus ? ` (${d.vcpus.current}/${d.vcpus.max} vCPUs)` : '';
+  return `${d.name}: ${d.state}, ${fmtBytes(d.memoryBytes)}, ${cpusText(d.cpus)}${vcpus}`;
 }
 
 /** Newest first, times as the guest's `notices` prints them (format.ts fmtTime). */
@@ -324,26 +382,51 @@ export function registerHostCommands(y: Argv, io: Io = stdio): Argv {
     )
     .command(
       'status',
-      'the host: guests, notices in flight, host memory, VM cgroups, trigger state',
-      (c) => c,
+      'the host: inventory, guests, notices in flight, host memory, VM cgroups, trigger state',
+      (c) =>
+        c.option('processes', {
+          type: 'boolean',
+          describe: "each VM's processes (its QEMU): CPU and RSS",
+        }),
       (a) =>
         run(a as G, io, async () => {
-          const s = (await rpcCall(sock(a as G), 'status')) as HostStatus;
+          const s = (await rpcCall(sock(a as G), 'status', {
+            processes: a.processes === true,
+          })) as HostStatus;
           io.out((a as G).json ? json(s) : statusText(s));
           return EXIT.OK;
         }),
     )
     .command(
+      'reload',
+      "re-read the broker's config file and apply what can change live (as SIGHUP does)",
+      (c) => c,
+      (a) =>
+        run(a as G, io, async () => {
+          const r = (await rpcCall(sock(a as G), 'reload', {}, { timeoutMs: 0 })) as ReloadAnswer;
+          const f = formatReload(r);
+          io.out((a as G).json ? json(r) : f.text);
+          return f.code;
+        }),
+    )
+    .command(
       'top',
       'the host status, refreshed: host memory and pressure, guests, VM cgroups, notices',
-      (c) => topOptions(c),
+      (c) =>
+        topOptions(c).option('processes', {
+          type: 'boolean',
+          describe: "each VM's processes (its QEMU): CPU over the interval and RSS",
+        }),
       (a) =>
         run(a as G, io, async () => {
           const t = parseTopArgs(a);
           return topLoop(
             io,
             { ...t, json: (a as G).json === true, tty: process.stdout.isTTY === true },
-            async () => (await rpcCall(sock(a as G), 'status')) as HostStatus,
+            async () =>
+              (await rpcCall(sock(a as G), 'status', {
+                processes: a.processes === true,
+              })) as HostStatus,
             statusText,
           );
         }),
@@ -393,28 +476,11 @@ export function registerHostCommands(y: Argv, io: Io = stdio): Argv {
             };
             problems: Problem[];
             inventory: { projects: { name: string; priority: number; state: string }[] } | null;
-            note: string;
+            guestPlan: PlanResult | null;
+            note?: string;
           };
           if ((a as G).json) io.out(json(p));
-          else {
-            io.out(
-              p.ok
-                ? `${String(a.vm)}: ${res(p.books.granted)} now → ${res(p.allocation)} after (floor ${res(p.books.floor)})`
-                : `${String(a.vm)}: refused\n${p.problems.map((x) => `  ${x.field}: ${x.message}`).join('\n')}`,
-            );
-            if (p.inventory) {
-              io.out('');
-              io.out(
-                table(
-                  ['project', 'priority', 'state'],
-                  [...p.inventory.projects]
-                    .sort((x, y) => x.priority - y.priority)
-                    .map((x) => [x.name, x.priority, x.state]),
-                ),
-              );
-              io.out('(lowest priority gives first; ' + p.note + ')');
-            }
-          }
+          else io.out(hostPlanText(String(a.vm), p));
           return p.ok ? EXIT.OK : EXIT.REJECTED;
         }),
     )
@@ -479,4 +545,65 @@ export function registerHostCommands(y: Argv, io: Io = stdio): Argv {
         }),
     )
     .epilogue(HOST_EXIT_HELP);
+}
+
+type Res = { memoryBytes: number; cpus: number };
+
+/**
+ * `nestctl plan VM`: the books' answer, then the guest's own plan project by project (in
+ * the order it would act), or why there is none (refused by the books, guest away); with
+ * the inventory of its last hello as a fallback when the guest could not be asked.
+ */
+export function hostPlanText(
+  vm: string,
+  p: {
+    ok: boolean;
+    allocation?: Res;
+    books: { granted: Res; floor: Res };
+    problems: { field: string; message: string }[];
+    inventory: { projects: { name: string; priority: number; state: string }[] } | null;
+    guestPlan: PlanResult | null;
+    note?: string;
+  },
+): string {
+  const r = (x: Res | undefined): string =>
+    x ? `${fmtBytes(x.memoryBytes)}, ${cpusText(x.cpus)}` : '-';
+  const out = [
+    p.ok
+      ? `${vm}: ${r(p.books.granted)} now → ${r(p.allocation)} after (floor ${r(p.books.floor)})`
+      : `${vm}: refused\n${p.problems.map((x) => `  ${x.field}: ${x.message}`).join('\n')}`,
+  ];
+  const g = p.guestPlan;
+  if (g) {
+    out.push(
+      `guest's plan: projects share ${r(g.projectAllocation)}; ${g.fits ? 'every running project keeps running' : 'some projects stop'}`,
+      '',
+      table(
+        ['project', 'priority', 'action', 'before', 'after', 'reason'],
+        g.projects.map((x) => [
+          x.project,
+          x.priority,
+          x.action,
+          fmtLimits(x.before),
+          x.action === 'stopped' ? 'stopped' : fmtLimits(x.after),
+          x.reason,
+        ]),
+      ),
+    );
+    if (g.omitted) out.push(`(${g.omitted} more projects, unchanged or least affected, left out)`);
+    for (const line of g.reasons) out.push(`- ${line}`);
+    out.push('(dry run: nothing was changed, on the host or in the guest)');
+  } else if (p.inventory) {
+    out.push(
+      '',
+      table(
+        ['project', 'priority', 'state'],
+        [...p.inventory.projects]
+          .sort((x, y) => x.priority - y.priority)
+          .map((x) => [x.name, x.priority, x.state]),
+      ),
+      `(from the guest's last hello; lowest priority gives first${p.note ? `; ${p.note}` : ''})`,
+    );
+  } else if (p.note) out.push(`(${p.note})`);
+  return out.join('\n');
 }

@@ -9,8 +9,6 @@
  *   nestbroker wait-ready guest|host --config FILE [--pid PID] [--timeout 90s]
  *                                    until that daemon is ready (the units' ExecStartPost=)
  */
-import yargs from 'yargs';
-import { hideBin } from 'yargs/helpers';
 import { runGuest } from '../guest/main';
 import { GUEST_DEFAULTS, loadGuestConfig } from '../guest/config';
 import { isNestError } from '../common/errors';
@@ -18,6 +16,7 @@ import { parseDuration } from '../common/units';
 import { waitReady } from './wait-ready';
 import { runCheck } from './check';
 import { createLogger, LOG_FORMATS } from '../common/log';
+import { quickDaemonArgs } from '../common/daemon-args';
 
 /** The operator socket named by a daemon's config (the same file its unit starts it with). */
 async function socketOf(daemon: 'guest' | 'host', config: string | undefined): Promise<string> {
@@ -71,6 +70,15 @@ const CHECK_HELP =
   'validate the config, print every problem (exit 2) or a summary (exit 0); start nothing';
 
 export async function main(argv: string[]): Promise<number> {
+  // How units and scripts start a daemon, read without loading yargs (agent/common/daemon-args.ts).
+  const quick = quickDaemonArgs(argv, LOG_FORMATS);
+  if (quick) {
+    if (quick.logFormat) process.env.NESTBROKER_LOG_FORMAT = quick.logFormat;
+    if (quick.check) return runCheck(quick.daemon, quick.config);
+    if (quick.daemon === 'guest') return runGuest({ config: quick.config });
+    return runHostEntry(argv);
+  }
+  const { default: yargs } = await import('yargs');
   let code = 0;
   await yargs(argv)
     .scriptName('nestbroker')
@@ -135,7 +143,7 @@ export async function main(argv: string[]): Promise<number> {
 }
 
 if (require.main === module) {
-  main(hideBin(process.argv)).then(
+  main(process.argv.slice(2)).then(
     (code) => process.exit(code),
     (err: unknown) => {
       // One line with the code on stderr, never a stack trace (a start-up failure is for

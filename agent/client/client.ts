@@ -6,6 +6,7 @@
  *
  *   notice | restore → ack (accepted | duplicate | rejected) → progress* → outcome
  *   cancel           → ack (cancelled | not-cancellable | rejected)
+ *   plan             → plan-result (the local broker's dry run), or error
  *   ping             → pong
  *   anything invalid → error (the connection and all state stay)
  *
@@ -24,11 +25,14 @@ import {
   CAPABILITIES,
   CAP_MONOTONIC_CLOCK,
   CAP_OUTCOME_PARTS,
+  CAP_PLAN,
   PROTOCOL_VERSION,
   newMessageId,
   type ErrorMsg,
   type Hello,
   type Message,
+  type PlanRequest,
+  type PlanResult,
   type Progress,
   type SenderClock,
   type Welcome,
@@ -49,6 +53,8 @@ export interface ClientOptions {
   channel: ClientChannel;
   book: NoticeBook;
   inventory(): Promise<Hello['inventory']>;
+  /** The local broker's dry run for a `plan` request; absent: `plan` is answered with an error. */
+  plan?(req: PlanRequest): Promise<Omit<PlanResult, 'type' | 'id' | 'replyTo'>>;
   log: Logger;
   clock?: Clock;
 }
@@ -158,7 +164,8 @@ export class Client {
       inventory,
       lastSeq: this.book.lastSeq,
     };
-    if (!this.legacyHello) hello.capabilities = [...CAPABILITIES];
+    if (!this.legacyHello)
+      hello.capabilities = [...CAPABILITIES, ...(this.opts.plan ? [CAP_PLAN] : [])];
     this.helloId = hello.id;
     this.send(hello);
     // Outcomes finished while the channel was down are sent again; the broker above
@@ -238,6 +245,10 @@ export class Client {
         }
         return;
       }
+      case 'plan':
+        // Read-only and independent of the notices: not queued behind them in the inbox.
+        void this.onPlan(msg);
+        return;
       case 'ping':
         this.send({ type: 'pong', id: newMessageId(), replyTo: msg.id, t: msg.t });
         if (this.offsets.length > 0) this.noteClock(msg.t);
@@ -268,6 +279,23 @@ export class Client {
           code: 'PROTOCOL_INVALID',
           message: `a client does not accept "${msg.type}" messages`,
         });
+    }
+  }
+
+  private async onPlan(msg: PlanRequest): Promise<void> {
+    try {
+      if (!this.opts.plan) throw new Error('this client has no planner');
+      const body = await this.opts.plan(msg);
+      this.send({ type: 'plan-result', id: newMessageId(), replyTo: msg.id, ...body });
+    } catch (err) {
+      const e = errorOf(err);
+      this.send({
+        type: 'error',
+        id: newMessageId(),
+        replyTo: msg.id,
+        code: e.code,
+        message: e.message.slice(0, 4000),
+      });
     }
   }
 

@@ -435,6 +435,16 @@ export class NoticeBook extends EventEmitter {
     clearTimeout(timer);
   }
 
+  /**
+   * Runs `fn` in the notice queue: after every notice queued so far, before any queued
+   * later, so no notice runs beside it (a reload changing the projects, agent/guest/reload.ts).
+   */
+  exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const p = this.queue.then(fn);
+    this.queue = p.catch(() => undefined);
+    return p;
+  }
+
   /** Waits for everything queued so far. */
   async idle(): Promise<void> {
     await this.queue.catch(() => undefined);

@@ -29,6 +29,11 @@ export const ErrorCodes = {
     "the project's state does not allow that now (a notice acts on it, or it waits for a restore); nothing done",
   JOURNAL_WRITE: 'the journal could not be written',
   QMP_ERROR: 'QEMU QMP returned an error',
+  LIBVIRT_ERROR: 'a virsh call failed or timed out; its stderr is in the message',
+  DOMAIN_DOWN: 'the libvirt domain is not running; refused, nothing done',
+  DOMAIN_UNKNOWN: 'libvirt has no domain of that name',
+  PREREQUISITE_MISSING:
+    'the domain or host lacks what a removal mode needs (virsh, ACPI, hotpluggable vCPUs, a virtio-mem or balloon device, the channel); refused, nothing done',
   TIMEOUT: 'an operation did not finish in time',
   TRANSPORT: 'a channel to a peer failed',
   UNAUTHORIZED: 'the peer is not allowed',

@@ -15,6 +15,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { promises as fsp } from 'node:fs';
 import { openCgroupAdapter, removeCreated } from '../../cgroup-adapter';
+import { processRows } from '../../cgroup-adapter/host-usage';
 import type { CgroupAdapter } from '../../cgroup-adapter/types';
 import { isNestError } from '../common/errors';
 import { lookupGroup } from '../common/nss';
@@ -22,9 +23,10 @@ import { Journal } from '../common/journal';
 import { StateLock } from '../common/state-lock';
 import type { Logger } from '../common/log';
 import { RpcServer } from '../common/rpc';
-import { MetricsServer } from '../common/metrics';
+import type { MetricsServer } from '../common/metrics';
 import type { Resources } from '../broker/types';
-import type { Hello } from '../protocol/messages';
+import type { Hello, PlanResult } from '../protocol/messages';
+import { planResultBody } from './plan-view';
 import { NoticeBook } from '../client/notices';
 import { minimumsAbove, type GuestConfig } from './config';
 import { GuestBroker, type AllocationBook } from './executor';
@@ -34,7 +36,6 @@ import { ProjectNoticeBoard } from './project-notices';
 import { ProjectRegistry } from './projects';
 import { Supervisor } from './supervisor';
 import { UsageSampler } from './usage';
-import { guestMetrics } from './metrics';
 import { openUpstream, type Upstream } from './upstream';
 
 export interface GuestAgentOptions {
@@ -65,9 +66,12 @@ export class GuestAgent implements OperatorTarget {
   private upstream: Upstream | null = null;
   private metrics: MetricsServer | null = null;
   private lock: StateLock | null = null;
+  /** Set by the daemon (agent/guest/main.ts): re-reads its config file (`nestctl --guest reload`). */
+  reload?: (trigger: string) => Promise<unknown>;
 
   private constructor(
-    readonly cfg: GuestConfig,
+    /** Replaced by a reload (agent/guest/reload.ts); read it anew, never keep it. */
+    public cfg: GuestConfig,
     readonly adapter: CgroupAdapter,
     readonly registry: ProjectRegistry,
     readonly board: ProjectNoticeBoard,
@@ -143,9 +147,11 @@ export class GuestAgent implements OperatorTarget {
       log.child({ part: 'project-socket' }),
     );
     const registry = new ProjectRegistry(cfg, adapter, board, log.child({ part: 'projects' }));
+    // Through the agent (set below): a reload replaces agent.cfg and its projects.
+    let current = (): GuestConfig => cfg;
     const usage = new UsageSampler(
       adapter,
-      () => cfg.projects.map((p) => ({ name: p.name, group: registry.group(p.name) })),
+      () => current().projects.map((p) => ({ name: p.name, group: registry.group(p.name) })),
       cfg.usageIntervalMs,
       log.child({ part: 'usage' }),
     );
@@ -177,6 +183,7 @@ export class GuestAgent implements OperatorTarget {
       supervisor,
       log,
     );
+    current = () => agent.cfg;
 
     // The operator socket first: a second agent on the same config fails here, before it
     // has started or adopted anything. Commands wait until the projects are up.
@@ -187,10 +194,16 @@ export class GuestAgent implements OperatorTarget {
     await rpc.listen(cfg.socket, { mode: 0o660, group: await groupId(cfg.socketGroup) });
     undo.push(() => rpc.close());
     // Bound early too: a port in use fails the start before anything is adopted.
-    if (cfg.metrics)
+    // prom-client and the metrics code are loaded only when metrics are on: ~12 MiB of an
+    // idle agent's RSS otherwise (docs/performance.md, "Footprint: what each step saved").
+    if (cfg.metrics) {
+      const { MetricsServer } = await import('../common/metrics');
+      const { guestMetrics } = await import('./metrics');
       agent.metrics = await MetricsServer.listen(
         guestMetrics({
-          cfg,
+          get cfg() {
+            return agent.cfg;
+          },
           book,
           registry,
           usage,
@@ -200,6 +213,7 @@ export class GuestAgent implements OperatorTarget {
         cfg.metrics,
         log.child({ part: 'metrics' }),
       );
+    }
     undo.push(async () => agent.metrics?.close());
     await board.listen();
     undo.push(() => board.close());
@@ -223,6 +237,7 @@ export class GuestAgent implements OperatorTarget {
       book,
       () => agent.inventory(),
       log.child({ part: 'upstream' }),
+      (req) => agent.planFor(req.allocation),
     );
     log.info(
       {
@@ -248,6 +263,13 @@ export class GuestAgent implements OperatorTarget {
     await this.rpc.close();
     await this.board.close();
     await this.lock?.release();
+  }
+
+  /** The host's dry run (`plan` over the channel): this guest's plan at `allocation`. */
+  async planFor(allocation: Resources): Promise<Omit<PlanResult, 'type' | 'id' | 'replyTo'>> {
+    const plan = await this.broker.planFor(allocation);
+    const prio = new Map(this.cfg.projects.map((p) => [p.name, p.priority]));
+    return planResultBody(plan, allocation, (name) => prio.get(name) ?? 0);
   }
 
   async inventory(): Promise<Hello['inventory']> {
@@ -292,8 +314,10 @@ export class GuestAgent implements OperatorTarget {
    * `nestctl --guest top`: every project's usage as the kernel shows it now (the adapter's
    * full read: memory in use and its peak, OOM kills, pressure, throttling, processes),
    * with CPUs in use from the sampler. Read on demand, never on the sampler's tick (usage.ts).
+   * With `processes`, each project's processes too (pidusage: CPU share since the previous
+   * `top`, RSS; cgroup-adapter/host-usage.ts).
    */
-  async top(): Promise<TopView> {
+  async top(opts: { processes?: boolean } = {}): Promise<TopView> {
     const usage = await this.usage.fresh();
     const projects: TopRow[] = [];
     for (const p of this.cfg.projects) {
@@ -315,6 +339,7 @@ export class GuestAgent implements OperatorTarget {
         cpus: usage[p.name]?.cpus ?? null,
         throttledUs: u?.cpuThrottledUs ?? null,
         pids: u ? pids.length : null,
+        ...(opts.processes ? { processes: await processRows(pids) } : {}),
       });
     }
     return {

@@ -7,7 +7,13 @@ import { z } from 'zod';
 import type { Problem } from '../common/errors';
 import { parseCpus, parseDuration, parseSize } from '../common/units';
 import { dflt, field, opt, schemaKeys } from '../common/config-check';
-import type { AdoptConfig, GuestConfig, ProjectConfig, UpstreamConfig } from './config-types';
+import {
+  LOG_LEVELS,
+  type AdoptConfig,
+  type GuestConfig,
+  type ProjectConfig,
+  type UpstreamConfig,
+} from './config-types';
 import { GUEST_DEFAULTS, PID_MAX_LIMIT } from './config-defaults';
 import {
   NOT_STOPPING,
@@ -193,6 +199,7 @@ export const guestSchema = z
       })
       .strict()
       .optional(),
+    logLevel: z.enum(LOG_LEVELS).optional(),
     projects: z.array(projectSchema).max(1000, 'must list at most 1000 projects'),
   })
   .strict();
@@ -265,6 +272,7 @@ export function normalise(p: Parsed, warnings: Problem[], source: string): Guest
   };
   if (p.resources) cfg.resources = { cpus: p.resources.cpus, memoryBytes: p.resources.memory };
   if (p.metrics) cfg.metrics = { host: p.metrics.host, port: p.metrics.port };
+  if (p.logLevel) cfg.logLevel = p.logLevel;
   return cfg;
 }
 

@@ -93,6 +93,8 @@ export interface GuestConfig {
   limits: { messagesPerSecond: number; messageBurst: number; pendingNotices: number };
   /** Prometheus metrics on http://host:port/metrics (agent/guest/metrics.ts); absent: off. */
   metrics?: { host: string; port: number };
+  /** The log level; absent: NESTBROKER_LOG_LEVEL, else info. A reload applies it live. */
+  logLevel?: LogLevel;
   projects: ProjectConfig[];
   /**
    * Things that are allowed but probably not meant (e.g. minimums above the configured
@@ -102,3 +104,7 @@ export interface GuestConfig {
   /** Where this config came from (a file path, or a label for tests). */
   source: string;
 }
+
+/** pino's levels, as a config names them (`logLevel`). */
+export const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] as const;
+export type LogLevel = (typeof LOG_LEVELS)[number];

@@ -91,7 +91,7 @@ export class GuestBroker implements LocalBroker {
   readonly name: string;
 
   constructor(
-    private readonly cfg: GuestConfig,
+    private cfg: GuestConfig,
     private readonly registry: ExecutorRegistry,
     private readonly board: ExecutorBoard,
     private readonly adapter: StopCgroup,
@@ -102,6 +102,11 @@ export class GuestBroker implements LocalBroker {
     private readonly sendSignal?: SendSignal,
   ) {
     this.name = cfg.guest;
+  }
+
+  /** A reload's new config (agent/guest/reload.ts): the projects and the reserve plans use. */
+  setConfig(cfg: GuestConfig): void {
+    this.cfg = cfg;
   }
 
   /** The guest's whole allocation now: every notice is checked against it (NoticeBook). */

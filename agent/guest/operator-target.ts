@@ -4,6 +4,7 @@
  * the API; the API knows the agent only through this interface, so neither module imports
  * the other both ways.
  */
+import type { ProcessRow } from '../../cgroup-adapter/host-usage';
 import type { ProjectLimits, Resources } from '../broker/types';
 import type { NoticeBook } from '../client/notices';
 import type { GuestConfig } from './config';
@@ -20,7 +21,9 @@ export interface OperatorTarget {
   readonly supervisor: Pick<Supervisor, 'operatorStop' | 'operatorStart'>;
   status(): object;
   projectRows(): Promise<object[]>;
-  top(): Promise<TopView>;
+  top(opts?: { processes?: boolean }): Promise<TopView>;
+  /** Set by the daemon (agent/guest/main.ts): re-reads its config file (`nestctl --guest reload`). */
+  reload?: (trigger: string) => Promise<unknown>;
 }
 
 /** One project in `top`: null where the kernel file could not be read (a group just gone). */
@@ -39,6 +42,8 @@ export interface TopRow {
   cpus: number | null;
   throttledUs: number | null;
   pids: number | null;
+  /** With `top --processes`: the project's processes, largest RSS first. */
+  processes?: ProcessRow[];
 }
 
 export interface TopView {

@@ -138,8 +138,14 @@ export function registerOperatorApi(
     },
   };
   rpc.handle('status', async () => agent.status());
+  // The same reload as SIGHUP (agent/guest/reload.ts): refused, or what was applied.
+  rpc.handle('reload', async () => {
+    if (!agent.reload)
+      throw new NestError('INPUT_INVALID', 'this agent has no config file to reload');
+    return agent.reload('nestctl reload');
+  });
   rpc.handle('projects', async () => agent.projectRows());
-  rpc.handle('top', async () => agent.top());
+  rpc.handle('top', async (args) => agent.top({ processes: args.processes === true }));
   rpc.handle('plan', async (args) => {
     const kind: NoticeKind = args.kind === 'restore' ? 'restore' : 'reclaim';
     const rest = { ...args };

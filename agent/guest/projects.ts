@@ -77,12 +77,17 @@ export class ProjectRegistry {
   private cgroupNamespace = false;
 
   constructor(
-    private readonly cfg: GuestConfig,
+    private cfg: GuestConfig,
     private readonly adapter: CgroupAdapter,
     private readonly board: ProjectNoticeBoard,
     private readonly log: Logger,
   ) {
     this.state = new Journal(path.join(cfg.stateDir, 'agent'));
+  }
+
+  /** A reload's new config (agent/guest/reload.ts): projects added, removed or changed. */
+  setConfig(cfg: GuestConfig): void {
+    this.cfg = cfg;
   }
 
   get configs(): readonly ProjectConfig[] {
@@ -156,70 +161,85 @@ export class ProjectRegistry {
         { reason: ns.reason },
         'projects start without a cgroup namespace of their own: an escape is only caught after a stop (docs/reliability.md)',
       );
-    for (const p of this.cfg.projects) {
-      const group = this.group(p.name);
-      const log = this.log.child({ project: p.name });
-      if (p.command && p.command.user === undefined)
-        // Root can write its pids into any group of any hierarchy it can see, and leave
-        // the project's limits (docs/reliability.md, "Processes that leave their project").
-        log.warn(
-          { field: `projects[name=${p.name}].command.user` },
-          'project has no command.user and runs as root: it could move its processes out of its cgroup; give it a user of its own',
-        );
-      await this.board.prepare(p.name, await ownerOf(p));
-      const exists = await this.adapter.exists(group);
-      const running = exists && (await this.adapter.pids(group)).length > 0;
-      const known = this.records[p.name];
-      if (running && known) {
-        // Ours from before a restart: re-adopted with its processes untouched (nothing is
-        // restarted or signalled). Its recorded limits are written again, because the
-        // kernel may no longer hold them: on a v2 guest, systemd's ExecStopPost
-        // (nestbroker-guest-release, docs/install.md) turns the subtree's controllers off
-        // when the agent stops, and turning them back on starts every project at
-        // memory.max "max" (cgroup-v2.rst, "Controlling Controllers"). Writing the same
-        // value again is harmless where they survived.
-        try {
-          await this.adapter.setLimits(group, toAdapterLimits(known.limits, p));
-        } catch (err) {
-          // A limit the kernel refuses now (v1 memory.limit_in_bytes below usage: EBUSY) must
-          // not keep the agent, and every other project, from starting; the next notice
-          // writes the project's limits again.
-          log.error({ group, err, limits: known.limits }, 'could not re-apply recorded limits');
-          continue;
-        }
-        log.info(
-          { group, limits: known.limits },
-          're-adopted a running project; its recorded limits re-applied',
-        );
-        continue;
+    for (const p of this.cfg.projects) await this.bringUp(p);
+    await this.save();
+  }
+
+  /**
+   * One project brought up, as at start: re-adopted with its recorded limits, taken over,
+   * or created and started. Also a project a reload adds (agent/guest/reload.ts). The
+   * caller saves the records.
+   */
+  async bringUp(p: ProjectConfig): Promise<void> {
+    const group = this.group(p.name);
+    const log = this.log.child({ project: p.name });
+    if (p.command && p.command.user === undefined)
+      // Root can write its pids into any group of any hierarchy it can see, and leave the
+      // project's limits (docs/reliability.md, "Processes that leave their project").
+      log.warn(
+        { field: `projects[name=${p.name}].command.user` },
+        'project has no command.user and runs as root: it could move its processes out of its cgroup; give it a user of its own',
+      );
+    await this.board.prepare(p.name, await ownerOf(p));
+    const exists = await this.adapter.exists(group);
+    const running = exists && (await this.adapter.pids(group)).length > 0;
+    const known = this.records[p.name];
+    if (running && known) {
+      // Ours from before a restart: re-adopted with its processes untouched (nothing is
+      // restarted or signalled). Its recorded limits are written again, because the
+      // kernel may no longer hold them: on a v2 guest, systemd's ExecStopPost
+      // (nestbroker-guest-release, docs/install.md) turns the subtree's controllers off
+      // when the agent stops, and turning them back on starts every project at
+      // memory.max "max" (cgroup-v2.rst, "Controlling Controllers"). Writing the same
+      // value again is harmless where they survived.
+      try {
+        await this.adapter.setLimits(group, toAdapterLimits(known.limits, p));
+      } catch (err) {
+        // A limit the kernel refuses now (v1 memory.limit_in_bytes below usage: EBUSY) must
+        // not keep the agent, and every other project, from starting; the next notice
+        // writes the project's limits again.
+        log.error({ group, err, limits: known.limits }, 'could not re-apply recorded limits');
+        return;
       }
-      if (running) {
-        // Seen for the first time with processes in it (adopt.cgroup): taken over, and
-        // from now on it lives under our limits.
-        const rec: ProjectRecord = {
-          stoppedForRoom: false,
-          limits: initialLimits(p),
-          processes: knownOf(await this.adapter.pids(group)),
-        };
-        this.records[p.name] = rec;
-        await this.adapter.setLimits(group, toAdapterLimits(rec.limits, p));
-        log.info({ group }, 'took over a running cgroup');
-        continue;
-      }
-      if (!exists) await this.adapter.create(group);
-      const rec = (this.records[p.name] ??= { stoppedForRoom: false, limits: initialLimits(p) });
-      await this.adapter.setLimits(group, toAdapterLimits(rec.limits, p));
-      if (rec.stoppedByOperator) {
-        log.info('stopped by an operator; stays stopped until nestctl --guest start');
-        continue;
-      }
-      if (rec.stoppedForRoom) {
-        log.info('stopped for lack of room; waits for a restore');
-        continue;
-      }
-      if (p.command) await this.start(p.name);
-      else if (p.adopt && 'pids' in p.adopt) await this.adoptPids(p.name, p.adopt.pids);
+      log.info(
+        { group, limits: known.limits },
+        're-adopted a running project; its recorded limits re-applied',
+      );
+      return;
     }
+    if (running) {
+      // Seen for the first time with processes in it (adopt.cgroup): taken over, and
+      // from now on it lives under our limits.
+      const rec: ProjectRecord = {
+        stoppedForRoom: false,
+        limits: initialLimits(p),
+        processes: knownOf(await this.adapter.pids(group)),
+      };
+      this.records[p.name] = rec;
+      await this.adapter.setLimits(group, toAdapterLimits(rec.limits, p));
+      log.info({ group }, 'took over a running cgroup');
+      return;
+    }
+    if (!exists) await this.adapter.create(group);
+    const rec = (this.records[p.name] ??= { stoppedForRoom: false, limits: initialLimits(p) });
+    await this.adapter.setLimits(group, toAdapterLimits(rec.limits, p));
+    if (rec.stoppedByOperator) {
+      log.info('stopped by an operator; stays stopped until nestctl --guest start');
+      return;
+    }
+    if (rec.stoppedForRoom) {
+      log.info('stopped for lack of room; waits for a restore');
+      return;
+    }
+    if (p.command) await this.start(p.name);
+    else if (p.adopt && 'pids' in p.adopt) await this.adoptPids(p.name, p.adopt.pids);
+  }
+
+  /** A project a reload removed, once stopped: its record goes (and with it its limits). */
+  async forget(name: string): Promise<void> {
+    delete this.records[name];
+    this.transient.delete(name);
+    this.children.delete(name);
     await this.save();
   }
 

@@ -102,7 +102,11 @@ export async function stopProject(
   const phases: StopResult['phases'] = { empty: 0 };
   const log = deps.log;
 
-  if ((await deps.adapter.pids(group)).length === 0) {
+  // Read as the signal reads it (readPids: a pread on the sampler's held descriptor): through
+  // the adapter this was a thread-pool round trip per stop, queued behind the shrinks'
+  // limit writes of the same notice, before the first signal could go out
+  // (docs/performance.md, "Closing the gap: what was tried").
+  if ((deps.readPids?.() ?? (await deps.adapter.pids(group))).length === 0) {
     phases.empty = at();
     return {
       exit: 'already-gone',

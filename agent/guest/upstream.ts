@@ -5,7 +5,7 @@
  */
 import type { Logger } from '../common/log';
 import { NestError } from '../common/errors';
-import type { Hello } from '../protocol/messages';
+import type { Hello, PlanRequest, PlanResult } from '../protocol/messages';
 import type { Channel } from '../transport/channel';
 import { promises as fsp } from 'node:fs';
 import { UnixChannelServer } from '../transport/unix';
@@ -25,6 +25,7 @@ export async function openUpstream(
   book: NoticeBook,
   inventory: () => Promise<Hello['inventory']>,
   log: Logger,
+  plan?: (req: PlanRequest) => Promise<Omit<PlanResult, 'type' | 'id' | 'replyTo'>>,
 ): Promise<Upstream | null> {
   const up = cfg.upstream;
   let channel: Channel;
@@ -64,7 +65,7 @@ export async function openUpstream(
         `upstream.transport ${JSON.stringify((up as { transport: string }).transport)} is unknown`,
       );
   }
-  const client = new Client({ channel, book, inventory, log });
+  const client = new Client({ channel, book, inventory, plan, log });
   if (channel.connected) client.opened();
   return {
     connected: () => channel.connected,

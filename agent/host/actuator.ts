@@ -29,12 +29,43 @@ export interface ActuationReport {
   finishedAt: string;
   cgroup?: { group: string; before: Limits; after: Limits };
   balloon?: BalloonResult;
+  /**
+   * With `hypervisor: libvirt` (agent/host/libvirt/actuator.ts): `done` when libvirt reports
+   * the target, `partial` when it moved only part of the way (`actual` says how far),
+   * `failed` when nothing moved. Absent for the raw QEMU path, whose errors say it.
+   */
+  status?: 'done' | 'partial' | 'failed';
+  /** What libvirt reported before and after (the books take `actual`). */
+  before?: Resources;
+  actual?: Resources;
+  /** Each libvirt call and its confirmation. */
+  steps?: LibvirtStep[];
   /** Each failed step, with its code (the rest still ran). */
-  errors: { step: 'cgroup' | 'balloon'; code: string; message: string }[];
+  errors: { step: 'cgroup' | 'balloon' | 'cpus' | 'memory'; code: string; message: string }[];
+}
+
+export interface LibvirtStep {
+  resource: 'cpus' | 'memory';
+  /** `setvcpus`, `schedinfo`, `update-memory-device`, `setmem`. */
+  call: string;
+  from: number;
+  want: number;
+  got: number;
+  /** The call's own return, and until libvirt showed the result (or the timeout). */
+  callMs: number;
+  confirmMs: number;
+  confirmed: boolean;
+  /** What else is known when it was not confirmed (virsh's own timeout, say). */
+  note?: string;
 }
 
 export interface VmActuator {
   apply(guest: GuestConfig, target: Resources, direction: 'down' | 'up'): Promise<ActuationReport>;
+  /**
+   * Refuses a notice before anything is journaled (DOMAIN_DOWN, PREREQUISITE_MISSING, …):
+   * with libvirt, the domain must be running and have what the guest's modes need.
+   */
+  precheck?(guest: GuestConfig, kind: 'reclaim' | 'restore', target: Resources): Promise<void>;
 }
 
 export function cgroupLimitsFor(target: Resources, memoryOverheadBytes = 0): Limits {

@@ -3,19 +3,29 @@
  * by RpcServer (agent/common/rpc.ts), used by `nestctl` (agent/cli/host-commands.ts).
  * Every argument is validated here, at the boundary, with every problem named.
  *
- * `plan` is answered by the host from what it knows: the books (what the reclaim would
- * leave, floors) and the guest's inventory from its last hello. It cannot say which
- * projects would shrink or stop: only the guest knows their minimums and usage, and the
- * protocol carries no dry-run request (on purpose: the guest's own `nestctl plan` on the
- * guest's socket answers that). See docs/host-broker.md.
+ * `plan` is answered from the books (what the reclaim would leave, floors) and, when they
+ * allow it and the guest is connected, from the guest itself: the host asks it over the
+ * channel for its dry run (`plan` → `plan-result`), project by project, since only the
+ * guest knows its projects' minimums and usage. Nothing changes on either side. See
+ * docs/host-broker.md.
  */
+import { hostInventory } from '../../cgroup-adapter/host-usage';
 import { NestError, type Problem } from '../common/errors';
 import { RpcServer, type RpcContext } from '../common/rpc';
 import { parseCpus, parseDuration, parseSize } from '../common/units';
 import type { Resources } from '../broker/types';
+import type { PlanResult } from '../protocol/messages';
 import { MAX_DEADLINE_AHEAD_MS } from '../protocol/schemas';
-import type { HostBroker, HostNoticeRecord, HostProgress } from './host-broker';
+import {
+  FINAL_STATES,
+  type DomainStatus,
+  type HostBroker,
+  type HostNoticeRecord,
+  type HostProgress,
+} from './host-broker';
 import type { Watcher } from './watcher';
+import type { GuestConfig, LibvirtGuestConfig } from './config';
+import type { LibvirtDomains } from './libvirt/domains';
 
 export const DEFAULT_DEADLINE_MS = 60_000;
 
@@ -104,20 +114,61 @@ export function noticeView(r: HostNoticeRecord) {
 
 export type NoticeView = ReturnType<typeof noticeView>;
 
+/** What libvirt says of one guest's domain, never throwing (a down domain is a state). */
+export async function domainStatus(
+  domains: LibvirtDomains,
+  g: LibvirtGuestConfig,
+): Promise<DomainStatus> {
+  try {
+    const v = await domains.view(g);
+    return {
+      name: g.domain,
+      state: v.state,
+      id: v.info.id,
+      cpus: v.resources.cpus,
+      memoryBytes: v.resources.memoryBytes,
+      vcpus: { current: v.info.vcpus.current, max: v.info.vcpus.max },
+      channel: v.info.channel?.path,
+    };
+  } catch (err) {
+    const e = err as { code?: string; message?: string };
+    const state =
+      e.code === 'DOMAIN_DOWN'
+        ? await domains.state(g.domain).catch(() => 'DOMAIN_DOWN')
+        : (e.code ?? 'INTERNAL');
+    return { name: g.domain, state, error: e.message };
+  }
+}
+
 export function registerHostApi(
   server: RpcServer,
   broker: HostBroker,
   watcher?: Watcher,
+  libvirt?: { domains: LibvirtDomains; guests: readonly GuestConfig[] },
 ): RpcServer {
-  server.handle('guests', async () => broker.guests());
+  server.handle('guests', async () => {
+    const gs = broker.guests();
+    if (!libvirt) return gs;
+    // docs/libvirt.md: the vCPUs and memory as libvirt has them, next to the books.
+    return Promise.all(
+      gs.map(async (s) => {
+        const lv = libvirt.guests.find((g) => g.name === s.name)?.libvirt;
+        return lv ? { ...s, domain: await domainStatus(libvirt.domains, lv) } : s;
+      }),
+    );
+  });
 
-  server.handle('status', async () => ({
+  server.handle('status', async (a) => ({
+    // Static facts, read once (systeminformation; cgroup-adapter/host-usage.ts).
+    inventory: await hostInventory().catch(() => null),
+    // Per-process views are asked for (pidusage): `nestctl status --processes`.
+    ...(a.processes === true && watcher ? { processes: await watcher.vmProcesses() } : {}),
     guests: broker.guests(),
     host: watcher ? await watcher.observe() : null,
     trigger: watcher?.triggerView() ?? null,
     notices: broker
       .notices()
-      .filter((r) => !['done', 'late', 'refused', 'cancelled'].includes(r.state))
+      .filter((r) => !FINAL_STATES.includes(r.state))
       .map(noticeView),
   }));
 
@@ -142,6 +193,15 @@ export function registerHostApi(
     v.done();
     const r = broker.check(kind, guest!, change);
     const s = broker.status(guest!);
+    // The guest's own plan, only for a change the books allow (nothing to plan otherwise).
+    let guestPlan: PlanResult | null = null;
+    let note: string | undefined;
+    if (r.ok)
+      try {
+        guestPlan = await broker.askPlan(guest!, kind, r.allocation);
+      } catch (err) {
+        note = `no project-level plan from the guest: ${err instanceof Error ? err.message : String(err)}`;
+      }
     return {
       guest,
       kind,
@@ -151,7 +211,8 @@ export function registerHostApi(
       allocation: r.ok ? r.allocation : undefined,
       problems: r.ok ? [] : r.problems,
       inventory: s.inventory ?? null,
-      note: 'which projects shrink or stop is decided by the guest; run `nestctl plan` on the guest for its project-level dry run',
+      guestPlan,
+      ...(note ? { note } : {}),
     };
   });
 

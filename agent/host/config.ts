@@ -37,6 +37,7 @@ import {
   parseSize,
   type ParseResult,
 } from '../common/units';
+import { DEFAULT_LIBVIRT_URI, DEFAULT_VIRSH_TIMEOUT_MS } from './libvirt/virsh';
 
 export const DEFAULT_HOST_CONFIG_PATH = '/etc/nestbroker/host.yaml';
 export const DEFAULT_HOST_SOCKET = '/run/nestbroker/host.sock';
@@ -60,14 +61,49 @@ export type ChannelConfig =
       ca: string;
       /** Name the guest's certificate must carry (default: host). */
       servername?: string;
+    }
+  /**
+   * `hypervisor: libvirt`: the socket path of the domain's org.nestbroker.0 channel, read
+   * from its live XML at every connection attempt (agent/host/libvirt/domains.ts).
+   */
+  | { transport: 'libvirt'; domain: string };
+
+/** Per guest, with `hypervisor: libvirt` (docs/libvirt.md, "Removal modes"). */
+export interface LibvirtGuestConfig {
+  /** The libvirt domain's name (default: the guest's name). */
+  domain: string;
+  /** `unplug`: `virsh setvcpus --live`; `quota`: `virsh schedinfo --live` (global_quota). */
+  cpuMode: 'unplug' | 'quota';
+  /** `virtio-mem`: `virsh update-memory-device`; `balloon`: `virsh setmem --live`. */
+  memoryMode: 'virtio-mem' | 'balloon';
+  /** How long a removal may take to show in libvirt before the actuation is partial. */
+  confirmTimeoutMs: number;
+}
+
+export type HypervisorConfig =
+  | { type: 'qemu' }
+  | {
+      type: 'libvirt';
+      /** libvirt connection URI (`virsh -c`). */
+      uri: string;
+      /** Bound on one virsh call. */
+      timeoutMs: number;
     };
 
 export interface GuestConfig {
   name: string;
   /** Lower gives first (same sense as a project's priority in the guest). */
   priority: number;
-  /** What the VM was given: the top of the books, what a restore can return to. */
+  /**
+   * What the VM was given: the top of the books, what a restore can return to. With
+   * `hypervisor: libvirt` and no allocation in the file, read from the domain's persistent
+   * XML at start (agent/host/libvirt/domains.ts resolveAllocations).
+   */
   allocation: ResourcesConfig;
+  /** True while the allocation is still to be read from libvirt (0 until then). */
+  allocationFromLibvirt?: boolean;
+  /** Present with `hypervisor: libvirt`. */
+  libvirt?: LibvirtGuestConfig;
   /** A reclaim never takes the guest below this. */
   floor: ResourcesConfig;
   channel: ChannelConfig;
@@ -113,6 +149,8 @@ export interface TriggerConfig {
 }
 
 export interface HostConfig {
+  /** `qemu`: VM cgroups and QMP as configured per guest; `libvirt`: everything through virsh. */
+  hypervisor: HypervisorConfig;
   stateDir: string;
   socket: string;
   /** Group that owns the operator socket (mode 0660); unset keeps root's group. */
@@ -130,6 +168,8 @@ export interface HostConfig {
   limits: { messagesPerSecond: number; messageBurst: number; pendingNoticesPerGuest: number };
   /** Prometheus metrics on http://host:port/metrics (agent/host/metrics.ts); absent: off. */
   metrics?: { host: string; port: number };
+  /** The log level; absent: NESTBROKER_LOG_LEVEL, else info. A reload applies it live. */
+  logLevel?: 'trace' | 'debug' | 'info' | 'warn' | 'error' | 'fatal';
   guests: GuestConfig[];
 }
 
@@ -150,6 +190,10 @@ export const HOST_DEFAULTS = {
   reconnectMin: '200ms',
   reconnectMax: '10s',
   balloonTimeout: '30s',
+  confirmTimeout: '60s',
+  cpuMode: 'unplug',
+  memoryMode: 'virtio-mem',
+  libvirtTimeout: '60s',
   triggerFor: '30s',
   triggerDeadline: '60s',
   triggerInterval: '5s',
@@ -232,6 +276,19 @@ function checkGroup(v: unknown): ParseResult<string> {
   return r.ok ? r : { ok: false, message: `must be a group name or a gid, got ${describe(v)}` };
 }
 
+/**
+ * A libvirt domain name: no "/" and no control characters (virsh(1) gets it as one argument;
+ * no shell is involved).
+ */
+function checkDomainName(v: unknown): ParseResult<string> {
+  // eslint-disable-next-line no-control-regex -- control characters are what it refuses
+  if (typeof v === 'string' && /^[^/\0-\x1f\x7f]{1,200}$/.test(v)) return { ok: true, value: v };
+  return {
+    ok: false,
+    message: `must be a libvirt domain name (1-200 characters, no "/" or control characters), got ${describe(v)}`,
+  };
+}
+
 function checkPercent(v: unknown): ParseResult<number> {
   return typeof v === 'number' && Number.isFinite(v) && v >= 0 && v <= 100
     ? { ok: true, value: v }
@@ -263,9 +320,13 @@ const guestSchema = z
   .object({
     name: field(checkGuestName),
     priority: field(checkInt(0, 1_000_000)),
-    allocation: resourcesSchema,
+    allocation: resourcesSchema.optional(),
     floor: floorSchema.optional(),
-    channel: channelSchema,
+    channel: channelSchema.optional(),
+    domain: opt(checkDomainName),
+    cpuMode: z.enum(['unplug', 'quota']).optional(),
+    memoryMode: z.enum(['virtio-mem', 'balloon']).optional(),
+    confirmTimeout: opt(parseDuration),
     cgroup: opt(checkCgroupPath),
     qmp: opt(checkString),
     balloonTimeout: opt(parseDuration),
@@ -299,6 +360,11 @@ const triggerSchema = z
 
 const hostSchema = z
   .object({
+    hypervisor: z.enum(['qemu', 'libvirt']).optional(),
+    libvirt: z
+      .object({ uri: opt(checkString), timeout: opt(parseDuration) })
+      .strict()
+      .optional(),
     stateDir: opt(checkString),
     socket: opt(checkString),
     socketGroup: opt(checkGroup),
@@ -334,6 +400,7 @@ const hostSchema = z
       })
       .strict()
       .optional(),
+    logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'fatal']).optional(),
     guests: z.array(guestSchema),
   })
   .strict();
@@ -376,8 +443,16 @@ function crossChecks(top: Record<string, unknown>, baseDir: string): CrossResult
       message: `must not be shorter than reconnect.min (${formatMs(rcMin)}), got ${formatMs(rcMax)}`,
     });
 
+  const libvirt = top.hypervisor === 'libvirt';
+  if (!libvirt && top.libvirt !== undefined)
+    problems.push({
+      field: 'libvirt',
+      value: top.libvirt,
+      message: 'libvirt settings need "hypervisor: libvirt"',
+    });
   const guests = Array.isArray(top.guests) ? top.guests : [];
   const names = new Map<string, number>();
+  const domains = new Map<string, number>();
   // Two guests on one channel or one VM cgroup would mean one VM's notices reach another.
   const seen = {
     channel: new Map<string, number>(),
@@ -404,6 +479,40 @@ function crossChecks(top: Record<string, unknown>, baseDir: string): CrossResult
     const g = rec(g0);
     if (!g) return;
     const f = `guests[${i}]`;
+    // Which keys belong to which hypervisor: a key of the other one is an error, so that a
+    // config never says one thing and does another (docs/libvirt.md, "Configuration").
+    const libvirtOnly = ['domain', 'cpuMode', 'memoryMode', 'confirmTimeout'];
+    const qemuOnly = ['channel', 'cgroup', 'qmp', 'balloonTimeout', 'memoryOverhead'];
+    for (const k of libvirt ? qemuOnly : libvirtOnly)
+      if (g[k] !== undefined)
+        problems.push({
+          field: `${f}.${k}`,
+          value: g[k],
+          message: libvirt
+            ? 'is not used with "hypervisor: libvirt": libvirt gives the channel path, and actuation goes through virsh (cpuMode, memoryMode)'
+            : 'needs "hypervisor: libvirt"',
+        });
+    if (!libvirt)
+      for (const k of ['allocation', 'channel'])
+        if (g[k] === undefined)
+          problems.push({
+            field: `${f}.${k}`,
+            value: undefined,
+            message: 'is required (only "hypervisor: libvirt" reads it from the domain)',
+          });
+    if (libvirt) {
+      const d = typeof g.domain === 'string' ? g.domain : g.name;
+      if (typeof d === 'string') {
+        const j = domains.get(d);
+        if (j !== undefined)
+          problems.push({
+            field: `${f}.domain`,
+            value: d,
+            message: `is the same as guests[${j}].domain`,
+          });
+        else domains.set(d, i);
+      }
+    }
     if (typeof g.name === 'string') {
       const prev = names.get(g.name);
       if (prev !== undefined)
@@ -508,20 +617,36 @@ type Parsed = z.output<typeof hostSchema>;
 
 function normalise(c: Parsed, baseDir: string): HostConfig {
   const resolve = (p: string): string => path.resolve(baseDir, p);
+  const libvirt = c.hypervisor === 'libvirt';
   const guests: GuestConfig[] = c.guests.map((g) => ({
     name: g.name,
     priority: g.priority,
-    allocation: { cpus: g.allocation.cpus, memoryBytes: g.allocation.memory },
+    allocation: g.allocation
+      ? { cpus: g.allocation.cpus, memoryBytes: g.allocation.memory }
+      : { cpus: 0, memoryBytes: 0 },
+    ...(libvirt && !g.allocation ? { allocationFromLibvirt: true } : {}),
+    ...(libvirt
+      ? {
+          libvirt: {
+            domain: g.domain ?? g.name,
+            cpuMode: g.cpuMode ?? HOST_DEFAULTS.cpuMode,
+            memoryMode: g.memoryMode ?? HOST_DEFAULTS.memoryMode,
+            confirmTimeoutMs: g.confirmTimeout ?? ms(HOST_DEFAULTS.confirmTimeout),
+          },
+        }
+      : {}),
     floor: { cpus: g.floor?.cpus ?? 0, memoryBytes: g.floor?.memory ?? 0 },
     channel:
-      g.channel.transport === 'unix'
-        ? { transport: 'unix', path: resolve(g.channel.path) }
-        : {
-            ...g.channel,
-            cert: resolve(g.channel.cert),
-            key: resolve(g.channel.key),
-            ca: resolve(g.channel.ca),
-          },
+      libvirt || !g.channel
+        ? { transport: 'libvirt', domain: g.domain ?? g.name }
+        : g.channel.transport === 'unix'
+          ? { transport: 'unix', path: resolve(g.channel.path) }
+          : {
+              ...g.channel,
+              cert: resolve(g.channel.cert),
+              key: resolve(g.channel.key),
+              ca: resolve(g.channel.ca),
+            },
     cgroup: g.cgroup,
     qmp: g.qmp === undefined ? undefined : resolve(g.qmp),
     balloonTimeoutMs: g.balloonTimeout ?? ms(HOST_DEFAULTS.balloonTimeout),
@@ -529,6 +654,13 @@ function normalise(c: Parsed, baseDir: string): HostConfig {
   }));
   const t = c.trigger;
   return {
+    hypervisor: libvirt
+      ? {
+          type: 'libvirt',
+          uri: c.libvirt?.uri ?? DEFAULT_LIBVIRT_URI,
+          timeoutMs: c.libvirt?.timeout ?? DEFAULT_VIRSH_TIMEOUT_MS,
+        }
+      : { type: 'qemu' },
     stateDir: resolve(c.stateDir ?? HOST_DEFAULTS.stateDir),
     socket: resolve(c.socket ?? HOST_DEFAULTS.socket),
     socketGroup: c.socketGroup,
@@ -570,6 +702,7 @@ function normalise(c: Parsed, baseDir: string): HostConfig {
     },
     limits: { ...HOST_LIMIT_DEFAULTS, ...c.limits },
     ...(c.metrics ? { metrics: { host: c.metrics.host, port: c.metrics.port } } : {}),
+    ...(c.logLevel ? { logLevel: c.logLevel } : {}),
     guests,
   };
 }

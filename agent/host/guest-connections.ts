@@ -7,16 +7,19 @@
  */
 import { EventEmitter } from 'node:events';
 import type { Notice, Outcome } from '../broker/types';
-import { NestError } from '../common/errors';
+import { ErrorCodes, NestError, type ErrorCode } from '../common/errors';
 import type { Logger } from '../common/log';
 import {
   CAPABILITIES,
   CAP_MONOTONIC_CLOCK,
+  CAP_PLAN,
   newMessageId,
   PROTOCOL_VERSION,
   type Hello,
   type Message,
+  type PlanResult,
 } from '../protocol/messages';
+import type { Resources } from '../broker/types';
 import { parseMessage } from '../protocol/schemas';
 import { OutcomeAssembler } from '../protocol/outcome-parts';
 import { creditedByOutcome } from './books';
@@ -47,6 +50,8 @@ export interface Link {
   parts: OutcomeAssembler;
   /** Times an outcome with missing parts was asked for again, per notice, on this connection. */
   partRetries: Map<string, number>;
+  /** `plan` requests waiting for their `plan-result` (or `error`), by message id. */
+  planWaiters: Map<string, (r: PlanResult | NestError) => void>;
 }
 
 /** How often one connection asks again for an outcome whose parts did not all arrive. */
@@ -108,6 +113,7 @@ export abstract class GuestConnections extends EventEmitter {
       ackWaiters: new Map(),
       parts: new OutcomeAssembler(),
       partRetries: new Map(),
+      planWaiters: new Map(),
     };
     this.links.set(g.name, link);
     const log = this.log.child({ guest: g.name });
@@ -121,6 +127,9 @@ export abstract class GuestConnections extends EventEmitter {
       link.hello = undefined;
       link.parts.clear();
       link.partRetries.clear();
+      for (const w of link.planWaiters.values())
+        w(new NestError('GUEST_UNREACHABLE', `guest "${g.name}" went away before it answered`));
+      link.planWaiters.clear();
     });
     channel.on('message', (raw) => this.onMessage(g, link, raw));
   }
@@ -211,9 +220,23 @@ export abstract class GuestConnections extends EventEmitter {
       case 'ping':
       case 'pong':
         return;
-      case 'error':
+      case 'plan-result': {
+        const w = link.planWaiters.get(msg.replyTo);
+        link.planWaiters.delete(msg.replyTo);
+        w?.(msg);
+        return;
+      }
+      case 'error': {
+        const w = msg.replyTo === undefined ? undefined : link.planWaiters.get(msg.replyTo);
+        if (w) {
+          link.planWaiters.delete(msg.replyTo!);
+          const code = (msg.code in ErrorCodes ? msg.code : 'PROTOCOL_INVALID') as ErrorCode;
+          w(new NestError(code, `guest "${g.name}" could not plan: ${msg.message}`));
+          return;
+        }
         log.warn({ code: msg.code, message: msg.message }, 'guest reported an error');
         return;
+      }
       default:
         log.warn({ type: msg.type }, 'unexpected message type from a guest');
     }
@@ -373,6 +396,53 @@ export abstract class GuestConnections extends EventEmitter {
       this.log.warn({ err, type: msg.type }, 'could not send to a guest');
       return false;
     }
+  }
+
+  /**
+   * The guest's own dry run for `allocation` (its whole allocation after the change): what
+   * its planner would do to each project. Asked over the channel (`plan` → `plan-result`);
+   * nothing is journaled or changed on either side. Fails with GUEST_UNREACHABLE when the
+   * guest is not connected, TIMEOUT when it does not answer in `timeoutMs`.
+   */
+  askPlan(
+    guest: string,
+    kind: 'reclaim' | 'restore',
+    allocation: Resources,
+    timeoutMs = 5_000,
+  ): Promise<PlanResult> {
+    const g = this.guest(guest);
+    const link = this.links.get(g.name);
+    if (!link?.open || !link.hello)
+      return Promise.reject(
+        new NestError('GUEST_UNREACHABLE', `guest "${g.name}" is not connected: no plan from it`),
+      );
+    // Only to a guest that said it answers it (docs/protocol.md, "Versions and capabilities").
+    if (!(link.hello.capabilities ?? []).includes(CAP_PLAN))
+      return Promise.reject(
+        new NestError(
+          'PROTOCOL_VERSION',
+          `guest "${g.name}" does not offer a dry run (its hello lists no "${CAP_PLAN}" capability)`,
+        ),
+      );
+    const id = newMessageId();
+    return new Promise<PlanResult>((resolve, reject) => {
+      const t = setTimeout(() => {
+        link.planWaiters.delete(id);
+        reject(
+          new NestError('TIMEOUT', `guest "${g.name}" did not answer the plan in ${timeoutMs} ms`),
+        );
+      }, timeoutMs);
+      link.planWaiters.set(id, (r) => {
+        clearTimeout(t);
+        if (r instanceof NestError) reject(r);
+        else resolve(r);
+      });
+      if (!this.sendTo(link, { type: 'plan', id, kind, allocation })) {
+        clearTimeout(t);
+        link.planWaiters.delete(id);
+        reject(new NestError('GUEST_UNREACHABLE', `guest "${g.name}" is not connected`));
+      }
+    });
   }
 
   /** Sends a message that the guest acknowledges, and waits for the ack. */

@@ -26,7 +26,7 @@ import type { Notice, Resources } from '../broker/types';
 import { NestError } from '../common/errors';
 import { newMessageId, type Hello } from '../protocol/messages';
 import { checkReclaim, checkRestore, missing, rejected, type GuestBooks } from './books';
-import { HOST_LIMIT_DEFAULTS } from './config';
+import { HOST_LIMIT_DEFAULTS, type HostConfig } from './config';
 import { faultPoint } from '../common/fault';
 import { NoticeLifecycle } from './notice-lifecycle';
 import { FINAL, type HostNoticeRecord } from './notice-store';
@@ -36,6 +36,7 @@ import { bootId } from '../common/clock';
 // the code imports the host broker from one place.
 export type { ChannelFactory, HostBrokerDeps, HostChannel } from './guest-connections';
 export {
+  FINAL_STATES,
   RETAIN_FINAL_NOTICES,
   type HostNoticeRecord,
   type HostNoticeState,
@@ -60,6 +61,22 @@ export interface GuestStatus {
   lastSeq?: number;
   books: GuestBooks;
   pending: string[];
+  /** With `hypervisor: libvirt`: what libvirt says of the domain now (operator API only). */
+  domain?: DomainStatus;
+}
+
+/** A guest's libvirt domain as `nestctl guests` shows it. */
+export interface DomainStatus {
+  name: string;
+  /** `virsh domstate`, or the error code when libvirt could not say. */
+  state: string;
+  id?: number;
+  /** CPUs and memory as the guest's modes count them (docs/libvirt.md, "Books"). */
+  cpus?: number;
+  memoryBytes?: number;
+  vcpus?: { current: number; max: number };
+  channel?: string;
+  error?: string;
 }
 
 export class HostBroker extends NoticeLifecycle {
@@ -89,6 +106,33 @@ export class HostBroker extends NoticeLifecycle {
       ac.abort(new NestError('TRANSPORT', 'host broker stopping'));
     await Promise.allSettled([...this.running.values()]);
     await this.store.pruned();
+  }
+
+  /**
+   * A reload's new config (agent/host/reload.ts). Guests removed are detached (their
+   * journal stays: added again, their books go on from it); guests added are attached,
+   * and their unfinished notices from an earlier time in the config resumed; a guest named
+   * in `reconnect` (its channel changed) gets a new channel. Every other guest's settings
+   * (allocation, floor, priority, cgroup, qmp…) are read from `cfg` from now on. The caller
+   * has checked that no removed guest has a notice in flight.
+   */
+  reconfigure(cfg: Readonly<HostConfig>, reconnect: readonly string[] = []): void {
+    const before = new Set(this.guestsByName.keys());
+    this.deps.config = cfg;
+    this.guestsByName.clear();
+    for (const g of cfg.guests) this.guestsByName.set(g.name, g);
+    for (const name of before)
+      if (!this.guestsByName.has(name) || reconnect.includes(name)) {
+        this.links.get(name)?.channel.close();
+        this.links.delete(name);
+      }
+    for (const g of cfg.guests) {
+      if (this.links.has(g.name)) continue;
+      this.store.compact(g.name);
+      this.attach(g);
+      if (before.has(g.name)) continue;
+      for (const rec of this.store.ofGuest(g.name)) if (!FINAL.has(rec.state)) this.track(rec);
+    }
   }
 
   // ---------------------------------------------------------------- the books
@@ -129,6 +173,9 @@ export class HostBroker extends NoticeLifecycle {
         : req.change;
     const r = kind === 'reclaim' ? checkReclaim(books, change) : checkRestore(books, change);
     if (!r.ok) throw rejected(kind, g.name, r.problems);
+    // With libvirt: the domain is running and has what the guest's modes need, or the
+    // notice is refused here (DOMAIN_DOWN, PREREQUISITE_MISSING), nothing journaled.
+    await this.deps.actuator.precheck?.(g, kind, r.allocation);
     // docs/reliability.md: a cap on what one guest may have in flight; nothing journaled or
     // booked.
     const cap =

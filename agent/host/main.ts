@@ -6,19 +6,22 @@
  * resumed by the next start.
  */
 import { promises as fs } from 'node:fs';
-import yargs from 'yargs';
 import { openCgroupAdapter } from '../../cgroup-adapter/index';
 import type { CgroupAdapter } from '../../cgroup-adapter/types';
 import { isNestError } from '../common/errors';
 import { lookupGroup } from '../common/nss';
-import { createLogger, type Logger } from '../common/log';
+import { createLogger, LOG_FORMATS, type Logger } from '../common/log';
+import { quickDaemonArgs } from '../common/daemon-args';
 import { RpcServer } from '../common/rpc';
 import { StateLock } from '../common/state-lock';
-import { MetricsServer } from '../common/metrics';
+import type { MetricsServer } from '../common/metrics';
 import { ReconnectingChannel, type Clock } from '../transport/reconnect';
 import { connectTls } from '../transport/tls';
 import { connectUnix } from '../transport/unix';
-import { CgroupQmpActuator } from './actuator';
+import { CgroupQmpActuator, type VmActuator } from './actuator';
+import { LibvirtActuator } from './libvirt/actuator';
+import { LibvirtDomains, resolveAllocations } from './libvirt/domains';
+import { Virsh } from './libvirt/virsh';
 import { registerHostApi } from './api';
 import {
   DEFAULT_HOST_CONFIG_PATH,
@@ -27,16 +30,28 @@ import {
   type HostConfig,
 } from './config';
 import { HostBroker } from './host-broker';
-import { hostMetrics } from './metrics';
 import { Watcher } from './watcher';
+import {
+  diffHostConfig,
+  effectiveHostConfig,
+  logHostReload,
+  reloadProblems,
+  type HostReloadReport,
+} from './reload';
+import type { Problem } from '../common/errors';
 
 export interface RunningHost {
+  /** Replaced by a reload (agent/host/reload.ts). */
   config: Readonly<HostConfig>;
+  /** The VM cgroups' adapter; null when no guest had a cgroup at start. */
+  adapter: CgroupAdapter | null;
   broker: HostBroker;
   server: RpcServer;
   watcher: Watcher;
   /** Serving /metrics when the config asks for it. */
   metrics: MetricsServer | null;
+  /** With `hypervisor: libvirt`: the domains it follows (events, live XML). */
+  domains?: LibvirtDomains;
   stop(): Promise<void>;
 }
 
@@ -60,6 +75,7 @@ export function channelFactory(
   cfg: Readonly<HostConfig>,
   log: Logger,
   clock?: Clock,
+  domains?: LibvirtDomains,
 ): (g: GuestConfig) => ReconnectingChannel {
   return (g: GuestConfig) => {
     const chLog = log.child({ guest: g.name, transport: g.channel.transport });
@@ -67,6 +83,31 @@ export function channelFactory(
     // docs/reliability.md: each connection to a guest takes at most this many lines from
     // it.
     const rateLimit = { perSecond: cfg.limits.messagesPerSecond, burst: cfg.limits.messageBurst };
+    if (c.transport === 'libvirt') {
+      if (!domains) throw new Error(`guest "${g.name}": a libvirt channel needs LibvirtDomains`);
+      // docs/libvirt.md, "Life-cycle": the socket path is read from the domain's live XML
+      // at every attempt (it changes with the domain id at every start), and a domain that
+      // starts again is retried at once rather than at the end of the backoff.
+      const channel = new ReconnectingChannel({
+        connect: async () => {
+          const socketPath = await domains.channelPath(c.domain);
+          const ch = await connectUnix(socketPath, { log: chLog, rateLimit });
+          chLog.info({ path: socketPath }, 'connected to the domain channel');
+          domains.noteChannel(g.name, c.domain, socketPath);
+          return ch;
+        },
+        backoff: { initialMs: cfg.reconnect.minMs, maxMs: cfg.reconnect.maxMs },
+        heartbeat: heartbeatFor(cfg.heartbeat),
+        clock,
+        log: chLog,
+      });
+      domains.on('lifecycle', (e: { guest: string; event: string }) => {
+        if (e.guest === g.name && (e.event === 'Started' || e.event === 'Resumed'))
+          channel.retryNow();
+      });
+      domains.on('resync', () => channel.retryNow());
+      return channel.start();
+    }
     const connect =
       c.transport === 'unix'
         ? () => connectUnix(c.path, { log: chLog, rateLimit })
@@ -110,11 +151,38 @@ export async function startHost(cfg: Readonly<HostConfig>, log: Logger): Promise
 }
 
 async function startHostLocked(
-  cfg: Readonly<HostConfig>,
+  fileCfg: Readonly<HostConfig>,
   log: Logger,
   lock: StateLock,
 ): Promise<RunningHost> {
+  let cfg = fileCfg;
+  let domains: LibvirtDomains | undefined;
+  let actuator: VmActuator;
+  if (cfg.hypervisor.type === 'libvirt') {
+    // docs/libvirt.md: everything through virsh; no cgroup of libvirt's is touched by us.
+    const virsh = new Virsh({ uri: cfg.hypervisor.uri, timeoutMs: cfg.hypervisor.timeoutMs });
+    cfg = await resolveAllocations(cfg, virsh);
+    domains = new LibvirtDomains(virsh, cfg.guests, log.child({ part: 'libvirt' }));
+    domains.follow();
+    actuator = new LibvirtActuator(domains, log.child({ part: 'actuator' }));
+  } else actuator = new CgroupQmpActuator(null, log.child({ part: 'actuator' }));
+  try {
+    return await startHostWith(cfg, log, lock, actuator, domains);
+  } catch (err) {
+    await domains?.stop();
+    throw err;
+  }
+}
+
+async function startHostWith(
+  cfg: Readonly<HostConfig>,
+  log: Logger,
+  lock: StateLock,
+  libvirtOrRaw: VmActuator,
+  domains: LibvirtDomains | undefined,
+): Promise<RunningHost> {
   let adapter: CgroupAdapter | null = null;
+  let actuator = libvirtOrRaw;
   if (cfg.guests.some((g) => g.cgroup)) {
     // The VM cgroups are libvirt's (or the demo's): we never create or remove them,
     // only read them and set their limits. systemd-style names (machine-qemu\x2d1…).
@@ -124,50 +192,206 @@ async function startHostLocked(
       names: 'systemd',
       log: log.child({ part: 'cgroup' }),
     });
+    actuator = new CgroupQmpActuator(adapter, log.child({ part: 'actuator' }));
   }
   const broker = new HostBroker({
     config: cfg,
-    actuator: new CgroupQmpActuator(adapter, log.child({ part: 'actuator' })),
-    connect: channelFactory(cfg, log),
+    actuator,
+    connect: channelFactory(cfg, log, undefined, domains),
     log,
   });
   await broker.start();
   const watcher = new Watcher(cfg, broker, adapter, log.child({ part: 'watcher' }));
   watcher.start();
-  const server = registerHostApi(new RpcServer(log.child({ part: 'api' })), broker, watcher);
+  const server = registerHostApi(
+    new RpcServer(log.child({ part: 'api' })),
+    broker,
+    watcher,
+    domains ? { domains, guests: cfg.guests } : undefined,
+  );
   await server.listen(cfg.socket, { mode: cfg.socketMode, group: await groupId(cfg.socketGroup) });
+  // The guest names as a function: a reload may add or remove guests (agent/host/reload.ts).
   const metrics = cfg.metrics
-    ? await MetricsServer.listen(
-        hostMetrics(
-          broker,
-          cfg.guests.map((g) => g.name),
-          watcher,
-        ),
+    ? await serveMetrics(
         cfg.metrics,
-        log.child({ part: 'metrics' }),
+        broker,
+        () => host.config.guests.map((g) => g.name),
+        log,
+        watcher,
       )
     : null;
   log.info({ socket: cfg.socket, guests: cfg.guests.map((g) => g.name) }, 'host broker ready');
-  return {
+  const host: RunningHost = {
     config: cfg,
+    adapter,
     broker,
     server,
     watcher,
     metrics,
+    ...(domains ? { domains } : {}),
     async stop() {
       watcher.stop();
       await metrics?.close();
       await server.close();
       await broker.stop();
+      await domains?.stop();
       await lock.release();
     },
   };
+  return host;
+}
+
+/** What a reload answers (`nestctl reload`, and the log lines of a SIGHUP). */
+export type HostReloadResult =
+  | { ok: true; report: HostReloadReport }
+  | { ok: false; source: string; code: string; problems: Problem[] };
+
+/**
+ * Reloads `file` into a running broker, one reload at a time (agent/host/reload.ts). An
+ * invalid file, or one that cannot be applied now, is refused: every problem logged, the
+ * config in force stays.
+ */
+export function hostReloader(
+  host: RunningHost,
+  file: string,
+  log: Logger,
+): (trigger: string) => Promise<HostReloadResult> {
+  let chain: Promise<unknown> = Promise.resolve();
+  const refuse = (code: string, problems: Problem[]): HostReloadResult => {
+    for (const p of problems)
+      log.error({ field: p.field, value: p.value }, `reload refused: ${p.field}: ${p.message}`);
+    log.error(
+      { code, problems: problems.length, config: file },
+      'reload refused: the config has problems; the config in force stays',
+    );
+    return { ok: false, source: file, code, problems };
+  };
+  const run = async (trigger: string): Promise<HostReloadResult> => {
+    log.info({ trigger, config: file }, 'reload: reading the config');
+    let next: Readonly<HostConfig>;
+    try {
+      next = await loadHostConfig(file);
+    } catch (err) {
+      if (!isNestError(err)) throw err;
+      return refuse(
+        err.code,
+        err.problems.length
+          ? err.problems
+          : [{ field: '(file)', value: file, message: err.message }],
+      );
+    }
+    const d = diffHostConfig(host.config, next);
+    const problems = reloadProblems(d, (g) => host.broker.status(g).pending, host.adapter !== null);
+    if (problems.length > 0) return refuse('CONFIG_INVALID', problems);
+    const report = logHostReload(d, file, log);
+    const cfg = effectiveHostConfig(host.config, next);
+    host.config = cfg;
+    if (d.live.some((l) => l.field === 'logLevel'))
+      log.level = cfg.logLevel ?? process.env.NESTBROKER_LOG_LEVEL ?? 'info';
+    host.broker.reconfigure(
+      cfg,
+      d.changed.filter((c) => c.reconnect).map((c) => c.name),
+    );
+    host.watcher.setConfig(cfg);
+    log.info(
+      {
+        added: report.added,
+        removed: report.removed,
+        changed: report.changed.map((c) => c.name),
+        live: report.live,
+        restartNeeded: report.restartNeeded,
+      },
+      'reload: config applied',
+    );
+    return { ok: true, report };
+  };
+  return (trigger) => {
+    const p = chain.then(() => run(trigger));
+    chain = p.catch(() => undefined);
+    return p;
+  };
+}
+
+/**
+ * prom-client and the metrics code are loaded only when metrics are on (docs/performance.md,
+ * "Footprint: what each step saved": ~12 MiB of an idle broker's RSS otherwise).
+ */
+async function serveMetrics(
+  at: NonNullable<HostConfig['metrics']>,
+  broker: HostBroker,
+  guestNames: () => readonly string[],
+  log: Logger,
+  watcher?: Watcher,
+): Promise<MetricsServer> {
+  const { MetricsServer } = await import('../common/metrics');
+  const { hostMetrics } = await import('./metrics');
+  const registry = hostMetrics(broker, guestNames, watcher);
+  return MetricsServer.listen(registry, at, log.child({ part: 'metrics' }));
 }
 
 /** Entry of `nestbroker host` (agent/cli/nestbroker.ts). Resolves with the exit code. */
 export async function runHost(argv: string[]): Promise<number> {
   // nestbroker.ts passes its whole argv: drop the subcommand's own name.
-  const a = await yargs(argv[0] === 'host' ? argv.slice(1) : argv)
+  const own = argv[0] === 'host' ? argv.slice(1) : argv;
+  const quick = quickDaemonArgs(['host', ...own], LOG_FORMATS);
+  const a =
+    quick && !quick.logFormat && !quick.check
+      ? { config: quick.config ?? DEFAULT_HOST_CONFIG_PATH }
+      : await parseHostArgs(own);
+  // A SIGHUP before the broker is up must not end it (the default action): it is applied
+  // once the broker is ready.
+  let hupPending = false;
+  const early = (): void => {
+    hupPending = true;
+  };
+  process.on('SIGHUP', early);
+  const log = createLogger('nestbroker-host');
+  let cfg: Readonly<HostConfig>;
+  try {
+    cfg = await loadHostConfig(a.config);
+  } catch (err) {
+    process.off('SIGHUP', early);
+    if (isNestError(err)) {
+      // As the guest agent says it (agent/guest/main.ts): every problem, one a line.
+      process.stderr.write(`nestbroker host: config refused: ${err.message}\n`);
+      return 2;
+    }
+    throw err;
+  }
+  // Children inherit the root's level unless they set their own (pino).
+  if (cfg.logLevel) log.level = cfg.logLevel;
+  let host: RunningHost;
+  try {
+    host = await startHost(cfg, log);
+  } catch (err) {
+    process.off('SIGHUP', early);
+    log.fatal({ err }, 'host broker could not start');
+    process.stderr.write(`nestbroker host: could not start: ${describeStartError(err)}\n`);
+    return 1;
+  }
+  const reload = hostReloader(host, a.config, log);
+  host.server.handle('reload', () => reload('nestctl reload'));
+  const onHup = (): void => {
+    reload('SIGHUP').catch((err: unknown) => log.error({ err }, 'reload failed'));
+  };
+  process.on('SIGHUP', onHup);
+  process.off('SIGHUP', early);
+  if (hupPending) onHup();
+  return new Promise<number>((resolve) => {
+    const stop = (sig: string): void => {
+      log.info({ signal: sig }, 'stopping');
+      process.off('SIGHUP', onHup);
+      void host.stop().then(() => resolve(0));
+    };
+    process.once('SIGTERM', () => stop('SIGTERM'));
+    process.once('SIGINT', () => stop('SIGINT'));
+  });
+}
+
+/** Anything but the plain `--config FILE`: yargs, loaded now (help, errors). */
+async function parseHostArgs(argv: string[]): Promise<{ config: string }> {
+  const { default: yargs } = await import('yargs');
+  return yargs(argv)
     .scriptName('nestbroker host')
     .usage('$0 [--config FILE]\n\nRuns the host broker (the VM-level broker) in the foreground.')
     .option('config', {
@@ -179,34 +403,6 @@ export async function runHost(argv: string[]): Promise<number> {
     .strict()
     .help()
     .parseAsync();
-  const log = createLogger('nestbroker-host');
-  let cfg: Readonly<HostConfig>;
-  try {
-    cfg = await loadHostConfig(a.config);
-  } catch (err) {
-    if (isNestError(err)) {
-      // As the guest agent says it (agent/guest/main.ts): every problem, one a line.
-      process.stderr.write(`nestbroker host: config refused: ${err.message}\n`);
-      return 2;
-    }
-    throw err;
-  }
-  let host: RunningHost;
-  try {
-    host = await startHost(cfg, log);
-  } catch (err) {
-    log.fatal({ err }, 'host broker could not start');
-    process.stderr.write(`nestbroker host: could not start: ${describeStartError(err)}\n`);
-    return 1;
-  }
-  return new Promise<number>((resolve) => {
-    const stop = (sig: string): void => {
-      log.info({ signal: sig }, 'stopping');
-      void host.stop().then(() => resolve(0));
-    };
-    process.once('SIGTERM', () => stop('SIGTERM'));
-    process.once('SIGINT', () => stop('SIGINT'));
-  });
 }
 
 /** `(CODE) message` for a start-up failure: the code is what scripts branch on. */

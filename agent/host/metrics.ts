@@ -18,13 +18,15 @@ import type { Watcher } from './watcher';
 
 export function hostMetrics(
   broker: HostBroker,
-  guests: readonly string[],
+  guestNames: readonly string[] | (() => readonly string[]),
   watcher?: Pick<Watcher, 'skippedByGuest'>,
 ): Registry {
+  // A function: the guests a reload added or removed (agent/host/reload.ts) at each scrape.
+  const names = typeof guestNames === 'function' ? guestNames : () => guestNames;
   const registry = new Registry();
   const notices = new Counter({
     name: 'nestbroker_host_notices_total',
-    help: 'Notices that reached a final state, by guest, kind and state (done, actuation_failed, late, refused, cancelled)',
+    help: 'Notices that reached a final state, by guest, kind and state (done, actuation_failed, partial, failed, late, refused, cancelled)',
     labelNames: ['guest', 'kind', 'state'],
     registers: [registry],
   });
@@ -75,7 +77,8 @@ export function hostMetrics(
     labelNames: ['guest'],
     registers: [registry],
     collect() {
-      for (const g of guests) this.set({ guest: g }, broker.status(g).connected ? 1 : 0);
+      this.reset();
+      for (const g of names()) this.set({ guest: g }, broker.status(g).connected ? 1 : 0);
     },
   });
   // One metric per unit (Prometheus naming: the unit is in the name, never in a label).
@@ -85,7 +88,8 @@ export function hostMetrics(
     labelNames: ['guest'],
     registers: [registry],
     collect() {
-      for (const g of guests) this.set({ guest: g }, broker.status(g).books.granted.memoryBytes);
+      this.reset();
+      for (const g of names()) this.set({ guest: g }, broker.status(g).books.granted.memoryBytes);
     },
   });
   new Gauge({
@@ -94,7 +98,8 @@ export function hostMetrics(
     labelNames: ['guest'],
     registers: [registry],
     collect() {
-      for (const g of guests) this.set({ guest: g }, broker.status(g).books.granted.cpus);
+      this.reset();
+      for (const g of names()) this.set({ guest: g }, broker.status(g).books.granted.cpus);
     },
   });
   new Gauge({
@@ -103,7 +108,8 @@ export function hostMetrics(
     labelNames: ['guest'],
     registers: [registry],
     collect() {
-      for (const g of guests) this.set({ guest: g }, broker.status(g).pending.length);
+      this.reset();
+      for (const g of names()) this.set({ guest: g }, broker.status(g).pending.length);
     },
   });
   // The automatic trigger passed a guest over because its agent was not connected
@@ -115,7 +121,7 @@ export function hostMetrics(
     registers: [registry],
     collect() {
       this.reset();
-      for (const g of guests) this.inc({ guest: g }, watcher?.skippedByGuest.get(g) ?? 0);
+      for (const g of names()) this.inc({ guest: g }, watcher?.skippedByGuest.get(g) ?? 0);
     },
   });
   addProcessMetrics(registry);

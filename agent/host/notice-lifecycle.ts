@@ -14,6 +14,7 @@ import { NestError, isNestError } from '../common/errors';
 import type { Logger } from '../common/log';
 import { newMessageId } from '../protocol/messages';
 import type { GuestConfig } from './config';
+import type { ActuationReport } from './actuator';
 import { faultPoint } from '../common/fault';
 import { GuestConnections } from './guest-connections';
 import { FINAL, type HostNoticeRecord } from './notice-store';
@@ -55,6 +56,17 @@ export abstract class NoticeLifecycle extends GuestConnections {
       this.note(rec, 'actuating');
       rec.actuation = await this.deps.actuator.apply(g, rec.notice.allocation, 'up');
       rec.actuatedAt = this.stamp();
+      const status = rec.actuation.status;
+      if (status === 'partial' || status === 'failed') {
+        // The VM did not get (all of) it: the guest is not told it may use it, and the
+        // books count only what libvirt added (notice-store.ts bookedChange).
+        rec.state = status;
+        rec.error = actuationError(g.name, rec.actuation);
+        rec.finishedAt = rec.actuatedAt;
+        await this.store.save(rec);
+        this.note(rec, status);
+        return rec;
+      }
       await this.store.save(rec);
       this.note(rec, 'actuated');
     }
@@ -124,10 +136,12 @@ export abstract class NoticeLifecycle extends GuestConnections {
     this.note(rec, 'actuating');
     rec.actuation = await this.deps.actuator.apply(g, rec.notice.allocation, 'down');
     rec.actuatedAt = this.stamp();
-    rec.state = 'done';
+    const status = rec.actuation.status;
+    rec.state = status === 'partial' || status === 'failed' ? status : 'done';
+    if (rec.state !== 'done') rec.error = actuationError(g.name, rec.actuation);
     rec.finishedAt = rec.actuatedAt;
     await this.store.save(rec);
-    this.note(rec, 'actuated');
+    this.note(rec, rec.state === 'done' ? 'actuated' : rec.state);
     return rec;
   }
 
@@ -263,4 +277,17 @@ export abstract class NoticeLifecycle extends GuestConnections {
 function errorOf(err: unknown): { code: string; message: string } {
   if (isNestError(err)) return { code: err.code, message: err.message };
   return { code: 'INTERNAL', message: err instanceof Error ? err.message : String(err) };
+}
+
+/** The error of a partial or failed actuation: its first failed step, and what moved. */
+function actuationError(guest: string, a: ActuationReport): { code: string; message: string } {
+  const first = a.errors[0];
+  const moved =
+    a.before && a.actual
+      ? ` (libvirt: ${a.before.cpus} → ${a.actual.cpus} CPUs, ${a.before.memoryBytes} → ${a.actual.memoryBytes} bytes; target ${a.target.cpus} CPUs, ${a.target.memoryBytes} bytes)`
+      : '';
+  return {
+    code: first?.code ?? 'TIMEOUT',
+    message: `guest "${guest}": actuation ${a.status}${moved}${first ? `: ${first.message}` : ''}`,
+  };
 }

@@ -21,6 +21,13 @@ export type HostNoticeState =
   | 'reported'
   /** carried out: the VM was actuated (see actuation.errors for a step that failed) */
   | 'done'
+  /**
+   * libvirt moved only part of the change in time (actuation.actual says how far); the
+   * books count only what moved
+   */
+  | 'partial'
+  /** libvirt moved nothing (actuation.errors says why); the books count nothing */
+  | 'failed'
   /** no outcome by the deadline and no force: nothing was taken, the books took it back */
   | 'late'
   /** the guest refused it, or failed and no force: nothing was taken */
@@ -74,6 +81,8 @@ export interface HostNoticeRecord {
 
 export const FINAL: ReadonlySet<HostNoticeState> = new Set([
   'done',
+  'partial',
+  'failed',
   'late',
   'refused',
   'cancelled',
@@ -100,6 +109,29 @@ interface LedgerBase {
 function counts(rec: HostNoticeRecord): boolean {
   if (rec.notice.kind === 'restore') return rec.state !== 'cancelled' && rec.state !== 'refused';
   return !['late', 'refused', 'cancelled'].includes(rec.state);
+}
+
+/** The final states, for the operator API and the metrics. */
+export const FINAL_STATES: readonly HostNoticeState[] = [...FINAL];
+
+/**
+ * What a notice that counts moves on the books: its change, except after a partial or
+ * failed actuation through libvirt, where only what libvirt reports as moved (between the
+ * actuation's `before` and `actual`, at most the change) counts: the host's books equal
+ * what libvirt reports (docs/libvirt.md, "Books").
+ */
+export function bookedChange(rec: HostNoticeRecord): Resources {
+  const a = rec.actuation;
+  const change = rec.notice.change;
+  if (!a?.status || a.status === 'done') return change;
+  // Failed before libvirt could even say where the domain was (it went down): nothing moved.
+  if (!a.before || !a.actual) return { memoryBytes: 0, cpus: 0 };
+  const sign = rec.notice.kind === 'reclaim' ? 1 : -1;
+  const clamp = (v: number, hi: number): number => Math.min(hi, Math.max(0, v));
+  return {
+    memoryBytes: clamp(sign * (a.before.memoryBytes - a.actual.memoryBytes), change.memoryBytes),
+    cpus: clamp(addCpus(0, sign * (a.before.cpus - a.actual.cpus)), change.cpus),
+  };
 }
 
 /** The notice records of every guest, their journal, and the ledger bases. */
@@ -164,11 +196,12 @@ export class NoticeStore {
       books.seq = Math.max(books.seq, rec.notice.seq);
       if (!counts(rec)) continue;
       const sign = rec.notice.kind === 'reclaim' ? -1 : 1;
+      const moved = bookedChange(rec);
       books.granted = {
-        memoryBytes: books.granted.memoryBytes + sign * rec.notice.change.memoryBytes,
-        cpus: addCpus(books.granted.cpus, sign * rec.notice.change.cpus),
+        memoryBytes: books.granted.memoryBytes + sign * moved.memoryBytes,
+        cpus: addCpus(books.granted.cpus, sign * moved.cpus),
       };
-      if (rec.actuation) books.actuated = rec.actuation.target;
+      if (rec.actuation) books.actuated = rec.actuation.actual ?? rec.actuation.target;
     }
     return books;
   }
@@ -226,11 +259,11 @@ export class NoticeStore {
       if (counts(rec)) {
         const sign = rec.notice.kind === 'reclaim' ? -1 : 1;
         base.granted = {
-          memoryBytes: base.granted.memoryBytes + sign * rec.notice.change.memoryBytes,
-          cpus: addCpus(base.granted.cpus, sign * rec.notice.change.cpus),
+          memoryBytes: base.granted.memoryBytes + sign * bookedChange(rec).memoryBytes,
+          cpus: addCpus(base.granted.cpus, sign * bookedChange(rec).cpus),
         };
       }
-      if (rec.actuation) base.actuated = rec.actuation.target;
+      if (rec.actuation) base.actuated = rec.actuation.actual ?? rec.actuation.target;
       base.folded++;
       this.drop(rec);
       excess--;

@@ -11,7 +11,7 @@
  */
 import { systemClock } from '../common/clock';
 import { promises as fs } from 'node:fs';
-import { hostUsage } from '../../cgroup-adapter/host-usage';
+import { hostUsage, processRows, type ProcessRow } from '../../cgroup-adapter/host-usage';
 import type { CgroupAdapter, GroupUsage, Limits } from '../../cgroup-adapter/types';
 import type { Logger } from '../common/log';
 import type { Resources } from '../broker/types';
@@ -75,6 +75,18 @@ export interface VmSample {
   limits?: Limits;
   error?: string;
 }
+
+/** A VM's processes (its QEMU under libvirt) in `nestctl status --processes`. */
+export interface VmProcesses {
+  guest: string;
+  group?: string;
+  /** Every process in the VM's cgroup and the groups beneath it, largest RSS first. */
+  processes: ProcessRow[];
+  error?: string;
+}
+
+/** How deep below a VM's cgroup processes are looked for (libvirt: `emulator`, `vcpuN`). */
+const VM_PROCESS_DEPTH = 3;
 
 export interface WatchSample {
   at: string;
@@ -161,7 +173,7 @@ export class Watcher {
   private readonly clock: WatcherClock;
 
   constructor(
-    private readonly cfg: Readonly<HostConfig>,
+    private cfg: Readonly<HostConfig>,
     private readonly broker: Pick<HostBroker, 'status' | 'issue' | 'notices'>,
     private readonly adapter: CgroupAdapter | null,
     private readonly log: Logger,
@@ -187,6 +199,16 @@ export class Watcher {
         });
     };
     this.timer = this.clock.setTimeout(tick, 0);
+  }
+
+  /**
+   * A reload's new config (agent/host/reload.ts): the guests and the trigger. A trigger
+   * turned on starts the loop, turned off stops it; its state (breach, cooldown) stays.
+   */
+  setConfig(cfg: Readonly<HostConfig>): void {
+    this.cfg = cfg;
+    if (cfg.trigger.enabled) this.start();
+    else this.stop();
   }
 
   stop(): void {
@@ -306,6 +328,35 @@ export class Watcher {
       memoryBytes: Math.max(0, Math.min(mem, room.memoryBytes)),
       cpus: Math.max(0, Math.min(Math.round(cpus * 1000) / 1000, room.cpus)),
     };
+  }
+
+  /**
+   * Each VM's processes, with pidusage's CPU share and RSS (cgroup-adapter/host-usage.ts):
+   * the pids of the VM's cgroup and of the groups beneath it (libvirt puts QEMU in the
+   * VM scope's `emulator` group, its vCPU threads in `vcpuN`). On demand only, never on a tick.
+   */
+  async vmProcesses(): Promise<VmProcesses[]> {
+    const out: VmProcesses[] = [];
+    for (const g of this.cfg.guests) {
+      const v: VmProcesses = { guest: g.name, group: g.cgroup, processes: [] };
+      out.push(v);
+      if (!g.cgroup || !this.adapter) continue;
+      try {
+        v.processes = await processRows(await this.subtreePids(g.cgroup, VM_PROCESS_DEPTH));
+      } catch (err) {
+        v.error = err instanceof Error ? err.message : String(err);
+      }
+    }
+    return out;
+  }
+
+  private async subtreePids(group: string, depth: number): Promise<number[]> {
+    const adapter = this.adapter!;
+    const pids = await adapter.pids(group);
+    if (depth > 0)
+      for (const c of await adapter.children(group).catch(() => []))
+        pids.push(...(await this.subtreePids(`${group}/${c}`, depth - 1).catch(() => [])));
+    return pids;
   }
 
   /**

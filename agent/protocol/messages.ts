@@ -9,6 +9,7 @@
  *
  * Flow: hello → welcome; notice|restore → ack → progress* → outcome-part* → outcome;
  * cancel → ack;
+ * plan → plan-result (a dry run: the guest's plan for an allocation; nothing changes);
  * ping → pong; anything invalid → error (the connection and all state stay).
  * Only resource targets cross the channel: nothing in a message is ever executed.
  */
@@ -41,6 +42,12 @@ export const CAPABILITIES: readonly string[] = Object.freeze([
   CAP_OUTCOME_PARTS,
   CAP_MONOTONIC_CLOCK,
 ]);
+/**
+ * Listed by a guest that answers `plan` with `plan-result` (the host's `nestctl plan VM`):
+ * a host sends `plan` only to a guest that listed it. Not in CAPABILITIES: only a client
+ * with a planner behind it lists it (agent/client/client.ts).
+ */
+export const CAP_PLAN = 'plan';
 
 export type InventoryProject = z.infer<typeof S.InventoryProjectSchema>;
 export type Hello = z.infer<typeof S.HelloSchema>;
@@ -71,6 +78,20 @@ export type OutcomeMsg = z.infer<typeof S.OutcomeMsgSchema>;
  */
 export type OutcomePart = z.infer<typeof S.OutcomePartSchema>;
 export type Cancel = z.infer<typeof S.CancelSchema>;
+/**
+ * The host asks for the guest's dry run (`nestctl plan VM` on the host): what the guest's
+ * planner would do to each project at `allocation` (the guest's whole allocation after the
+ * change). Nothing is journaled, nothing changes; the answer is a `plan-result` (or an
+ * `error` naming this message in `replyTo`).
+ */
+export type PlanRequest = z.infer<typeof S.PlanRequestSchema>;
+/** One project's decision in a `plan-result` (the guest planner's Decision, in short). */
+export type PlanProject = z.infer<typeof S.PlanProjectSchema>;
+/**
+ * The guest's plan, in execution order; `omitted` counts the decisions left out to keep
+ * the line under 64 KiB (the last, least affected, first).
+ */
+export type PlanResult = z.infer<typeof S.PlanResultSchema>;
 export type Ping = z.infer<typeof S.PingSchema>;
 export type Pong = z.infer<typeof S.PongSchema>;
 export type ErrorMsg = z.infer<typeof S.ErrorMsgSchema>;

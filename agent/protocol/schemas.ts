@@ -251,6 +251,41 @@ export const OutcomePartSchema = z
 
 export const CancelSchema = z.object({ type: z.literal('cancel'), id, noticeId: id }).strict();
 
+export const PlanRequestSchema = z
+  .object({
+    type: z.literal('plan'),
+    id,
+    kind: z.enum(['reclaim', 'restore']),
+    allocation: ResourcesSchema,
+  })
+  .strict();
+
+export const PlanProjectSchema = z
+  .object({
+    project: name,
+    priority: z.number().finite().min(-1_000_000).max(1_000_000),
+    action: projectAction,
+    before: ProjectLimitsSchema,
+    after: ProjectLimitsSchema,
+    mustComeDownFrom: bytes.optional(),
+    reason,
+  })
+  .strict();
+
+export const PlanResultSchema = z
+  .object({
+    type: z.literal('plan-result'),
+    id,
+    replyTo: id,
+    allocation: ResourcesSchema,
+    projectAllocation: ResourcesSchema,
+    fits: z.boolean(),
+    reasons: z.array(reason).max(100),
+    projects: z.array(PlanProjectSchema).max(MAX_PROJECTS),
+    omitted: z.number().int().nonnegative().max(MAX_PROJECTS).optional(),
+  })
+  .strict();
+
 export const PingSchema = z.object({ type: z.literal('ping'), id, t: ms }).strict();
 export const PongSchema = z.object({ type: z.literal('pong'), id, replyTo: id, t: ms }).strict();
 
@@ -279,6 +314,8 @@ export const MessageSchema = z
     OutcomeMsgSchema,
     OutcomePartSchema,
     CancelSchema,
+    PlanRequestSchema,
+    PlanResultSchema,
     PingSchema,
     PongSchema,
     ErrorMsgSchema,

@@ -95,6 +95,19 @@ export class ReconnectingChannel extends TypedEmitter<ReconnectEvents> implement
     return this.current?.send(msg) ?? false;
   }
 
+  /**
+   * Tries at once instead of at the end of the backoff, when something says the peer is
+   * back (libvirt's "Started" event for the guest's domain: agent/host/libvirt/domains.ts).
+   * Does nothing while connected or connecting.
+   */
+  retryNow(): void {
+    if (this.stopped || this.connecting || this.current) return;
+    if (this.timer !== null) this.clock.clearTimeout(this.timer);
+    this.timer = null;
+    this.attempt = 0;
+    void this.tryConnect();
+  }
+
   async close(): Promise<void> {
     this.stopped = true;
     if (this.timer !== null) this.clock.clearTimeout(this.timer);

@@ -96,6 +96,8 @@ export interface BenchStackOptions {
   logLevel?: string;
   /** How many guest agents start at once. */
   startConcurrency?: number;
+  /** The nestbroker program the agents run (this build's by default; another build's to compare). */
+  nestbroker?: string;
 }
 
 export type AgentProc = Proc;
@@ -211,7 +213,7 @@ export class BenchStack {
   async startGuest(run: GuestRun): Promise<void> {
     run.proc = await startDaemon({
       name: `guest ${run.spec.name}`,
-      argv: [NESTBROKER, 'guest', '--config', run.config],
+      argv: [this.opts.nestbroker ?? NESTBROKER, 'guest', '--config', run.config],
       logFile: path.join(this.logDir, `guest-${run.spec.name}.log`),
       socket: run.socket,
       env: this.env(),
@@ -223,7 +225,7 @@ export class BenchStack {
   async startHost(): Promise<void> {
     this.host = await startDaemon({
       name: 'host',
-      argv: [NESTBROKER, 'host', '--config', this.hostConfig],
+      argv: [this.opts.nestbroker ?? NESTBROKER, 'host', '--config', this.hostConfig],
       logFile: path.join(this.logDir, 'host.log'),
       socket: this.hostSocket,
       env: this.env(),

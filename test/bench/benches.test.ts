@@ -83,6 +83,15 @@ test('cascade: 1 guest × 5 projects, 3 runs: every stop graceful, the latency a
   expect(s.latencyMs.n).toBe(3);
   expect(s.latencyMs.p50).toBeGreaterThan(0);
   expect(s.floorMs.p50).toBeGreaterThan(0);
+  // The kernel floor (bench/kernel-floor.c, built with cc) ran on its own groups, every run,
+  // and the disk's fsync was sampled beside it.
+  expect(s.kernelFloorMs.n).toBe(3);
+  expect(s.kernelFloorMs.p50).toBeGreaterThan(0);
+  expect(s.kernelFloorSignalledMs.p50).toBeLessThanOrEqual(s.kernelFloorMs.p50);
+  expect(s.kernelRatioP50).toBeCloseTo(s.latencyMs.p50 / s.kernelFloorMs.p50, 2);
+  expect(s.fsyncMs.n).toBe(3 * 5);
+  expect(s.atomicWriteMs.p50).toBeGreaterThan(0);
+  expect(r.out).toMatch(/kernel floor/);
   // 2 stopped projects × 3 runs, each ended by its SIGTERM handler within its grace.
   expect(s.exits).toEqual({ graceful: 6 });
   // The phases, read from the agents' logs, add up to the latency (means are additive;
@@ -122,6 +131,9 @@ test('footprint: 3 s idle with 2 guests, then 20 notices: CPU and RSS read from 
     });
   expect(doc.idle.guest.rssBytes.max).toBeGreaterThan(10 * 2 ** 20); // a node process
   expect(doc.idle.host.samples).toHaveLength(3);
+  // A bare node idled beside them in the same window: the guest's RSS goal is relative to it.
+  expect(doc.idle.bareNode.rssBytes.max).toBeGreaterThan(10 * 2 ** 20);
+  expect(doc.idle.bareNodeAgentFlags.rssBytes.max).toBeGreaterThan(10 * 2 ** 20);
   expect(doc.notices.hostNotices).toBeGreaterThanOrEqual(20);
   expect(doc.notices.host.rssAfter).toBeGreaterThan(0);
   expect(doc.goals).toHaveLength(4);

@@ -6,10 +6,10 @@
  * real act would take, so a test reads as the sequence of acts and the durations reported.
  * The real ones are tested on the kernel (test/integration/guest/).
  */
-import type { Clock } from '../../agent/common/clock';
 import { EventEmitter } from 'node:events';
 import type { ChildProcess } from 'node:child_process';
 import type { KillResult } from '../../cgroup-adapter/types';
+import type { Clock } from '../../agent/common/clock';
 import type { SendSignal, StopCgroup } from '../../agent/guest/stopper';
 import type {
   AllocationBook,
@@ -22,25 +22,69 @@ import type { ProjectRecord, ProjectState } from '../../agent/guest/projects';
 import type { StepJournal, StepJournalRecord } from '../../agent/broker/broker';
 import type { ProjectLimits, Resources } from '../../agent/broker/types';
 
-/** Milliseconds the test decides; nothing here waits on a timer. */
+/**
+ * A Clock (agent/common/clock.ts) on virtual time: nothing waits on a real timer. A sleep
+ * resolves when the test's time reaches it; `run` carries a promise to its end, moving time
+ * to the next sleeper whenever nothing else is left to run, so timers fire in their order
+ * and at their instant, however loaded the machine. Every sleep asked for is recorded.
+ */
 export class TestClock implements Clock {
+  readonly sleeps: number[] = [];
   private sleepers: { at: number; wake: () => void }[] = [];
-  constructor(public t = 1_000_000) {}
-  now = (): number => this.t;
+
+  constructor(
+    public t = 1_000_000,
+    private readonly wallOffset = Date.parse('2026-01-01T00:00:00Z') - 1_000_000,
+  ) {}
+
   monotonic = (): number => this.t;
-  /** Wakes when the test's clock has moved past it (a pre-stop hook's timeout). */
-  sleep = (ms: number, signal?: AbortSignal): Promise<void> =>
-    new Promise((wake) => {
-      if (signal?.aborted) return wake();
-      const s = { at: this.t + ms, wake };
-      this.sleepers.push(s);
-      signal?.addEventListener('abort', () => wake(), { once: true });
+  now = (): number => this.t + this.wallOffset;
+
+  sleep = (ms: number, signal?: AbortSignal): Promise<void> => {
+    this.sleeps.push(ms);
+    return new Promise((resolve) => {
+      if (signal?.aborted) return resolve();
+      const entry = { at: this.t + Math.max(0, ms), wake: resolve };
+      this.sleepers.push(entry);
+      signal?.addEventListener(
+        'abort',
+        () => {
+          this.sleepers = this.sleepers.filter((x) => x !== entry);
+          resolve();
+        },
+        { once: true },
+      );
     });
+  };
+
+  /** Moves time on by `ms`, waking every sleeper due by then, in order. */
   advance(ms: number): void {
-    this.t += ms;
-    const due = this.sleepers.filter((s) => s.at <= this.t);
-    this.sleepers = this.sleepers.filter((s) => s.at > this.t);
-    for (const s of due) s.wake();
+    const until = this.t + ms;
+    for (;;) {
+      const next = this.sleepers.filter((x) => x.at <= until).sort((a, b) => a.at - b.at)[0];
+      if (!next) break;
+      this.t = Math.max(this.t, next.at);
+      this.sleepers = this.sleepers.filter((x) => x !== next);
+      next.wake();
+    }
+    this.t = until;
+  }
+
+  /** Runs `p` to its end on virtual time (see the class comment). */
+  async run<T>(p: Promise<T>): Promise<T> {
+    let settled = false;
+    void p.then(
+      () => (settled = true),
+      () => (settled = true),
+    );
+    for (;;) {
+      // Let everything that can run without time passing run (promises, fake I/O).
+      for (let i = 0; i < 5; i++) await new Promise((r) => setImmediate(r));
+      if (settled) return p;
+      const next = this.sleepers.reduce((m, x) => Math.min(m, x.at), Infinity);
+      if (next === Infinity) throw new Error('nothing left to run and nothing asleep: stuck');
+      this.advance(next - this.t);
+    }
   }
 }
 
@@ -80,10 +124,10 @@ export class FakeGroup implements StopCgroup {
     if (done !== undefined && done <= timeoutMs) return new Promise<void>(() => undefined);
     const after = this.script.exitsAfterMs;
     if (after !== undefined && after <= timeoutMs) {
-      this.clock.advance(after);
+      await this.clock.sleep(after);
       return;
     }
-    this.clock.advance(timeoutMs);
+    await this.clock.sleep(timeoutMs);
     throw Object.assign(new Error(`${group} still populated after ${timeoutMs} ms`), {
       code: 'TIMEOUT',
     });
@@ -92,11 +136,11 @@ export class FakeGroup implements StopCgroup {
   /** The project socket's `done` for this notice (ExecutorBoard.waitDone, one project). */
   waitDone(signal: AbortSignal): Promise<boolean> {
     const done = this.script.doneAfterMs;
-    if (done !== undefined) {
-      this.clock.advance(done);
-      this.events.push('done');
-      return Promise.resolve(true);
-    }
+    if (done !== undefined)
+      return this.clock.sleep(done).then(() => {
+        this.events.push('done');
+        return true;
+      });
     return new Promise((resolve) => {
       if (signal.aborted) return resolve(false);
       signal.addEventListener('abort', () => resolve(false), { once: true });
@@ -106,7 +150,7 @@ export class FakeGroup implements StopCgroup {
   async kill(group: string): Promise<KillResult> {
     this.events.push(`kill ${group}`);
     const ms = this.script.killMs ?? 3;
-    this.clock.advance(ms);
+    await this.clock.sleep(ms);
     return { method: 'cgroup.kill', ms };
   }
 }
@@ -266,11 +310,11 @@ export class FakeGuest {
       const p = this.p(this.nameOf(group));
       this.events.push(`wait ${this.nameOf(group)} empty ${timeoutMs}`);
       if (p.exitsAfterMs !== undefined && p.exitsAfterMs <= timeoutMs) {
-        this.clock.advance(p.exitsAfterMs);
+        await this.clock.sleep(p.exitsAfterMs);
         p.pids = [];
         return;
       }
-      this.clock.advance(timeoutMs);
+      await this.clock.sleep(timeoutMs);
       throw Object.assign(new Error('still populated'), { code: 'TIMEOUT' });
     },
     kill: async (group) => {

@@ -136,3 +136,38 @@ test('bad --interval and --count are refused together, each named (exit 2)', asy
   expect(r.stderr).toContain('--count: must be a whole number ≥ 1, got 0');
   expect(r.stdout).toBe('');
 });
+
+test("--processes: each project's processes through pidusage, the kernel's pids, real RSS", async () => {
+  const procs = (project: string): number[] =>
+    readFileSync(t.driver.paths(`guest/projects/${project}`).unified + '/cgroup.procs', 'utf8')
+      .split('\n')
+      .filter(Boolean)
+      .map(Number)
+      .sort();
+  const r = await nestctl(env, ['top', '--processes', '--json', '--count', '1']);
+  expect(r.code).toBe(0);
+  const view = JSON.parse(r.stdout.trim()) as {
+    projects: {
+      name: string;
+      processes: { pid: number; rssBytes: number; cpuPct: number; comm: string; cmdline: string }[];
+    }[];
+  };
+  for (const name of ['big', 'small']) {
+    const p = view.projects.find((x) => x.name === name)!;
+    expect(p.processes.map((x) => x.pid).sort()).toEqual(procs(name));
+    for (const x of p.processes) {
+      expect(x.comm).toBe('node');
+      expect(x.cmdline).toContain('project.js');
+      expect(x.cpuPct).toBeGreaterThanOrEqual(0);
+    }
+  }
+  // big holds 96 MiB of touched memory: its process's RSS says so; small's is a bare node.
+  const big = view.projects.find((x) => x.name === 'big')!.processes[0];
+  const small = view.projects.find((x) => x.name === 'small')!.processes[0];
+  expect(big.rssBytes).toBeGreaterThan(96 * MiB);
+  expect(small.rssBytes).toBeGreaterThan(10 * MiB);
+  expect(small.rssBytes).toBeLessThan(big.rssBytes);
+
+  const human = await nestctl(env, ['top', '--processes', '--count', '1']);
+  expect(human.stdout).toMatch(new RegExp(`^big\\s+${big.pid}\\s+\\d+\\.\\d%\\s+\\d`, 'm'));
+});

@@ -188,3 +188,14 @@ test('cancel after the deadline is refused, and a late guest without --force cos
   expect(granted()).toEqual({ memoryBytes: 1024 * MiB, cpus: 2 });
   expect(kernel('memory', 'memory.limit_in_bytes')).toBe(String(1024 * MiB));
 });
+
+test("a guest whose hello lists no 'plan' capability is never sent a plan: the host says why", async () => {
+  await waitFor('vm1 connected', async () => broker.status('vm1').connected);
+  const err = (await broker
+    .askPlan('vm1', 'reclaim', { memoryBytes: 512 * MiB, cpus: 1 })
+    .catch((e: unknown) => e)) as Error & { code: string };
+  expect(err.code).toBe('PROTOCOL_VERSION');
+  expect(err.message).toContain('does not offer a dry run');
+  await new Promise((r) => setTimeout(r, 200)); // room for a plan message, if one were sent
+  expect(guest.received.filter((m) => m.type === 'plan')).toEqual([]);
+});

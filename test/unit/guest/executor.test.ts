@@ -8,11 +8,10 @@
  * first; a restore raises limits and starts again what was stopped for room. The same on
  * real cgroups: test/integration/guest/shrink.test.ts and reclaim.test.ts.
  */
-import { fromWall, systemClock } from '../../../agent/common/clock';
-import { EndMargin } from '../../../agent/common/end-margin';
 import { silentLogger } from '../../../agent/common/log';
 import { validateGuestConfig } from '../../../agent/guest/config';
 import { GuestBroker } from '../../../agent/guest/executor';
+import { EndMargin } from '../../../agent/common/end-margin';
 import type { Notice, Outcome, Resources } from '../../../agent/broker/types';
 import type { ChildProgress } from '../../../agent/broker/broker';
 import {
@@ -74,7 +73,12 @@ function running(name: keyof typeof PID, memMiB: number[], more: Partial<FakePro
 }
 
 let seq = 0;
-function notice(kind: 'reclaim' | 'restore', allocation: Resources, from: Resources): Notice {
+function notice(
+  kind: 'reclaim' | 'restore',
+  allocation: Resources,
+  from: Resources,
+  clock: TestClock,
+): Notice {
   seq++;
   return {
     id: `g1-${seq}`,
@@ -86,9 +90,9 @@ function notice(kind: 'reclaim' | 'restore', allocation: Resources, from: Resour
       cpus: Math.abs(from.cpus - allocation.cpus),
     },
     allocation,
-    deadline: new Date(Date.now() + 60_000).toISOString(),
+    deadline: new Date(clock.now() + 60_000).toISOString(),
     reason: 'test',
-    issuedAt: new Date().toISOString(),
+    issuedAt: new Date(clock.now()).toISOString(),
   };
 }
 
@@ -97,8 +101,9 @@ async function carryOut(
   kind: 'reclaim' | 'restore',
   to: Resources,
   from: Resources = { memoryBytes: 2 * Gi, cpus: 4 },
-): Promise<{ guest: FakeGuest; outcome: Outcome; progress: ChildProgress[] }> {
-  const guest = new FakeGuest(cfg, projects, new TestClock(), from);
+): Promise<{ guest: FakeGuest; outcome: Outcome; progress: ChildProgress[]; clock: TestClock }> {
+  const clock = new TestClock();
+  const guest = new FakeGuest(cfg, projects, clock, from);
   const broker = new GuestBroker(
     cfg,
     guest.registry,
@@ -110,19 +115,20 @@ async function carryOut(
     guest.sendSignal,
   );
   const progress: ChildProgress[] = [];
-  const outcome = await broker.carryOut(notice(kind, to, from), {
-    signal: new AbortController().signal,
-    log: silentLogger(),
-    resumed: false,
-    steps: new MemoryStepJournal(),
-    onProgress: (ev) => progress.push(ev),
-    // The executor's own time is the machine's here; the fakes' clock times the fakes.
-    deadline: fromWall(Date.now() + 60_000),
-    killMs: 0,
-    clock: systemClock,
-    margin: new EndMargin(),
-  });
-  return { guest, outcome, progress };
+  const outcome = await clock.run(
+    broker.carryOut(notice(kind, to, from, clock), {
+      signal: new AbortController().signal,
+      deadline: clock.monotonic() + 60_000,
+      killMs: 0,
+      clock,
+      margin: new EndMargin(),
+      log: silentLogger(),
+      resumed: false,
+      steps: new MemoryStepJournal(),
+      onProgress: (ev) => progress.push(ev),
+    }),
+  );
+  return { guest, outcome, progress, clock };
 }
 
 /** The events of one project, in order. */
@@ -170,7 +176,7 @@ test('a reclaim that shrinks: told first, memory.high first, memory.max once usa
 });
 
 test('usage that comes down after a while: memory.max waits for it, polled until below', async () => {
-  const { guest, outcome } = await carryOut(
+  const { guest, outcome, clock } = await carryOut(
     {
       web: running('web', [300]),
       batch: running('batch', [100, 90, 60]),
@@ -187,11 +193,14 @@ test('usage that comes down after a while: memory.max waits for it, polled until
     `read memory.current ${60 * Mi}`,
     `write memory.max ${64 * Mi}`,
   ]);
+  // Polled soon, then less often, on the injected clock: 2 ms, then 4 ms.
+  expect(clock.sleeps.filter((ms) => ms <= 100)).toEqual([2, 4]);
   expect(actionOf(outcome, 'batch')).toBe('shrunk');
+  expect(outcome.projects?.find((x) => x.name === 'batch')?.ms).toBe(6);
 });
 
 test('memory that does not come down within the grace: memory.max is never written, the project is stopped', async () => {
-  const { guest, outcome } = await carryOut(
+  const { guest, outcome, clock } = await carryOut(
     { web: running('web', [300]), batch: running('batch', [100]), cache: running('cache', [40]) },
     'reclaim',
     { memoryBytes: 768 * Mi, cpus: 4 },
@@ -212,8 +221,11 @@ test('memory that does not come down within the grace: memory.max is never writt
     // Once the group is empty: anything of it alive outside (docs/reliability.md).
     'escape-check',
   ]);
+  // Polled for exactly its 150 ms grace (2 + 4 + … + 64, then the 24 left), then the
+  // stop's wait for the group (it exits 10 ms after the signal).
+  expect(clock.sleeps.filter((ms) => ms <= 100)).toEqual([2, 4, 8, 16, 32, 64, 24, 10]);
   const p = outcome.projects?.find((x) => x.name === 'batch');
-  expect(p).toMatchObject({ action: 'stopped', exit: 'graceful' });
+  expect(p).toMatchObject({ action: 'stopped', exit: 'graceful', ms: 160 });
   expect(p?.reason).toMatch(
     /memory stayed at 100MiB, above 64MiB, until its grace ran out: stopped/,
   );

@@ -45,7 +45,7 @@ function stop(r: Run) {
     clock,
     ...r.deps,
   });
-  return { result, events, clock };
+  return { result: clock.run(result), events, clock };
 }
 
 describe('how a stop ends, and what it did on the way', () => {
@@ -63,6 +63,15 @@ describe('how a stop ends, and what it did on the way', () => {
       run: { script: { pids: [[]] } },
       exit: 'already-gone',
       events: [`pids ${G} → []`],
+      ms: 0,
+      reason: /^no process was running$/,
+      signalled: 0,
+    },
+    {
+      case: 'nothing runs as readPids reads it: already-gone, not even an adapter read',
+      run: { script: { pids: [[101]] }, deps: { readPids: () => [] } },
+      exit: 'already-gone',
+      events: [],
       ms: 0,
       reason: /^no process was running$/,
       signalled: 0,
@@ -158,18 +167,15 @@ describe('how a stop ends, and what it did on the way', () => {
       signalled: 1,
     },
     {
+      // Both reads of cgroup.procs (is anything running? what to signal) go through
+      // readPids: no thread-pool read through the adapter at all.
       case: 'cgroup.procs read synchronously (readPids) is the list signalled',
       run: {
         script: { pids: [[101]], exitsAfterMs: 5 },
         deps: { readPids: () => [101, 103] },
       },
       exit: 'graceful',
-      events: [
-        `pids ${G} → [101]`,
-        'signal 101 SIGTERM',
-        'signal 103 SIGTERM',
-        `waitEmpty ${G} 5000`,
-      ],
+      events: ['signal 101 SIGTERM', 'signal 103 SIGTERM', `waitEmpty ${G} 5000`],
       ms: 5,
       reason: /^exited/,
       signalled: 2,
@@ -189,6 +195,20 @@ test('a signal refused for another reason than ESRCH fails the stop (it is not o
   const s = stop({ script: { pids: [[101]] }, denied: [101] });
   await expect(s.result).rejects.toMatchObject({ code: 'EPERM' });
   expect(s.events).not.toContain(`kill ${G}`);
+});
+
+test('the grace leaves room for the kill: it ends killMs before the deadline, and the kill is timed', async () => {
+  const killed: number[] = [];
+  const s = stop({
+    script: { pids: [[101]], killMs: 40 },
+    deadlineInMs: 1_000,
+    deps: { killMs: 50, onKilled: (ms) => killed.push(ms) },
+  });
+  const r = await s.result;
+  expect(s.events).toContain(`waitEmpty ${G} 950`);
+  expect(r).toMatchObject({ exit: 'killed', ms: 990 });
+  expect(r.ms).toBeLessThanOrEqual(1_000); // empty by the deadline
+  expect(killed).toEqual([40]);
 });
 
 test('phases: signalled, killed and empty, in ms into the stop', async () => {
@@ -234,7 +254,7 @@ describe('the turn: stop signals go out in rank order', () => {
     expect(events).toEqual([`pids ${G} → [101]`, 'waiting for the turn']);
     clock.advance(9_000); // the lower-ranked projects' signals took this long
     open();
-    const r = await result;
+    const r = await clock.run(result);
     expect(events).toEqual([
       `pids ${G} → [101]`,
       'waiting for the turn',

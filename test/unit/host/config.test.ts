@@ -181,3 +181,70 @@ test('trigger.giveBack: off when absent; parsed with its default; the band and a
     ['trigger.giveBack.memoryPsiBelow', 25],
   ]);
 });
+
+test('hypervisor: libvirt: the domain is named, what libvirt gives is refused, every problem at once', () => {
+  const cfg = validateHostConfig({
+    hypervisor: 'libvirt',
+    guests: [
+      { name: 'vm1', priority: 1 },
+      { name: 'vm2', priority: 2, domain: 'prod-db' },
+    ],
+  });
+  expect(cfg.hypervisor).toEqual({ type: 'libvirt', uri: 'qemu:///system', timeoutMs: 60_000 });
+  expect(cfg.guests.map((g) => [g.channel, g.libvirt])).toEqual([
+    [
+      { transport: 'libvirt', domain: 'vm1' },
+      { domain: 'vm1', cpuMode: 'unplug', memoryMode: 'virtio-mem', confirmTimeoutMs: 60_000 },
+    ],
+    [
+      { transport: 'libvirt', domain: 'prod-db' },
+      { domain: 'prod-db', cpuMode: 'unplug', memoryMode: 'virtio-mem', confirmTimeoutMs: 60_000 },
+    ],
+  ]);
+
+  let err: NestError | undefined;
+  try {
+    validateHostConfig({
+      hypervisor: 'libvirt',
+      guests: [
+        {
+          name: 'vm1',
+          priority: 1,
+          channel: { transport: 'unix', path: '/run/nestbroker/channel/vm1.sock' },
+          qmp: '/run/nestbroker/qmp/vm1.sock',
+          cpuMode: 'hotplug',
+        },
+        { name: 'vm2', priority: 1, domain: 'vm1' },
+        { name: 'vm3', priority: 1, domain: 'bad/name' },
+      ],
+    });
+  } catch (e) {
+    if (isNestError(e)) err = e;
+  }
+  expect(err?.code).toBe('CONFIG_INVALID');
+  // Every problem at once: the schema's (a mode that does not exist, a domain name with a
+  // "/") and the cross checks' (what libvirt gives typed again, one domain for two guests).
+  expect(err?.problems.map((p) => p.field).sort()).toEqual([
+    'guests[0].channel',
+    'guests[0].cpuMode',
+    'guests[0].qmp',
+    'guests[1].domain',
+    'guests[2].domain',
+  ]);
+
+  // And the other way round: libvirt keys need hypervisor: libvirt; qemu needs its channel.
+  try {
+    validateHostConfig({
+      libvirt: { uri: 'qemu:///session' },
+      guests: [{ name: 'vm1', priority: 1, memoryMode: 'balloon' }],
+    });
+  } catch (e) {
+    if (isNestError(e)) err = e;
+  }
+  expect(err?.problems.map((p) => p.field).sort()).toEqual([
+    'guests[0].allocation',
+    'guests[0].channel',
+    'guests[0].memoryMode',
+    'libvirt',
+  ]);
+});

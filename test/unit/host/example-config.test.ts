@@ -18,12 +18,41 @@ test('examples/host.yaml validates, with the values it spells out', async () => 
   expect(cfg.guests[0]).toMatchObject({
     allocation: { cpus: 4, memoryBytes: 8192 * MiB },
     floor: { cpus: 1, memoryBytes: 2048 * MiB },
-    cgroup: 'machine-qemu\\x2d1\\x2dvm1.scope',
-    qmp: '/run/nestbroker/qmp/vm1.sock',
+    cgroup: 'qemu-vm1.scope',
+    qmp: '/run/qemu-vm1/qmp.sock',
     memoryOverheadBytes: 256 * MiB,
   });
   expect(cfg.trigger).toMatchObject({ enabled: true, forMs: 30_000, cooldownMs: 120_000 });
   expect(cfg.socketMode).toBe(0o660);
+});
+
+test('examples/host-libvirt.yaml validates: domains named, nothing libvirt gives typed again', async () => {
+  const cfg = await loadHostConfig(path.join(ROOT, 'examples', 'host-libvirt.yaml'));
+  expect(cfg.hypervisor).toEqual({ type: 'libvirt', uri: 'qemu:///system', timeoutMs: 60_000 });
+  expect(cfg.guests.map((g) => [g.name, g.channel, g.libvirt, g.allocationFromLibvirt])).toEqual([
+    [
+      'vm1',
+      { transport: 'libvirt', domain: 'vm1' },
+      { domain: 'vm1', cpuMode: 'unplug', memoryMode: 'virtio-mem', confirmTimeoutMs: 60_000 },
+      true,
+    ],
+    [
+      'db1',
+      { transport: 'libvirt', domain: 'db1-production' },
+      {
+        domain: 'db1-production',
+        cpuMode: 'quota',
+        memoryMode: 'balloon',
+        confirmTimeoutMs: 60_000,
+      },
+      true,
+    ],
+  ]);
+  // No socket of QEMU's in the broker's runtime directory, in either example.
+  for (const f of ['host.yaml', 'host-libvirt.yaml']) {
+    const text = await fs.readFile(path.join(ROOT, 'examples', f), 'utf8');
+    expect(text.match(/\/run\/nestbroker\/[^\s]*/g) ?? []).toEqual(['/run/nestbroker/host.sock']);
+  }
 });
 
 test('docs/host-broker.md names every default and every key of the config', async () => {

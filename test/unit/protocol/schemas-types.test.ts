@@ -18,6 +18,8 @@ test('every message type of the union is listed, and only those', () => {
     outcome: true,
     'outcome-part': true,
     cancel: true,
+    plan: true,
+    'plan-result': true,
     ping: true,
     pong: true,
     error: true,

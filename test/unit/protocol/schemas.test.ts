@@ -85,6 +85,27 @@ const good: Message[] = [
     projects: outcome.projects,
   },
   { type: 'cancel', id: 'c1', noticeId: 'n-1' },
+  { type: 'plan', id: 'pl1', kind: 'reclaim', allocation: { cpus: 1, memoryBytes: 2 ** 30 } },
+  {
+    type: 'plan-result',
+    id: 'pr1',
+    replyTo: 'pl1',
+    allocation: { cpus: 1, memoryBytes: 2 ** 30 },
+    projectAllocation: { cpus: 1, memoryBytes: 2 ** 30 - 2 ** 26 },
+    fits: false,
+    reasons: ['batch stops: its minimum does not fit'],
+    projects: [
+      {
+        project: 'batch',
+        priority: 10,
+        action: 'stopped',
+        before: { memoryHigh: 2 ** 28, memoryMax: 2 ** 28, cpuMax: 'max' },
+        after: { memoryHigh: 2 ** 28, memoryMax: 2 ** 28, cpuMax: 'max' },
+        reason: 'its minimum does not fit',
+      },
+    ],
+    omitted: 2,
+  },
   { type: 'ping', id: 'pi', t: Date.now() },
   { type: 'pong', id: 'po', replyTo: 'pi', t: 5 },
   {

@@ -1,0 +1,276 @@
+/**
+ * The host broker against the REAL libvirtd of this machine (docs/libvirt.md): a TCG
+ * domain (`<domain type='qemu'>`, test/fixtures/libvirt/nbfix-define.xml: the channel,
+ * ACPI, hotpluggable vCPUs, a virtio-mem device and a balloon; no disk and no guest OS, so
+ * nothing in the guest answers) is defined and started through virsh, and the host broker
+ * (`startHost`, as `nestbroker host` runs it) with `hypervisor: libvirt` and a config that
+ * names only the domain:
+ *
+ *   - connects to the channel socket whose path it read from the live XML, under
+ *     libvirt's own /var/lib/libvirt/qemu/channel/target/;
+ *   - follows `virsh event --loop --all` (restarted when killed) so that after
+ *     `virsh destroy` + `virsh start` it connects to the new path with no config change,
+ *     and refuses a notice while the domain is down with DOMAIN_DOWN;
+ *   - actuates through virsh only: a CPU quota through schedinfo (done, the books equal
+ *     libvirt's quota), a balloon the guest has no driver for (failed, never done, the
+ *     books unchanged); vCPU hot-plug and the unplug QEMU refuses without a guest OS, and
+ *     a virtio-mem request nothing plugs, straight through the actuator.
+ *
+ * libvirtd and virtlogd are started when not running and stopped by pid at the end; the
+ * domain is destroyed and undefined at the end, also on failure. Figures (virsh define,
+ * start, setvcpus, setmem, update-memory-device) are printed for docs/libvirt.md.
+ */
+import { execFile } from 'node:child_process';
+import { promises as fs } from 'node:fs';
+import { promisify } from 'node:util';
+import os from 'node:os';
+import path from 'node:path';
+import { isNestError, type NestError } from '../../../agent/common/errors';
+import { silentLogger } from '../../../agent/common/log';
+import { validateHostConfig } from '../../../agent/host/config';
+import { LibvirtActuator } from '../../../agent/host/libvirt/actuator';
+import { LibvirtDomains, resolveAllocations } from '../../../agent/host/libvirt/domains';
+import { parseDomainXml } from '../../../agent/host/libvirt/domain-xml';
+import { Virsh } from '../../../agent/host/libvirt/virsh';
+import { startHost, type RunningHost } from '../../../agent/host/main';
+import { NESTCTL, waitFor } from '../../../demo/stack';
+import { ensureLibvirtd, stopStarted, type StartedDaemon } from '../../helpers/libvirt';
+
+jest.setTimeout(600_000);
+
+const MiB = 1024 * 1024;
+const name = `nbit-${process.pid}`;
+const CHANNEL_DIR = '/var/lib/libvirt/qemu/channel/target';
+const virsh = new Virsh({ timeoutMs: 120_000 });
+const figures: Record<string, number> = {};
+let started: StartedDaemon[] = [];
+let dir: string;
+let host: RunningHost | null = null;
+let defined = false;
+
+async function timed<T>(what: string, fn: () => Promise<T>): Promise<T> {
+  const t0 = Date.now();
+  const v = await fn();
+  figures[what] = Date.now() - t0;
+  return v;
+}
+
+async function failure(p: Promise<unknown>): Promise<NestError> {
+  try {
+    await p;
+  } catch (e) {
+    if (isNestError(e)) return e;
+    throw e;
+  }
+  throw new Error('expected a failure');
+}
+
+async function liveId(): Promise<number> {
+  return parseDomainXml(await virsh.dumpxml(name)).id!;
+}
+
+beforeAll(async () => {
+  dir = await fs.mkdtemp(path.join(os.tmpdir(), 'nb-libvirt-'));
+  started = await ensureLibvirtd(120_000);
+  const xml = (
+    await fs.readFile(path.join(__dirname, '../../fixtures/libvirt/nbfix-define.xml'), 'utf8')
+  ).replace('<name>nbfix</name>', `<name>${name}</name>`);
+  const file = path.join(dir, `${name}.xml`);
+  await fs.writeFile(file, xml);
+  await timed('virsh define', () => virsh.run(['define', '--file', file]));
+  defined = true;
+  await timed('virsh start', () => virsh.run(['start', '--domain', name]));
+});
+
+afterAll(async () => {
+  try {
+    await host?.stop();
+  } finally {
+    if (defined) {
+      await virsh.run(['destroy', '--domain', name]).catch(() => undefined);
+      await virsh.run(['undefine', '--domain', name]).catch(() => undefined);
+    }
+    await stopStarted(started);
+    await fs.rm(dir, { recursive: true, force: true });
+    process.stdout.write(`libvirt figures (ms): ${JSON.stringify(figures)}\n`);
+  }
+});
+
+test('the live XML gives the channel under libvirt’s own directory, vCPUs and devices; no taint', async () => {
+  const info = parseDomainXml(await virsh.dumpxml(name));
+  expect(info.channel?.path).toBe(`${CHANNEL_DIR}/domain-${info.id}-${name}/org.nestbroker.0`);
+  expect((await fs.stat(info.channel!.path!)).isSocket()).toBe(true);
+  expect(info).toMatchObject({
+    type: 'qemu',
+    acpi: true,
+    vcpus: { max: 4, current: 2, hotpluggable: [1, 2, 3] },
+    virtioMem: { sizeBytes: 256 * MiB, requestedBytes: 128 * MiB },
+    balloon: { model: 'virtio' },
+  });
+  // No <qemu:commandline>, no monitor of our own: libvirt logs nothing about taint.
+  const log = await fs.readFile(`/var/log/libvirt/qemu/${name}.log`, 'utf8');
+  expect(log).toContain('qemu-system-x86_64');
+  expect(log).not.toMatch(/taint/i);
+});
+
+test('the host broker connects to the channel libvirt chose; after destroy + start, to the new one', async () => {
+  const cfg = validateHostConfig({
+    hypervisor: 'libvirt',
+    libvirt: { timeout: '120s' },
+    stateDir: path.join(dir, 'state'),
+    socket: path.join(dir, 'host.sock'),
+    reconnect: { min: '200ms', max: '30s' },
+    guests: [{ name, priority: 1, cpuMode: 'quota', memoryMode: 'balloon', confirmTimeout: '5s' }],
+  });
+  const h = (host = await startHost(cfg, silentLogger()));
+  const domains = h.domains!;
+  // The allocation came from the persistent XML: 2 vCPUs, <currentMemory> 128 MiB.
+  expect(h.broker.booksFor(name).allocation).toEqual({ cpus: 2, memoryBytes: 128 * MiB });
+  const first = `${CHANNEL_DIR}/domain-${await liveId()}-${name}/org.nestbroker.0`;
+  await waitFor(
+    'the first channel',
+    async () => domains.channels.get(name) === first,
+    120_000,
+    100,
+  );
+
+  // The event follower, killed by its pid, is started again.
+  const events = (domains as unknown as { events: { pid?: number; restarts: number } }).events;
+  const oldPid = events.pid!;
+  process.kill(oldPid, 'SIGKILL');
+  await waitFor('virsh event restarted', async () => events.restarts === 1 && events.pid, 60_000);
+  expect(events.pid).not.toBe(oldPid);
+
+  const lifecycle: string[] = [];
+  domains.on('lifecycle', (e: { event: string }) => lifecycle.push(e.event));
+  await virsh.run(['destroy', '--domain', name]);
+  await waitFor('the Stopped event', async () => lifecycle.includes('Stopped'), 60_000);
+  const down = await failure(
+    h.broker.issue('reclaim', {
+      guest: name,
+      change: { cpus: 0.5, memoryBytes: 0 },
+      deadlineMs: 1000,
+    }),
+  );
+  expect(down.code).toBe('DOMAIN_DOWN');
+  expect(h.broker.notices(name)).toEqual([]);
+
+  await timed('virsh start (again)', () => virsh.run(['start', '--domain', name]));
+  const second = `${CHANNEL_DIR}/domain-${await liveId()}-${name}/org.nestbroker.0`;
+  expect(second).not.toBe(first);
+  await waitFor('the new channel', async () => domains.channels.get(name) === second, 120_000, 100);
+  expect(lifecycle).toContain('Started');
+
+  // `nestctl guests` (the real CLI on the operator socket): the domain as libvirt has it.
+  const nestctl = (...args: string[]) =>
+    promisify(execFile)(process.execPath, [NESTCTL, '--socket', cfg.socket, ...args], {
+      timeout: 120_000,
+    });
+  const [status] = JSON.parse((await nestctl('guests', '--json')).stdout) as {
+    connected: boolean;
+    domain: Record<string, unknown>;
+  }[];
+  expect(status.connected).toBe(false); // no guest OS, so no agent says hello
+  expect(status.domain).toEqual({
+    name,
+    state: 'running',
+    id: await liveId(),
+    cpus: 2,
+    memoryBytes: 128 * MiB,
+    vcpus: { current: 2, max: 4 },
+    channel: second,
+  });
+  expect((await nestctl('guests')).stdout).toContain(
+    `${name}: running, 128MiB, 2 CPUs (2/4 vCPUs)`,
+  );
+});
+
+test('actuation through virsh: a quota is done and booked as libvirt has it; a balloon nobody inflates is failed', async () => {
+  const h = host!;
+  // No guest agent answers (no guest OS): force, so the VM is actuated at the deadline.
+  const cpu = await (
+    await h.broker.issue('reclaim', {
+      guest: name,
+      change: { cpus: 0.5, memoryBytes: 0 },
+      deadlineMs: 1,
+      force: true,
+    })
+  ).done;
+  expect({ state: cpu.state, actuation: cpu.actuation }).toMatchObject({
+    state: 'done',
+    actuation: { status: 'done' },
+  });
+  const sched = await virsh.schedinfo(name);
+  expect(sched).toMatchObject({ global_quota: 150000, global_period: 100000 });
+  expect(h.broker.booksFor(name)).toMatchObject({
+    granted: { cpus: 1.5, memoryBytes: 128 * MiB },
+    actuated: { cpus: 1.5, memoryBytes: 128 * MiB },
+  });
+
+  const mem = await (
+    await h.broker.issue('reclaim', {
+      guest: name,
+      change: { cpus: 0, memoryBytes: 16 * MiB },
+      deadlineMs: 1,
+      force: true,
+    })
+  ).done;
+  figures['setmem + 5 s confirm timeout'] =
+    Date.parse(mem.actuation!.finishedAt) - Date.parse(mem.actuation!.startedAt);
+  expect(mem.state).toBe('failed');
+  expect(mem.error?.code).toBe('TIMEOUT');
+  // libvirt was asked (setmem returned 0) but the guest's actual did not move: libvirt
+  // updates <currentMemory> only when the balloon reports a change, so both still say 128.
+  expect(mem.actuation?.steps).toEqual([
+    expect.objectContaining({ call: 'setmem', want: 112 * MiB, got: 128 * MiB, confirmed: false }),
+  ]);
+  expect((await virsh.dommemstat(name)).actualBytes).toBe(128 * MiB);
+  expect(parseDomainXml(await virsh.dumpxml(name)).memory.currentBytes).toBe(128 * MiB);
+  expect(h.broker.booksFor(name).granted).toEqual({ cpus: 1.5, memoryBytes: 128 * MiB });
+
+  const back = await (
+    await h.broker.issue('restore', {
+      guest: name,
+      change: { cpus: 0.5, memoryBytes: 0 },
+      deadlineMs: 1,
+    })
+  ).done;
+  expect(back.actuation?.status).toBe('done');
+  expect(await virsh.schedinfo(name)).toMatchObject({ global_quota: 200000 });
+  expect(h.broker.booksFor(name).granted.cpus).toBe(2);
+});
+
+test('vCPU hot-plug and unplug, virtio-mem, straight through the actuator with real virsh', async () => {
+  const cfg = await resolveAllocations(
+    validateHostConfig({
+      hypervisor: 'libvirt',
+      guests: [
+        { name, priority: 1, cpuMode: 'unplug', memoryMode: 'virtio-mem', confirmTimeout: '10s' },
+      ],
+    }),
+    virsh,
+  );
+  const g = cfg.guests[0];
+  const actuator = new LibvirtActuator(new LibvirtDomains(virsh, cfg.guests), silentLogger());
+  const plug = await actuator.apply(g, { cpus: 3, memoryBytes: 128 * MiB }, 'up');
+  figures['setvcpus 3 --live'] = plug.steps![0].callMs;
+  expect(plug.status).toBe('done');
+  expect(plug.actual?.cpus).toBe(3);
+
+  // No guest OS has enabled ACPI CPU hot-unplug: QEMU refuses, virsh says why.
+  const unplug = await actuator.apply(g, { cpus: 2, memoryBytes: 128 * MiB }, 'down');
+  expect(unplug.status).toBe('failed');
+  expect(unplug.errors[0]).toMatchObject({ step: 'cpus', code: 'LIBVIRT_ERROR' });
+  expect(unplug.errors[0].message).toMatch(/unplug/);
+  expect(unplug.actual?.cpus).toBe(3);
+
+  // Nothing in the guest plugs virtio-mem memory: requested moves, current stays 0.
+  const t0 = Date.now();
+  const mem = await actuator.apply(g, { cpus: 3, memoryBytes: 192 * MiB }, 'up');
+  figures['update-memory-device + confirm timeout'] = Date.now() - t0;
+  expect(mem.status).toBe('failed');
+  const vm = parseDomainXml(await virsh.dumpxml(name)).virtioMem!;
+  expect(vm).toMatchObject({ requestedBytes: 64 * MiB, currentBytes: 0 });
+  const call = mem.steps!.find((s) => s.call === 'update-memory-device')!;
+  figures['update-memory-device --live'] = call.callMs;
+});

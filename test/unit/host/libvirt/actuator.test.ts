@@ -1,0 +1,274 @@
+/**
+ * Actuation through libvirt (agent/host/libvirt/actuator.ts) against a recording stand-in
+ * for virsh that answers with the recorded live XML of a real domain
+ * (test/fixtures/libvirt/), the guest's behaviour chosen per test: the report says what
+ * libvirt shows afterwards, a removal that shows only in part is `partial` with exactly
+ * what went, one that never shows is `failed`; and through the host broker, such an
+ * actuation is not `done` and the books count only what libvirt moved.
+ */
+import os from 'node:os';
+import path from 'node:path';
+import { promises as fs } from 'node:fs';
+import { isNestError, type NestError } from '../../../../agent/common/errors';
+import { silentLogger } from '../../../../agent/common/log';
+import { validateHostConfig, type GuestConfig } from '../../../../agent/host/config';
+import { HostBroker, type HostChannel } from '../../../../agent/host/host-broker';
+import { bookedChange, type HostNoticeRecord } from '../../../../agent/host/notice-store';
+import { LibvirtActuator } from '../../../../agent/host/libvirt/actuator';
+import { LibvirtDomains, resolveAllocations } from '../../../../agent/host/libvirt/domains';
+import { Virsh } from '../../../../agent/host/libvirt/virsh';
+import { FakeVirsh, MiB } from './fake-virsh';
+
+const KiB = 1024;
+
+function setup(modes: { cpuMode: 'unplug' | 'quota'; memoryMode: 'virtio-mem' | 'balloon' }) {
+  return FakeVirsh.create().then((fake) => {
+    const virsh = new Virsh({ runner: fake.runner });
+    const cfg = validateHostConfig({
+      hypervisor: 'libvirt',
+      guests: [{ name: 'vm1', domain: 'nbfix', priority: 1, confirmTimeout: '10s', ...modes }],
+    });
+    const domains = new LibvirtDomains(virsh, cfg.guests);
+    // A clock that moves only when the actuator waits: no test waits on real time.
+    let t = 0;
+    const actuator = new LibvirtActuator(domains, silentLogger(), {
+      pollMs: 500,
+      now: () => t,
+      sleep: async (ms) => {
+        t += ms;
+      },
+    });
+    return { fake, virsh, cfg, domains, actuator, guest: cfg.guests[0] as GuestConfig };
+  });
+}
+
+async function failure(p: Promise<unknown>): Promise<NestError> {
+  try {
+    await p;
+  } catch (e) {
+    if (isNestError(e)) return e;
+    throw e;
+  }
+  throw new Error('expected a failure');
+}
+
+test('the allocation comes from the persistent XML: 2 vCPUs, boot memory + virtio-mem requested', async () => {
+  const { cfg, virsh } = await setup({ cpuMode: 'unplug', memoryMode: 'virtio-mem' });
+  expect(cfg.guests[0].allocationFromLibvirt).toBe(true);
+  const resolved = await resolveAllocations(cfg, virsh);
+  expect(resolved.guests[0].allocation).toEqual({ cpus: 2, memoryBytes: 256 * MiB });
+});
+
+test('virtio-mem: a guest that unplugs only part in time is partial, with exactly what went', async () => {
+  const { fake, actuator, guest } = await setup({ cpuMode: 'unplug', memoryMode: 'virtio-mem' });
+  // The guest unplugs 16 MiB of the 64 asked for, then can migrate nothing more.
+  fake.guest.tick = (d) => {
+    if (d.requestedKiB < d.currentKiB) d.currentKiB = Math.max(d.requestedKiB, 131072 - 16 * KiB);
+  };
+  const report = await actuator.apply(guest, { cpus: 2, memoryBytes: 192 * MiB }, 'down');
+  expect(report.status).toBe('partial');
+  expect(report.before).toEqual({ cpus: 2, memoryBytes: 256 * MiB });
+  expect(report.actual).toEqual({ cpus: 2, memoryBytes: 240 * MiB });
+  expect(report.steps).toEqual([
+    expect.objectContaining({
+      resource: 'memory',
+      call: 'update-memory-device',
+      from: 256 * MiB,
+      want: 192 * MiB,
+      got: 240 * MiB,
+      confirmed: false,
+    }),
+  ]);
+  expect(report.errors).toEqual([expect.objectContaining({ step: 'memory', code: 'TIMEOUT' })]);
+  expect(fake.calls).toContainEqual([
+    'update-memory-device',
+    '--domain',
+    'nbfix',
+    '--alias',
+    'virtiomem0',
+    '--requested-size',
+    `${64 * KiB}KiB`,
+    '--live',
+  ]);
+});
+
+test('unplug: virsh gives up waiting (TCG) but the guest ejects the vCPU later: confirmed, done', async () => {
+  const { fake, actuator, guest } = await setup({ cpuMode: 'unplug', memoryMode: 'virtio-mem' });
+  let reads = 0;
+  let wanted = 0;
+  fake.guest.setvcpus = (want) => {
+    wanted = want;
+    return { timedOut: true };
+  };
+  fake.guest.tick = (d) => {
+    if (wanted && ++reads > 3) d.vcpus = wanted;
+  };
+  const report = await actuator.apply(guest, { cpus: 1, memoryBytes: 256 * MiB }, 'down');
+  expect(report.status).toBe('done');
+  expect(report.actual).toEqual({ cpus: 1, memoryBytes: 256 * MiB });
+  expect(report.steps).toEqual([
+    expect.objectContaining({ call: 'setvcpus', from: 2, want: 1, got: 1, confirmed: true }),
+  ]);
+  expect(report.errors).toEqual([]);
+});
+
+test('unplug: virsh gives up and libvirt never shows the vCPU gone (as measured under TCG): failed, not done', async () => {
+  const { fake, actuator, guest } = await setup({ cpuMode: 'unplug', memoryMode: 'virtio-mem' });
+  fake.guest.setvcpus = () => ({ timedOut: true });
+  const report = await actuator.apply(guest, { cpus: 1, memoryBytes: 256 * MiB }, 'down');
+  expect(report.status).toBe('failed');
+  expect(report.actual?.cpus).toBe(2);
+  expect(report.steps).toEqual([
+    expect.objectContaining({ call: 'setvcpus', want: 1, got: 2, confirmed: false }),
+  ]);
+  expect(report.errors[0].message).toMatch(/virsh timed out waiting for the guest/);
+});
+
+test('unplug refused by QEMU: failed, its stderr in the error, nothing moved', async () => {
+  const { fake, actuator, guest } = await setup({ cpuMode: 'unplug', memoryMode: 'virtio-mem' });
+  fake.guest.setvcpus = () => ({
+    error:
+      "error: internal error: unable to execute QEMU command 'device_del': acpi: device unplug request for not supported device type: qemu64-x86_64-cpu",
+  });
+  const report = await actuator.apply(guest, { cpus: 1, memoryBytes: 256 * MiB }, 'down');
+  expect(report.status).toBe('failed');
+  expect(report.actual).toEqual(report.before);
+  expect(report.errors).toEqual([
+    expect.objectContaining({
+      step: 'cpus',
+      code: 'LIBVIRT_ERROR',
+      message: expect.stringContaining('device unplug request'),
+    }),
+  ]);
+});
+
+test('balloon without a driver in the guest: setmem is asked, actual never moves: failed', async () => {
+  const { fake, actuator, guest } = await setup({ cpuMode: 'quota', memoryMode: 'balloon' });
+  const report = await actuator.apply(guest, { cpus: 2, memoryBytes: 100 * MiB }, 'down');
+  expect(fake.calls).toContainEqual([
+    'setmem',
+    '--domain',
+    'nbfix',
+    '--size',
+    `${100 * KiB}KiB`,
+    '--live',
+  ]);
+  expect(report.status).toBe('failed');
+  expect(report.actual?.memoryBytes).toBe(128 * MiB);
+});
+
+test('quota: schedinfo sets the global quota; libvirt’s quota is the books’ CPUs', async () => {
+  const { fake, actuator, guest } = await setup({ cpuMode: 'quota', memoryMode: 'balloon' });
+  fake.guest.setmem = (kib, d) => {
+    d.balloonKiB = kib;
+  };
+  const report = await actuator.apply(guest, { cpus: 1.5, memoryBytes: 100 * MiB }, 'down');
+  expect(report.status).toBe('done');
+  expect(report.actual).toEqual({ cpus: 1.5, memoryBytes: 100 * MiB });
+  expect(fake.calls).toContainEqual([
+    'schedinfo',
+    '--domain',
+    'nbfix',
+    '--live',
+    '--set',
+    'global_period=100000',
+    'global_quota=150000',
+  ]);
+});
+
+test('precheck: a domain that is down is DOMAIN_DOWN; what a mode cannot do is named', async () => {
+  const { fake, actuator, guest } = await setup({ cpuMode: 'unplug', memoryMode: 'virtio-mem' });
+  fake.d.state = 'shut off';
+  expect(
+    (await failure(actuator.precheck(guest, 'reclaim', { cpus: 1, memoryBytes: 256 * MiB }))).code,
+  ).toBe('DOMAIN_DOWN');
+  fake.d.state = 'running';
+  const err = await failure(
+    actuator.precheck(guest, 'reclaim', { cpus: 0.5, memoryBytes: 64 * MiB }),
+  );
+  expect(err.code).toBe('PREREQUISITE_MISSING');
+  expect(err.problems.map((p) => p.field)).toEqual(['cpus', 'memory']);
+  expect(err.problems[0].message).toMatch(/whole vCPUs/);
+  expect(err.problems[1].message).toMatch(/virtio-mem on "nbfix" reaches/);
+  await expect(
+    actuator.precheck(guest, 'reclaim', { cpus: 1, memoryBytes: 192 * MiB }),
+  ).resolves.toBeUndefined();
+});
+
+/** A channel to a guest that never answers: a forced reclaim is actuated at its deadline. */
+function silentChannel(): HostChannel {
+  return { send: () => true, on: () => undefined, close: () => undefined };
+}
+
+test('through the host broker: a partial actuation is recorded partial, the books count what libvirt moved', async () => {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'nb-lv-books-'));
+  try {
+    const { fake, virsh } = await setup({ cpuMode: 'unplug', memoryMode: 'virtio-mem' });
+    const cfg = await resolveAllocations(
+      validateHostConfig({
+        hypervisor: 'libvirt',
+        stateDir: path.join(dir, 'state'),
+        guests: [{ name: 'vm1', domain: 'nbfix', priority: 1, confirmTimeout: '10s' }],
+      }),
+      virsh,
+    );
+    let t = 0;
+    const domains = new LibvirtDomains(virsh, cfg.guests);
+    const broker = new HostBroker({
+      config: cfg,
+      actuator: new LibvirtActuator(domains, silentLogger(), {
+        now: () => t,
+        sleep: async (ms) => {
+          t += ms;
+        },
+      }),
+      connect: silentChannel,
+      log: silentLogger(),
+    });
+    await broker.start();
+    fake.guest.tick = (d) => {
+      if (d.requestedKiB < d.currentKiB) d.currentKiB = Math.max(d.requestedKiB, 131072 - 16 * KiB);
+    };
+    // Refused while the domain is down: nothing journaled.
+    fake.d.state = 'shut off';
+    const down = await failure(
+      broker.issue('reclaim', {
+        guest: 'vm1',
+        change: { cpus: 0, memoryBytes: 64 * MiB },
+        deadlineMs: 1,
+      }),
+    );
+    expect(down.code).toBe('DOMAIN_DOWN');
+    expect(broker.notices('vm1')).toEqual([]);
+    fake.d.state = 'running';
+    const { done } = await broker.issue('reclaim', {
+      guest: 'vm1',
+      change: { cpus: 0, memoryBytes: 64 * MiB },
+      deadlineMs: 1,
+      force: true,
+    });
+    const rec = await done;
+    expect(rec.state).toBe('partial');
+    expect(rec.error?.message).toMatch(/actuation partial/);
+    const books = broker.booksFor('vm1');
+    expect(books.granted).toEqual({ cpus: 2, memoryBytes: 240 * MiB });
+    expect(books.actuated).toEqual({ cpus: 2, memoryBytes: 240 * MiB });
+    await broker.stop();
+  } finally {
+    await fs.rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('a domain gone down before the actuation: failed, and the books count nothing of it', async () => {
+  const { fake, actuator, guest } = await setup({ cpuMode: 'unplug', memoryMode: 'virtio-mem' });
+  fake.d.state = 'shut off';
+  const report = await actuator.apply(guest, { cpus: 1, memoryBytes: 192 * MiB }, 'down');
+  expect(report.status).toBe('failed');
+  expect([report.before, report.actual]).toEqual([undefined, undefined]);
+  expect(report.errors[0].code).toBe('DOMAIN_DOWN');
+  const rec = {
+    notice: { kind: 'reclaim', change: { cpus: 1, memoryBytes: 64 * MiB } },
+    actuation: report,
+  } as unknown as HostNoticeRecord;
+  expect(bookedChange(rec)).toEqual({ cpus: 0, memoryBytes: 0 });
+});

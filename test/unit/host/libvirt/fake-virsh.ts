@@ -1,0 +1,133 @@
+/**
+ * A recording stand-in for virsh (a VirshRunner) that answers from the recorded output in
+ * test/fixtures/libvirt/: the live XML of the running TCG domain `nbfix`, with its vCPU
+ * count, the virtio-mem device's <requested>/<current>, the balloon's `actual` and the
+ * global quota set to what the simulated domain has now. What the guest does with a
+ * request (unplug it at once, later, partly, never) is the test's choice: `guest`.
+ */
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { NestError } from '../../../../agent/common/errors';
+import type { VirshResult, VirshRunner } from '../../../../agent/host/libvirt/virsh';
+
+export const FIXTURES = path.join(__dirname, '..', '..', '..', 'fixtures', 'libvirt');
+const KiB = 1024;
+
+export async function fixture(name: string): Promise<string> {
+  return fs.readFile(path.join(FIXTURES, name), 'utf8');
+}
+
+export interface SimDomain {
+  state: 'running' | 'shut off';
+  vcpus: number;
+  requestedKiB: number;
+  currentKiB: number;
+  balloonKiB: number;
+  quota: number;
+}
+
+export interface GuestBehaviour {
+  /** After setvcpus: what the enabled count becomes, and whether virsh says timed out. */
+  setvcpus?: (want: number, d: SimDomain) => { timedOut?: boolean; error?: string };
+  /** Called at each read: lets the guest move `currentKiB` / `vcpus` over time. */
+  tick?: (d: SimDomain) => void;
+  /** After setmem: the guest's balloon driver (absent: actual never moves). */
+  setmem?: (wantKiB: number, d: SimDomain) => void;
+}
+
+export class FakeVirsh {
+  readonly calls: string[][] = [];
+  readonly d: SimDomain = {
+    state: 'running',
+    vcpus: 2,
+    requestedKiB: 131072,
+    currentKiB: 131072,
+    balloonKiB: 131072,
+    quota: -1,
+  };
+  guest: GuestBehaviour = {};
+
+  private constructor(
+    private readonly live: string,
+    private readonly shutoff: string,
+    private readonly inactive: string,
+  ) {}
+
+  static async create(): Promise<FakeVirsh> {
+    return new FakeVirsh(
+      await fixture('live-running.xml'),
+      await fixture('shutoff.xml'),
+      await fixture('inactive.xml'),
+    );
+  }
+
+  /** The live XML of the fixture with the simulated values written in. */
+  liveXml(): string {
+    const d = this.d;
+    const vcpus = [0, 1, 2, 3]
+      .map(
+        (id) =>
+          `    <vcpu id='${id}' enabled='${id < d.vcpus ? 'yes' : 'no'}' hotpluggable='${id === 0 ? 'no' : 'yes'}'/>`,
+      )
+      .join('\n');
+    return this.live
+      .replace(
+        "<vcpu placement='static' current='2'>4</vcpu>",
+        `<vcpu placement='static' current='${d.vcpus}'>4</vcpu>`,
+      )
+      .replace(/<vcpus>[\s\S]*?<\/vcpus>/, `<vcpus>\n${vcpus}\n  </vcpus>`)
+      .replace(
+        "<requested unit='KiB'>131072</requested>",
+        `<requested unit='KiB'>${d.requestedKiB}</requested>`,
+      )
+      .replace("<current unit='KiB'>0</current>", `<current unit='KiB'>${d.currentKiB}</current>`);
+  }
+
+  runner: VirshRunner = async (args): Promise<VirshResult> => {
+    const a = args.slice(2); // -c uri
+    this.calls.push([...a]);
+    const ok = (stdout = ''): VirshResult => ({ stdout, stderr: '' });
+    const fail = (msg: string): never => {
+      throw new NestError('LIBVIRT_ERROR', `virsh ${a.join(' ')}: exit 1: ${msg}`);
+    };
+    this.guest.tick?.(this.d);
+    const val = (flag: string): string => a[a.indexOf(flag) + 1];
+    switch (a[0]) {
+      case 'domstate':
+        return ok(`${this.d.state}\n\n`);
+      case 'dumpxml':
+        if (a.includes('--inactive')) return ok(this.inactive);
+        return ok(this.d.state === 'running' ? this.liveXml() : this.shutoff);
+      case 'setvcpus': {
+        const want = Number(val('--count'));
+        const r = this.guest.setvcpus?.(want, this.d) ?? {};
+        if (r.error) fail(r.error);
+        if (r.timedOut)
+          fail(
+            'error: operation failed: vcpu unplug request timed out. Unplug result must be manually inspected in the domain',
+          );
+        return ok();
+      }
+      case 'schedinfo': {
+        if (a.includes('--set'))
+          this.d.quota = Number(a.find((x) => x.startsWith('global_quota='))!.split('=')[1]);
+        return ok(
+          `Scheduler      : posix\ncpu_shares     : 1024\nglobal_period  : 100000\nglobal_quota   : ${this.d.quota}\n`,
+        );
+      }
+      case 'update-memory-device': {
+        this.d.requestedKiB = Number(val('--requested-size').replace(/KiB$/, ''));
+        return ok();
+      }
+      case 'setmem':
+        this.guest.setmem?.(Number(val('--size').replace(/KiB$/, '')), this.d);
+        return ok();
+      case 'dommemstat':
+        return ok(`actual ${this.d.balloonKiB}\nlast_update 0\nrss 48252\n\n`);
+      default:
+        return fail(`unknown command ${a[0]}`);
+    }
+  };
+}
+
+export const MiB = 1024 * KiB;

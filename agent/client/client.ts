@@ -23,6 +23,8 @@ import type { Logger } from '../common/log';
 import { isNestError } from '../common/errors';
 import {
   CAPABILITIES,
+  CAP_CPU_UNPLUG,
+  MAX_LINE_BYTES,
   CAP_MONOTONIC_CLOCK,
   CAP_OUTCOME_PARTS,
   CAP_PLAN,
@@ -56,6 +58,11 @@ export interface ClientOptions {
   /** The local broker's dry run for a `plan` request; absent: `plan` is answered with an error. */
   plan?(req: PlanRequest): Promise<Omit<PlanResult, 'type' | 'id' | 'replyTo'>>;
   log: Logger;
+  /**
+   * The guest kernel's online CPUs and MemTotal now (agent/guest/guest-facts.ts), for the
+   * hello and every outcome; none when absent.
+   */
+  facts?(): { onlineCpus?: number[]; memTotal?: number };
   clock?: Clock;
 }
 
@@ -164,14 +171,32 @@ export class Client {
       inventory,
       lastSeq: this.book.lastSeq,
     };
-    if (!this.legacyHello)
+    if (!this.legacyHello) {
       hello.capabilities = [...CAPABILITIES, ...(this.opts.plan ? [CAP_PLAN] : [])];
+      // The guest's CPUs and memory as its kernel has them, so the host can confirm a
+      // removal (docs/protocol.md, "hello (guest → host)"). Left out of a legacy hello:
+      // a broker older than capabilities is older than these fields too.
+      Object.assign(hello, this.facts());
+    }
     this.helloId = hello.id;
     this.send(hello);
     // Outcomes finished while the channel was down are sent again; the broker above
     // journals by notice id, so a repeat is harmless. One too large for a line waits for
     // the welcome, which says whether it may come in parts.
     this.sendOwed();
+  }
+
+  private facts(): { onlineCpus?: number[]; memTotal?: number } {
+    let f: { onlineCpus?: number[]; memTotal?: number } = {};
+    try {
+      f = this.opts.facts?.() ?? {};
+    } catch (err) {
+      this.log.warn({ err }, 'could not read the online CPUs and MemTotal');
+    }
+    const out: { onlineCpus?: number[]; memTotal?: number } = {};
+    if (f.onlineCpus !== undefined) out.onlineCpus = f.onlineCpus;
+    if (f.memTotal !== undefined) out.memTotal = f.memTotal;
+    return out;
   }
 
   private sendOwed(): void {
@@ -206,7 +231,10 @@ export class Client {
   private refusedCapabilities(msg: ErrorMsg): boolean {
     if (this.legacyHello || msg.replyTo === undefined || msg.replyTo !== this.helloId) return false;
     return (msg.problems ?? []).some(
-      (p) => p.field === '(message)' && p.message.includes('"capabilities"'),
+      // A broker older than the hello's fields names them (docs/protocol.md, "Versions and capabilities").
+      (p) =>
+        p.field === '(message)' &&
+        ['"capabilities"', '"onlineCpus"', '"memTotal"'].some((f) => p.message.includes(f)),
     );
   }
 
@@ -394,6 +422,14 @@ export class Client {
     // Before the welcome we do not know whether the broker takes parts: an outcome that
     // needs them stays owed until the welcome says (welcomed() sends it).
     if (this.peerCaps === null && msgs.length > 1) return;
+    // The CPUs and memory the guest has as it answers, to a host that takes them
+    // (docs/protocol.md, "outcome (guest → host)"), when they still fit the line.
+    const last = msgs[msgs.length - 1];
+    if (this.peerCaps?.has(CAP_CPU_UNPLUG) && last.type === 'outcome') {
+      const withFacts = { ...last, ...this.facts() };
+      if (Buffer.byteLength(JSON.stringify(withFacts)) + 1 <= MAX_LINE_BYTES)
+        msgs[msgs.length - 1] = withFacts;
+    }
     for (const msg of msgs) {
       if (!this.send(msg)) return; // cut short: still owed, sent again after the next hello
     }

@@ -328,7 +328,9 @@ export class NoticeBook extends EventEmitter {
         ? 'NOTICE_STALE'
         : mismatch
           ? 'ALLOCATION_MISMATCH'
-          : 'NOTICE_REJECTED';
+          : problems.some((p) => p.field === 'leavingCpus')
+            ? 'LEAVING_CPUS_INVALID'
+            : 'NOTICE_REJECTED';
       const error = {
         code,
         message: problems.map((p) => `${p.field}: ${p.message}`).join('; '),

@@ -19,6 +19,8 @@ export const ErrorCodes = {
   NOTICE_BACKLOG: 'too many notices are pending; this one was refused, nothing done',
   ALLOCATION_MISMATCH:
     "a notice's allocation is not the guest's allocation minus (reclaim) or plus (restore) its change; refused, nothing done",
+  LEAVING_CPUS_INVALID:
+    "a reclaim's leavingCpus names CPUs that are not online in the guest, or would leave its projects none; refused, nothing done",
   STATE_LOCKED: 'another daemon holds the state directory; this one refused to start, nothing done',
   START_FAILED: 'a step of start-up failed; every earlier step was undone',
   GUEST_UNKNOWN: 'no guest has that name',

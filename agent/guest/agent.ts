@@ -37,11 +37,34 @@ import { ProjectRegistry } from './projects';
 import { Supervisor } from './supervisor';
 import { UsageSampler } from './usage';
 import { openUpstream, type Upstream } from './upstream';
+import {
+  DEFAULT_PREREQUISITE_PATHS,
+  missingPrerequisites,
+  type PrerequisitePaths,
+} from './prerequisites';
+
+/**
+ * The prerequisites' paths under NESTBROKER_SYSROOT when it is set (a directory standing for
+ * `/`, for tests of the real daemon with fake files), the real ones otherwise.
+ */
+function prerequisitePathsFromEnv(): PrerequisitePaths {
+  const root = process.env.NESTBROKER_SYSROOT;
+  if (!root) return DEFAULT_PREREQUISITE_PATHS;
+  const under = (p: string): string => path.join(root, p);
+  return {
+    cmdline: under(DEFAULT_PREREQUISITE_PATHS.cmdline),
+    autoOnlineBlocks: under(DEFAULT_PREREQUISITE_PATHS.autoOnlineBlocks),
+    acpi: under(DEFAULT_PREREQUISITE_PATHS.acpi),
+    cpuRoot: under(DEFAULT_PREREQUISITE_PATHS.cpuRoot),
+  };
+}
 
 export interface GuestAgentOptions {
   log: Logger;
   /** A ready adapter (tests); opened from cfg.cgroup otherwise. */
   adapter?: CgroupAdapter;
+  /** Where the prerequisites for real removal are read (tests: fake files). */
+  prerequisites?: PrerequisitePaths;
 }
 
 class JournaledAllocation implements AllocationBook {
@@ -111,6 +134,9 @@ export class GuestAgent implements OperatorTarget {
     undo: (() => Promise<unknown>)[],
   ): Promise<GuestAgent> {
     for (const w of cfg.warnings) log.warn({ field: w.field, value: w.value }, w.message);
+    // docs/guest-agent.md, "Prerequisites for real removal": one line each that is missing.
+    for (const m of missingPrerequisites(opts.prerequisites ?? prerequisitePathsFromEnv()))
+      log.warn({ prerequisite: m.name }, `prerequisite missing: ${m.message}`);
     // mkdir -p returns the first directory it made: everything under it is this start's.
     const madeState = await fsp.mkdir(cfg.stateDir, { recursive: true, mode: 0o700 });
     if (madeState) undo.push(() => fsp.rm(madeState, { recursive: true, force: true }));

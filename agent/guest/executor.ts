@@ -52,6 +52,8 @@ import type { ProjectNoticeBoard } from './project-notices';
 import { stopProject, type SendSignal, type StopCgroup } from './stopper';
 import { faultPoint } from '../common/fault';
 import type { UsageSampler } from './usage';
+import { readGuestFacts, type GuestFacts } from './guest-facts';
+import { formatCpuList } from '../common/cpulist';
 
 export interface AllocationBook {
   /** The guest's whole allocation now (before the reserve is taken off). */
@@ -89,6 +91,11 @@ const STOPPED_LIMITS: ProjectLimits = { memoryHigh: 0, memoryMax: 0, cpuMax: 0 }
 
 export class GuestBroker implements LocalBroker {
   readonly name: string;
+  /**
+   * The guest kernel's online CPUs and MemTotal (guest-facts.ts), read for each plan and
+   * each notice naming leaving CPUs; a test points it at its own files.
+   */
+  readFacts: () => Partial<GuestFacts> = () => readGuestFacts();
 
   constructor(
     private cfg: GuestConfig,
@@ -135,7 +142,9 @@ export class GuestBroker implements LocalBroker {
   private async snapshot(
     allocation: Resources,
     now = new Date(),
+    leavingCpus?: readonly number[],
   ): Promise<{ plan: Plan; running: string[] }> {
+    const facts = this.readFacts();
     const states = await Promise.all(
       this.cfg.projects.map(async (p) => {
         // registry.pids reads through the sampler's open descriptors (one pread each; 100
@@ -168,6 +177,8 @@ export class GuestBroker implements LocalBroker {
     }
     const plan = makePlan(projects, usage, this.net(allocation), now, {
       onlineCpus: this.usage.onlineCpus,
+      onlineList: facts.onlineCpus,
+      leavingCpus,
     });
     return { plan, running };
   }
@@ -187,7 +198,47 @@ export class GuestBroker implements LocalBroker {
         value: cpus,
         message: `does not fit: ${cpus} CPUs is below the guest's own reserve of ${this.cfg.reserve.cpus}`,
       });
+    if (notice.leavingCpus !== undefined && notice.leavingCpus.length > 0)
+      problems.push(...(await this.leavingProblems(notice.leavingCpus, cpus)));
     return problems;
+  }
+
+  /**
+   * A reclaim's leaving CPUs must be online here, and what stays must hold the new
+   * allocation: else the cpusets could not be moved off them, and the notice is refused
+   * before anything is done (docs/protocol.md, "notice (host → guest)").
+   */
+  private async leavingProblems(leaving: readonly number[], cpus: number): Promise<Problem[]> {
+    const facts = this.readFacts();
+    const online = facts.onlineCpus;
+    if (online === undefined)
+      return [
+        {
+          field: 'leavingCpus',
+          value: formatCpuList(leaving),
+          message: 'the guest cannot read its online CPUs (/sys/devices/system/cpu/online)',
+        },
+      ];
+    const have = new Set(online);
+    const absent = leaving.filter((c) => !have.has(c));
+    if (absent.length > 0)
+      return [
+        {
+          field: 'leavingCpus',
+          value: formatCpuList(leaving),
+          message: `names CPU(s) ${formatCpuList(absent)} that are not online in this guest (online: ${formatCpuList(online)})`,
+        },
+      ];
+    const stay = online.filter((c) => !leaving.includes(c));
+    if (stay.length === 0 || stay.length < Math.ceil(cpus - 1e-6))
+      return [
+        {
+          field: 'leavingCpus',
+          value: formatCpuList(leaving),
+          message: `would leave ${stay.length === 0 ? 'no CPU' : `CPUs ${formatCpuList(stay)}`} for an allocation of ${cpus} CPUs: the projects would be pinned to leaving CPUs only`,
+        },
+      ];
+    return [];
   }
 
   async carryOut(notice: Notice, ctx: CarryOutContext): Promise<Outcome> {
@@ -204,7 +255,13 @@ export class GuestBroker implements LocalBroker {
     const saved = (await planJournal.get('_plan'))?.outcome as
       { plan: Plan; previous: Resources; running: string[] } | undefined;
     const previous = saved?.previous ?? this.allocationBook.current();
-    const fresh = saved ? undefined : await this.snapshot(notice.allocation, startedAt);
+    const fresh = saved
+      ? undefined
+      : await this.snapshot(
+          notice.allocation,
+          startedAt,
+          notice.kind === 'reclaim' ? notice.leavingCpus : undefined,
+        );
     const thePlan = saved?.plan ?? fresh!.plan;
     const running = new Set(saved?.running ?? fresh!.running);
     // The plan is written while the notices are delivered, and is on disk before any step

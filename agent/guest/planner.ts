@@ -32,6 +32,7 @@ import type { ProjectAction, ProjectLimits, Resources } from '../broker/types';
 import { givesFirst, keepsFirst } from '../broker/ranking';
 import { NestError } from '../common/errors';
 import { formatBytes } from '../common/units';
+import { formatCpuList } from '../common/cpulist';
 
 export interface PlanProject {
   name: string;
@@ -149,6 +150,11 @@ function checkInput(projects: PlanProject[], allocation: Resources): void {
 
 function cpusetOf(n: number): string {
   return n <= 1 ? '0' : `0-${n - 1}`;
+}
+
+/** The first n online CPUs: by number when the online list is known, else 0 … n−1. */
+function firstCpus(n: number, onlineList: readonly number[] | undefined): string {
+  return onlineList !== undefined ? formatCpuList(onlineList.slice(0, n)) : cpusetOf(n);
 }
 
 function cmpLimit(before: number | 'max' | undefined, after: number | 'max' | undefined): number {
@@ -346,6 +352,8 @@ export function fill(kept: readonly Measured[], left: Budget): Map<string, Targe
 /** The cpuset running projects get: pinned when whole CPUs go away. */
 export interface CpusetPlan {
   online?: number;
+  /** The online CPUs by number, when known: what a cpuset grows back to. */
+  onlineList?: readonly number[];
   /** The cpuset every running project gets, when CPUs go away as whole CPUs. */
   pinned?: string;
   /** The plan's reason for pinning, in words. */
@@ -357,23 +365,44 @@ export interface CpusetPlan {
  * "Cpuset"). When they all come back, a project that was pinned gets every online CPU
  * again.
  */
-export function planCpuset(allocationCpus: number, online: number | undefined): CpusetPlan {
+export function planCpuset(
+  allocationCpus: number,
+  online: number | undefined,
+  cpus: { onlineList?: readonly number[]; leaving?: readonly number[] } = {},
+): CpusetPlan {
+  const onlineList = cpus.onlineList;
+  // The host names the CPUs it will unplug (docs/protocol.md, "notice (host → guest)"):
+  // every running project moves onto the CPUs that stay, before the host takes them.
+  if (onlineList !== undefined && cpus.leaving !== undefined && cpus.leaving.length > 0) {
+    const leaving = new Set(cpus.leaving);
+    const stay = onlineList.filter((c) => !leaving.has(c));
+    const pinned = formatCpuList(stay);
+    return {
+      online: onlineList.length,
+      onlineList,
+      pinned,
+      note: `CPUs ${formatCpuList(cpus.leaving)} will be unplugged: running projects get cpuset ${pinned}`,
+    };
+  }
+  if (onlineList !== undefined) online = onlineList.length;
   const pinned =
     online !== undefined && online > 0 && allocationCpus < online
-      ? cpusetOf(Math.min(online, Math.max(1, Math.ceil(allocationCpus - EPS))))
+      ? firstCpus(Math.min(online, Math.max(1, Math.ceil(allocationCpus - EPS))), onlineList)
       : undefined;
   const note =
     pinned !== undefined
       ? `whole CPUs go away (${fmtCpus(allocationCpus)} of ${online} online): running projects get cpuset ${pinned}`
       : undefined;
-  return { online, pinned, note };
+  return { online, onlineList, pinned, note };
 }
 
 /** A running project's cpuset after the plan, from the one it has. */
 export function cpusetAfter(c: CpusetPlan, before: string | undefined): string | undefined {
   if (c.online === undefined || c.online <= 0) return before;
   if (c.pinned !== undefined) return c.pinned;
-  return before === undefined ? undefined : cpusetOf(c.online);
+  if (before === undefined) return undefined;
+  // Every online CPU again (a hot-plugged one included), by number when known.
+  return c.onlineList !== undefined ? formatCpuList(c.onlineList) : cpusetOf(c.online);
 }
 
 /**
@@ -575,7 +604,13 @@ export function plan(
   usage: Record<string, PlanUsage>,
   allocation: Resources,
   now: Date,
-  opts: { onlineCpus?: number } = {},
+  opts: {
+    onlineCpus?: number;
+    /** The online CPUs by number (the guest kernel's `online` list); wins over the count. */
+    onlineList?: readonly number[];
+    /** The CPUs the notice says will be unplugged: no running project keeps them. */
+    leavingCpus?: readonly number[];
+  } = {},
 ): Plan {
   checkInput(projects, allocation);
   const budget = budgetOf(allocation);
@@ -588,7 +623,10 @@ export function plan(
   const admissions = new Map([...running.admissions, ...restarts.admissions]);
   const kept = work.filter((w) => admissions.get(w.name)?.admitted === true);
   const targets = fill(kept, restarts.left); // 4
-  const cpuset = planCpuset(allocation.cpus, opts.onlineCpus);
+  const cpuset = planCpuset(allocation.cpus, opts.onlineCpus, {
+    onlineList: opts.onlineList,
+    leaving: opts.leavingCpus,
+  });
   const explained = work.map((w) =>
     explain(w, admissions.get(w.name) as Admission, targets.get(w.name), cpuset),
   ); // 5

@@ -14,6 +14,7 @@ import { VirtioSerialChannel } from '../transport/virtio-serial';
 import { Client } from '../client/client';
 import type { NoticeBook } from '../client/notices';
 import type { GuestConfig } from './config';
+import { readGuestFacts } from './guest-facts';
 
 export interface Upstream {
   connected(): boolean;
@@ -65,7 +66,8 @@ export async function openUpstream(
         `upstream.transport ${JSON.stringify((up as { transport: string }).transport)} is unknown`,
       );
   }
-  const client = new Client({ channel, book, inventory, plan, log });
+  // The kernel's online CPUs and MemTotal go with the hello and every outcome (guest-facts.ts).
+  const client = new Client({ channel, book, inventory, plan, log, facts: () => readGuestFacts() });
   if (channel.connected) client.opened();
   return {
     connected: () => channel.connected,

@@ -45,6 +45,12 @@ export interface Link {
   open: boolean;
   hello?: Hello;
   helloAt?: string;
+  /**
+   * The guest kernel's online CPUs and MemTotal as it last reported them (hello or
+   * outcome, docs/protocol.md "hello (guest → host)"): what confirms a real removal. Kept
+   * across reconnects: the last word until the next one.
+   */
+  reported?: GuestReported;
   ackWaiters: Map<string, (ack: Extract<Message, { type: 'ack' }>) => void>;
   /** Outcome parts of this connection (outcomes larger than one line: outcome-parts.ts). */
   parts: OutcomeAssembler;
@@ -52,6 +58,27 @@ export interface Link {
   partRetries: Map<string, number>;
   /** `plan` requests waiting for their `plan-result` (or `error`), by message id. */
   planWaiters: Map<string, (r: PlanResult | NestError) => void>;
+}
+
+export interface GuestReported {
+  onlineCpus?: number[];
+  memTotal?: number;
+  /** When it was received, and in which message. */
+  at: string;
+  from: 'hello' | 'outcome';
+}
+
+/** The guest's report in a hello or outcome message, or undefined when it has none. */
+export function reportedOf(
+  msg: { onlineCpus?: number[]; memTotal?: number },
+  from: GuestReported['from'],
+  at: Date,
+): GuestReported | undefined {
+  if (msg.onlineCpus === undefined && msg.memTotal === undefined) return undefined;
+  const r: GuestReported = { at: at.toISOString(), from };
+  if (msg.onlineCpus !== undefined) r.onlineCpus = [...msg.onlineCpus];
+  if (msg.memTotal !== undefined) r.memTotal = msg.memTotal;
+  return r;
 }
 
 /** How often one connection asks again for an outcome whose parts did not all arrive. */
@@ -207,6 +234,7 @@ export abstract class GuestConnections extends EventEmitter {
         return;
       }
       case 'outcome': {
+        link.reported = reportedOf(msg, 'outcome', new Date()) ?? link.reported;
         const whole = link.parts.complete(msg);
         if (!whole.ok) return this.outcomeIncomplete(g, link, msg.outcome.noticeId, whole);
         link.partRetries.delete(msg.outcome.noticeId);
@@ -261,6 +289,7 @@ export abstract class GuestConnections extends EventEmitter {
     }
     link.hello = hello;
     link.helloAt = this.stamp();
+    link.reported = reportedOf(hello, 'hello', new Date()) ?? link.reported;
     this.sendTo(link, {
       type: 'welcome',
       id: newMessageId(),

@@ -35,6 +35,7 @@ import { bootId } from '../common/clock';
 // Where the parts live (docs/architecture.md, "Who owns what"); re-exported so the rest of
 // the code imports the host broker from one place.
 export type { ChannelFactory, HostBrokerDeps, HostChannel } from './guest-connections';
+import type { GuestReported } from './guest-connections';
 export {
   FINAL_STATES,
   RETAIN_FINAL_NOTICES,
@@ -59,6 +60,8 @@ export interface GuestStatus {
   helloAt?: string;
   inventory?: Hello['inventory'];
   lastSeq?: number;
+  /** The guest kernel's online CPUs and MemTotal, as it last reported them. */
+  reported?: GuestReported;
   books: GuestBooks;
   pending: string[];
   /** With `hypervisor: libvirt`: what libvirt says of the domain now (operator API only). */
@@ -295,6 +298,7 @@ export class HostBroker extends NoticeLifecycle {
       helloAt: link?.helloAt,
       inventory: link?.hello?.inventory,
       lastSeq: link?.hello?.lastSeq,
+      reported: link?.reported,
       books: this.booksFor(name),
       pending: this.notices(name)
         .filter((r) => !FINAL.has(r.state))

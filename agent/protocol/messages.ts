@@ -37,10 +37,17 @@ export const CAP_OUTCOME_PARTS = 'outcome-parts';
  * them (to a guest that listed it) and pings on that clock.
  */
 export const CAP_MONOTONIC_CLOCK = 'monotonic-clock';
+/**
+ * Real CPU removal (docs/protocol.md, "Versions and capabilities"). Listed by a guest: it
+ * takes `leavingCpus` in a reclaim and moves its projects off them first. Listed by a host:
+ * it takes `onlineCpus` and `memTotal` on an outcome.
+ */
+export const CAP_CPU_UNPLUG = 'cpu-unplug';
 /** What this implementation lists in its `hello` (guest) and `welcome` (host). */
 export const CAPABILITIES: readonly string[] = Object.freeze([
   CAP_OUTCOME_PARTS,
   CAP_MONOTONIC_CLOCK,
+  CAP_CPU_UNPLUG,
 ]);
 /**
  * Listed by a guest that answers `plan` with `plan-result` (the host's `nestctl plan VM`):

@@ -49,6 +49,24 @@ const errorBody = z
 
 export const ResourcesSchema = z.object({ cpus, memoryBytes: bytes }).strict();
 
+/**
+ * CPU numbers as the kernel counts them (0 … MAX_CPUS−1), strictly ascending (so each at
+ * most once, and one spelling of each set): `leavingCpus` of a notice, `onlineCpus` of a
+ * hello or outcome (docs/protocol.md, "Types of values").
+ */
+export const CpuListSchema = z
+  .array(
+    z
+      .number()
+      .int()
+      .nonnegative()
+      .max(MAX_CPUS - 1),
+  )
+  .max(MAX_CPUS)
+  .refine((a) => a.every((c, i) => i === 0 || c > a[i - 1]), {
+    message: 'must be CPU numbers in strictly ascending order',
+  });
+
 export const NoticeSchema = z
   .object({
     id,
@@ -60,6 +78,9 @@ export const NoticeSchema = z
     deadline: isoDate,
     reason,
     issuedAt: isoDate,
+    leavingCpus: CpuListSchema.describe(
+      'reclaim only: the guest CPUs the host will unplug; sent only to a guest that listed the capability cpu-unplug',
+    ).optional(),
   })
   .strict();
 
@@ -148,6 +169,10 @@ export const HelloSchema = z
       .strict(),
     lastSeq: seq.describe('highest notice seq this guest has accepted (from its journal), or 0'),
     capabilities,
+    onlineCpus: CpuListSchema.describe(
+      'the CPUs online in the guest now (/sys/devices/system/cpu/online)',
+    ).optional(),
+    memTotal: bytes.describe('MemTotal of the guest now, in bytes (/proc/meminfo)').optional(),
   })
   .strict()
   .describe('guest → host, first message of every connection');
@@ -231,7 +256,20 @@ export const MAX_OUTCOME_PARTS = MAX_PROJECTS;
 const partCount = z.number().int().min(1).max(MAX_OUTCOME_PARTS);
 
 export const OutcomeMsgSchema = z
-  .object({ type: z.literal('outcome'), id, outcome: OutcomeSchema, parts: partCount.optional() })
+  .object({
+    type: z.literal('outcome'),
+    id,
+    outcome: OutcomeSchema,
+    parts: partCount.optional(),
+    onlineCpus: CpuListSchema.describe(
+      'the CPUs online in the guest when it sent this; only to a host that listed cpu-unplug',
+    ).optional(),
+    memTotal: bytes
+      .describe(
+        'MemTotal of the guest when it sent this, in bytes; only to a host that listed cpu-unplug',
+      )
+      .optional(),
+  })
   .strict();
 
 export const OutcomePartSchema = z
@@ -329,6 +367,14 @@ export const MessageSchema = z
         code: z.ZodIssueCode.custom,
         path: ['notice', 'kind'],
         message: `a ${m.type} message must carry kind "${want}"`,
+      });
+    }
+    // Only a reclaim takes CPUs away: a restore naming leaving CPUs is a confused sender.
+    if (m.type === 'restore' && m.notice.leavingCpus !== undefined) {
+      ctx.addIssue({
+        code: z.ZodIssueCode.custom,
+        path: ['notice', 'leavingCpus'],
+        message: 'only a reclaim names leaving CPUs',
       });
     }
     if (m.type === 'outcome-part' && m.index >= m.count) {

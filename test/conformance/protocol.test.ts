@@ -36,6 +36,7 @@ const [projectSession] = sessionBlocks(PROJECT, 'nestbroker-project-session');
 /** docs/protocol.md, "What varies": the guest's values that differ from run to run. */
 const GUEST_VARIABLE: VariablePaths = {
   '*': ['id'],
+  hello: ['onlineCpus', 'memTotal'],
   progress: ['ms'],
   outcome: [
     'outcome.startedAt',

@@ -101,6 +101,7 @@ beforeEach(async () => {
     book,
     log,
     inventory: async () => ({ cpus: 2, memoryBytes: 1 << 30, projects: [] }),
+    facts: () => ({ onlineCpus: [0, 1], memTotal: 1 << 30 }),
   });
   inbox = [];
   sent = [];
@@ -130,7 +131,7 @@ const welcome = (hello: Message, capabilities?: string[]): Message => ({
 test('the guest lists outcome-parts in its hello', async () => {
   expect(await next('hello')).toMatchObject({
     version: 1,
-    capabilities: ['outcome-parts', 'monotonic-clock'],
+    capabilities: ['outcome-parts', 'monotonic-clock', 'cpu-unplug'],
   });
 });
 
@@ -198,4 +199,42 @@ test('any other error about the hello does not make the guest repeat it', async 
   host.send({ type: 'ping', id: 'p1', t: 1 });
   await next('pong');
   expect(inbox.filter((m) => m.type === 'hello')).toEqual([]);
+});
+
+test('hello carries the online CPUs and MemTotal; an outcome does only for a host that listed cpu-unplug', async () => {
+  const hello = (await next('hello')) as Hello;
+  expect(hello).toMatchObject({ onlineCpus: [0, 1], memTotal: 1 << 30 });
+  host.send(welcome(hello, ['cpu-unplug']));
+  host.send({ type: 'notice', id: 'm1', notice: notice('n1', 1) });
+  const [withFacts] = await outcomeLines();
+  expect(withFacts).toMatchObject({ type: 'outcome', onlineCpus: [0, 1], memTotal: 1 << 30 });
+});
+
+test('a host that takes no cpu-unplug gets outcomes without the facts', async () => {
+  const hello = (await next('hello')) as Hello;
+  host.send(welcome(hello, ['outcome-parts']));
+  host.send({ type: 'notice', id: 'm1', notice: notice('n1', 1) });
+  const [plain] = await outcomeLines();
+  expect(plain).not.toHaveProperty('onlineCpus');
+  expect(plain).not.toHaveProperty('memTotal');
+});
+
+test('a host older than onlineCpus and memTotal refuses them: the guest says hello again without them', async () => {
+  const first = (await next('hello')) as Hello;
+  const old = HelloSchema.omit({ onlineCpus: true, memTotal: true }).strict().safeParse(first);
+  expect(old.success).toBe(false);
+  host.send({
+    type: 'error',
+    id: 'e1',
+    replyTo: first.id,
+    code: 'PROTOCOL_INVALID',
+    message: 'invalid "hello" message: (message): unknown field(s) "onlineCpus", "memTotal"',
+    problems: [{ field: '(message)', message: 'unknown field(s) "onlineCpus", "memTotal"' }],
+  });
+  const second = (await next('hello')) as Hello;
+  expect(second).not.toHaveProperty('onlineCpus');
+  expect(second).not.toHaveProperty('memTotal');
+  expect(
+    HelloSchema.omit({ onlineCpus: true, memTotal: true }).strict().safeParse(second).success,
+  ).toBe(true);
 });

@@ -280,3 +280,55 @@ test('a bad value is shown by its first 80 characters, however large or deep it 
   expect(r.ok).toBe(false);
   expect((r as { error: { message: string } }).error.message).toMatch(/got \[\[\[\[/);
 });
+
+describe('leaving and online CPUs (docs/protocol.md, "Types of values": cpu list)', () => {
+  const notice = {
+    id: 'n-1',
+    guest: 'vm1',
+    seq: 1,
+    kind: 'reclaim',
+    change: { cpus: 1, memoryBytes: 0 },
+    allocation: { cpus: 1, memoryBytes: 1024 },
+    deadline: '2026-12-02T14:02:00.000Z',
+    reason: 'r',
+    issuedAt: '2026-12-02T14:00:00.000Z',
+  };
+  const line = (m: object): string => JSON.stringify(m);
+
+  test('a reclaim may name the CPUs that go; a restore may not', () => {
+    expect(
+      parseMessage(line({ type: 'notice', id: 'm', notice: { ...notice, leavingCpus: [1] } })).ok,
+    ).toBe(true);
+    const r = parseMessage(
+      line({ type: 'restore', id: 'm', notice: { ...notice, kind: 'restore', leavingCpus: [1] } }),
+    );
+    expect(r.ok).toBe(false);
+    if (!r.ok) expect(r.error.problems.map((p) => p.field)).toEqual(['notice.leavingCpus']);
+  });
+
+  test('out of bounds, repeated or unordered CPU numbers are refused, naming the field', () => {
+    for (const bad of [[4096], [-1], [1.5], [1, 1], [2, 1]]) {
+      const r = parseMessage(
+        line({ type: 'notice', id: 'm', notice: { ...notice, leavingCpus: bad } }),
+      );
+      expect({ bad, ok: r.ok }).toEqual({ bad, ok: false });
+      if (!r.ok) expect(r.error.problems[0].field).toMatch(/^notice\.leavingCpus/);
+    }
+  });
+
+  test('hello and outcome carry the online CPUs and MemTotal', () => {
+    const hello = {
+      type: 'hello',
+      id: 'h',
+      version: 1,
+      guest: 'vm1',
+      inventory: { cpus: 2, memoryBytes: 1024, projects: [] },
+      lastSeq: 0,
+      onlineCpus: [0, 1],
+      memTotal: 4116692992,
+    };
+    expect(parseMessage(line(hello)).ok).toBe(true);
+    expect(parseMessage(line({ ...hello, memTotal: -1 })).ok).toBe(false);
+    expect(parseMessage(line({ ...hello, onlineCpus: '0-1' })).ok).toBe(false);
+  });
+});

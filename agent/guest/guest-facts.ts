@@ -1,0 +1,56 @@
+/**
+ * What the guest kernel says it has now: the online CPUs (/sys/devices/system/cpu/online,
+ * Documentation/admin-guide/cputopology.rst) and MemTotal (/proc/meminfo, proc(5)). Sent
+ * in hello and with every outcome (docs/protocol.md, "hello (guest → host)") so the host
+ * can confirm that a removal took place. Paths injectable for tests.
+ */
+import { readFileSync } from 'node:fs';
+import { parseCpuList } from '../common/cpulist';
+
+export interface GuestFacts {
+  onlineCpus: number[];
+  memTotal: number;
+}
+
+export interface FactPaths {
+  cpuOnline: string;
+  meminfo: string;
+}
+
+export const DEFAULT_FACT_PATHS: FactPaths = Object.freeze({
+  cpuOnline: '/sys/devices/system/cpu/online',
+  meminfo: '/proc/meminfo',
+});
+
+/** MemTotal in bytes from /proc/meminfo's text ("MemTotal:  2030456 kB"); undefined if absent. */
+export function memTotalOf(meminfo: string): number | undefined {
+  const m = /^MemTotal:\s+(\d+)\s*kB\s*$/m.exec(meminfo);
+  return m ? Number(m[1]) * 1024 : undefined;
+}
+
+/**
+ * The facts, or only those that could be read (a file missing leaves its field out).
+ * Synchronous: two small kernel files, read as an outcome is sent (a few µs each).
+ */
+export function readGuestFacts(paths: FactPaths = DEFAULT_FACT_PATHS): Partial<GuestFacts> {
+  const read = (f: string): string | null => {
+    try {
+      return readFileSync(f, 'utf8');
+    } catch {
+      return null;
+    }
+  };
+  const out: Partial<GuestFacts> = {};
+  const online = read(paths.cpuOnline);
+  if (online !== null) {
+    try {
+      out.onlineCpus = parseCpuList(online, paths.cpuOnline);
+    } catch {
+      // an unreadable list is left out rather than guessed
+    }
+  }
+  const meminfo = read(paths.meminfo);
+  const mt = meminfo === null ? undefined : memTotalOf(meminfo);
+  if (mt !== undefined) out.memTotal = mt;
+  return out;
+}

@@ -146,6 +146,23 @@ export class HostBroker extends NoticeLifecycle {
     return this.store.booksFor(this.guest(guest));
   }
 
+  /**
+   * The books follow what the hypervisor reports now (docs/libvirt.md, "Books"): after a
+   * domain restart libvirt gives it its persistent vCPUs and memory again, whatever the
+   * last reclaim left. Journaled in the guest's ledger before it returns, and logged.
+   */
+  async resyncBooks(guest: string, reported: Resources, reason: string): Promise<GuestBooks> {
+    const g = this.guest(guest);
+    const r = await this.store.resync(g, reported, reason, this.stamp());
+    const books = this.booksFor(g.name);
+    this.log.info(
+      { guest: g.name, reason, before: r.before, reported, open: r.open, granted: books.granted },
+      'books follow what libvirt reports',
+    );
+    this.emit('books-resync', { guest: g.name, ...r });
+    return books;
+  }
+
   /** Resolves once the ledger writes and deletions decided so far are done (for tests). */
   async pruned(): Promise<void> {
     await this.store.pruned();

@@ -1,0 +1,57 @@
+/**
+ * After a domain starts again (`virsh destroy` + `virsh start`, a host reboot: the events
+ * follower's `Started`), libvirt gives it the vCPUs and memory of its persistent XML, not
+ * what the last reclaim left. The books follow what libvirt reports then (docs/libvirt.md,
+ * "Books"): the live view is read again, and the host broker journals and logs the books
+ * set to it. Reading fails (the domain went down again at once): logged, the books stay,
+ * and the next `Started` tries again.
+ */
+import type { Resources } from '../../broker/types';
+import type { Logger } from '../../common/log';
+import type { GuestConfig } from '../config';
+import type { LibvirtDomains } from './domains';
+
+export interface BooksFollower {
+  resyncBooks(guest: string, reported: Resources, reason: string): Promise<unknown>;
+}
+
+/** `Started` details are libvirt's (virsh(1), `event`): Booted, Migrated, Restored, … */
+const STARTED = 'Started';
+
+export function followRestarts(
+  domains: LibvirtDomains,
+  broker: BooksFollower,
+  guests: () => readonly GuestConfig[],
+  log: Logger,
+): { done: () => Promise<void>; stop: () => void } {
+  let chain: Promise<void> = Promise.resolve();
+  const onLifecycle = (e: { guest: string; domain: string; event: string; detail: string }) => {
+    if (e.event !== STARTED) return;
+    const g = guests().find((x) => x.name === e.guest);
+    if (!g?.libvirt) return;
+    const lv = g.libvirt;
+    // One at a time, in event order: two starts in a row end with the last one's view.
+    chain = chain.then(async () => {
+      try {
+        const view = await domains.view(lv);
+        await broker.resyncBooks(
+          g.name,
+          view.resources,
+          `domain "${e.domain}" started (${e.detail || 'no detail'})`,
+        );
+      } catch (err) {
+        log.warn(
+          { err, guest: g.name, domain: e.domain },
+          'domain started but libvirt could not be read; the books stay as they were',
+        );
+      }
+    });
+  };
+  domains.on('lifecycle', onLifecycle);
+  return {
+    done: () => chain,
+    stop: () => {
+      domains.off('lifecycle', onLifecycle);
+    },
+  };
+}

@@ -17,7 +17,6 @@ import type { Resources } from '../broker/types';
 import { isNestError } from '../common/errors';
 import type { Logger } from '../common/log';
 import type { GuestConfig } from './config';
-import type { GuestReported } from './guest-connections';
 import { withQmp, type BalloonResult } from './qmp';
 
 /** CFS period for a VM's cpu.max: the kernel default, 100 ms. */
@@ -72,7 +71,7 @@ export interface ApplyContext {
    * The guest kernel's online CPUs and MemTotal as it last reported them (hello or
    * outcome); a new object whenever a new report arrives (agent/host/guest-connections.ts).
    */
-  guestReport?: () => GuestReported | undefined;
+  guestReport?: () => { onlineCpus?: readonly number[]; memTotal?: number } | undefined;
 }
 
 export interface VmActuator {

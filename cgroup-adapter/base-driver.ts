@@ -190,6 +190,23 @@ export abstract class BaseDriver implements CgroupAdapter {
     return readProcs(this.dir(group, true));
   }
 
+  /**
+   * Which of `pids` are not in `group` or beneath it, and in which hierarchies: a process
+   * that wrote itself into another group's cgroup.procs (root may, in any hierarchy it
+   * can write) is outside in that one. Read from each hierarchy's cgroup.procs, so a pid
+   * that has exited is reported outside everywhere: the caller tells the dead from the
+   * escaped by their start time (docs/reliability.md, "Processes that leave their project").
+   */
+  async outside(group: string, pids: readonly number[]): Promise<Map<number, string[]>> {
+    const dirs = this.paths(group, true);
+    const out = new Map<number, string[]>();
+    for (const h of this.hierarchies) {
+      const inside = new Set(await readProcsRecursive(dirs[h.name]));
+      for (const pid of pids) if (!inside.has(pid)) out.set(pid, [...(out.get(pid) ?? []), h.name]);
+    }
+    return out;
+  }
+
   async events(group: string): Promise<GroupEvents> {
     return readEvents(this.dir(group, true));
   }

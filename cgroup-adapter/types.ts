@@ -125,6 +125,11 @@ export interface CgroupAdapter {
   /** Moves one pid (one write per pid). A vanished pid raises code ESRCH. */
   movePid(group: string, pid: number): Promise<void>;
   pids(group: string): Promise<number[]>;
+  /**
+   * Of `pids`, those not in the group's subtree, with the hierarchies (`unified`, or a v1
+   * mount such as `memory`) they are missing from. Optional so fakes need not provide it.
+   */
+  outside?(group: string, pids: readonly number[]): Promise<Map<number, string[]>>;
 
   setLimits(group: string, limits: Limits): Promise<void>;
   readLimits(group: string): Promise<Limits>;

@@ -83,6 +83,8 @@ export interface StackOptions {
    * kills them through the cgroup too. Absent: they run in the caller's cgroup.
    */
   daemonGroup?: string;
+  /** More top-level keys of the host's config (tests: the automatic `trigger`). */
+  hostExtra?: Record<string, unknown>;
   /** The daemons' `limits` (docs/reliability.md); absent: their defaults. */
   limits?: {
     guest?: { messagesPerSecond?: number; messageBurst?: number; pendingNotices?: number };
@@ -291,6 +293,7 @@ export class Stack {
       ...(this.opts.hostMetricsPort !== undefined
         ? { metrics: { host: '127.0.0.1', port: this.opts.hostMetricsPort } }
         : {}),
+      ...(this.opts.hostExtra ?? {}),
       guests: this.guests.map((r) => ({
         name: r.spec.name,
         priority: r.spec.priority,

@@ -24,7 +24,11 @@ export type Notice = z.infer<typeof S.NoticeSchema>;
 
 export type ProjectAction = ProjectOutcome['action'];
 
-/** How a stopped project ended (never a bare boolean: see CONTRIBUTING.md on kubelet). */
+/**
+ * How a stopped project ended (never a bare boolean: see CONTRIBUTING.md on kubelet).
+ * `escaped`: the group emptied, but processes of the project were found alive outside it
+ * (and killed): ProjectOutcome.escaped names them.
+ */
 export type ExitKind = NonNullable<ProjectOutcome['exit']>;
 
 /** memory.high, memory.max, CPUs as a quota (cpu.max quota / period), 'max' for none. */

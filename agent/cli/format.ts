@@ -43,6 +43,7 @@ export function exitForError(err: unknown): number {
     case 'NOTICE_REJECTED':
     case 'NOTICE_STALE':
     case 'JOURNAL_WRITE':
+    case 'PROJECT_STATE':
     case 'DOMAIN_DOWN': // libvirt: refused before anything was journaled (docs/libvirt.md)
     case 'PREREQUISITE_MISSING':
       return EXIT.REJECTED;

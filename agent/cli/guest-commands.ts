@@ -125,6 +125,7 @@ interface ProjectRow {
   priority: number;
   state: string;
   stoppedForRoom: boolean;
+  stoppedByOperator?: boolean;
   limits: import('../broker/types').ProjectLimits;
   usage: { memoryBytes: number; cpus?: number; pids: number } | null;
   pids: number;
@@ -162,7 +163,12 @@ export function registerGuestCommands(y: Argv<GlobalArgs>, io: Io = stdio): Argv
                 rows.map((r) => [
                   r.name,
                   r.priority,
-                  r.state + (r.stoppedForRoom && r.state === 'stopped' ? ' (for room)' : ''),
+                  r.state +
+                    (r.stoppedByOperator && r.state === 'stopped'
+                      ? ' (by operator)'
+                      : r.stoppedForRoom && r.state === 'stopped'
+                        ? ' (for room)'
+                        : ''),
                   fmtLimits(r.limits),
                   fmtBytes(r.usage?.memoryBytes),
                   fmtCpus(r.usage?.cpus),
@@ -298,6 +304,45 @@ export function registerGuestCommands(y: Argv<GlobalArgs>, io: Io = stdio): Argv
                 ]),
               ),
             );
+          return EXIT.OK;
+        }),
+    )
+    .command(
+      'stop <project>',
+      'stop one project now (pre-stop hook, stop signal, grace, kill); it stays stopped, across agent restarts and restores, until `start`',
+      (b) => b.positional('project', { type: 'string', demandOption: true }),
+      (a) =>
+        run(a, io, async () => {
+          const r = (await rpcCall(
+            socketOf(a),
+            'stop',
+            { project: a.project },
+            { timeoutMs: 0 },
+          )) as { project: string; exit: string; ms: number; reason: string; escaped?: number[] };
+          io.out(
+            a.json
+              ? json(r)
+              : `project ${r.project}: stopped, ${r.exit} in ${formatMs(r.ms)} (${r.reason}); stays stopped until: nestctl --guest start ${r.project}`,
+          );
+          return EXIT.OK;
+        }),
+    )
+    .command(
+      'start <project>',
+      'start a project an operator stopped, or one whose restart policy gave up',
+      (b) => b.positional('project', { type: 'string', demandOption: true }),
+      (a) =>
+        run(a, io, async () => {
+          const r = (await rpcCall(socketOf(a), 'start', { project: a.project })) as {
+            project: string;
+            started: boolean;
+            state: string;
+          };
+          io.out(
+            a.json
+              ? json(r)
+              : `project ${r.project}: ${r.started ? 'started' : 'was already running'}`,
+          );
           return EXIT.OK;
         }),
     )

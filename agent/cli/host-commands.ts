@@ -8,6 +8,7 @@ import { rpcCall } from '../common/rpc';
 import { isNestError, type Problem } from '../common/errors';
 import { formatMs, parseDuration } from '../common/units';
 import type { NoticeView } from '../host/api';
+import type { TriggerView } from '../host/watcher';
 import type { GuestStatus, HostProgress } from '../host/host-broker';
 import { DEFAULT_HOST_SOCKET } from '../host/config';
 import type { PlanResult } from '../protocol/messages';
@@ -103,7 +104,67 @@ interface HostStatus {
       };
     }[];
   } | null;
-  trigger: { enabled: boolean } | null;
+  trigger: TriggerView | null;
+}
+
+/** A configured duration as it would be written in the config: `500ms`, `30s`, `2m`, `1h`. */
+function fmtDuration(ms: number): string {
+  for (const [unit, n] of [
+    ['h', 3_600_000],
+    ['m', 60_000],
+    ['s', 1000],
+  ] as const)
+    if (ms >= n && ms % n === 0) return `${ms / n}${unit}`;
+  return `${ms}ms`;
+}
+
+/**
+ * The automatic trigger for people: what makes it fire, the breach now, the last fire,
+ * the last decision and the guests it passed over (docs/host-broker.md).
+ */
+export function triggerText(t: TriggerView | null): string[] {
+  if (!t) return [];
+  const th = t.thresholds;
+  const when = [
+    th.memoryAvailableBelowBytes !== null
+      ? `host MemAvailable < ${fmtBytes(th.memoryAvailableBelowBytes)}`
+      : '',
+    th.memoryPsiAbove !== null ? `memory PSI some avg10 > ${th.memoryPsiAbove}%` : '',
+  ].filter(Boolean);
+  const out = [
+    `trigger: ${t.enabled ? 'on' : 'off'}; fires when ${when.length ? when.join(' or ') : '(no threshold set)'} for ${fmtDuration(th.forMs)}; step ${res(th.step)}, deadline ${fmtDuration(th.deadlineMs)}, cooldown ${fmtDuration(th.cooldownMs)}, looks every ${fmtDuration(th.intervalMs)}`,
+  ];
+  if (!t.enabled) return out;
+  out.push(
+    `  breach:     ${t.breachSince ? `since ${fmtTime(t.breachSince)} (for ${formatMs(t.breachForMs ?? 0)}; ${formatMs(t.breachCountedMs ?? 0)} of the ${fmtDuration(th.forMs)} a step needs counted since the last fire)` : 'none now'}`,
+  );
+  out.push(
+    `  last fire:  ${t.lastFire ? `${fmtTime(t.lastFire.at)} (${formatMs(t.lastFire.agoMs)} ago): ${res(t.lastFire.change)} from ${t.lastFire.guest}; ${t.lastFire.reason}` : 'never'}` +
+      (t.cooldownLeftMs > 0 ? `; cooling down for ${formatMs(t.cooldownLeftMs)} more` : ''),
+  );
+  const d = t.decision;
+  out.push(
+    `  decision:   ${d.fire ? `reclaim ${res(d.change)} from ${d.guest} (${d.reason})` : d.why}${t.decidedAt ? ` (at ${fmtTime(t.decidedAt)})` : ''}`,
+  );
+  const gb = t.giveBack;
+  if (gb) {
+    const band = [
+      gb.memoryAvailableAboveBytes !== null
+        ? `MemAvailable ≥ ${fmtBytes(gb.memoryAvailableAboveBytes)}`
+        : '',
+      gb.memoryPsiBelow !== null ? `memory PSI some avg10 < ${gb.memoryPsiBelow}%` : '',
+    ].filter(Boolean);
+    out.push(
+      `  give-back:  when ${band.join(' and ')} for ${fmtDuration(gb.afterMs)}: ${gb.clearSince ? `clear since ${fmtTime(gb.clearSince)} (${formatMs(gb.clearForMs ?? 0)})` : 'not clear now'}; last ${gb.last ? `${fmtTime(gb.last.at)}: ${res(gb.last.change)} to ${gb.last.guest}` : 'never'}` +
+        (gb.decision
+          ? `; ${gb.decision.give ? `giving ${res(gb.decision.change)} to ${gb.decision.guest}` : gb.decision.why}`
+          : ''),
+    );
+  }
+  const skipped = Object.entries(t.skippedUnreachable);
+  if (skipped.length)
+    out.push(`  passed over (not connected): ${skipped.map(([g, n]) => `${g} ${n}×`).join(', ')}`);
+  return out;
 }
 
 /** `status` (and each refresh of `top`) for people. */
@@ -118,6 +179,7 @@ export function statusText(s: HostStatus): string {
     out.push(
       `machine ${inv.hostname}: ${inv.cpuModel}, ${inv.cpus} CPUs (${inv.physicalCores} cores${inv.cpuGHz ? `, ${inv.cpuGHz} GHz` : ''}), ${fmtBytes(inv.memTotalBytes)}; ${inv.os}, kernel ${inv.kernel}, ${inv.arch}`,
     );
+  out.push(...triggerText(s.trigger));
   out.push('');
   out.push(guestsTable(s.guests));
   if (s.host?.vms.length) {
@@ -205,7 +267,18 @@ function domainText(d: GuestStatus['domain']): string {
 /** Newest first, times as the guest's `notices` prints them (format.ts fmtTime). */
 function noticesTable(ns: NoticeView[]): string {
   return table(
-    ['id', 'kind', 'state', 'change', 'allocation', 'issued', 'deadline', 'outcome'],
+    [
+      'id',
+      'kind',
+      'from',
+      'state',
+      'change',
+      'allocation',
+      'issued',
+      'deadline',
+      'outcome',
+      'reason',
+    ],
     newestFirst(
       ns,
       (n) => n.issuedAt,
@@ -213,12 +286,14 @@ function noticesTable(ns: NoticeView[]): string {
     ).map((n) => [
       n.id,
       n.kind,
+      n.source,
       n.late && n.state !== 'late' ? `${n.state} (late)` : n.state,
       res(n.change),
       res(n.allocation),
       fmtTime(n.issuedAt),
       fmtTime(n.deadline),
       n.outcome ? `${n.outcome.status} in ${formatMs(n.outcome.ms)}` : (n.error?.code ?? '-'),
+      n.reason,
     ]),
   );
 }

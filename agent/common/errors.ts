@@ -27,6 +27,8 @@ export const ErrorCodes = {
   GUEST_UNREACHABLE: 'the guest is not connected',
   GUEST_LATE: 'the guest did not answer by the deadline',
   PROJECT_UNKNOWN: 'no project has that name',
+  PROJECT_STATE:
+    "the project's state does not allow that now (a notice acts on it, or it waits for a restore); nothing done",
   JOURNAL_WRITE: 'the journal could not be written',
   QMP_ERROR: 'QEMU QMP returned an error',
   LIBVIRT_ERROR: 'a virsh call failed or timed out; its stderr is in the message',

@@ -34,6 +34,7 @@ import { registerOperatorApi } from './operator';
 import type { OperatorTarget, TopRow, TopView } from './operator-target';
 import { ProjectNoticeBoard } from './project-notices';
 import { ProjectRegistry } from './projects';
+import { Supervisor } from './supervisor';
 import { UsageSampler } from './usage';
 import { openUpstream, type Upstream } from './upstream';
 import {
@@ -102,6 +103,7 @@ export class GuestAgent implements OperatorTarget {
     readonly broker: GuestBroker,
     readonly book: NoticeBook,
     readonly rpc: RpcServer,
+    readonly supervisor: Supervisor,
     private readonly log: Logger,
   ) {}
 
@@ -193,6 +195,7 @@ export class GuestAgent implements OperatorTarget {
       maxPending: cfg.limits.pendingNotices,
     });
     const rpc = new RpcServer(log.child({ part: 'operator' }));
+    const supervisor = new Supervisor(cfg, registry, adapter, log.child({ part: 'supervisor' }));
     const agent = new GuestAgent(
       cfg,
       adapter,
@@ -203,6 +206,7 @@ export class GuestAgent implements OperatorTarget {
       broker,
       book,
       rpc,
+      supervisor,
       log,
     );
     current = () => agent.cfg;
@@ -229,6 +233,7 @@ export class GuestAgent implements OperatorTarget {
           book,
           registry,
           usage,
+          supervisor,
           allocation: () => allocation.current(),
         }),
         cfg.metrics,
@@ -242,8 +247,10 @@ export class GuestAgent implements OperatorTarget {
     await registry.init();
     ready();
     usage.start();
+    await supervisor.start();
     undo.push(async () => {
       usage.stop();
+      supervisor.stop();
       book.close();
     });
     for (const p of book.resume())
@@ -272,6 +279,7 @@ export class GuestAgent implements OperatorTarget {
 
   async stop(): Promise<void> {
     this.usage.stop();
+    this.supervisor.stop();
     this.book.close();
     // Outcomes complete before the stop are journaled and sent upstream before the channel
     // closes; notices still running are left to the next start (NoticeBook.close).
@@ -381,6 +389,8 @@ export class GuestAgent implements OperatorTarget {
         priority: p.priority,
         state: this.registry.stateFrom(p.name, pids),
         stoppedForRoom: this.registry.stoppedForRoom(p.name),
+        stoppedByOperator: this.registry.stoppedByOperator(p.name),
+        restart: p.restart.policy,
         group,
         limits: this.registry.limits(p.name),
         kernel,

@@ -4,7 +4,7 @@
  * project are both reported.
  */
 import type { Problem } from '../common/errors';
-import { describe, parseCpus, parseSize, formatBytes } from '../common/units';
+import { describe, parseCpus, parseDuration, parseSize, formatBytes } from '../common/units';
 import {
   ENV_KEY_RE,
   checkCpuMax,
@@ -90,6 +90,24 @@ export function crossChecks(raw: unknown): { problems: Problem[]; warnings: Prob
         value: undefined,
         message: 'is required unless adopt is given (a project is either started or adopted)',
       });
+    const restart = rec(p.restart);
+    const policy = typeof p.restart === 'string' ? p.restart : restart?.policy;
+    if (hasAdopt && (policy === 'on-failure' || policy === 'always'))
+      problems.push({
+        field: f('restart'),
+        value: p.restart,
+        message: 'must be no for an adopted project: there is no command to start it again',
+      });
+    if (restart && restart.maxDelay !== undefined) {
+      const d = val(parseDuration(restart.delay ?? GUEST_DEFAULTS.project.restart.delayMs));
+      const m = val(parseDuration(restart.maxDelay));
+      if (d !== undefined && m !== undefined && m < d)
+        problems.push({
+          field: f('restart', 'maxDelay'),
+          value: restart.maxDelay,
+          message: `must not be below restart.delay (${d} ms), got ${m} ms`,
+        });
+    }
     if (hasAdopt && p.restartOnRestore === true)
       problems.push({
         field: f('restartOnRestore'),

@@ -2,6 +2,7 @@
  * The guest config's defaults and bounds: the one place they live (docs/config-guest.md
  * repeats the defaults; a test checks).
  */
+import type { RestartPolicy } from './config-types';
 
 // ---------------------------------------------------------------------------------------
 // Defaults: the one place they live (docs/config-guest.md repeats them; a test checks)
@@ -30,6 +31,13 @@ export const GUEST_DEFAULTS = Object.freeze({
     /** Only for `command` projects: an adopted project has nothing to start again. */
     restartOnRestoreCommand: true,
     restartOnRestoreAdopt: false,
+    // systemd's defaults: Restart=no, RestartSec=100ms, StartLimitBurst=5 in 10s.
+    restart: Object.freeze({
+      policy: 'no' as RestartPolicy,
+      delayMs: 100,
+      burst: 5,
+      intervalMs: 10_000,
+    }),
   }),
 });
 

@@ -32,6 +32,7 @@ import {
   checkPidsMax,
   checkPositiveDuration,
   checkRelativeCgroupPath,
+  checkRestartPolicy,
   checkSignal,
   checkSocketPath,
   checkUsageInterval,
@@ -105,6 +106,21 @@ const projectSchema = z
       .strict()
       .optional(),
     restartOnRestore: opt(checkBool),
+    // `restart: on-failure`, or the mapping with the backoff.
+    restart: z
+      .preprocess(
+        (v) => (typeof v === 'string' || typeof v === 'boolean' ? { policy: v } : v),
+        z
+          .object({
+            policy: dflt(checkRestartPolicy, D.project.restart.policy),
+            delay: dflt(parseDuration, D.project.restart.delayMs),
+            maxDelay: opt(parseDuration),
+            burst: dflt(checkInt(1, 1000), D.project.restart.burst),
+            interval: dflt(checkPositiveDuration, D.project.restart.intervalMs),
+          })
+          .strict(),
+      )
+      .optional(),
     command: commandSchema.optional(),
     adopt: adoptSchema.optional(),
     pidsMax: opt(checkPidsMax),
@@ -212,6 +228,15 @@ export function normalise(p: Parsed, warnings: Problem[], source: string): Guest
       restartOnRestore:
         q.restartOnRestore ??
         (adopt ? D.project.restartOnRestoreAdopt : D.project.restartOnRestoreCommand),
+      restart: q.restart
+        ? {
+            policy: q.restart.policy,
+            delayMs: q.restart.delay,
+            maxDelayMs: q.restart.maxDelay ?? q.restart.delay,
+            burst: q.restart.burst,
+            intervalMs: q.restart.interval,
+          }
+        : { ...D.project.restart, maxDelayMs: D.project.restart.delayMs },
     };
     if (q.notify) out.notify = { signal: q.notify.signal };
     if (q.command) {

@@ -32,6 +32,25 @@ export interface CommandConfig {
 
 export type AdoptConfig = { cgroup: string } | { pids: number[] };
 
+/** systemd.service(5) `Restart=` values this agent knows. */
+export type RestartPolicy = 'no' | 'on-failure' | 'always';
+
+/**
+ * The restart policy of a project whose processes ended on their own, as systemd's
+ * (systemd.service(5) Restart=, RestartSec=, RestartMaxDelaySec=; systemd.unit(5)
+ * StartLimitBurst=, StartLimitIntervalSec=).
+ */
+export interface RestartConfig {
+  policy: RestartPolicy;
+  /** Wait before a restart (RestartSec=). */
+  delayMs: number;
+  /** Each restart in a row doubles the wait, up to this (RestartMaxDelaySec=). */
+  maxDelayMs: number;
+  /** More than `burst` starts within `intervalMs`: given up, the project `failed`. */
+  burst: number;
+  intervalMs: number;
+}
+
 export interface ProjectConfig {
   name: string;
   /** Higher keeps longer. */
@@ -46,6 +65,8 @@ export interface ProjectConfig {
   };
   notify?: { signal: string };
   restartOnRestore: boolean;
+  /** What happens when the project's processes end on their own (agent/guest/supervisor.ts). */
+  restart: RestartConfig;
   command?: CommandConfig;
   adopt?: AdoptConfig;
   pidsMax?: number | 'max';

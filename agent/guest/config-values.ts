@@ -9,6 +9,7 @@ import * as path from 'path';
 import { describe, parseCpus, parseDuration, parseSize, type ParseResult } from '../common/units';
 import { checkInt } from '../common/config-check';
 import { MAX_SOCKET_PATH_BYTES, MIN_CPU_MAX, PID_MAX_LIMIT } from './config-defaults';
+import type { RestartPolicy } from './config-types';
 
 // ---------------------------------------------------------------------------------------
 // Single-value checks: each returns a ParseResult whose message names what it received
@@ -183,6 +184,13 @@ export function checkPositiveDuration(v: unknown): ParseResult<number> {
   if (!r.ok) return r;
   if (r.value <= 0) return { ok: false, message: `must be above 0, got ${describe(v)}` };
   return r;
+}
+
+export function checkRestartPolicy(v: unknown): ParseResult<RestartPolicy> {
+  // YAML 1.1 readers turn a bare `no` into false: taken as the policy it meant.
+  if (v === false) return { ok: true, value: 'no' };
+  if (v === 'no' || v === 'on-failure' || v === 'always') return { ok: true, value: v };
+  return { ok: false, message: `must be no, on-failure or always, got ${describe(v)}` };
 }
 
 export function checkUsageInterval(v: unknown): ParseResult<number> {

@@ -29,6 +29,8 @@ export type {
   CommandConfig,
   GuestConfig,
   ProjectConfig,
+  RestartConfig,
+  RestartPolicy,
   Transport,
   UpstreamConfig,
 } from './config-types';

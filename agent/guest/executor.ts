@@ -75,6 +75,8 @@ export type ExecutorRegistry = Pick<
   | 'transientState'
   | 'setTransient'
   | 'stoppedForRoom'
+  | 'stoppedByOperator'
+  | 'killEscaped'
   | 'setRecord'
   | 'writeLimits'
   | 'applyMemoryMax'
@@ -374,6 +376,7 @@ export class GuestBroker implements LocalBroker {
               // From its turn: the wait for lower-ranked projects' signals is theirs.
               ms: r.ms,
               reason: `${d.reason}; ${r.reason}`,
+              ...(r.escaped ? { escaped: r.escaped } : {}),
             };
           }
           case 'shrunk': {
@@ -389,6 +392,7 @@ export class GuestBroker implements LocalBroker {
               after: STOPPED_LIMITS,
               exit: r.exit,
               ms: since(t0),
+              ...(r.escaped ? { escaped: r.escaped } : {}),
               reason: `${d.reason}; memory stayed at ${formatBytes(came.usage)}, above ${formatBytes(d.memoryTarget)}, until its grace ran out: stopped (${r.reason})`,
             };
           }
@@ -399,8 +403,12 @@ export class GuestBroker implements LocalBroker {
           }
           case 'started': {
             await this.registry.applyLimits(name, d.after);
-            // Idempotent after a restart: a project already running is not started twice.
-            if ((await this.registry.pids(name)).length === 0)
+            // Idempotent after a restart: a project already running is not started twice;
+            // one an operator stopped stays stopped (nestctl --guest start is its way back).
+            if (
+              (await this.registry.pids(name)).length === 0 &&
+              !this.registry.stoppedByOperator(name)
+            )
               await this.registry.start(name, ctx.log);
             ctx.progress({ phase: 'started', action: 'started', ms: since(t0) });
             return { ...base, action: 'started', after: d.after, exit: null, ms: since(t0) };
@@ -450,6 +458,15 @@ export class GuestBroker implements LocalBroker {
           log: ctx.log,
         },
       );
+      // The group is empty now; what the project started and is still alive lives outside
+      // it, beyond every limit: found, killed, and the stop reported `escaped`
+      // (docs/reliability.md, "Processes that leave their project").
+      const escaped = await this.registry.killEscaped(name, ctx.log);
+      if (escaped.length > 0) {
+        r.exit = 'escaped';
+        r.escaped = escaped.map((e) => e.pid);
+        r.reason = `${r.reason}; ${escaped.length} of its processes had left its cgroup (pids ${r.escaped.join(', ')}, outside in ${[...new Set(escaped.flatMap((e) => e.hierarchies))].join(', ')}): killed`;
+      }
       ctx.log.info({ exit: r.exit, ms: r.ms, phases: r.phases }, 'project stopped');
       ctx.progress({
         phase: 'stopped',

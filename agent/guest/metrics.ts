@@ -13,12 +13,14 @@ import { addProcessMetrics, LATENCY_BUCKETS } from '../common/metrics';
 import type { GuestConfig } from './config';
 import type { ProjectRegistry } from './projects';
 import type { UsageSampler } from './usage';
+import type { ProjectEnd, Supervisor } from './supervisor';
 
 export interface GuestMetricsSources {
   cfg: GuestConfig;
   book: NoticeBook;
   registry: ProjectRegistry;
   usage: UsageSampler;
+  supervisor?: Supervisor;
   allocation: () => { memoryBytes: number; cpus: number };
 }
 
@@ -42,7 +44,7 @@ export function guestMetrics(src: GuestMetricsSources): Registry {
   });
   const stops = new Counter({
     name: 'nestbroker_guest_project_stops_total',
-    help: 'Project stops by how they ended: graceful (exited in its grace) or killed',
+    help: 'Project stops by how they ended: graceful (exited in its grace), killed, or escaped (processes found outside its cgroup, killed)',
     labelNames: ['project', 'exit'],
     registers: [registry],
   });
@@ -55,6 +57,25 @@ export function guestMetrics(src: GuestMetricsSources): Registry {
     if (ev.phase === 'stopped' && typeof ev.exit === 'string')
       stops.inc({ project: ev.child, exit: ev.exit });
   });
+
+  // A project that ended on its own (agent/guest/supervisor.ts), and what its restart
+  // policy made of it.
+  const exits = new Counter({
+    name: 'nestbroker_guest_project_exits_total',
+    help: 'Projects whose processes all ended on their own (not stopped by a notice or an operator), by whether it counts as a failure and what the restart policy did',
+    labelNames: ['project', 'failure', 'action'],
+    registers: [registry],
+  });
+  const restarts = new Counter({
+    name: 'nestbroker_guest_project_restarts_total',
+    help: 'Projects started again by their restart policy',
+    labelNames: ['project'],
+    registers: [registry],
+  });
+  src.supervisor?.on('ended', (e: ProjectEnd) =>
+    exits.inc({ project: e.project, failure: String(e.failure), action: e.action }),
+  );
+  src.supervisor?.on('restarted', (name: string) => restarts.inc({ project: name }));
 
   const names = (): string[] => src.cfg.projects.map((p) => p.name);
   new Gauge({

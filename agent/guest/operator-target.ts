@@ -9,6 +9,7 @@ import type { ProjectLimits, Resources } from '../broker/types';
 import type { NoticeBook } from '../client/notices';
 import type { GuestConfig } from './config';
 import type { GuestBroker } from './executor';
+import type { Supervisor } from './supervisor';
 
 export interface OperatorTarget {
   readonly cfg: Pick<GuestConfig, 'guest'>;
@@ -16,6 +17,8 @@ export interface OperatorTarget {
   readonly book: Pick<NoticeBook, 'allocationBefore' | 'submit' | 'list' | 'cancel' | 'on' | 'off'>;
   /** `plan`: the dry run. */
   readonly broker: Pick<GuestBroker, 'planFor'>;
+  /** `stop` / `start` of one project by an operator (agent/guest/supervisor.ts). */
+  readonly supervisor: Pick<Supervisor, 'operatorStop' | 'operatorStart'>;
   status(): object;
   projectRows(): Promise<object[]>;
   top(opts?: { processes?: boolean }): Promise<TopView>;

@@ -7,6 +7,7 @@
  *   reclaim / restore a local notice, carried out like one from the host; streams progress
  *   notices           the notice journal, newest first
  *   cancel            withdraws a notice whose work has not started
+ *   stop / start      one project, by an operator (remembered across agent restarts)
  *   status            the agent itself
  *
  * Every argument is checked at this boundary and every problem reported at once.
@@ -211,6 +212,27 @@ export function registerOperatorApi(
       outcome: r.outcome ?? null,
     })),
   );
+  // Operator stop / start of one project (agent/guest/supervisor.ts).
+  const projectArg = (args: Record<string, unknown>): string => {
+    const problems: Problem[] = [];
+    for (const k of Object.keys(args))
+      if (k !== 'project')
+        problems.push({ field: k, value: args[k], message: 'unknown argument (known: project)' });
+    if (typeof args.project !== 'string')
+      problems.push({ field: 'project', value: args.project, message: 'must be a project name' });
+    if (problems.length > 0)
+      throw new NestError(
+        'INPUT_INVALID',
+        problems.map((p) => `${p.field}: ${p.message}`).join('; '),
+        {
+          problems,
+        },
+      );
+    // An unknown name is PROJECT_UNKNOWN from the supervisor (the registry's config lookup).
+    return args.project as string;
+  };
+  rpc.handle('stop', async (args) => agent.supervisor.operatorStop(projectArg(args)));
+  rpc.handle('start', async (args) => agent.supervisor.operatorStart(projectArg(args)));
   rpc.handle('cancel', async (args) => {
     if (typeof args.noticeId !== 'string')
       throw new NestError('INPUT_INVALID', 'noticeId must be a string', {

@@ -11,12 +11,19 @@
  * again (they may have been reset while the agent was down); nothing healthy is restarted,
  * signalled or stopped. Whether a project with an empty group was stopped for lack of room (and so
  * waits for a restore) is remembered in the state dir.
+ *
+ * Escapes (docs/reliability.md, "Processes that leave their project"): a started project
+ * runs in its own cgroup namespace rooted at its group (spawnInto's cgroupNamespace), and
+ * the registry remembers every process it started or adopted by pid AND start time
+ * (agent/common/proc.ts), in the state dir. After a stop, any of them, or of their
+ * session, still alive outside the group is `escaped`: named, killed, reported.
  */
 import type { ChildProcess } from 'node:child_process';
 import { promises as fsp, openSync, closeSync } from 'node:fs';
 import * as path from 'node:path';
 import type { CgroupAdapter, Limits } from '../../cgroup-adapter/types';
-import { spawnInto } from '../../cgroup-adapter/spawn';
+import { cgroupNamespaceSupport, spawnInto } from '../../cgroup-adapter/spawn';
+import { systemClock } from '../common/clock';
 import { Journal } from '../common/journal';
 import { NestError, isNestError } from '../common/errors';
 import { lookupUser } from '../common/nss';
@@ -24,14 +31,39 @@ import type { Logger } from '../common/log';
 import type { ProjectLimits } from '../broker/types';
 import type { GuestConfig, ProjectConfig } from './config';
 import type { ProjectNoticeBoard } from './project-notices';
+import { knownNow, sessionMembers, stillAlive, type KnownProcess } from '../common/proc';
 
 export type ProjectState = 'running' | 'stopped' | 'starting' | 'stopping' | 'failed';
 
 export interface ProjectRecord {
   /** Stopped by a notice for lack of room: a restore may start it again. */
   stoppedForRoom: boolean;
+  /**
+   * Stopped by `nestctl --guest stop`: stays stopped (across agent restarts, restores and
+   * its restart policy) until `nestctl --guest start`.
+   */
+  stoppedByOperator?: boolean;
   /** The limits last applied (what `before` is in the next outcome). */
   limits: ProjectLimits;
+  /**
+   * The processes the agent started or adopted for the project (pid + start time), the
+   * newest MAX_KNOWN: what an escape is looked for from.
+   */
+  processes?: KnownProcess[];
+}
+
+/** Processes remembered per project (each start adds one; adoptions add theirs). */
+const MAX_KNOWN = 64;
+/** Rounds of "find the escaped, SIGKILL them" (each round catches forks of the last). */
+const ESCAPE_KILL_ROUNDS = 5;
+const ESCAPE_KILL_WAIT_MS = 5_000;
+/** How long a process between leaving its cgroup and becoming a zombie is given. */
+const EXITING_GRACE_MS = 100;
+
+/** A process of a project found alive outside its group: where it is missing from. */
+export interface EscapedProcess extends KnownProcess {
+  /** Hierarchies it left (`unified`, or v1 mounts such as `memory`). */
+  hierarchies: string[];
 }
 
 export const CPU_PERIOD_US = 100_000;
@@ -41,6 +73,8 @@ export class ProjectRegistry {
   private records: Record<string, ProjectRecord> = {};
   private readonly transient = new Map<string, ProjectState>();
   private readonly children = new Map<string, ChildProcess>();
+  /** Whether projects start in a cgroup namespace of their own (probed at init). */
+  private cgroupNamespace = false;
 
   constructor(
     private cfg: GuestConfig,
@@ -79,6 +113,16 @@ export class ProjectRegistry {
     return this.records[name]?.stoppedForRoom ?? false;
   }
 
+  stoppedByOperator(name: string): boolean {
+    return this.records[name]?.stoppedByOperator ?? false;
+  }
+
+  /** Told of every start and of every exit of a process the registry started (supervisor.ts). */
+  hooks: {
+    started?: (name: string) => void;
+    exited?: (name: string, code: number | null, signal: string | null) => void;
+  } = {};
+
   /**
    * The group's processes now: through `fastPids` (the usage sampler's open cgroup.procs,
    * one pread) where set, else through the adapter (a thread-pool read). Throws for a
@@ -110,6 +154,13 @@ export class ProjectRegistry {
   async init(): Promise<void> {
     await this.state.init();
     this.records = (await this.state.get('projects')) ?? {};
+    const ns = cgroupNamespaceSupport();
+    this.cgroupNamespace = ns.ok;
+    if (!ns.ok)
+      this.log.warn(
+        { reason: ns.reason },
+        'projects start without a cgroup namespace of their own: an escape is only caught after a stop (docs/reliability.md)',
+      );
     for (const p of this.cfg.projects) await this.bringUp(p);
     await this.save();
   }
@@ -122,6 +173,13 @@ export class ProjectRegistry {
   async bringUp(p: ProjectConfig): Promise<void> {
     const group = this.group(p.name);
     const log = this.log.child({ project: p.name });
+    if (p.command && p.command.user === undefined)
+      // Root can write its pids into any group of any hierarchy it can see, and leave the
+      // project's limits (docs/reliability.md, "Processes that leave their project").
+      log.warn(
+        { field: `projects[name=${p.name}].command.user` },
+        'project has no command.user and runs as root: it could move its processes out of its cgroup; give it a user of its own',
+      );
     await this.board.prepare(p.name, await ownerOf(p));
     const exists = await this.adapter.exists(group);
     const running = exists && (await this.adapter.pids(group)).length > 0;
@@ -152,7 +210,11 @@ export class ProjectRegistry {
     if (running) {
       // Seen for the first time with processes in it (adopt.cgroup): taken over, and
       // from now on it lives under our limits.
-      const rec = { stoppedForRoom: false, limits: initialLimits(p) };
+      const rec: ProjectRecord = {
+        stoppedForRoom: false,
+        limits: initialLimits(p),
+        processes: knownOf(await this.adapter.pids(group)),
+      };
       this.records[p.name] = rec;
       await this.adapter.setLimits(group, toAdapterLimits(rec.limits, p));
       log.info({ group }, 'took over a running cgroup');
@@ -161,6 +223,10 @@ export class ProjectRegistry {
     if (!exists) await this.adapter.create(group);
     const rec = (this.records[p.name] ??= { stoppedForRoom: false, limits: initialLimits(p) });
     await this.adapter.setLimits(group, toAdapterLimits(rec.limits, p));
+    if (rec.stoppedByOperator) {
+      log.info('stopped by an operator; stays stopped until nestctl --guest start');
+      return;
+    }
     if (rec.stoppedForRoom) {
       log.info('stopped for lack of room; waits for a restore');
       return;
@@ -268,16 +334,24 @@ export class ProjectRegistry {
           uid: owner?.uid,
           gid: owner?.gid,
           stdio: ['ignore', fd, fd],
-          // Its own session: a Ctrl-C at the agent's terminal is not the project's.
+          // Its own session: a Ctrl-C at the agent's terminal is not the project's; and
+          // its forks carry the session's id, which finds those that escape.
           detached: true,
+          cgroupNamespace: this.cgroupNamespace,
         },
       );
-      child.on('exit', (code, signal) =>
-        log.info({ project: name, code, signal }, 'project process exited'),
-      );
+      // The shell that execs the program keeps its pid and start time: this is the project.
+      const known = child.pid === undefined ? undefined : knownNow(child.pid);
+      if (known) this.remember(name, [known]);
+      child.on('exit', (code, signal) => {
+        log.info({ project: name, code, signal }, 'project process exited');
+        this.hooks.exited?.(name, code, signal);
+      });
       child.on('error', (err) => log.warn({ project: name, err }, 'project process error'));
       child.unref();
       this.children.set(name, child);
+      // Told before anything is awaited: its exit cannot be seen before its start.
+      this.hooks.started?.(name);
       log.info({ project: name, pid: child.pid, group }, 'project started');
     } finally {
       closeSync(fd);
@@ -289,7 +363,9 @@ export class ProjectRegistry {
     const group = this.group(name);
     for (const pid of pids) {
       try {
+        const known = knownNow(pid);
         await this.adapter.movePid(group, pid);
+        if (known) this.remember(name, [known]);
       } catch (err) {
         if ((err as { code?: string }).code === 'ESRCH') {
           this.log.warn({ project: name, pid }, 'pid to adopt is gone');
@@ -298,6 +374,84 @@ export class ProjectRegistry {
         throw err;
       }
     }
+  }
+
+  /** Adds processes to those the project is known by (kept in the record, saved later). */
+  private remember(name: string, procs: KnownProcess[]): void {
+    const rec = (this.records[name] ??= {
+      stoppedForRoom: false,
+      limits: initialLimits(this.config(name)),
+    });
+    const seen = new Set((rec.processes ?? []).map((k) => `${k.pid}/${k.start}`));
+    const next = [...(rec.processes ?? [])];
+    for (const k of procs) if (!seen.has(`${k.pid}/${k.start}`)) next.push(k);
+    rec.processes = next.slice(-MAX_KNOWN);
+  }
+
+  /**
+   * Processes of the project alive outside its group: those it started or adopted, and
+   * their sessions' members, that the kernel does not list in the group's subtree in
+   * some hierarchy. After a stop (the group empty) every one still alive is outside.
+   */
+  async escaped(name: string): Promise<EscapedProcess[]> {
+    const group = this.group(name);
+    const candidates = new Map<number, KnownProcess>();
+    for (const k of this.records[name]?.processes ?? []) {
+      if (stillAlive(k)) candidates.set(k.pid, k);
+      for (const m of sessionMembers(k)) candidates.set(m.pid, m);
+    }
+    if (candidates.size === 0 || !this.adapter.outside) return [];
+    const outside = await this.adapter.outside(group, [...candidates.keys()]);
+    const out: EscapedProcess[] = [];
+    for (const [pid, hierarchies] of outside) {
+      const k = candidates.get(pid)!;
+      // Exited since (the pid is in no cgroup.procs): not an escape.
+      if (stillAlive(k)) out.push({ ...k, hierarchies });
+    }
+    return out.sort((a, b) => a.pid - b.pid);
+  }
+
+  /**
+   * Finds the project's escaped processes and SIGKILLs each (its start time checked just
+   * before), until none is left or ESCAPE_KILL_ROUNDS rounds have passed (an escapee that
+   * forks); returns every one it found. There is no group to kill them through: each is
+   * signalled by pid, a window of microseconds between the check and the kill (a pidfd
+   * would close it; Node has none).
+   */
+  async killEscaped(name: string, log: Logger = this.log): Promise<EscapedProcess[]> {
+    const found = new Map<string, EscapedProcess>();
+    for (let round = 0; round < ESCAPE_KILL_ROUNDS; round++) {
+      let now = await this.escaped(name);
+      if (now.length === 0) break;
+      if (round === 0) {
+        // A process killed with its group leaves cgroup.procs a moment before it is a
+        // zombie (cgroup_exit comes before exit_notify in the kernel's do_exit): one that
+        // is still alive outside a little later has really left.
+        await sleep(EXITING_GRACE_MS);
+        const again = new Set((await this.escaped(name)).map((e) => `${e.pid}/${e.start}`));
+        now = now.filter((e) => again.has(`${e.pid}/${e.start}`));
+        if (now.length === 0) break;
+      }
+      for (const e of now) {
+        found.set(`${e.pid}/${e.start}`, e);
+        if (!stillAlive(e)) continue;
+        try {
+          process.kill(e.pid, 'SIGKILL');
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
+        }
+      }
+      const until = systemClock.monotonic() + ESCAPE_KILL_WAIT_MS;
+      while (now.some(stillAlive) && systemClock.monotonic() < until) await sleep(10);
+    }
+    const all = [...found.values()].sort((a, b) => a.pid - b.pid);
+    if (all.length > 0) {
+      log.warn(
+        { project: name, escaped: all, left: all.filter(stillAlive).map((e) => e.pid) },
+        "processes had left the project's cgroup: killed",
+      );
+    }
+    return all;
   }
 
   /** What a project's processes are told of the agent (docs/guest-agent.md, "Projects"). */
@@ -323,9 +477,19 @@ export class ProjectRegistry {
       uid: owner?.uid,
       gid: owner?.gid,
       stdio: 'ignore',
+      cgroupNamespace: this.cgroupNamespace,
     });
     return child;
   }
+}
+
+/** The processes behind these pids now (those that exited meanwhile left out). */
+function knownOf(pids: readonly number[]): KnownProcess[] {
+  return pids.map(knownNow).filter((k): k is KnownProcess => k !== undefined);
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
 }
 
 /** Limits as the config asks before any notice: the project's max for both memory files. */

@@ -78,6 +78,8 @@ export interface StopResult {
   phases: { preStop?: number; signalled?: number; killed?: number; empty: number };
   hook?: 'ok' | 'failed' | 'timed-out';
   signalled: number;
+  /** Set by the caller: pids found alive outside the group after it emptied. */
+  escaped?: number[];
 }
 
 /** Kill grace: cgroup.kill empties a group in milliseconds; this only bounds a stuck kernel. */

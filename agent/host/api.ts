@@ -165,7 +165,7 @@ export function registerHostApi(
     ...(a.processes === true && watcher ? { processes: await watcher.vmProcesses() } : {}),
     guests: broker.guests(),
     host: watcher ? await watcher.observe() : null,
-    trigger: watcher?.triggerState() ?? null,
+    trigger: watcher?.triggerView() ?? null,
     notices: broker
       .notices()
       .filter((r) => !FINAL_STATES.includes(r.state))

@@ -140,6 +140,12 @@ export interface TriggerConfig {
   intervalMs: number;
   /** After a trigger fires, wait this long before it may fire again (ms). */
   cooldownMs: number;
+  /**
+   * Give-back (hysteresis): once the pressure has stayed clear — below every threshold, and
+   * past these, which sit further from them — for `afterMs`, one step of what the trigger
+   * took is given back (agent/host/trigger.ts evaluateGiveBack). Absent: never.
+   */
+  giveBack?: { memoryAvailableAboveBytes?: number; memoryPsiBelow?: number; afterMs: number };
 }
 
 export interface HostConfig {
@@ -192,6 +198,7 @@ export const HOST_DEFAULTS = {
   triggerDeadline: '60s',
   triggerInterval: '5s',
   triggerCooldown: '2m',
+  triggerGiveBackAfter: '5m',
 } as const;
 
 // ---- schema: shapes, unknown keys and single values (agent/common/config-check.ts) ----
@@ -340,6 +347,14 @@ const triggerSchema = z
     deadline: opt(parseDuration),
     interval: opt(parseDuration),
     cooldown: opt(parseDuration),
+    giveBack: z
+      .object({
+        memoryAvailableAbove: opt(parseSize),
+        memoryPsiBelow: opt(checkPercent),
+        after: opt(parseDuration),
+      })
+      .strict()
+      .optional(),
   })
   .strict();
 
@@ -537,6 +552,38 @@ function crossChecks(top: Record<string, unknown>, baseDir: string): CrossResult
   });
 
   const t = rec(top.trigger);
+  const gb = rec(t?.giveBack);
+  if (t && gb) {
+    const above =
+      gb.memoryAvailableAbove === undefined ? undefined : val(parseSize(gb.memoryAvailableAbove));
+    const below =
+      t.memoryAvailableBelow === undefined ? undefined : val(parseSize(t.memoryAvailableBelow));
+    if (gb.memoryAvailableAbove === undefined && gb.memoryPsiBelow === undefined)
+      problems.push({
+        field: 'trigger.giveBack',
+        value: gb,
+        message:
+          'names no condition: give memoryAvailableAbove or memoryPsiBelow (where the pressure counts as cleared)',
+      });
+    // The band between the two thresholds is the hysteresis: without it, a give-back would
+    // bring the host straight back to its trigger threshold.
+    if (above !== undefined && below !== undefined && above <= below)
+      problems.push({
+        field: 'trigger.giveBack.memoryAvailableAbove',
+        value: gb.memoryAvailableAbove,
+        message: `must be above trigger.memoryAvailableBelow (${below} B), got ${above} B`,
+      });
+    if (
+      typeof gb.memoryPsiBelow === 'number' &&
+      typeof t.memoryPsiAbove === 'number' &&
+      gb.memoryPsiBelow >= t.memoryPsiAbove
+    )
+      problems.push({
+        field: 'trigger.giveBack.memoryPsiBelow',
+        value: gb.memoryPsiBelow,
+        message: `must be below trigger.memoryPsiAbove (${t.memoryPsiAbove}), got ${gb.memoryPsiBelow}`,
+      });
+  }
   if (t && t.enabled === true) {
     if (t.memoryAvailableBelow === undefined && t.memoryPsiAbove === undefined)
       problems.push({
@@ -639,6 +686,19 @@ function normalise(c: Parsed, baseDir: string): HostConfig {
       deadlineMs: t?.deadline ?? ms(HOST_DEFAULTS.triggerDeadline),
       intervalMs: t?.interval ?? ms(HOST_DEFAULTS.triggerInterval),
       cooldownMs: t?.cooldown ?? ms(HOST_DEFAULTS.triggerCooldown),
+      ...(t?.giveBack
+        ? {
+            giveBack: {
+              afterMs: t.giveBack.after ?? ms(HOST_DEFAULTS.triggerGiveBackAfter),
+              ...(t.giveBack.memoryAvailableAbove !== undefined
+                ? { memoryAvailableAboveBytes: t.giveBack.memoryAvailableAbove }
+                : {}),
+              ...(t.giveBack.memoryPsiBelow !== undefined
+                ? { memoryPsiBelow: t.giveBack.memoryPsiBelow }
+                : {}),
+            },
+          }
+        : {}),
     },
     limits: { ...HOST_LIMIT_DEFAULTS, ...c.limits },
     ...(c.metrics ? { metrics: { host: c.metrics.host, port: c.metrics.port } } : {}),

@@ -217,7 +217,13 @@ async function startHostWith(
   await server.listen(cfg.socket, { mode: cfg.socketMode, group: await groupId(cfg.socketGroup) });
   // The guest names as a function: a reload may add or remove guests (agent/host/reload.ts).
   const metrics = cfg.metrics
-    ? await serveMetrics(cfg.metrics, broker, () => host.config.guests.map((g) => g.name), log)
+    ? await serveMetrics(
+        cfg.metrics,
+        broker,
+        () => host.config.guests.map((g) => g.name),
+        log,
+        watcher,
+      )
     : null;
   log.info({ socket: cfg.socket, guests: cfg.guests.map((g) => g.name) }, 'host broker ready');
   const host: RunningHost = {
@@ -321,10 +327,11 @@ async function serveMetrics(
   broker: HostBroker,
   guestNames: () => readonly string[],
   log: Logger,
+  watcher?: Watcher,
 ): Promise<MetricsServer> {
   const { MetricsServer } = await import('../common/metrics');
   const { hostMetrics } = await import('./metrics');
-  const registry = hostMetrics(broker, guestNames);
+  const registry = hostMetrics(broker, guestNames, watcher);
   return MetricsServer.listen(registry, at, log.child({ part: 'metrics' }));
 }
 

@@ -2,8 +2,8 @@
  * The host broker's Prometheus metrics (docs/architecture.md, "Observability"): notices by guest, kind
  * and final state; the cascade latency (issued → final, which includes the guest's work
  * and the VM's actuation); project stops by how they ended, as the guests reported them;
- * VM actuation steps that failed; and per guest whether it is connected and what the books
- * grant it. Counters move on the broker's `finished` event; gauges are read from the books
+ * VM actuation steps that failed; the guests the automatic trigger passed over for not
+ * being connected; and per guest whether it is connected and what the books grant it. Counters move on the broker's `finished` event; gauges are read from the books
  * at scrape time.
  *
  * A notice whose guest did its part but whose VM actuation had a failed step (the broker
@@ -14,10 +14,12 @@ import { bootId, systemClock } from '../common/clock';
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import { addProcessMetrics, LATENCY_BUCKETS } from '../common/metrics';
 import type { HostBroker, HostNoticeRecord } from './host-broker';
+import type { Watcher } from './watcher';
 
 export function hostMetrics(
   broker: HostBroker,
   guestNames: readonly string[] | (() => readonly string[]),
+  watcher?: Pick<Watcher, 'skippedByGuest'>,
 ): Registry {
   // A function: the guests a reload added or removed (agent/host/reload.ts) at each scrape.
   const names = typeof guestNames === 'function' ? guestNames : () => guestNames;
@@ -108,6 +110,18 @@ export function hostMetrics(
     collect() {
       this.reset();
       for (const g of names()) this.set({ guest: g }, broker.status(g).pending.length);
+    },
+  });
+  // The automatic trigger passed a guest over because its agent was not connected
+  // (agent/host/trigger.ts): counted by the watcher, read at scrape time.
+  new Counter({
+    name: 'nestbroker_host_trigger_skipped_unreachable_total',
+    help: 'Times the automatic trigger would have reclaimed from a guest but passed it over because its agent was not connected',
+    labelNames: ['guest'],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const g of names()) this.inc({ guest: g }, watcher?.skippedByGuest.get(g) ?? 0);
     },
   });
   addProcessMetrics(registry);

@@ -14,16 +14,59 @@ import { promises as fs } from 'node:fs';
 import { hostUsage, processRows, type ProcessRow } from '../../cgroup-adapter/host-usage';
 import type { CgroupAdapter, GroupUsage, Limits } from '../../cgroup-adapter/types';
 import type { Logger } from '../common/log';
+import type { Resources } from '../broker/types';
 import type { HostConfig } from './config';
 import type { HostBroker } from './host-broker';
 import {
+  breaches,
+  evaluateGiveBack,
   evaluateTrigger,
+  INITIAL_GIVE_BACK_STATE,
   INITIAL_TRIGGER_STATE,
+  type GiveBackCandidate,
+  type GiveBackDecision,
+  type GiveBackState,
   type GuestCandidate,
   type HostObservation,
   type TriggerDecision,
   type TriggerState,
 } from './trigger';
+
+/** The trigger as `status` shows it (triggerView). */
+export interface TriggerView {
+  enabled: boolean;
+  thresholds: {
+    memoryAvailableBelowBytes: number | null;
+    memoryPsiAbove: number | null;
+    forMs: number;
+    cooldownMs: number;
+    intervalMs: number;
+    deadlineMs: number;
+    step: Resources;
+  };
+  /** When the current breach started (null: none now), and how long it has lasted. */
+  breachSince: string | null;
+  breachForMs: number | null;
+  /** How much of it counts toward the next step (the count starts again at each fire). */
+  breachCountedMs: number | null;
+  lastFire: { at: string; agoMs: number; guest: string; change: Resources; reason: string } | null;
+  cooldownLeftMs: number;
+  /** The last tick's decision, and when it was made. */
+  decision: TriggerDecision;
+  decidedAt: string | null;
+  /** Times each guest was passed over for not being connected. */
+  skippedUnreachable: Record<string, number>;
+  /** The give-back (hysteresis), when configured. */
+  giveBack: {
+    memoryAvailableAboveBytes: number | null;
+    memoryPsiBelow: number | null;
+    afterMs: number;
+    clearSince: string | null;
+    clearForMs: number | null;
+    last: { at: string; agoMs: number; guest: string; change: Resources; reason: string } | null;
+    decision: GiveBackDecision | null;
+  } | null;
+}
 
 export interface VmSample {
   guest: string;
@@ -51,6 +94,8 @@ export interface WatchSample {
   /** Every VM's cgroup in an on-demand sample (observe()); empty in a trigger tick's. */
   vms: VmSample[];
   decision: TriggerDecision;
+  /** The give-back's decision of that tick (absent: not configured, or the trigger fired). */
+  giveBack?: GiveBackDecision;
 }
 
 /** `some avg10=1.23 ...` → 1.23 (Documentation/accounting/psi.rst). */
@@ -105,18 +150,31 @@ export interface WatcherOptions {
 
 export class Watcher {
   private state: TriggerState = INITIAL_TRIGGER_STATE;
+  private giveBackState: GiveBackState = INITIAL_GIVE_BACK_STATE;
+  /**
+   * Since when the host has been past a threshold without a break, on the loop's clock: the
+   * breach as the operator sees it. The policy's own breachSince starts again at each fire
+   * (each step needs a full `for`), so it cannot say this.
+   */
+  private pressureSince: number | null = null;
+  private lastGiveBack: { at: number; guest: string; change: Resources; reason: string } | null =
+    null;
   private sample: WatchSample | null = null;
   private timer: unknown = null;
   private observing: Promise<WatchSample> | null = null;
   private running = false;
   /** Guests passed over by the trigger because their agent was not connected (a metric). */
   skippedUnreachable = 0;
+  /** The same, per guest (`nestbroker_host_trigger_skipped_unreachable_total{guest}`). */
+  readonly skippedByGuest = new Map<string, number>();
+  /** The last time the trigger fired (a notice went out): guest, change, reason. */
+  private lastFire: { at: number; guest: string; change: Resources; reason: string } | null = null;
   private readonly source: HostSource;
   private readonly clock: WatcherClock;
 
   constructor(
     private cfg: Readonly<HostConfig>,
-    private readonly broker: Pick<HostBroker, 'status' | 'issue'>,
+    private readonly broker: Pick<HostBroker, 'status' | 'issue' | 'notices'>,
     private readonly adapter: CgroupAdapter | null,
     private readonly log: Logger,
     opts: WatcherOptions = {},
@@ -180,6 +238,96 @@ export class Watcher {
 
   private stamp(now: number): string {
     return new Date(this.wallOf(now) ?? now).toISOString();
+  }
+
+  /**
+   * The trigger for `status`: its thresholds, when the current breach started and for how
+   * long, the last fire, the last decision and the guests skipped. Times the loop keeps on
+   * its own clock are given as ages (ms before now) and as wall-clock times derived from
+   * them, so the view is right whatever origin that clock has.
+   */
+  triggerView(): TriggerView {
+    const t = this.cfg.trigger;
+    const now = this.clock.now();
+    const wall = (at: number | null): string | null => (at === null ? null : this.stamp(at));
+    const since = this.pressureSince;
+    const counted = this.state.breachSince;
+    return {
+      enabled: t.enabled,
+      thresholds: {
+        memoryAvailableBelowBytes: t.memoryAvailableBelowBytes ?? null,
+        memoryPsiAbove: t.memoryPsiAbove ?? null,
+        forMs: t.forMs,
+        cooldownMs: t.cooldownMs,
+        intervalMs: t.intervalMs,
+        deadlineMs: t.deadlineMs,
+        step: { memoryBytes: t.step.memoryBytes, cpus: t.step.cpus },
+      },
+      breachSince: wall(since),
+      breachForMs: since === null ? null : Math.round(now - since),
+      breachCountedMs: counted === null ? null : Math.round(now - counted),
+      lastFire: this.lastFire
+        ? {
+            at: wall(this.lastFire.at)!,
+            agoMs: Math.round(now - this.lastFire.at),
+            guest: this.lastFire.guest,
+            change: this.lastFire.change,
+            reason: this.lastFire.reason,
+          }
+        : null,
+      cooldownLeftMs:
+        this.state.lastFiredAt === null
+          ? 0
+          : Math.max(0, Math.round(t.cooldownMs - (now - this.state.lastFiredAt))),
+      decision: this.sample?.decision ?? {
+        fire: false,
+        why: t.enabled ? 'not evaluated yet' : 'trigger disabled',
+      },
+      decidedAt: this.sample?.at ?? null,
+      skippedUnreachable: Object.fromEntries(this.skippedByGuest),
+      giveBack: t.giveBack
+        ? {
+            memoryAvailableAboveBytes: t.giveBack.memoryAvailableAboveBytes ?? null,
+            memoryPsiBelow: t.giveBack.memoryPsiBelow ?? null,
+            afterMs: t.giveBack.afterMs,
+            clearSince: wall(this.giveBackState.clearSince),
+            clearForMs:
+              this.giveBackState.clearSince === null
+                ? null
+                : Math.round(now - this.giveBackState.clearSince),
+            last: this.lastGiveBack
+              ? {
+                  at: wall(this.lastGiveBack.at)!,
+                  agoMs: Math.round(now - this.lastGiveBack.at),
+                  guest: this.lastGiveBack.guest,
+                  change: this.lastGiveBack.change,
+                  reason: this.lastGiveBack.reason,
+                }
+              : null,
+            decision: this.sample?.giveBack ?? null,
+          }
+        : null,
+    };
+  }
+
+  /**
+   * What the trigger's own reclaims took from a guest and its give-backs have not returned
+   * (from the notices the broker holds: done ones whose source is the trigger), at most what
+   * the books lack (an operator's restore may have given it back already).
+   */
+  private takenByTrigger(guest: string, room: Resources): Resources {
+    let mem = 0;
+    let cpus = 0;
+    for (const n of this.broker.notices(guest)) {
+      if (n.source !== 'trigger' || n.state !== 'done') continue;
+      const sign = n.notice.kind === 'reclaim' ? 1 : -1;
+      mem += sign * n.notice.change.memoryBytes;
+      cpus += sign * n.notice.change.cpus;
+    }
+    return {
+      memoryBytes: Math.max(0, Math.min(mem, room.memoryBytes)),
+      cpus: Math.max(0, Math.min(Math.round(cpus * 1000) / 1000, room.cpus)),
+    };
   }
 
   /**
@@ -282,9 +430,13 @@ export class Watcher {
       };
     });
     const before = this.state;
+    const crossed = breaches(this.cfg.trigger, host).length > 0;
+    this.pressureSince = crossed ? (this.pressureSince ?? now) : null;
     const r = evaluateTrigger(this.cfg.trigger, this.state, { ...host, now }, candidates);
     this.state = r.state;
     this.skippedUnreachable += r.decision.skippedUnreachable?.length ?? 0;
+    for (const g of r.decision.skippedUnreachable ?? [])
+      this.skippedByGuest.set(g, (this.skippedByGuest.get(g) ?? 0) + 1);
     if (r.decision.fire) {
       this.log.warn({ decision: r.decision }, 'automatic trigger: reclaiming');
       try {
@@ -295,6 +447,12 @@ export class Watcher {
           reason: r.decision.reason,
           source: 'trigger',
         });
+        this.lastFire = {
+          at: now,
+          guest: r.decision.guest,
+          change: r.decision.change,
+          reason: r.decision.reason,
+        };
       } catch (err) {
         // Refused: no notice went out, so no cooldown (it starts only when one did) and the
         // breach keeps its clock: the next tick may try again.
@@ -302,7 +460,64 @@ export class Watcher {
         this.log.error({ err }, 'automatic reclaim could not be issued');
       }
     }
-    this.sample = { at: this.stamp(now), host, vms: [], decision: r.decision };
+    let giveBack: GiveBackDecision | undefined;
+    // The policy gets the monotonic reading; `host.now` is the wall time shown.
+    if (!r.decision.fire && this.cfg.trigger.giveBack)
+      giveBack = await this.giveBackStep(now, { ...host, now });
+    this.sample = {
+      at: this.stamp(now),
+      host,
+      vms: [],
+      decision: r.decision,
+      ...(giveBack ? { giveBack } : {}),
+    };
     return this.sample;
+  }
+
+  /** The give-back half of a step: evaluate (pure), and issue at most one restore. */
+  private async giveBackStep(now: number, host: HostObservation): Promise<GiveBackDecision> {
+    const candidates: GiveBackCandidate[] = this.cfg.guests.map((g) => {
+      const st = this.broker.status(g.name);
+      const room = {
+        memoryBytes: Math.max(0, st.books.allocation.memoryBytes - st.books.granted.memoryBytes),
+        cpus: Math.max(
+          0,
+          Math.round((st.books.allocation.cpus - st.books.granted.cpus) * 1000) / 1000,
+        ),
+      };
+      return {
+        name: g.name,
+        priority: g.priority,
+        taken: this.takenByTrigger(g.name, room),
+        room,
+        busy: st.pending.length > 0,
+        reachable: st.connected,
+      };
+    });
+    const before = this.giveBackState;
+    const r = evaluateGiveBack(this.cfg.trigger, this.giveBackState, host, candidates);
+    this.giveBackState = r.state;
+    if (!r.decision.give) return r.decision;
+    this.log.info({ decision: r.decision }, 'automatic give-back: restoring');
+    try {
+      await this.broker.issue('restore', {
+        guest: r.decision.guest,
+        change: r.decision.change,
+        deadlineMs: this.cfg.trigger.deadlineMs,
+        reason: r.decision.reason,
+        source: 'trigger',
+      });
+      this.lastGiveBack = {
+        at: now,
+        guest: r.decision.guest,
+        change: r.decision.change,
+        reason: r.decision.reason,
+      };
+    } catch (err) {
+      // Refused: nothing went out; the clear clock keeps running, the next tick may retry.
+      this.giveBackState = { ...before, clearSince: before.clearSince ?? now };
+      this.log.error({ err }, 'automatic give-back could not be issued');
+    }
+    return r.decision;
   }
 }

@@ -85,7 +85,7 @@ export const NoticeSchema = z
   .strict();
 
 const projectAction = z.enum(['unchanged', 'shrunk', 'stopped', 'grown', 'started']);
-const exitKind = z.enum(['graceful', 'killed', 'already-gone', 'timeout']);
+const exitKind = z.enum(['graceful', 'killed', 'already-gone', 'timeout', 'escaped']);
 
 export const ProjectLimitsSchema = z
   .object({
@@ -111,6 +111,7 @@ export const ProjectOutcomeSchema = z
     ms,
     reason,
     error: errorBody.optional(),
+    escaped: z.array(z.number().int().min(1).max(4_194_304)).max(4096).optional(),
   })
   .strict();
 

@@ -25,7 +25,7 @@ import {
   buildImage,
   cleanSlate,
   installNestbroker,
-  packInstallTree,
+  packDeb,
   runNestbroker,
   runUnmanaged,
   sections,
@@ -122,7 +122,7 @@ export async function runRealGuest(o: RealGuestOptions): Promise<number> {
     const facts = await sections(vm, {
       kernel: 'uname -r',
       packages:
-        "dpkg-query -W -f '${Package} ${Version}\\n' systemd earlyoom systemd-oomd dbus linux-base 2>/dev/null",
+        "dpkg-query -W -f '${Package} ${Version}\\n' systemd earlyoom systemd-oomd dbus linux-base nodejs 2>/dev/null",
       swap: 'cat /proc/swaps',
       meminfo: 'head -3 /proc/meminfo',
       cgroup: 'stat -f -c %T /sys/fs/cgroup',
@@ -130,7 +130,7 @@ export async function runRealGuest(o: RealGuestOptions): Promise<number> {
     setup.guest = facts;
     if (o.variants.includes('nestbroker')) {
       const t = Date.now();
-      await installNestbroker(vm, await packInstallTree(OUT));
+      await installNestbroker(vm, await packDeb(OUT));
       await writeGuestConfig(vm);
       setup.installMs = Date.now() - t;
       say(`nestbroker installed in the guest in ${setup.installMs as number} ms`);

@@ -5,10 +5,12 @@
 # Everything comes from Debian packages: mmdebstrap (or debootstrap) for a minimal root fs
 # with systemd, the Debian kernel pinned below (dpkg -x, no chroot install), and a tiny
 # busybox initrd that loads the virtio/ext4/9p modules and switch_roots to /dev/vda.
-# Node is copied from this host (the guest only needs libstdc++6 for it).
+# Node is Debian's own `nodejs` package (bookworm: 18.x), the one docs/install.md names:
+# the test then runs nestbroker on the Node an operator's Debian 12 guest has, installed
+# from the .deb (test/e2e/scenario.ts installNestbroker).
 #
-# The result is cached OUTSIDE the clone, keyed by a hash of this recipe and of the node
-# binary, so a second run (and every other clone on this machine) reuses it:
+# The result is cached OUTSIDE the clone, keyed by a hash of this recipe, so a second run
+# (and every other clone on this machine) reuses it:
 #   ${NESTBROKER_E2E_CACHE:-/var/cache/nestbroker-e2e}/<key>/
 # Measured on a 2-core machine without KVM: see docs/install.md.
 set -euo pipefail
@@ -31,7 +33,7 @@ KERNEL_ABI=6.1.0-56-amd64
 # defaults but NOT enabled at boot (configure() below): a variant starts its own daemon and
 # stops it again. dbus only so that `oomctl` (a D-Bus client) can show what systemd-oomd
 # watches; it too is off at boot.
-GUEST_PKGS=systemd,systemd-sysv,udev,kmod,libstdc++6,procps,make,earlyoom,systemd-oomd,dbus
+GUEST_PKGS=systemd,systemd-sysv,udev,kmod,procps,nodejs,earlyoom,systemd-oomd,dbus
 # Modules the initrd loads, in this order (each with its dependencies, as modprobe resolves
 # them): disk (virtio_blk on virtio_pci), root fs (ext4 needs crc32c_generic), the
 # nestbroker channel (virtio_console), the balloon, and 9p for the shared project tree.
@@ -42,7 +44,6 @@ export SOURCE_DATE_EPOCH
 # ------------------------------------------------------------------------------------------
 
 CACHE_ROOT=${NESTBROKER_E2E_CACHE:-/var/cache/nestbroker-e2e}
-NODE_BIN=${NODE_BIN:-$(command -v node)}
 HERE=$(cd "$(dirname "$0")" && pwd)
 
 log() { printf '[build-image] %s\n' "$*" >&2; }
@@ -59,9 +60,7 @@ phase() { # phase NAME CMD... : runs CMD and records how long it took
 }
 
 [ "$(id -u)" = 0 ] || { log "must run as root (mmdebstrap --mode=root, mknod in the initrd)"; exit 1; }
-[ -x "$NODE_BIN" ] || { log "node not found (set NODE_BIN)"; exit 1; }
-
-KEY=$({ cat "$0"; sha256sum <"$NODE_BIN"; } | sha256sum | cut -c1-16)
+KEY=$(sha256sum <"$0" | cut -c1-16)
 OUT=$CACHE_ROOT/$KEY
 if [ -f "$OUT/done" ]; then
   log "cached: $OUT"
@@ -156,8 +155,11 @@ kernel() {
   depmod -b "$ROOT" "$KERNEL_ABI"
 }
 
-node_copy() {
-  install -m 0755 "$NODE_BIN" "$ROOT/usr/local/bin/node"
+# The guest's node: Debian's package, checked here so a broken install fails the build,
+# not the first test.
+node_check() {
+  chroot "$ROOT" /usr/bin/node --version >"$WORK/node-version"
+  log "guest node: $(cat "$WORK/node-version") (Debian nodejs $(chroot "$ROOT" dpkg-query -W -f '${Version}' nodejs))"
 }
 
 configure() {
@@ -210,7 +212,7 @@ After=mnt-code.mount
 
 [Service]
 Type=exec
-ExecStart=/usr/local/bin/node /mnt/code/test/e2e/guest/runner.js /dev/virtio-ports/org.nestbroker.test
+ExecStart=/usr/bin/node /mnt/code/test/e2e/guest/runner.js /dev/virtio-ports/org.nestbroker.test
 Restart=always
 RestartSec=1s
 # The runner is how the test sees the guest: never let the OOM killer pick it.
@@ -268,7 +270,7 @@ T0=$(now_ms)
 phase host-packages host_packages
 phase rootfs rootfs
 phase kernel kernel
-phase node node_copy
+phase node node_check
 phase configure configure
 phase initrd initrd
 phase image image
@@ -277,7 +279,7 @@ mkdir -p "$OUT.tmp"
 mv "$WORK/vmlinuz" "$WORK/initrd.img" "$WORK/rootfs.ext4" "$OUT.tmp/"
 {
   printf '{"key":"%s","kernel":"%s=%s","node":"%s","totalMs":%d,"phasesMs":{' \
-    "$KEY" "$KERNEL_PKG" "$KERNEL_VER" "$("$NODE_BIN" --version)" $(($(now_ms) - T0))
+    "$KEY" "$KERNEL_PKG" "$KERNEL_VER" "$(cat "$WORK/node-version")" $(($(now_ms) - T0))
   sep=""
   for p in host-packages rootfs kernel node configure initrd image; do
     printf '%s"%s":%d' "$sep" "$p" "${PHASE_MS[$p]}"

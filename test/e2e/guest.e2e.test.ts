@@ -1,6 +1,6 @@
 /**
- * The real-guest test: a Debian 12 guest under QEMU, the agent installed in it
- * with `make install` and run by systemd on cgroup v2, driven from the host by the real
+ * The real-guest test: a Debian 12 guest under QEMU, the agent installed in it from the
+ * .deb with apt-get, on Debian's own nodejs, and run by systemd on cgroup v2, driven from the host by the real
  * host broker and nestctl; then, in the SAME boot with fresh projects, the same squeeze
  * done by the balloon alone, to show what the guest's OOM killer does instead, and with
  * Debian's earlyoom and systemd-oomd (their defaults) in its place: one run of each of
@@ -30,7 +30,7 @@ import {
   buildImage,
   installNestbroker,
   meminfoKiB,
-  packInstallTree,
+  packDeb,
   runUnmanaged,
   writeGuestConfig,
   type VariantRun,
@@ -131,23 +131,46 @@ describe('nestbroker in a real guest (QEMU, systemd, cgroup v2, virtio-serial, b
   });
 
   test(
-    'make install puts the program, units, udev rule and examples in place',
+    "the Debian package installs with apt-get on Debian's nodejs: program, units, udev rule, conffiles",
     async () => {
       need('boot');
-      const tar = await phase('packInstallTree', () => packInstallTree(OUT));
-      await phase('install', () => installNestbroker(vm!, tar));
+      const deb = await phase('makeDeb', () => packDeb(OUT));
+      results.aptInstall = await phase('install', () => installNestbroker(vm!, deb));
+      // The test's projects, before the udev step below makes systemd start the agent.
+      await writeGuestConfig(vm!);
+      expect(await vm!.sh("dpkg-query -W -f '${Status}' nestbroker")).toBe('install ok installed');
+      // The node it runs on is Debian's package (bookworm: 18.x), not one copied in.
+      const node = await vm!.sh(
+        "dpkg-query -W -f '${Version}' nodejs && echo && readlink -f $(command -v node) && node --version",
+      );
+      results.guestNode = node;
+      expect(node).toMatch(/^\d+\.\d+\.\d+\+dfsg\S*\n\/usr\/bin\/node(js)?\nv18\./);
       const files = await vm!.sh(
-        'ls /usr/local/bin/nestbroker /usr/local/bin/nestctl /lib/systemd/system/nestbroker-guest.service ' +
+        'ls /usr/bin/nestbroker /usr/bin/nestctl /lib/systemd/system/nestbroker-guest.service ' +
           '/lib/systemd/system/nestbroker-host.service /lib/udev/rules.d/99-nestbroker.rules ' +
-          '/usr/local/lib/nestbroker/dist/agent/cli/nestbroker.js /usr/local/lib/nestbroker/libexec/nestbroker-guest-release',
+          '/usr/lib/nestbroker/dist/agent/cli/nestbroker.js /usr/lib/nestbroker/libexec/nestbroker-guest-release',
       );
       expect(files.trim().split('\n')).toHaveLength(7);
+      expect(await vm!.sh("dpkg-query --showformat='${Conffiles}' -W nestbroker")).toMatch(
+        /\/etc\/nestbroker\/guest\.yaml[\s\S]*\/etc\/nestbroker\/host\.yaml/,
+      );
+      expect(await vm!.sh('getent group nestbroker')).toMatch(/^nestbroker:/);
+      // In a guest (a VM: ConditionVirtualization=!vm) the host broker's unit is enabled but
+      // skipped, so installing the package started nothing that waits for a guest.
+      const host = await vm!.sh(
+        'systemctl is-enabled nestbroker-host.service; systemctl show -p ConditionResult -p ActiveState nestbroker-host.service',
+      );
+      results.hostUnitInGuest = host;
+      expect(host).toMatch(/^enabled\n/);
+      expect(host).toContain('ConditionResult=no');
+      expect(host).toContain('ActiveState=inactive');
       // Only production dependencies, and they load with the guest's node.
-      await vm!.sh('test ! -e /usr/local/lib/nestbroker/node_modules/jest');
+      await vm!.sh('test ! -e /usr/lib/nestbroker/node_modules/jest');
       await vm!.sh(
-        'cd /usr/local/lib/nestbroker && node -e \'for (const m of ["pino","yargs","zod","yaml","prom-client","systeminformation","pidusage"]) require(m)\'',
+        'cd /usr/lib/nestbroker && node -e \'for (const m of ["pino","yargs","zod","yaml","prom-client","systeminformation","pidusage"]) require(m)\'',
         60_000,
       );
+      expect(await vm!.sh('nestctl --version')).toMatch(/^\d+\.\d+\.\d+/);
       // systemd's own check of the installed units (the binaries exist here).
       const verify = await phase('systemdAnalyzeVerify', () =>
         vm!.run(
@@ -219,7 +242,6 @@ describe('nestbroker in a real guest (QEMU, systemd, cgroup v2, virtio-serial, b
     'the agent runs as the systemd service with its projects in delegated cgroups',
     async () => {
       need('install');
-      await writeGuestConfig(vm!);
       const up = await phase('agentStart', async () => {
         await vm!.sh('systemctl enable --now nestbroker-guest.service', 120_000);
         // Projects up: each wrote its .started marker.

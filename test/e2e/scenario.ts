@@ -21,7 +21,7 @@
  * soft lockups until the balloon lets go), so the squeeze itself is watched from the host.
  */
 import { execFile, spawn, type ChildProcess } from 'child_process';
-import { promises as fsp, createWriteStream, existsSync, readFileSync } from 'fs';
+import { promises as fsp, createWriteStream, existsSync } from 'fs';
 import * as path from 'path';
 import { rpcCall } from '../../agent/common/rpc';
 import { Vm, withTimeout } from './vm';
@@ -67,7 +67,7 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 
 export function workloadArgv(p: ScenarioProject, markers: string): string[] {
   return [
-    '/usr/local/bin/node',
+    '/usr/bin/node',
     '/mnt/code/test/e2e/guest/workload.js',
     p.name,
     String(p.holdMiB),
@@ -167,42 +167,32 @@ export async function buildImage(outDir: string): Promise<ImageInfo> {
 }
 
 /**
- * The part of the project tree `make install` reads, as ONE file in the share (outDir must
- * be inside REPO): the guest unpacks it to its own disk and runs `make install` there.
- * (Running it straight from the 9p share works too, but ~2000 small files over 9p under
- * TCG cost ~60 s instead of ~12.) The production modules are listed the way the Makefile
- * lists them. Returns the tarball's path in the guest.
+ * The Debian package, as an operator installs it (docs/install.md "Installing the Debian
+ * package"): `make deb` here (a no-op when the packaging test already built it from this
+ * tree), copied into the share (outDir must be inside REPO). Returns its path in the guest.
  */
-export async function packInstallTree(outDir: string): Promise<string> {
-  const lock = JSON.parse(readFileSync(path.join(REPO, 'package-lock.json'), 'utf8')) as {
-    packages: Record<string, { dev?: boolean }>;
-  };
-  const prod = Object.entries(lock.packages)
-    .filter(
-      ([p, m]) =>
-        p !== '' &&
-        !m.dev &&
-        p.split('node_modules/').length === 2 &&
-        existsSync(path.join(REPO, p)),
-    )
-    .map(([p]) => p);
-  const wanted = ['Makefile', 'package.json', 'package-lock.json', 'dist', 'systemd', 'examples'];
-  const docs = existsSync(path.join(REPO, 'docs/install.md')) ? ['docs/install.md'] : [];
-  const tar = path.join(outDir, 'install-tree.tar');
-  const rel = path.relative(REPO, tar);
-  if (rel.startsWith('..')) throw new Error(`${tar} is outside the shared tree ${REPO}`);
-  await runFile(
-    'tar',
-    ['-cf', tar, ...wanted.filter((f) => existsSync(path.join(REPO, f))), ...docs, ...prod],
-    60_000,
+export async function packDeb(outDir: string): Promise<string> {
+  await runFile('make', ['--no-print-directory', 'deb'], 15 * 60_000);
+  const built = (await fsp.readdir(path.join(REPO, 'dist'))).filter((f) =>
+    /^nestbroker_.+_all\.deb$/.test(f),
   );
+  if (built.length !== 1) throw new Error(`make deb left ${built.length} packages in dist/`);
+  const deb = path.join(outDir, built[0]);
+  const rel = path.relative(REPO, deb);
+  if (rel.startsWith('..')) throw new Error(`${deb} is outside the shared tree ${REPO}`);
+  await fsp.copyFile(path.join(REPO, 'dist', built[0]), deb);
   return `/mnt/code/${rel}`;
 }
 
-/** Unpacks the tree in the guest and runs `make install` there. */
-export async function installNestbroker(vm: Vm, guestTar: string): Promise<string> {
+/**
+ * Installs the package in the guest with apt-get, from a copy on the guest's own disk
+ * (apt's download sandbox user cannot read the 9p share). Its one dependency, Debian's
+ * nodejs, is in the image already, so no network is needed.
+ */
+export async function installNestbroker(vm: Vm, guestDeb: string): Promise<string> {
+  const local = `/tmp/${path.basename(guestDeb)}`;
   return vm.sh(
-    `rm -rf /root/nestbroker && mkdir -p /root/nestbroker && tar -xf ${guestTar} -C /root/nestbroker && make -C /root/nestbroker install`,
+    `cp ${guestDeb} ${local} && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends ${local} 2>&1`,
     300_000,
   );
 }
@@ -793,7 +783,7 @@ interface NoticeSeen {
 }
 
 /**
- * (b) nestbroker: the agent (installed with `make install`, configured by
+ * (b) nestbroker: the agent (installed from the .deb, configured by
  * writeGuestConfig) starts fresh projects from a fresh state, a fresh host broker
  * connects, and `reclaim` takes the same 320 MiB: the notice, the agent's plan and
  * graceful stop, the outcome, then the broker's balloon. The guest agent must be

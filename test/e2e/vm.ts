@@ -20,6 +20,7 @@ import {
   constants as fsConstants,
   accessSync,
   createWriteStream,
+  readFileSync,
 } from 'fs';
 import * as net from 'net';
 import * as os from 'os';
@@ -49,13 +50,20 @@ export interface RunResult {
 
 type Json = Record<string, unknown>;
 
+/**
+ * KVM proper needs the CPU's virtualisation extensions (vmx or svm in /proc/cpuinfo's
+ * flags, Documentation/virt/kvm/api.rst). A /dev/kvm without them (a kernel with PVM, the
+ * pagetable-based KVM, as on some build machines) runs only guests whose kernel was built
+ * for it: Debian's guest kernel hangs there without a line on the console. So: TCG.
+ */
 export function kvmUsable(): boolean {
   try {
     accessSync('/dev/kvm', fsConstants.R_OK | fsConstants.W_OK);
-    return true;
   } catch {
     return false;
   }
+  const flags = /^flags\s*:(.*)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'))?.[1] ?? '';
+  return /\b(vmx|svm)\b/.test(flags);
 }
 
 function sleep(ms: number): Promise<void> {
@@ -192,7 +200,8 @@ export class Vm {
 
   /** Boots the guest and returns once the runner inside answered. */
   static async boot(o: VmOptions): Promise<Vm> {
-    const opts: Required<VmOptions> = { memoryMiB: 1024, cpus: 2, bootTimeoutMs: 180_000, ...o };
+    // The bound is for a hung guest, not a slow one: TCG boots take longer on a loaded machine.
+    const opts: Required<VmOptions> = { memoryMiB: 1024, cpus: 2, bootTimeoutMs: 300_000, ...o };
     await fsp.mkdir(opts.outDir, { recursive: true });
     // Unix socket paths must stay under 108 bytes: a short temp dir, not outDir.
     // KVM where /dev/kvm is there AND works with `-cpu max`; otherwise software emulation.

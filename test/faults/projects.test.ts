@@ -151,12 +151,19 @@ function spawnWithPid(want: number, argv: string[]): ChildProcess | null {
 }
 
 test('a project pid reused by an unrelated process after it exits is never signalled', async () => {
-  // The agent keeps no project pids: nothing in its state could point at a stale one. (The
-  // state directory's lock names the agent's own pid, with its start time.)
+  // The agent signals by cgroup.procs, never by a pid it kept. The only pids its state holds
+  // are the processes it started (to find escapes: docs/reliability.md, "Processes that
+  // leave their project"), each with its start time, so a reused pid is never taken for
+  // one of them. (The state directory's lock names the agent's own pid, with its start time.)
   for (const sub of await fs.readdir(env.stateDir, { recursive: true })) {
     if (sub === LOCK_FILE) continue;
     const f = path.join(env.stateDir, sub);
-    if ((await fs.stat(f)).isFile()) expect(await fs.readFile(f, 'utf8')).not.toMatch(/"pids?"/);
+    if (!(await fs.stat(f)).isFile()) continue;
+    const text = await fs.readFile(f, 'utf8');
+    expect(text).not.toMatch(/"pids"/);
+    const pids = [...text.matchAll(/\{"pid":\d+(,"start":\d+)?\}/g)];
+    expect(pids.length).toBe((text.match(/"pid":/g) ?? []).length);
+    for (const m of pids) expect(m[1]).toBeDefined();
   }
   const group = 'guest/projects/forker';
   const strangerMarker = path.join(env.dir, 'stranger.marker');
@@ -202,6 +209,8 @@ test('a project pid reused by an unrelated process after it exits is never signa
     action: 'stopped',
     exit: 'killed', // its children ignore SIGTERM: the signal really went to the group
   });
+  // Nor is the stranger taken for an escaped process of the project.
+  expect(outcome.projects.map((p) => p.exit)).not.toContain('escaped');
   expect(await t.adapter.pids(group)).toEqual([]);
   // The stranger with the old pid: alive, never signalled.
   await new Promise((res) => setTimeout(res, 200));

@@ -239,6 +239,13 @@ export class FakeGuest {
     transientState: (name) => this.transient.get(name),
     setTransient: (name, s) => void this.transient.set(name, s),
     stoppedForRoom: (name) => this.p(name).stoppedForRoom ?? false,
+    stoppedByOperator: (name) => this.records.get(name)?.stoppedByOperator === true,
+    // These fakes' processes never leave their group: nothing escapes (the real search is
+    // tested on the kernel, test/integration/guest/escape.test.ts).
+    killEscaped: async (name) => {
+      this.events.push(`escape-check ${name}`);
+      return [];
+    },
     setRecord: async (name, patch) => {
       this.events.push(`record ${name} ${JSON.stringify(patch)}`);
       this.records.set(name, { ...this.records.get(name), ...patch });

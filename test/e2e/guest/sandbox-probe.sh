@@ -32,6 +32,11 @@ setpriv --reuid=65534 --regid=65534 --clear-groups sleep 300 &
 PID=$!
 step start-as-user bash -c "sleep 0.3; [ \$(stat -c %u /proc/$PID) = 65534 ]"
 step move-pid bash -c "echo $PID >$P/projects/demo/cgroup.procs && grep -qx $PID $P/projects/demo/cgroup.procs"
+# A project's own cgroup namespace (CAP_SYS_ADMIN), then CAP_SYS_ADMIN and CAP_SETPCAP
+# dropped from its bounding set (CAP_SETPCAP) before its program runs: the chain the agent
+# execs (cgroup-adapter/spawn.ts). The project cannot unshare again, nor mount.
+step cgroupns unshare --cgroup -- setpriv --bounding-set=-sys_admin,-setpcap -- bash -c "grep -qx '0::/' /proc/self/cgroup"
+refused project-no-sys-admin unshare --cgroup -- setpriv --bounding-set=-sys_admin,-setpcap -- unshare --cgroup true
 # Signalling another user's process: CAP_KILL.
 step signal-other-user kill -0 "$PID"
 # The project's notice directory handed to its user (CAP_CHOWN), then written by the agent
@@ -53,6 +58,7 @@ refused usr-readonly bash -c "echo x >/usr/local/bin/nestbroker-probe"
 # ProtectHome=yes mounts empty mode-000 directories over /home, /root, /run/user (CAP_DAC_OVERRIDE
 # can list them, but there is nothing in them).
 refused home-hidden bash -c "[ -n \"\$(ls -A /root)\" ]"
-refused no-sys-admin mount -t tmpfs none /mnt
+# The agent has CAP_SYS_ADMIN (for the namespace) but SystemCallFilter=~@mount: no mount.
+refused no-mount mount -t tmpfs none /mnt
 refused no-setuid-gain bash -c "[ \$(grep NoNewPrivs /proc/self/status | cut -f2) = 0 ]"
 echo "probe done"

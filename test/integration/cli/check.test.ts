@@ -248,7 +248,7 @@ test('the daemons themselves refuse a bad file the same way: exit 2, the same pr
   expect(h.code).toBe(2);
   expect(h.stderr).toBe(
     `nestbroker host: config refused: ${file}: 1 problem:\n` +
-      '  heartbeats: is not a known key (did you mean "heartbeat"?); known here: stateDir, socket, socketGroup, socketMode, cgroup, heartbeat, reconnect, trigger, limits, metrics, guests\n',
+      '  heartbeats: is not a known key (did you mean "heartbeat"?); known here: hypervisor, libvirt, stateDir, socket, socketGroup, socketMode, cgroup, heartbeat, reconnect, trigger, limits, metrics, logLevel, guests\n',
   );
   nothingCreated(base, file);
   const guest = await configIn('guest-bad-run', (p) => ({ ...guestConfig(p), stat_dir: '/x' }));

@@ -44,13 +44,15 @@ export function ensureBuilt(): void {
 export interface ProjectSpec {
   name: string;
   priority: number;
-  mode: 'graceful' | 'stubborn' | 'forker' | 'done';
+  mode: 'graceful' | 'stubborn' | 'forker' | 'done' | 'escape' | 'exit';
   memory?: { min: string; max: string };
   cpu?: { min: number; max: number };
   grace?: string;
   preStop?: { command: string[]; timeout: string };
   notify?: string;
   restartOnRestore?: boolean;
+  /** The project's `restart` key as written in the config. */
+  restart?: unknown;
   env?: Record<string, string>;
 }
 
@@ -118,6 +120,7 @@ export async function writeConfig(
       },
       ...(p.notify ? { notify: { signal: p.notify } } : {}),
       restartOnRestore: p.restartOnRestore ?? true,
+      ...(p.restart !== undefined ? { restart: p.restart } : {}),
       command: {
         argv: [process.execPath, FIXTURE, p.mode],
         env: {

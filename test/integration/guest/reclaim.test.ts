@@ -41,11 +41,15 @@ beforeAll(async () => {
       priority: 3,
       mode: 'graceful',
       memory: { min: '512MiB', max: '1GiB' },
+      // openTestAdapter's root name (test/helpers/cgroup-root.ts) for the tag below.
+      env: { GROUP: `nestbroker-test-${process.pid}-guest-reclaim/guest/projects/hook` },
       preStop: {
         command: [
           '/bin/sh',
           '-c',
-          'echo "hook $(grep ^0:: /proc/self/cgroup)" >> "$MARKER"; exec sleep 1000',
+          // In its cgroup namespace it sees itself at "0::/"; that it is in the project's
+          // group is read from the group's cgroup.procs (v2 or hybrid mount point).
+          'echo "hook $(grep ^0:: /proc/self/cgroup) $(cat /sys/fs/cgroup/unified/$GROUP/cgroup.procs /sys/fs/cgroup/$GROUP/cgroup.procs 2>/dev/null | grep -cx $$)" >> "$MARKER"; exec sleep 1000',
         ],
         timeout: '500ms',
       },
@@ -201,7 +205,9 @@ describe('reclaim 3.5GiB and 0.5 CPU with a 6 s deadline', () => {
 
   test('a hanging pre-stop hook runs inside the project cgroup and is cut at its timeout', () => {
     const hookLine = env.markerLines('hook').find((l) => l.startsWith('hook '));
-    expect(hookLine).toContain(`${t.rootName}/guest/projects/hook`);
+    // At the root of its own cgroup namespace, and listed in the project's group.
+    expect(t.rootName).toBe(`nestbroker-test-${process.pid}-guest-reclaim`);
+    expect(hookLine).toBe('hook 0::/ 1');
     expect(of('hook').exit).toBe('graceful');
     expect(env.markerLines('hook').filter((l) => l.startsWith('term '))).toHaveLength(1);
     // ~500 ms of hook, then the graceful exit on SIGTERM.

@@ -9,6 +9,8 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { parse as parseYaml } from 'yaml';
+import { validateGuestConfig } from '../../../agent/guest/config';
 
 jest.setTimeout(300_000);
 
@@ -70,6 +72,11 @@ test('the program under /usr, units, udev rule, man pages, completion; configs a
   expect(
     readFileSync(path.join(root, 'DEBIAN/conffiles'), 'utf8').split('\n').filter(Boolean).sort(),
   ).toEqual(['/etc/nestbroker/guest.yaml', '/etc/nestbroker/host.yaml']);
+  // The guest's conffile is valid as shipped and lists no project (the examples are
+  // commented out): the agent starts when the channel appears, before anyone edited it.
+  const guestYaml = readFileSync(path.join(root, 'etc/nestbroker/guest.yaml'), 'utf8');
+  expect(guestYaml).toMatch(/^# {3}- name: web$/m);
+  expect(validateGuestConfig(parseYaml(guestYaml), 'guest.yaml').projects).toEqual([]);
   // The units run the packaged wrappers, not /usr/local.
   const unit = readFileSync(path.join(root, 'lib/systemd/system/nestbroker-host.service'), 'utf8');
   expect(unit).toMatch(/^ExecStart=\/usr\/bin\/nestbroker host /m);

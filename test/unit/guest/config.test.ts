@@ -119,6 +119,7 @@ describe('a good config comes back normalised and frozen', () => {
       cpu: { min: 0, max: 'max', weight: 100 },
       stop: { signal: 'SIGTERM', gracePeriodMs: 30_000 },
       restartOnRestore: true,
+      restart: { policy: 'no', delayMs: 100, maxDelayMs: 100, burst: 5, intervalMs: 10_000 },
       command: { argv: ['/bin/true'], env: {} },
     });
   });
@@ -720,4 +721,53 @@ test('metrics: off when absent; a bad host, port or key is named with its value'
     'metrics.tls',
   ]);
   expect(problems.find((p) => p.field === 'metrics.port')?.value).toBe(70000);
+});
+
+describe('projects[].restart: the policy of a project that ends on its own', () => {
+  const web = (restart: unknown): Record<string, unknown> => {
+    const c = base();
+    (c.projects as Record<string, unknown>[])[0].restart = restart;
+    return c;
+  };
+  test.each<[string, unknown, unknown]>([
+    [
+      'the shorthand',
+      'on-failure',
+      { policy: 'on-failure', delayMs: 100, maxDelayMs: 100, burst: 5, intervalMs: 10_000 },
+    ],
+    [
+      "YAML 1.1's no (false)",
+      false,
+      { policy: 'no', delayMs: 100, maxDelayMs: 100, burst: 5, intervalMs: 10_000 },
+    ],
+    [
+      'the mapping',
+      { policy: 'always', delay: '1s', maxDelay: '1m', burst: 3, interval: '5m' },
+      { policy: 'always', delayMs: 1000, maxDelayMs: 60_000, burst: 3, intervalMs: 300_000 },
+    ],
+  ])('%s', (_what, restart, expected) => {
+    expect(validateGuestConfig(web(restart), 'test').projects[0].restart).toEqual(expected);
+  });
+
+  test('every bad value at once, each named with its value', () => {
+    const c = web({ policy: 'sometimes', delay: '-1s', burst: 0, interval: '0s', when: 'x' });
+    const adopted = (c.projects as Record<string, unknown>[])[1];
+    adopted.restart = 'always';
+    const problems = problemsOf(c);
+    expect(problems.map((p) => [p.field, p.value])).toEqual(
+      expect.arrayContaining([
+        ['projects[0].restart.policy', 'sometimes'],
+        ['projects[0].restart.delay', '-1s'],
+        ['projects[0].restart.burst', 0],
+        ['projects[0].restart.interval', '0s'],
+        ['projects[0].restart.when', 'x'],
+        ['projects[1].restart', 'always'],
+      ]),
+    );
+  });
+
+  test('maxDelay below delay is refused', () => {
+    const problems = problemsOf(web({ policy: 'always', delay: '2s', maxDelay: '1s' }));
+    expect(problems.map((p) => p.field)).toEqual(['projects[0].restart.maxDelay']);
+  });
 });

@@ -218,6 +218,8 @@ test('memory that does not come down within the grace: memory.max is never writt
     'record {"stoppedForRoom":true}',
     `signal ${PID.batch} SIGTERM`,
     'wait empty 150',
+    // Once the group is empty: anything of it alive outside (docs/reliability.md).
+    'escape-check',
   ]);
   // Polled for exactly its 150 ms grace (2 + 4 + … + 64, then the 24 left), then the
   // stop's wait for the group (it exits 10 ms after the signal).
@@ -255,7 +257,7 @@ test('a reclaim that stops two: both told first, then stop signals lowest rank f
     `signal batch ${PID.batch} SIGTERM`,
   ]);
   // batch does not exit on its own: killed after its grace; cache exits in time.
-  expect(of(e, 'batch').slice(-2)).toEqual(['wait empty 150', 'kill']);
+  expect(of(e, 'batch').slice(-3)).toEqual(['wait empty 150', 'kill', 'escape-check']);
   expect(outcome.projects?.find((x) => x.name === 'batch')).toMatchObject({
     action: 'stopped',
     exit: 'killed',

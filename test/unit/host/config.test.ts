@@ -159,6 +159,29 @@ test('metrics: off when absent; a bad host, port or key is named with its value'
   expect(problems.find((p) => p.field === 'metrics.port')?.value).toBe(70000);
 });
 
+test('trigger.giveBack: off when absent; parsed with its default; the band and a threshold are required', () => {
+  const trigger = {
+    enabled: true,
+    memoryAvailableBelow: '2GiB',
+    memoryPsiAbove: 20,
+    step: { memory: '256MiB' },
+  };
+  expect(validateHostConfig({ ...good, trigger }, '/etc').trigger.giveBack).toBeUndefined();
+  expect(
+    validateHostConfig(
+      { ...good, trigger: { ...trigger, giveBack: { memoryAvailableAbove: '4GiB' } } },
+      '/etc',
+    ).trigger.giveBack,
+  ).toEqual({ memoryAvailableAboveBytes: 4 * 1024 ** 3, afterMs: 300_000 });
+  const bad = (giveBack: unknown) =>
+    problemsOf({ ...good, trigger: { ...trigger, giveBack } }).map((p) => [p.field, p.value]);
+  expect(bad({ after: '1m' })).toEqual([['trigger.giveBack', { after: '1m' }]]);
+  expect(bad({ memoryAvailableAbove: '1GiB', memoryPsiBelow: 25 })).toEqual([
+    ['trigger.giveBack.memoryAvailableAbove', '1GiB'],
+    ['trigger.giveBack.memoryPsiBelow', 25],
+  ]);
+});
+
 test('hypervisor: libvirt: the domain is named, what libvirt gives is refused, every problem at once', () => {
   const cfg = validateHostConfig({
     hypervisor: 'libvirt',

@@ -53,6 +53,9 @@ const noBroker = {
     throw new Error('a tick with the trigger off must not happen');
   },
   issue: () => Promise.reject(new Error('nothing may be issued')),
+  notices: () => {
+    throw new Error('a tick with the trigger off must not happen');
+  },
 };
 
 let dir: string;

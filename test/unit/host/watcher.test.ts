@@ -278,3 +278,172 @@ test('a guest whose agent is not connected is passed over, counted, and no coold
   expect(broker.status('vm-away').books.granted.memoryBytes).toBe(1024 * MiB);
   expect(watcher.triggerState().lastFiredAt).toBeNull();
 });
+
+/**
+ * A guest whose agent says hello and carries out every notice at once: ack, then an
+ * outcome `complete` freeing (or taking) exactly the change.
+ */
+const willingChannel = (g: { name: string }): HostChannel => {
+  const ee = new EventEmitter();
+  setImmediate(() => {
+    ee.emit('open');
+    ee.emit('message', {
+      type: 'hello',
+      id: `hello-${g.name}`,
+      version: PROTOCOL_VERSION,
+      guest: g.name,
+      inventory: { cpus: 2, memoryBytes: 1024 * MiB, projects: [] },
+      lastSeq: 0,
+    });
+  });
+  let n = 0;
+  return {
+    send: (m: { type: string; id: string; notice?: { id: string; change: unknown } }) => {
+      if ((m.type === 'notice' || m.type === 'restore') && m.notice) {
+        const notice = m.notice;
+        setImmediate(() => {
+          ee.emit('message', {
+            type: 'ack',
+            id: `ack-${++n}`,
+            replyTo: m.id,
+            noticeId: notice.id,
+            state: 'accepted',
+          });
+          const now = new Date().toISOString();
+          ee.emit('message', {
+            type: 'outcome',
+            id: `outcome-${n}`,
+            outcome: {
+              noticeId: notice.id,
+              guest: g.name,
+              status: 'complete',
+              projects: [],
+              freed: notice.change,
+              startedAt: now,
+              finishedAt: now,
+              ms: 1,
+            },
+          });
+        });
+      }
+      return true;
+    },
+    on: (e: string, fn: (...a: unknown[]) => void) => ee.on(e, fn),
+    close: () => ee.emit('close'),
+  } as HostChannel;
+};
+
+/** An actuator that records each VM change and reports it done. */
+class RecordingActuator implements VmActuator {
+  applied: { guest: string; memoryBytes: number; direction: string }[] = [];
+  apply: VmActuator['apply'] = async (guest, target, direction) => {
+    this.applied.push({ guest: guest.name, memoryBytes: target.memoryBytes, direction });
+    const now = new Date().toISOString();
+    return { direction, target, startedAt: now, finishedAt: now, errors: [] };
+  };
+}
+
+test('give-back: once MemAvailable has stayed above the second threshold for `after`, what the trigger took comes back, one step at a time', async () => {
+  dir = await fs.mkdtemp(path.join(os.tmpdir(), 'nb-watcher-'));
+  const cfg = validateHostConfig({
+    stateDir: path.join(dir, 'state'),
+    trigger: {
+      enabled: true,
+      memoryAvailableBelow: '1GiB',
+      for: '5s',
+      interval: '5s',
+      cooldown: '10s',
+      step: { memory: '128MiB' },
+      giveBack: { memoryAvailableAbove: '2GiB', after: '20s' },
+    },
+    guests: [
+      {
+        name: 'vm1',
+        priority: 1,
+        allocation: { cpus: 2, memory: '1GiB' },
+        floor: { cpus: 1, memory: '256MiB' },
+        channel: { transport: 'unix', path: path.join(dir, 'vm1.sock') },
+      },
+    ],
+  });
+  const actuator = new RecordingActuator();
+  broker = new HostBroker({ config: cfg, actuator, connect: willingChannel, log: silentLogger() });
+  await broker.start();
+  await waitConnected(['vm1']);
+  const clock = new StepClock();
+  const source = new RecordingSource(clock);
+  watcher = new Watcher(cfg, broker, null, silentLogger(), { source, clock });
+  const granted = (): number => broker.status('vm1').books.granted.memoryBytes;
+  const settle = (): Promise<void> =>
+    (async () => {
+      const until = Date.now() + 10_000;
+      while (
+        broker.notices().some((x) => !['done', 'late', 'refused', 'cancelled'].includes(x.state))
+      ) {
+        if (Date.now() > until) throw new Error('a notice did not finish');
+        await new Promise((r) => setTimeout(r, 2));
+      }
+    })();
+  watcher.start();
+
+  // Pressure (512 MiB available < 1 GiB): 0 s breach, 5 s fire; 10 s (cooldown), 15 s fire.
+  await clock.fireNext();
+  await clock.fireNext();
+  await settle();
+  expect(granted()).toBe(896 * MiB);
+  await clock.fireNext();
+  await clock.fireNext();
+  await settle();
+  expect(granted()).toBe(768 * MiB);
+
+  // 1.5 GiB available: no breach any more, but inside the band (below 2 GiB): nothing back.
+  source.memAvailable = 1536 * MiB;
+  for (let i = 0; i < 6; i++) await clock.fireNext();
+  expect(watcher.last()?.giveBack).toEqual({ give: false, why: 'pressure not cleared' });
+  expect(granted()).toBe(768 * MiB);
+
+  // 3 GiB available: cleared; 20 s later one step back (a restore from the trigger).
+  source.memAvailable = 3072 * MiB;
+  await clock.fireNext(); // cleared since now
+  for (let i = 0; i < 3; i++) {
+    await clock.fireNext();
+    expect(watcher.last()?.giveBack).toMatchObject({ give: false });
+  }
+  await clock.fireNext(); // 20 s of clear
+  expect(watcher.last()?.giveBack).toMatchObject({
+    give: true,
+    guest: 'vm1',
+    change: { memoryBytes: 128 * MiB, cpus: 0 },
+  });
+  await settle();
+  expect(granted()).toBe(896 * MiB);
+  const restores = broker.notices().filter((x) => x.notice.kind === 'restore');
+  expect(restores.map((x) => [x.source, x.state, x.notice.change.memoryBytes])).toEqual([
+    ['trigger', 'done', 128 * MiB],
+  ]);
+  expect(restores[0].notice.reason).toMatch(
+    /^automatic give-back: host MemAvailable \d+ B ≥ \d+ B for 20000 ms$/,
+  );
+
+  // Another 20 s: the second step, and then nothing is left of what the trigger took.
+  for (let i = 0; i < 4; i++) await clock.fireNext();
+  await clock.fireNext();
+  await settle();
+  expect(granted()).toBe(1024 * MiB);
+  for (let i = 0; i < 5; i++) await clock.fireNext();
+  expect(watcher.last()?.giveBack).toEqual({
+    give: false,
+    why: 'nothing the trigger took is left to give back',
+  });
+  // The VM went down twice and up twice (the broker raises it before telling the guest).
+  expect(actuator.applied.map((a) => [a.direction, a.memoryBytes / MiB])).toEqual([
+    ['down', 896],
+    ['down', 768],
+    ['up', 896],
+    ['up', 1024],
+  ]);
+  expect(watcher.triggerView().giveBack).toMatchObject({
+    afterMs: 20_000,
+    last: { guest: 'vm1', change: { memoryBytes: 128 * MiB, cpus: 0 } },
+  });
+});

@@ -11,7 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { Resources } from '../../../agent/broker/types';
 import { silentLogger } from '../../../agent/common/log';
-import type { ActuationReport, VmActuator } from '../../../agent/host/actuator';
+import type { ActuationReport, ApplyContext, VmActuator } from '../../../agent/host/actuator';
 import { validateHostConfig, type GuestConfig } from '../../../agent/host/config';
 import { HostBroker } from '../../../agent/host/host-broker';
 import { channelFactory } from '../../../agent/host/main';
@@ -27,9 +27,14 @@ const guests = new Map<string, ScriptedGuest>();
 
 /** Records what it was asked and reports it done, as libvirt would after a confirmed step. */
 class RecordingActuator implements VmActuator {
-  readonly applied: { guest: string; target: Resources; direction: string }[] = [];
-  async apply(g: GuestConfig, target: Resources, direction: 'down' | 'up') {
-    this.applied.push({ guest: g.name, target, direction });
+  readonly applied: {
+    guest: string;
+    target: Resources;
+    direction: string;
+    report?: { onlineCpus?: readonly number[] };
+  }[] = [];
+  async apply(g: GuestConfig, target: Resources, direction: 'down' | 'up', ctx?: ApplyContext) {
+    this.applied.push({ guest: g.name, target, direction, report: ctx?.guestReport?.() });
     const now = new Date().toISOString();
     const r: ActuationReport = {
       direction,
@@ -43,6 +48,8 @@ class RecordingActuator implements VmActuator {
     return r;
   }
 }
+
+const actuator = new RecordingActuator();
 
 const GUESTS = [
   { name: 'unplug', cpuMode: 'unplug', caps: [CAP_CPU_UNPLUG] },
@@ -81,7 +88,7 @@ beforeAll(async () => {
   const unix = channelFactory(config, log);
   broker = new HostBroker({
     config,
-    actuator: new RecordingActuator(),
+    actuator,
     connect: (g) =>
       unix({ ...g, channel: { transport: 'unix', path: path.join(dir, `${g.name}.sock`) } }),
     log,
@@ -118,6 +125,12 @@ test('an unplug guest with cpu-unplug is told which vCPUs go: the highest, never
   // The journal holds what was sent (a notice resent after a reconnect says the same).
   expect(journaled.leavingCpus).toEqual([2, 3]);
   expect(end.state).toBe('done');
+  // The actuator is handed the guest's own report, to confirm an unplug libvirt misses.
+  expect(actuator.applied.at(-1)).toMatchObject({
+    guest: 'unplug',
+    direction: 'down',
+    report: { onlineCpus: [0, 1, 2, 3] },
+  });
 });
 
 test('a fractional CPU reclaim of an unplug guest names none (it stays a quota)', async () => {

@@ -151,8 +151,15 @@ export class HostBroker extends NoticeLifecycle {
    * domain restart libvirt gives it its persistent vCPUs and memory again, whatever the
    * last reclaim left. Journaled in the guest's ledger before it returns, and logged.
    */
-  async resyncBooks(guest: string, reported: Resources, reason: string): Promise<GuestBooks> {
+  async resyncBooks(
+    guest: string,
+    reported: Resources,
+    reason: string,
+    /** The books' seq before `reported` was read: a notice issued since → STALE, nothing done. */
+    seenSeq?: number,
+  ): Promise<GuestBooks | 'stale'> {
     const g = this.guest(guest);
+    if (seenSeq !== undefined && this.booksFor(g.name).seq !== seenSeq) return 'stale';
     const r = await this.store.resync(g, reported, reason, this.stamp());
     const books = this.booksFor(g.name);
     this.log.info(

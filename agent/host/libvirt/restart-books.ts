@@ -12,8 +12,17 @@ import type { GuestConfig } from '../config';
 import type { LibvirtDomains } from './domains';
 
 export interface BooksFollower {
-  resyncBooks(guest: string, reported: Resources, reason: string): Promise<unknown>;
+  booksFor(guest: string): { seq: number };
+  resyncBooks(
+    guest: string,
+    reported: Resources,
+    reason: string,
+    seenSeq?: number,
+  ): Promise<unknown>;
 }
+
+/** Reads again when a notice was issued while libvirt was being read, at most this often. */
+const ATTEMPTS = 3;
 
 /** `Started` details are libvirt's (virsh(1), `event`): Booted, Migrated, Restored, … */
 const STARTED = 'Started';
@@ -33,11 +42,22 @@ export function followRestarts(
     // One at a time, in event order: two starts in a row end with the last one's view.
     chain = chain.then(async () => {
       try {
-        const view = await domains.view(lv);
-        await broker.resyncBooks(
-          g.name,
-          view.resources,
-          `domain "${e.domain}" started (${e.detail || 'no detail'})`,
+        // A notice issued while libvirt is read may be actuated before or after the read:
+        // the books are set only from a reading no notice overtook, else read again.
+        for (let i = 1; i <= ATTEMPTS; i++) {
+          const seq = broker.booksFor(g.name).seq;
+          const view = await domains.view(lv);
+          const r = await broker.resyncBooks(
+            g.name,
+            view.resources,
+            `domain "${e.domain}" started (${e.detail || 'no detail'})`,
+            seq,
+          );
+          if (r !== 'stale') return;
+        }
+        log.warn(
+          { guest: g.name, domain: e.domain },
+          'domain started, but notices kept coming while libvirt was read; the books stay as they were',
         );
       } catch (err) {
         log.warn(

@@ -131,3 +131,38 @@ test('after destroy + start the books follow libvirt: full vCPUs and memory agai
     await again.stop();
   }
 });
+
+test('a notice issued while libvirt is read: that reading is not used, libvirt is read again', async () => {
+  const fake = await FakeVirsh.create();
+  const virsh = new Virsh({ runner: fake.runner });
+  const cfg = validateHostConfig({
+    hypervisor: 'libvirt',
+    guests: [
+      { name: 'vm1', domain: 'nbfix', priority: 1, allocation: { cpus: 2, memory: '256MiB' } },
+    ],
+  });
+  const domains = new LibvirtDomains(virsh, cfg.guests);
+  // Books whose seq moves on during the first reading (an operator's reclaim journaled).
+  let seq = 4;
+  let dumps = 0;
+  fake.guest.tick = () => {
+    if (fake.calls.at(-1)?.[0] === 'dumpxml' && ++dumps === 1) seq = 5;
+  };
+  const calls: { seenSeq?: number; applied: boolean }[] = [];
+  const books = {
+    booksFor: () => ({ seq }),
+    async resyncBooks(_g: string, _r: unknown, _why: string, seenSeq?: number) {
+      const applied = seenSeq === seq;
+      calls.push({ seenSeq, applied });
+      return applied ? {} : ('stale' as const);
+    },
+  };
+  const follower = followRestarts(domains, books, () => cfg.guests, silentLogger());
+  domains.emit('lifecycle', { guest: 'vm1', domain: 'nbfix', event: 'Started', detail: 'Booted' });
+  await follower.done();
+  follower.stop();
+  expect(calls).toEqual([
+    { seenSeq: 4, applied: false },
+    { seenSeq: 5, applied: true },
+  ]);
+});

@@ -57,10 +57,30 @@ export interface LibvirtStep {
   confirmed: boolean;
   /** What else is known when it was not confirmed (virsh's own timeout, say). */
   note?: string;
+  /**
+   * `guest`: libvirt's live XML still listed the vCPU, but QEMU's vCPU list (virsh domstats
+   * --vcpu) and the guest's own report after the call no longer did (docs/libvirt.md,
+   * "Removal modes").
+   */
+  confirmedBy?: 'libvirt' | 'guest';
+}
+
+/** What the host broker knows of the guest beyond the hypervisor, for confirming a removal. */
+export interface ApplyContext {
+  /**
+   * The guest kernel's online CPUs and MemTotal as it last reported them (hello or
+   * outcome); a new object whenever a new report arrives (agent/host/guest-connections.ts).
+   */
+  guestReport?: () => { onlineCpus?: readonly number[]; memTotal?: number } | undefined;
 }
 
 export interface VmActuator {
-  apply(guest: GuestConfig, target: Resources, direction: 'down' | 'up'): Promise<ActuationReport>;
+  apply(
+    guest: GuestConfig,
+    target: Resources,
+    direction: 'down' | 'up',
+    ctx?: ApplyContext,
+  ): Promise<ActuationReport>;
   /**
    * Refuses a notice before anything is journaled (DOMAIN_DOWN, PREREQUISITE_MISSING, …):
    * with libvirt, the domain must be running and have what the guest's modes need.

@@ -26,7 +26,8 @@ import type { Notice, Resources } from '../broker/types';
 import { NestError } from '../common/errors';
 import { newMessageId, type Hello } from '../protocol/messages';
 import { checkReclaim, checkRestore, missing, rejected, type GuestBooks } from './books';
-import { HOST_LIMIT_DEFAULTS, type HostConfig } from './config';
+import { HOST_LIMIT_DEFAULTS, type GuestConfig, type HostConfig } from './config';
+import { leavingCpusFor } from './leaving-cpus';
 import { faultPoint } from '../common/fault';
 import { NoticeLifecycle } from './notice-lifecycle';
 import { FINAL, type HostNoticeRecord } from './notice-store';
@@ -145,6 +146,30 @@ export class HostBroker extends NoticeLifecycle {
     return this.store.booksFor(this.guest(guest));
   }
 
+  /**
+   * The books follow what the hypervisor reports now (docs/libvirt.md, "Books"): after a
+   * domain restart libvirt gives it its persistent vCPUs and memory again, whatever the
+   * last reclaim left. Journaled in the guest's ledger before it returns, and logged.
+   */
+  async resyncBooks(
+    guest: string,
+    reported: Resources,
+    reason: string,
+    /** The books' seq before `reported` was read: a notice issued since → STALE, nothing done. */
+    seenSeq?: number,
+  ): Promise<GuestBooks | 'stale'> {
+    const g = this.guest(guest);
+    if (seenSeq !== undefined && this.booksFor(g.name).seq !== seenSeq) return 'stale';
+    const r = await this.store.resync(g, reported, reason, this.stamp());
+    const books = this.booksFor(g.name);
+    this.log.info(
+      { guest: g.name, reason, before: r.before, reported, open: r.open, granted: books.granted },
+      'books follow what libvirt reports',
+    );
+    this.emit('books-resync', { guest: g.name, ...r });
+    return books;
+  }
+
   /** Resolves once the ledger writes and deletions decided so far are done (for tests). */
   async pruned(): Promise<void> {
     await this.store.pruned();
@@ -209,6 +234,8 @@ export class HostBroker extends NoticeLifecycle {
       reason: req.reason ?? (kind === 'reclaim' ? 'operator reclaim' : 'operator restore'),
       issuedAt: now.toISOString(),
     };
+    const leaving = kind === 'reclaim' ? this.leavingFor(g, change) : undefined;
+    if (leaving !== undefined) notice.leavingCpus = leaving;
     const rec: HostNoticeRecord = {
       notice,
       state: 'issued',
@@ -229,6 +256,25 @@ export class HostBroker extends NoticeLifecycle {
     this.log.debug({ noticeId: notice.id, phase: 'journaled' }, 'notice phase');
     this.note(rec, 'issued');
     return { record: rec, done: this.track(rec) };
+  }
+
+  /**
+   * The vCPUs an `unplug` guest will lose (docs/libvirt.md, "Removal modes"): named in the
+   * notice so the guest moves its cpusets off them before it answers. Only under
+   * `hypervisor: libvirt` with `cpuMode: unplug`, and only when the guest said hello with
+   * `cpu-unplug` and has reported its online CPUs (leavingCpusFor decides the rest); a
+   * guest not connected now gets none, and the unplug still takes the highest vCPUs.
+   */
+  private leavingFor(g: GuestConfig, change: Resources): number[] | undefined {
+    if (this.deps.config.hypervisor.type !== 'libvirt' || g.libvirt?.cpuMode !== 'unplug')
+      return undefined;
+    const link = this.links.get(g.name);
+    if (!link?.open || !link.hello) return undefined;
+    return leavingCpusFor({
+      changeCpus: change.cpus,
+      guestCapabilities: link.hello.capabilities ?? [],
+      onlineCpus: link.reported?.onlineCpus,
+    });
   }
 
   async cancel(id: string): Promise<HostNoticeRecord> {

@@ -21,6 +21,7 @@ import { connectUnix } from '../transport/unix';
 import { CgroupQmpActuator, type VmActuator } from './actuator';
 import { LibvirtActuator } from './libvirt/actuator';
 import { LibvirtDomains, resolveAllocations } from './libvirt/domains';
+import { followRestarts } from './libvirt/restart-books';
 import { Virsh } from './libvirt/virsh';
 import { registerHostApi } from './api';
 import {
@@ -201,6 +202,10 @@ async function startHostWith(
     log,
   });
   await broker.start();
+  // docs/libvirt.md, "Books": a domain started again has its persistent vCPUs and memory.
+  const restarts = domains
+    ? followRestarts(domains, broker, () => host.config.guests, log.child({ part: 'libvirt' }))
+    : null;
   const watcher = new Watcher(cfg, broker, adapter, log.child({ part: 'watcher' }));
   watcher.start();
   const server = registerHostApi(
@@ -230,6 +235,7 @@ async function startHostWith(
     metrics,
     ...(domains ? { domains } : {}),
     async stop() {
+      restarts?.stop();
       watcher.stop();
       await metrics?.close();
       await server.close();

@@ -134,7 +134,11 @@ export abstract class NoticeLifecycle extends GuestConnections {
     // The outcome (or the forced deadline) is journaled: now, and only now, take it away.
     faultPoint('before-actuation');
     this.note(rec, 'actuating');
-    rec.actuation = await this.deps.actuator.apply(g, rec.notice.allocation, 'down');
+    rec.actuation = await this.deps.actuator.apply(g, rec.notice.allocation, 'down', {
+      // The guest's own view confirms a vCPU unplug that libvirt does not show (TCG):
+      // docs/libvirt.md, "Removal modes".
+      guestReport: () => this.links.get(g.name)?.reported,
+    });
     rec.actuatedAt = this.stamp();
     const status = rec.actuation.status;
     rec.state = status === 'partial' || status === 'failed' ? status : 'done';

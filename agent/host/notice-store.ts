@@ -103,12 +103,35 @@ interface LedgerBase {
   granted: Resources;
   actuated?: Resources;
   folded: number;
+  /** The last time the books were made to follow what the hypervisor reported. */
+  resync?: BooksResync;
+}
+
+/**
+ * The books set to what libvirt reported (docs/libvirt.md, "Books"): a domain restarted
+ * with its full persistent vCPUs and memory. Every notice up to `seq` that was final then
+ * no longer counts; those still open (`open`) count by their own end.
+ */
+export interface BooksResync {
+  seq: number;
+  open: string[];
+  at: string;
+  reported: Resources;
+  reason: string;
+  /** The books' granted just before, for the log and the journal. */
+  before: Resources;
 }
 
 /** Whether a notice's change is on the books (see the ledger in booksFor). */
 function counts(rec: HostNoticeRecord): boolean {
   if (rec.notice.kind === 'restore') return rec.state !== 'cancelled' && rec.state !== 'refused';
   return !['late', 'refused', 'cancelled'].includes(rec.state);
+}
+
+/** A notice that was final when the books last followed libvirt (BooksResync). */
+function superseded(rec: HostNoticeRecord, base: LedgerBase | undefined): boolean {
+  const r = base?.resync;
+  return r !== undefined && rec.notice.seq <= r.seq && !r.open.includes(rec.notice.id);
 }
 
 /** The final states, for the operator API and the metrics. */
@@ -194,7 +217,7 @@ export class NoticeStore {
     }
     for (const rec of this.ofGuest(guest)) {
       books.seq = Math.max(books.seq, rec.notice.seq);
-      if (!counts(rec)) continue;
+      if (!counts(rec) || superseded(rec, base)) continue;
       const sign = rec.notice.kind === 'reclaim' ? -1 : 1;
       const moved = bookedChange(rec);
       books.granted = {
@@ -256,14 +279,15 @@ export class NoticeStore {
       if (this.saving.has(rec.notice.id) || rec.cancelPending) break;
       folded.push(rec.notice.id);
       base.seq = Math.max(base.seq, rec.notice.seq);
-      if (counts(rec)) {
+      if (counts(rec) && !superseded(rec, base)) {
         const sign = rec.notice.kind === 'reclaim' ? -1 : 1;
         base.granted = {
           memoryBytes: base.granted.memoryBytes + sign * bookedChange(rec).memoryBytes,
           cpus: addCpus(base.granted.cpus, sign * bookedChange(rec).cpus),
         };
       }
-      if (rec.actuation) base.actuated = rec.actuation.actual ?? rec.actuation.target;
+      if (rec.actuation && !superseded(rec, base))
+        base.actuated = rec.actuation.actual ?? rec.actuation.target;
       base.folded++;
       this.drop(rec);
       excess--;
@@ -282,6 +306,54 @@ export class NoticeStore {
       }
       await this.deleteNoticeFiles(folded);
     });
+  }
+
+  /**
+   * Makes the guest's books equal `reported` (what libvirt says the domain has now) and
+   * journals it durably in the guest's ledger base before returning: every notice final
+   * so far stops counting, those still open count by their own end. Returns the record.
+   */
+  async resync(
+    g: GuestConfig,
+    reported: Resources,
+    reason: string,
+    at: string,
+  ): Promise<BooksResync> {
+    const before = this.booksFor(g);
+    const open = this.ofGuest(g.name)
+      .filter((r) => !FINAL.has(r.state))
+      .map((r) => r.notice.id);
+    const base = this.bases.get(g.name) ?? {
+      seq: 0,
+      granted: { memoryBytes: 0, cpus: 0 },
+      folded: 0,
+    };
+    const resync: BooksResync = {
+      seq: before.seq,
+      open,
+      at,
+      reported: { ...reported },
+      reason,
+      before: { ...before.granted },
+    };
+    base.granted = {
+      memoryBytes: reported.memoryBytes - g.allocation.memoryBytes,
+      cpus: addCpus(reported.cpus, -g.allocation.cpus),
+    };
+    base.actuated = { ...reported };
+    base.resync = resync;
+    this.bases.set(g.name, base);
+    const snapshot: LedgerBase = JSON.parse(JSON.stringify(base)) as LedgerBase;
+    // In the same chain as compaction's writes: an older snapshot never lands after this one.
+    const write = this.pruning.then(() => this.ledger.put(`base.${g.name}`, snapshot));
+    this.pruning = write.catch(() => undefined);
+    await write;
+    return resync;
+  }
+
+  /** The last resync of a guest's books, if any. */
+  lastResync(guest: string): BooksResync | undefined {
+    return this.bases.get(guest)?.resync;
   }
 
   private deleteNotices(ids: string[]): void {

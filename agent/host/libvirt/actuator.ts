@@ -23,7 +23,7 @@
 import type { Resources } from '../../broker/types';
 import { NestError, isNestError, type Problem } from '../../common/errors';
 import type { Logger } from '../../common/log';
-import type { ActuationReport, LibvirtStep, VmActuator } from '../actuator';
+import type { ActuationReport, ApplyContext, LibvirtStep, VmActuator } from '../actuator';
 import { CPU_PERIOD_US } from '../actuator';
 import type { GuestConfig, LibvirtGuestConfig } from '../config';
 import { LibvirtDomains, type DomainView } from './domains';
@@ -108,6 +108,7 @@ export class LibvirtActuator implements VmActuator {
     guest: GuestConfig,
     target: Resources,
     direction: 'down' | 'up',
+    ctx: ApplyContext = {},
   ): Promise<ActuationReport> {
     const lv = libvirtOf(guest);
     const log = this.log.child({ guest: guest.name, domain: lv.domain, direction });
@@ -140,7 +141,7 @@ export class LibvirtActuator implements VmActuator {
       try {
         const step =
           resource === 'cpus'
-            ? await this.cpus(lv, before, target.cpus)
+            ? await this.cpus(lv, before, target.cpus, ctx)
             : await this.memory(lv, before, target.memoryBytes);
         if (step) {
           report.steps!.push(step);
@@ -163,14 +164,19 @@ export class LibvirtActuator implements VmActuator {
       report.errors.push({ step: 'memory', ...codeOf(err) });
       return finish('failed');
     }
-    report.actual = after.resources;
-    return finish(statusOf(before.resources, target, after.resources, lv));
+    report.actual = { ...after.resources };
+    // A vCPU unplug confirmed by QEMU and the guest while libvirt's XML lags: the books
+    // take what is really gone (docs/libvirt.md, "Removal modes").
+    const byGuest = report.steps!.find((s) => s.resource === 'cpus' && s.confirmedBy === 'guest');
+    if (byGuest) report.actual.cpus = byGuest.got;
+    return finish(statusOf(before.resources, target, report.actual, lv));
   }
 
   private async cpus(
     lv: LibvirtGuestConfig,
     before: DomainView,
     want: number,
+    ctx: ApplyContext = {},
   ): Promise<LibvirtStep | null> {
     const from = before.resources.cpus;
     if (sameCpus(from, want)) return null;
@@ -196,6 +202,9 @@ export class LibvirtActuator implements VmActuator {
       };
     }
     let pendingErr: unknown = null;
+    // The guest's report as it stands before the call: only a later one can say the vCPU
+    // went (its outcome came before the unplug, so it still lists every vCPU).
+    const priorReport = ctx.guestReport?.();
     try {
       await this.domains.virsh.setvcpus(lv.domain, want);
     } catch (err) {
@@ -205,17 +214,33 @@ export class LibvirtActuator implements VmActuator {
       this.log.info({ domain: lv.domain }, 'virsh setvcpus timed out waiting; confirming');
     }
     const callMs = this.now() - t0;
+    // libvirt unplugs the highest enabled hotpluggable vCPUs first (the ones the notice's
+    // leavingCpus named: agent/common/cpulist.ts pickLeavingCpus).
+    const leaving = before.info.vcpus.enabled
+      .filter((id) => before.info.vcpus.hotpluggable.includes(id))
+      .sort((a, b) => b - a)
+      .slice(0, Math.max(0, from - want));
+    let byGuest = false;
     const { got, confirmed, ms } = await this.confirm(
       lv.confirmTimeoutMs,
       async () => {
         const v = await this.domains.view(lv);
-        return v.info.vcpus.enabled.length;
+        const seen = v.info.vcpus.enabled.length;
+        if (seen <= want || !pendingErr || want > from) return seen;
+        const gone = await this.goneByGuest(lv, leaving, priorReport, ctx);
+        byGuest = gone > from - seen;
+        return byGuest ? from - gone : seen;
       },
       (got) => got === want,
     );
     // Measured under TCG (docs/libvirt.md, "Figures"): after virsh's own timeout the guest
     // did offline and QEMU eject the vCPU, yet libvirt kept listing it: not confirmed by
     // libvirt, so not done; the guest's online CPUs would say more.
+    if (byGuest)
+      this.log.info(
+        { domain: lv.domain, leaving, got },
+        'vCPU unplug confirmed by QEMU and the guest; libvirt still lists it',
+      );
     const note =
       !confirmed && pendingErr
         ? 'virsh timed out waiting for the guest; libvirt may not see an unplug that completes after that'
@@ -231,7 +256,31 @@ export class LibvirtActuator implements VmActuator {
       confirmMs: ms,
       confirmed,
       ...(note ? { note } : {}),
+      ...(byGuest
+        ? { confirmedBy: 'guest' as const }
+        : confirmed
+          ? { confirmedBy: 'libvirt' as const }
+          : {}),
     };
+  }
+
+  /**
+   * How many of the `leaving` vCPUs are gone by both other witnesses: QEMU (libvirt's
+   * `domstats --vcpu` lists it no more, or not running) and the guest (a report that
+   * arrived after the call, whose online CPUs lack it). Guest CPU numbers are libvirt's
+   * vCPU ids (one vCPU per guest CPU, in order: docs/libvirt.md, "Removal modes").
+   */
+  private async goneByGuest(
+    lv: LibvirtGuestConfig,
+    leaving: readonly number[],
+    prior: ReturnType<NonNullable<ApplyContext['guestReport']>>,
+    ctx: ApplyContext,
+  ): Promise<number> {
+    const report = ctx.guestReport?.();
+    if (!report || report === prior || !report.onlineCpus) return 0;
+    const stats = await this.domains.virsh.domstatsVcpu(lv.domain);
+    const online = new Set(report.onlineCpus);
+    return leaving.filter((id) => !online.has(id) && stats.states.get(id) !== 1).length;
   }
 
   private async memory(

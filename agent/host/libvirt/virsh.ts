@@ -103,6 +103,13 @@ export type DomainState =
   | 'pmsuspended'
   | 'no state';
 
+export interface VcpuStats {
+  current?: number;
+  maximum?: number;
+  /** vCPU id → `vcpu.N.state` (virVcpuState: 0 offline, 1 running, 2 blocked). */
+  states: Map<number, number>;
+}
+
 export interface VcpuCount {
   maximumConfig?: number;
   maximumLive?: number;
@@ -160,6 +167,14 @@ export class Virsh {
       r[key] = Number(m[3]);
     }
     return r;
+  }
+
+  /**
+   * `virsh domstats --vcpu`: per vCPU, libvirt's `vcpu.N.state` (1 running) as it refreshes
+   * it from QEMU, by vCPU id. A vCPU not listed is not one libvirt counts as present.
+   */
+  async domstatsVcpu(domain: string): Promise<VcpuStats> {
+    return parseDomstatsVcpu(await this.run(['domstats', '--vcpu', '--', domain]));
   }
 
   /** `virsh setvcpus --live`: hot-plug or hot-unplug vCPUs of a running domain. */
@@ -226,6 +241,19 @@ export function parseSchedinfo(out: string): SchedInfo {
     const m = /^\s*([A-Za-z_]+)\s*:\s*(\S.*?)\s*$/.exec(line);
     if (!m) continue;
     r[m[1]] = /^-?\d+$/.test(m[2]) ? Number(m[2]) : m[2];
+  }
+  return r;
+}
+
+/** `virsh domstats --vcpu` output (test/fixtures/libvirt/domstats.txt). */
+export function parseDomstatsVcpu(out: string): VcpuStats {
+  const r: VcpuStats = { states: new Map() };
+  for (const line of out.split('\n')) {
+    const m = /^\s*vcpu\.(current|maximum|(\d+)\.state)=(\d+)\s*$/.exec(line);
+    if (!m) continue;
+    if (m[2] !== undefined) r.states.set(Number(m[2]), Number(m[3]));
+    else if (m[1] === 'current') r.current = Number(m[3]);
+    else r.maximum = Number(m[3]);
   }
   return r;
 }

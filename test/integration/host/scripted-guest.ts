@@ -14,6 +14,8 @@ export class ScriptedGuest {
   /** Answer the host's heartbeat pings (false: play a hung agent behind a live socket). */
   answerPings = true;
   opens = 0;
+  /** Added to every hello (capabilities, onlineCpus, memTotal: what a real agent reports). */
+  helloExtra: Partial<Extract<Message, { type: 'hello' }>> = {};
   private waiters: { match: (m: Message) => boolean; resolve: (m: Message) => void }[] = [];
 
   private constructor(
@@ -33,6 +35,7 @@ export class ScriptedGuest {
           projects: [{ name: 'web', priority: 100, state: 'running' }],
         },
         lastSeq: 0,
+        ...this.helloExtra,
       });
     });
     channel.on('message', (m) => {

@@ -17,6 +17,7 @@ import { bookedChange, type HostNoticeRecord } from '../../../../agent/host/noti
 import { LibvirtActuator } from '../../../../agent/host/libvirt/actuator';
 import { LibvirtDomains, resolveAllocations } from '../../../../agent/host/libvirt/domains';
 import { Virsh } from '../../../../agent/host/libvirt/virsh';
+import type { GuestReported } from '../../../../agent/host/guest-connections';
 import { FakeVirsh, MiB } from './fake-virsh';
 
 const KiB = 1024;
@@ -121,6 +122,78 @@ test('unplug: virsh gives up and libvirt never shows the vCPU gone (as measured 
   expect(report.steps).toEqual([
     expect.objectContaining({ call: 'setvcpus', want: 1, got: 2, confirmed: false }),
   ]);
+  expect(report.errors[0].message).toMatch(/virsh timed out waiting for the guest/);
+});
+
+/** The guest's reports as the host broker holds them: a new object per report. */
+function reports(first: number[]) {
+  let current: GuestReported = { onlineCpus: first, at: 'hello', from: 'hello' };
+  return {
+    ctx: { guestReport: () => current },
+    /** A report arriving now (an outcome or hello after the unplug). */
+    arrive(onlineCpus: number[]) {
+      current = { onlineCpus, at: 'later', from: 'outcome' };
+    },
+  };
+}
+
+test('unplug under TCG: libvirt keeps listing the vCPU, QEMU and the guest do not: done, confirmed by the guest', async () => {
+  const { fake, actuator, guest } = await setup({ cpuMode: 'unplug', memoryMode: 'virtio-mem' });
+  const r = reports([0, 1]);
+  let asked = false;
+  fake.guest.setvcpus = () => {
+    asked = true;
+    return { timedOut: true };
+  };
+  let reads = 0;
+  fake.guest.tick = (d) => {
+    // After a few reads the guest has offlined CPU 1 and QEMU ejected it; libvirt's XML
+    // still says 2 (as measured under TCG) and the guest says so in a new report.
+    if (asked && ++reads === 3) {
+      d.qemuVcpus = 1;
+      r.arrive([0]);
+    }
+  };
+  const report = await actuator.apply(guest, { cpus: 1, memoryBytes: 256 * MiB }, 'down', r.ctx);
+  expect(report.status).toBe('done');
+  expect(report.actual).toEqual({ cpus: 1, memoryBytes: 256 * MiB });
+  expect(report.steps).toEqual([
+    expect.objectContaining({
+      call: 'setvcpus',
+      want: 1,
+      got: 1,
+      confirmed: true,
+      confirmedBy: 'guest',
+    }),
+  ]);
+  expect(report.errors).toEqual([]);
+  expect(fake.calls.some((c) => c[0] === 'domstats' && c.includes('--vcpu'))).toBe(true);
+});
+
+test('unplug under TCG: the guest says CPU 1 is offline but QEMU still runs it: failed', async () => {
+  const { fake, actuator, guest } = await setup({ cpuMode: 'unplug', memoryMode: 'virtio-mem' });
+  const r = reports([0, 1]);
+  fake.guest.setvcpus = () => {
+    r.arrive([0]);
+    return { timedOut: true };
+  };
+  const report = await actuator.apply(guest, { cpus: 1, memoryBytes: 256 * MiB }, 'down', r.ctx);
+  expect(report.status).toBe('failed');
+  expect(report.actual?.cpus).toBe(2);
+  expect(report.steps?.[0]).not.toHaveProperty('confirmedBy');
+});
+
+test('unplug under TCG: QEMU ejected the vCPU but no report came from the guest since: failed', async () => {
+  const { fake, actuator, guest } = await setup({ cpuMode: 'unplug', memoryMode: 'virtio-mem' });
+  // The only report is the outcome's, sent before the unplug: it still lists CPU 1.
+  const r = reports([0, 1]);
+  fake.guest.setvcpus = (_want, d) => {
+    d.qemuVcpus = 1;
+    return { timedOut: true };
+  };
+  const report = await actuator.apply(guest, { cpus: 1, memoryBytes: 256 * MiB }, 'down', r.ctx);
+  expect(report.status).toBe('failed');
+  expect(report.actual?.cpus).toBe(2);
   expect(report.errors[0].message).toMatch(/virsh timed out waiting for the guest/);
 });
 

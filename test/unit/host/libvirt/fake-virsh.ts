@@ -24,6 +24,11 @@ export interface SimDomain {
   currentKiB: number;
   balloonKiB: number;
   quota: number;
+  /**
+   * The vCPUs QEMU still runs, as `domstats --vcpu` lists them (default: libvirt's
+   * enabled ones). Under TCG QEMU ejects a vCPU that libvirt's XML keeps listing.
+   */
+  qemuVcpus?: number;
 }
 
 export interface GuestBehaviour {
@@ -122,6 +127,14 @@ export class FakeVirsh {
       case 'setmem':
         this.guest.setmem?.(Number(val('--size').replace(/KiB$/, '')), this.d);
         return ok();
+      case 'domstats': {
+        // The recorded format (test/fixtures/libvirt/domstats.txt): a vCPU QEMU no longer
+        // runs is not listed.
+        const n = this.d.qemuVcpus ?? this.d.vcpus;
+        const lines = [`Domain: 'nbfix'`, `  vcpu.current=${this.d.vcpus}`, '  vcpu.maximum=4'];
+        for (let i = 0; i < n; i++) lines.push(`  vcpu.${i}.state=1`, `  vcpu.${i}.time=0`);
+        return ok(lines.join('\n') + '\n\n');
+      }
       case 'dommemstat':
         return ok(`actual ${this.d.balloonKiB}\nlast_update 0\nrss 48252\n\n`);
       default:

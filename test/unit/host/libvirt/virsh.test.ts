@@ -12,6 +12,7 @@ import {
   Virsh,
   execVirsh,
   parseDommemstat,
+  parseDomstatsVcpu,
   parseSchedinfo,
 } from '../../../../agent/host/libvirt/virsh';
 import { fixture } from './fake-virsh';
@@ -97,4 +98,15 @@ test('recorded dommemstat and schedinfo output', async () => {
     global_period: 100000,
     global_quota: 150000,
   });
+});
+
+test('recorded domstats --vcpu: each vCPU libvirt lists and its state', async () => {
+  const stats = parseDomstatsVcpu(await fixture('domstats.txt'));
+  expect(stats.current).toBe(3);
+  expect(stats.maximum).toBe(4);
+  expect([...stats.states]).toEqual([
+    [0, 1],
+    [1, 1],
+    [2, 1],
+  ]);
 });

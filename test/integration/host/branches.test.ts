@@ -4,106 +4,63 @@
  * and the VM cgroup are all real; the guest is a ScriptedGuest on a real socket that
  * answers as each story needs (rejects, fails, agrees to a cancel, stops answering pings).
  */
-import { promises as fs, readFileSync } from 'node:fs';
-import os from 'node:os';
+import { readFileSync } from 'node:fs';
 import path from 'node:path';
-import { silentLogger } from '../../../agent/common/log';
-import { HostBroker } from '../../../agent/host/host-broker';
 import { newMessageId } from '../../../agent/protocol/messages';
 import { waitFor } from '../../../demo/stack';
-import { openTestAdapter, type TestAdapter } from '../../helpers/cgroup-root';
-import { startOneGuestBroker } from './one-guest-broker';
-import { ScriptedGuest } from './scripted-guest';
+import { scriptedGuestScene } from './one-guest-broker';
 
 const MiB = 1024 * 1024;
-const log = silentLogger();
-let t: TestAdapter;
-let dir: string;
-let guest: ScriptedGuest;
-let broker: HostBroker;
+const scene = scriptedGuestScene('branches', { heartbeatTimeout: '300ms', cancelTimeoutMs: 2000 });
 
 const kernel = (ctrl: string, file: string): string =>
-  readFileSync(path.join('/sys/fs/cgroup', ctrl, t.rootName, 'vm1', file), 'utf8').trim();
-const VM_LIMITS = {
-  memory: { max: 1024 * MiB },
-  cpu: { max: { quotaUs: 200_000, periodUs: 100_000 } },
-};
-
-beforeAll(async () => {
-  t = await openTestAdapter('branches');
-  await t.adapter.create('vm1', VM_LIMITS);
-});
-afterAll(async () => {
-  await t?.dispose();
-});
-
-beforeEach(async () => {
-  await t.adapter.setLimits('vm1', VM_LIMITS);
-  dir = await fs.mkdtemp(path.join(os.tmpdir(), 'nb-host-branches-'));
-  const channel = path.join(dir, 'vm1.sock');
-  guest = await ScriptedGuest.listen('vm1', channel);
-  broker = await startOneGuestBroker({
-    dir,
-    root: t.rootName,
-    adapter: t.adapter,
-    channel,
-    log,
-    heartbeatTimeout: '300ms',
-    cancelTimeoutMs: 2000,
-  });
-});
-
-afterEach(async () => {
-  await broker?.stop();
-  await guest?.close();
-  await fs.rm(dir, { recursive: true, force: true });
-});
+  readFileSync(path.join('/sys/fs/cgroup', ctrl, scene.t.rootName, 'vm1', file), 'utf8').trim();
 
 const reclaim = (force = false, deadlineMs = 5000) =>
-  broker.issue('reclaim', {
+  scene.broker.issue('reclaim', {
     guest: 'vm1',
     change: { memoryBytes: 256 * MiB, cpus: 0.5 },
     deadlineMs,
     force,
   });
-const granted = () => broker.status('vm1').books.granted;
+const granted = () => scene.broker.status('vm1').books.granted;
 
 test('one ping from the guest gets exactly one pong (the channel answers; the broker does not answer again)', async () => {
   const id = newMessageId();
-  guest.send({ type: 'ping', id, t: 42 });
-  await guest.next('pong', 2000, (p) => p.replyTo === id);
+  scene.guest.send({ type: 'ping', id, t: 42 });
+  await scene.guest.next('pong', 2000, (p) => p.replyTo === id);
   await new Promise((r) => setTimeout(r, 300)); // room for a second pong, if one were sent
-  const pongs = guest.received.filter((m) => m.type === 'pong' && m.replyTo === id);
+  const pongs = scene.guest.received.filter((m) => m.type === 'pong' && m.replyTo === id);
   expect(pongs).toHaveLength(1);
   expect(pongs[0]).toMatchObject({ t: 42 });
 });
 
 test('a guest that stops answering pings is dropped by the heartbeat and reconnected with backoff', async () => {
-  expect(guest.opens).toBe(1);
-  guest.answerPings = false; // a hung agent behind a live socket: only the heartbeat sees it
+  expect(scene.guest.opens).toBe(1);
+  scene.guest.answerPings = false; // a hung agent behind a live socket: only the heartbeat sees it
   await waitFor(
     'the host to drop the silent guest',
-    async () => !broker.status('vm1').connected,
+    async () => !scene.broker.status('vm1').connected,
     3000,
     20,
   );
-  guest.answerPings = true;
+  scene.guest.answerPings = true;
   await waitFor(
     'the host to reconnect',
-    async () => guest.opens >= 2 && broker.status('vm1').connected,
+    async () => scene.guest.opens >= 2 && scene.broker.status('vm1').connected,
     3000,
     20,
   );
   // Each connection was greeted: hello → welcome again.
-  expect(guest.received.filter((m) => m.type === 'welcome').length).toBeGreaterThanOrEqual(2);
+  expect(scene.guest.received.filter((m) => m.type === 'welcome').length).toBeGreaterThanOrEqual(2);
 });
 
 test('a guest that rejects the notice: refused with its code, the books give it back, the VM is untouched', async () => {
   const { record, done } = await reclaim();
   expect(granted()).toEqual({ memoryBytes: 768 * MiB, cpus: 1.5 }); // booked at issue
-  const msg = await guest.next('notice');
+  const msg = await scene.guest.next('notice');
   expect(msg.notice.id).toBe(record.notice.id);
-  guest.ack(msg.id, msg.notice.id, 'rejected', {
+  scene.guest.ack(msg.id, msg.notice.id, 'rejected', {
     code: 'NOTICE_STALE',
     message: 'seq: stale: notice seq 1 is not after 7, already applied',
   });
@@ -117,9 +74,9 @@ test('a guest that rejects the notice: refused with its code, the books give it 
 
 test('a guest outcome with status failed: refused without --force (nothing taken), carried out with it', async () => {
   const first = await reclaim();
-  let msg = await guest.next('notice');
-  guest.ack(msg.id, msg.notice.id, 'accepted');
-  guest.outcome(msg.notice, 'failed', { memoryBytes: 0, cpus: 0 });
+  let msg = await scene.guest.next('notice');
+  scene.guest.ack(msg.id, msg.notice.id, 'accepted');
+  scene.guest.outcome(msg.notice, 'failed', { memoryBytes: 0, cpus: 0 });
   const r = await first.done;
   expect(r).toMatchObject({ state: 'refused', error: { code: 'NOTICE_REJECTED' } });
   expect(r.outcome?.status).toBe('failed');
@@ -128,9 +85,9 @@ test('a guest outcome with status failed: refused without --force (nothing taken
   expect(kernel('memory', 'memory.limit_in_bytes')).toBe(String(1024 * MiB));
 
   const forced = await reclaim(true);
-  msg = await guest.next('notice', 5000, (m) => m.notice.id === forced.record.notice.id);
-  guest.ack(msg.id, msg.notice.id, 'accepted');
-  guest.outcome(msg.notice, 'failed', { memoryBytes: 0, cpus: 0 });
+  msg = await scene.guest.next('notice', 5000, (m) => m.notice.id === forced.record.notice.id);
+  scene.guest.ack(msg.id, msg.notice.id, 'accepted');
+  scene.guest.outcome(msg.notice, 'failed', { memoryBytes: 0, cpus: 0 });
   const f = await forced.done;
   expect(f.state).toBe('done');
   expect(f.actuation?.errors).toEqual([]);
@@ -141,47 +98,57 @@ test('a guest outcome with status failed: refused without --force (nothing taken
 
 test('cancel before the deadline: the guest agrees, the books give it back, the VM is untouched', async () => {
   const { record, done } = await reclaim();
-  const msg = await guest.next('notice');
-  guest.ack(msg.id, msg.notice.id, 'accepted');
-  await waitFor('acked', async () => broker.notice(record.notice.id)?.state === 'acked', 2000, 10);
-  const cancelled = broker.cancel(record.notice.id);
-  const c = await guest.next('cancel');
+  const msg = await scene.guest.next('notice');
+  scene.guest.ack(msg.id, msg.notice.id, 'accepted');
+  await waitFor(
+    'acked',
+    async () => scene.broker.notice(record.notice.id)?.state === 'acked',
+    2000,
+    10,
+  );
+  const cancelled = scene.broker.cancel(record.notice.id);
+  const c = await scene.guest.next('cancel');
   expect(c.noticeId).toBe(record.notice.id);
-  guest.ack(c.id, c.noticeId, 'cancelled');
+  scene.guest.ack(c.id, c.noticeId, 'cancelled');
   expect(await cancelled).toMatchObject({ state: 'cancelled' });
   expect((await done).state).toBe('cancelled');
   expect(granted()).toEqual({ memoryBytes: 1024 * MiB, cpus: 2 });
   expect(kernel('memory', 'memory.limit_in_bytes')).toBe(String(1024 * MiB));
   // A guest that sends an outcome anyway changes nothing: the notice stays cancelled.
-  guest.outcome(msg.notice, 'complete');
+  scene.guest.outcome(msg.notice, 'complete');
   await new Promise((r) => setTimeout(r, 200));
-  expect(broker.notice(record.notice.id)?.state).toBe('cancelled');
+  expect(scene.broker.notice(record.notice.id)?.state).toBe('cancelled');
   expect(kernel('memory', 'memory.limit_in_bytes')).toBe(String(1024 * MiB));
 });
 
 test('cancel refused when the guest has already started (not-cancellable): the reclaim goes on to its outcome', async () => {
   const { record, done } = await reclaim();
-  const msg = await guest.next('notice');
-  guest.ack(msg.id, msg.notice.id, 'accepted');
-  await waitFor('acked', async () => broker.notice(record.notice.id)?.state === 'acked', 2000, 10);
-  const cancelled = broker.cancel(record.notice.id).catch((e: unknown) => e);
-  const c = await guest.next('cancel');
-  guest.ack(c.id, c.noticeId, 'not-cancellable');
+  const msg = await scene.guest.next('notice');
+  scene.guest.ack(msg.id, msg.notice.id, 'accepted');
+  await waitFor(
+    'acked',
+    async () => scene.broker.notice(record.notice.id)?.state === 'acked',
+    2000,
+    10,
+  );
+  const cancelled = scene.broker.cancel(record.notice.id).catch((e: unknown) => e);
+  const c = await scene.guest.next('cancel');
+  scene.guest.ack(c.id, c.noticeId, 'not-cancellable');
   expect(await cancelled).toMatchObject({ code: 'NOTICE_REJECTED' });
-  guest.outcome(msg.notice, 'complete');
+  scene.guest.outcome(msg.notice, 'complete');
   expect((await done).state).toBe('done');
   expect(kernel('memory', 'memory.limit_in_bytes')).toBe(String(768 * MiB));
 });
 
 test('cancel after the deadline is refused, and a late guest without --force costs it nothing', async () => {
   const { record, done } = await reclaim(false, 300);
-  const msg = await guest.next('notice');
-  guest.ack(msg.id, msg.notice.id, 'accepted'); // …and then never an outcome
+  const msg = await scene.guest.next('notice');
+  scene.guest.ack(msg.id, msg.notice.id, 'accepted'); // …and then never an outcome
   const r = await done;
   expect(r).toMatchObject({ state: 'late', late: true, error: { code: 'GUEST_LATE' } });
   // The host told the guest it gave up.
-  expect((await guest.next('cancel')).noticeId).toBe(record.notice.id);
-  await expect(broker.cancel(record.notice.id)).rejects.toMatchObject({
+  expect((await scene.guest.next('cancel')).noticeId).toBe(record.notice.id);
+  await expect(scene.broker.cancel(record.notice.id)).rejects.toMatchObject({
     code: 'NOTICE_REJECTED',
     problems: [{ field: 'id', message: expect.stringContaining('late') }],
   });
@@ -190,12 +157,12 @@ test('cancel after the deadline is refused, and a late guest without --force cos
 });
 
 test("a guest whose hello lists no 'plan' capability is never sent a plan: the host says why", async () => {
-  await waitFor('vm1 connected', async () => broker.status('vm1').connected);
-  const err = (await broker
+  await waitFor('vm1 connected', async () => scene.broker.status('vm1').connected);
+  const err = (await scene.broker
     .askPlan('vm1', 'reclaim', { memoryBytes: 512 * MiB, cpus: 1 })
     .catch((e: unknown) => e)) as Error & { code: string };
   expect(err.code).toBe('PROTOCOL_VERSION');
   expect(err.message).toContain('does not offer a dry run');
   await new Promise((r) => setTimeout(r, 200)); // room for a plan message, if one were sent
-  expect(guest.received.filter((m) => m.type === 'plan')).toEqual([]);
+  expect(scene.guest.received.filter((m) => m.type === 'plan')).toEqual([]);
 });

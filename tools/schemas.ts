@@ -28,6 +28,7 @@ export const SCHEMAS: Readonly<Record<string, ZodTypeAny>> = {
   progress: S.ProgressSchema,
   outcome: S.OutcomeMsgSchema,
   'outcome-part': S.OutcomePartSchema,
+  facts: S.FactsMsgSchema,
   cancel: S.CancelSchema,
   plan: S.PlanRequestSchema,
   'plan-result': S.PlanResultSchema,

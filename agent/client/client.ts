@@ -63,6 +63,12 @@ export interface ClientOptions {
    * hello and every outcome; none when absent.
    */
   facts?(): { onlineCpus?: number[]; memTotal?: number };
+  /**
+   * How often the facts are read again to send a `facts` message when they changed
+   * (docs/protocol.md, "facts (guest → host)"); default 1000 ms: two small kernel files a
+   * second. 0: never.
+   */
+  factsIntervalMs?: number;
   clock?: Clock;
 }
 
@@ -114,6 +120,9 @@ export class Client {
   private offsets: number[] = [];
   /** Our pings in flight (id → sent at, local monotonic): their pongs time the channel. */
   private readonly pings = new Map<string, number>();
+  /** The facts as last sent on this connection (hello, outcome, facts), as JSON; null: none. */
+  private factsSent: string | null = null;
+  private factsTimer: NodeJS.Timeout | null = null;
 
   constructor(private readonly opts: ClientOptions) {
     this.channel = opts.channel;
@@ -126,6 +135,7 @@ export class Client {
       this.peerCaps = null;
       this.offsets = [];
       this.pings.clear();
+      this.stopFacts();
     });
     // Messages are handled one after another, in the order they came: two notices in
     // flight at once must be checked (seq) and journaled in order.
@@ -142,6 +152,8 @@ export class Client {
     this.open = true;
     this.peerCaps = null;
     this.legacyHello = false;
+    this.factsSent = null;
+    this.stopFacts();
     void this.hello();
   }
 
@@ -176,7 +188,9 @@ export class Client {
       // The guest's CPUs and memory as its kernel has them, so the host can confirm a
       // removal (docs/protocol.md, "hello (guest → host)"). Left out of a legacy hello:
       // a broker older than capabilities is older than these fields too.
-      Object.assign(hello, this.facts());
+      const f = this.facts();
+      Object.assign(hello, f);
+      this.factsSent = JSON.stringify(f);
     }
     this.helloId = hello.id;
     this.send(hello);
@@ -225,6 +239,36 @@ export class Client {
     );
     // What waited for the welcome (an outcome over one line) goes now, in parts or cut.
     this.sendOwed();
+    // A host that takes the facts hears when they change: a vCPU unplug completes after
+    // our outcome (docs/protocol.md, "facts (guest → host)").
+    const every = this.opts.factsIntervalMs ?? 1000;
+    if (this.peerCaps.has(CAP_CPU_UNPLUG) && this.opts.facts && every > 0) {
+      this.stopFacts();
+      this.factsTimer = setInterval(() => this.checkFacts(), every);
+      this.factsTimer.unref();
+      this.checkFacts();
+    }
+  }
+
+  /**
+   * Reads the facts and sends a `facts` message when they differ from what this
+   * connection last sent; false when nothing went (unchanged, no such host, channel down).
+   */
+  checkFacts(): boolean {
+    if (!this.open || !this.peerCaps?.has(CAP_CPU_UNPLUG)) return false;
+    const f = this.facts();
+    if (f.onlineCpus === undefined && f.memTotal === undefined) return false;
+    const key = JSON.stringify(f);
+    if (key === this.factsSent) return false;
+    if (!this.send({ type: 'facts', id: newMessageId(), ...f })) return false;
+    this.factsSent = key;
+    this.log.debug({ ...f }, 'sent the changed online CPUs / MemTotal');
+    return true;
+  }
+
+  private stopFacts(): void {
+    if (this.factsTimer) clearInterval(this.factsTimer);
+    this.factsTimer = null;
   }
 
   /** An `error` naming our hello's unknown `capabilities` field: a broker older than them. */
@@ -425,14 +469,19 @@ export class Client {
     // The CPUs and memory the guest has as it answers, to a host that takes them
     // (docs/protocol.md, "outcome (guest → host)"), when they still fit the line.
     const last = msgs[msgs.length - 1];
+    let factsKey: string | null = null;
     if (this.peerCaps?.has(CAP_CPU_UNPLUG) && last.type === 'outcome') {
-      const withFacts = { ...last, ...this.facts() };
-      if (Buffer.byteLength(JSON.stringify(withFacts)) + 1 <= MAX_LINE_BYTES)
+      const f = this.facts();
+      const withFacts = { ...last, ...f };
+      if (Buffer.byteLength(JSON.stringify(withFacts)) + 1 <= MAX_LINE_BYTES) {
         msgs[msgs.length - 1] = withFacts;
+        factsKey = JSON.stringify(f);
+      }
     }
     for (const msg of msgs) {
       if (!this.send(msg)) return; // cut short: still owed, sent again after the next hello
     }
+    if (factsKey !== null) this.factsSent = factsKey;
     this.owed.delete(outcome.noticeId);
     // The next notice's margin counts the channel as it is now, not as it was at the welcome.
     this.ping();

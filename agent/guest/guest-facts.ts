@@ -5,6 +5,7 @@
  * can confirm that a removal took place. Paths injectable for tests.
  */
 import { readFileSync } from 'node:fs';
+import * as path from 'node:path';
 import { parseCpuList } from '../common/cpulist';
 
 export interface GuestFacts {
@@ -22,6 +23,20 @@ export const DEFAULT_FACT_PATHS: FactPaths = Object.freeze({
   meminfo: '/proc/meminfo',
 });
 
+/**
+ * The paths under NESTBROKER_SYSROOT when it is set (a directory standing for `/`, for
+ * tests of the real daemon with fake files, as the prerequisites in agent/guest/agent.ts),
+ * the real ones otherwise.
+ */
+export function factPathsFromEnv(env: NodeJS.ProcessEnv = process.env): FactPaths {
+  const root = env.NESTBROKER_SYSROOT;
+  if (!root) return DEFAULT_FACT_PATHS;
+  return {
+    cpuOnline: path.join(root, DEFAULT_FACT_PATHS.cpuOnline),
+    meminfo: path.join(root, DEFAULT_FACT_PATHS.meminfo),
+  };
+}
+
 /** MemTotal in bytes from /proc/meminfo's text ("MemTotal:  2030456 kB"); undefined if absent. */
 export function memTotalOf(meminfo: string): number | undefined {
   const m = /^MemTotal:\s+(\d+)\s*kB\s*$/m.exec(meminfo);
@@ -30,7 +45,8 @@ export function memTotalOf(meminfo: string): number | undefined {
 
 /**
  * The facts, or only those that could be read (a file missing leaves its field out).
- * Synchronous: two small kernel files, read as an outcome is sent (a few µs each).
+ * Synchronous: two small kernel files, read as a hello or outcome is sent and once a
+ * second for the `facts` message (a few µs each).
  */
 export function readGuestFacts(paths: FactPaths = DEFAULT_FACT_PATHS): Partial<GuestFacts> {
   const read = (f: string): string | null => {

@@ -14,7 +14,7 @@ import { VirtioSerialChannel } from '../transport/virtio-serial';
 import { Client } from '../client/client';
 import type { NoticeBook } from '../client/notices';
 import type { GuestConfig } from './config';
-import { readGuestFacts } from './guest-facts';
+import { readGuestFacts, factPathsFromEnv } from './guest-facts';
 
 export interface Upstream {
   connected(): boolean;
@@ -66,8 +66,17 @@ export async function openUpstream(
         `upstream.transport ${JSON.stringify((up as { transport: string }).transport)} is unknown`,
       );
   }
-  // The kernel's online CPUs and MemTotal go with the hello and every outcome (guest-facts.ts).
-  const client = new Client({ channel, book, inventory, plan, log, facts: () => readGuestFacts() });
+  // The kernel's online CPUs and MemTotal go with the hello and every outcome, and in a
+  // `facts` message when they change (guest-facts.ts; docs/protocol.md, "facts (guest → host)").
+  const factPaths = factPathsFromEnv();
+  const client = new Client({
+    channel,
+    book,
+    inventory,
+    plan,
+    log,
+    facts: () => readGuestFacts(factPaths),
+  });
   if (channel.connected) client.opened();
   return {
     connected: () => channel.connected,

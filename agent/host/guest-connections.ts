@@ -46,8 +46,8 @@ export interface Link {
   hello?: Hello;
   helloAt?: string;
   /**
-   * The guest kernel's online CPUs and MemTotal as it last reported them (hello or
-   * outcome, docs/protocol.md "hello (guest → host)"): what confirms a real removal. Kept
+   * The guest kernel's online CPUs and MemTotal as it last reported them (hello, outcome
+   * or facts, docs/protocol.md "facts (guest → host)"): what confirms a real removal. Kept
    * across reconnects: the last word until the next one.
    */
   reported?: GuestReported;
@@ -65,7 +65,7 @@ export interface GuestReported {
   memTotal?: number;
   /** When it was received, and in which message. */
   at: string;
-  from: 'hello' | 'outcome';
+  from: 'hello' | 'outcome' | 'facts';
 }
 
 /** The guest's report in a hello or outcome message, or undefined when it has none. */
@@ -242,6 +242,12 @@ export abstract class GuestConnections extends EventEmitter {
           log.error({ err }, 'could not record an outcome'),
         );
       }
+      case 'facts':
+        // The guest's kernel changed (a vCPU went after its outcome): the actuator's confirm
+        // wait reads this (agent/host/libvirt/actuator.ts; docs/libvirt.md, "Removal modes").
+        link.reported = reportedOf(msg, 'facts', new Date()) ?? link.reported;
+        log.debug({ reported: link.reported }, 'guest reported its online CPUs / MemTotal');
+        return;
       // The channel answers every ping itself (agent/transport/channel.ts, answerPings):
       // answering here too would send two pongs for one ping. Pongs feed the heartbeat of
       // ReconnectingChannel (agent/transport/reconnect.ts), not the broker.

@@ -78,6 +78,8 @@ export type Progress = z.infer<typeof S.ProgressSchema>;
  * outcome is whole.
  */
 export type OutcomeMsg = z.infer<typeof S.OutcomeMsgSchema>;
+/** The guest's online CPUs and MemTotal, sent when they change (docs/protocol.md, "facts (guest → host)"). */
+export type FactsMsg = z.infer<typeof S.FactsMsgSchema>;
 /**
  * One chunk of an outcome's per-project results, for an outcome too large for one line
  * (≈ 340 bytes a project: more than ~190 projects overflow MAX_LINE_BYTES). Parts

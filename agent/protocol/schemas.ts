@@ -272,6 +272,24 @@ export const OutcomeMsgSchema = z
   })
   .strict();
 
+/**
+ * guest → host, unasked: the guest kernel's online CPUs and MemTotal changed since the
+ * guest last sent them on this connection (docs/protocol.md, "facts (guest → host)"). Only
+ * to a host whose welcome listed cpu-unplug: it is what confirms a vCPU unplug that
+ * completes after the outcome.
+ */
+export const FactsMsgSchema = z
+  .object({
+    type: z.literal('facts'),
+    id,
+    onlineCpus: CpuListSchema.describe(
+      'the CPUs online in the guest now (/sys/devices/system/cpu/online)',
+    ).optional(),
+    memTotal: bytes.describe('MemTotal of the guest now, in bytes (/proc/meminfo)').optional(),
+  })
+  .strict()
+  .describe('guest → host, when the online CPUs or MemTotal changed');
+
 export const OutcomePartSchema = z
   .object({
     type: z.literal('outcome-part'),
@@ -351,6 +369,7 @@ export const MessageSchema = z
     ProgressSchema,
     OutcomeMsgSchema,
     OutcomePartSchema,
+    FactsMsgSchema,
     CancelSchema,
     PlanRequestSchema,
     PlanResultSchema,

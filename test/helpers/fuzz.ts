@@ -176,6 +176,7 @@ export function validMessages(rng: Rng): Record<string, unknown>[] {
         ms: 10,
       },
     },
+    { type: 'facts', id: id(), onlineCpus: [0, 1], memTotal: 2 * 1024 ** 3 },
     { type: 'cancel', id: id(), noticeId: 'n-1' },
     { type: 'plan', id: id(), kind: 'reclaim', allocation: res() },
     {
@@ -277,6 +278,7 @@ const TYPES = [
   'ack',
   'progress',
   'outcome',
+  'facts',
   'cancel',
   'plan',
   'plan-result',

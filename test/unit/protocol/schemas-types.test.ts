@@ -17,6 +17,7 @@ test('every message type of the union is listed, and only those', () => {
     progress: true,
     outcome: true,
     'outcome-part': true,
+    facts: true,
     cancel: true,
     plan: true,
     'plan-result': true,

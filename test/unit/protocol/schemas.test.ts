@@ -84,6 +84,7 @@ const good: Message[] = [
     count: 2,
     projects: outcome.projects,
   },
+  { type: 'facts', id: 'f1', onlineCpus: [0], memTotal: 2 ** 31 },
   { type: 'cancel', id: 'c1', noticeId: 'n-1' },
   { type: 'plan', id: 'pl1', kind: 'reclaim', allocation: { cpus: 1, memoryBytes: 2 ** 30 } },
   {

@@ -3,7 +3,9 @@
  * hello, then from each outcome, and shows it per guest (`nestctl guests --json` is
  * broker.guests()). The guest side is the real Client and NoticeBook on a real unix
  * channel; its kernel facts are scripted so that the outcome can say a CPU went away,
- * as it would after the host unplugged it.
+ * as it would after the host unplugged it. A change after the outcome (the unplug comes
+ * after it) reaches the host unasked, in a `facts` message (docs/protocol.md, "facts
+ * (guest → host)").
  */
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
@@ -58,6 +60,8 @@ beforeAll(async () => {
     log,
     inventory: async () => ({ cpus: 2, memoryBytes: 1024 * MiB, projects: [] }),
     facts: () => facts,
+    // Read often so the test need not wait a second; what is sent does not depend on it.
+    factsIntervalMs: 50,
   });
   broker = await startOneGuestBroker({
     dir,
@@ -102,4 +106,21 @@ test('the hello reports the guest kernel’s CPUs and memory; the outcome report
     memTotal: 768 * MiB,
     from: 'outcome',
   });
+});
+
+test('a change after the outcome reaches the host in a facts message, which it keeps as reported', async () => {
+  const afterOutcome = broker.status('vm1').reported!;
+  expect(afterOutcome.from).toBe('outcome');
+  // The kernel changes with no notice in flight (a vCPU ejected after the outcome).
+  facts = { onlineCpus: [0], memTotal: 512 * MiB };
+  await waitFor(
+    'the facts report',
+    async () => broker.status('vm1').reported?.from === 'facts',
+    10_000,
+    20,
+  );
+  const r = broker.status('vm1').reported!;
+  expect(r).toMatchObject({ onlineCpus: [0], memTotal: 512 * MiB, from: 'facts' });
+  expect(Date.parse(r.at)).toBeGreaterThanOrEqual(Date.parse(afterOutcome.at));
+  expect(JSON.parse(JSON.stringify(broker.guests()))[0].reported.from).toBe('facts');
 });

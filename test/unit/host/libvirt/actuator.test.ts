@@ -130,9 +130,9 @@ function reports(first: number[]) {
   let current: GuestReported = { onlineCpus: first, at: 'hello', from: 'hello' };
   return {
     ctx: { guestReport: () => current },
-    /** A report arriving now (an outcome or hello after the unplug). */
-    arrive(onlineCpus: number[]) {
-      current = { onlineCpus, at: 'later', from: 'outcome' };
+    /** A report arriving now (an outcome, hello or facts message after the unplug). */
+    arrive(onlineCpus: number[], from: GuestReported['from'] = 'outcome') {
+      current = { onlineCpus, at: 'later', from };
     },
   };
 }
@@ -195,6 +195,34 @@ test('unplug under TCG: QEMU ejected the vCPU but no report came from the guest 
   expect(report.status).toBe('failed');
   expect(report.actual?.cpus).toBe(2);
   expect(report.errors[0].message).toMatch(/virsh timed out waiting for the guest/);
+});
+
+test('unplug under TCG: the guest’s facts message arrives seconds into the confirm wait: done, confirmed by the guest', async () => {
+  const { fake, actuator, guest } = await setup({ cpuMode: 'unplug', memoryMode: 'virtio-mem' });
+  // The outcome (before the unplug) still lists CPU 1; QEMU ejects the vCPU at the call.
+  const r = reports([0, 1]);
+  let asked = false;
+  fake.guest.setvcpus = (_want, d) => {
+    asked = true;
+    d.qemuVcpus = 1;
+    return { timedOut: true };
+  };
+  let reads = 0;
+  fake.guest.tick = () => {
+    // The guest's once-a-second check sees CPU 1 offline only on the 6th re-read: the
+    // actuator must read the broker's latest report on every re-read, not once.
+    if (asked && ++reads === 6) r.arrive([0], 'facts');
+  };
+  const report = await actuator.apply(guest, { cpus: 1, memoryBytes: 256 * MiB }, 'down', r.ctx);
+  expect(report.status).toBe('done');
+  expect(report.actual?.cpus).toBe(1);
+  const step = report.steps?.[0];
+  expect(step).toMatchObject({ call: 'setvcpus', got: 1, confirmed: true, confirmedBy: 'guest' });
+  // Confirmed by that report, seconds (of the injected clock) into the wait, before the
+  // 10 s confirmTimeout.
+  expect(step?.confirmMs).toBeGreaterThanOrEqual(1000);
+  expect(step?.confirmMs).toBeLessThan(10_000);
+  expect(report.errors).toEqual([]);
 });
 
 test('unplug refused by QEMU: failed, its stderr in the error, nothing moved', async () => {

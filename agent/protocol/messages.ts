@@ -10,7 +10,8 @@
  * Flow: hello → welcome; notice|restore → ack → progress* → outcome-part* → outcome;
  * cancel → ack;
  * plan → plan-result (a dry run: the guest's plan for an allocation; nothing changes);
- * ping → pong; anything invalid → error (the connection and all state stay).
+ * ping → pong; facts (guest → host, unasked, when its online CPUs or MemTotal change);
+ * anything invalid → error (the connection and all state stay).
  * Only resource targets cross the channel: nothing in a message is ever executed.
  */
 import { randomUUID } from 'node:crypto';
@@ -40,7 +41,7 @@ export const CAP_MONOTONIC_CLOCK = 'monotonic-clock';
 /**
  * Real CPU removal (docs/protocol.md, "Versions and capabilities"). Listed by a guest: it
  * takes `leavingCpus` in a reclaim and moves its projects off them first. Listed by a host:
- * it takes `onlineCpus` and `memTotal` on an outcome.
+ * it takes `onlineCpus` and `memTotal` on an outcome, and the `facts` message.
  */
 export const CAP_CPU_UNPLUG = 'cpu-unplug';
 /** What this implementation lists in its `hello` (guest) and `welcome` (host). */

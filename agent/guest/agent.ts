@@ -27,6 +27,7 @@ import type { MetricsServer } from '../common/metrics';
 import type { Resources } from '../broker/types';
 import type { Hello, PlanResult } from '../protocol/messages';
 import { planResultBody } from './plan-view';
+import { underSysroot } from './guest-facts';
 import { NoticeBook } from '../client/notices';
 import { minimumsAbove, type GuestConfig } from './config';
 import { GuestBroker, type AllocationBook } from './executor';
@@ -42,22 +43,6 @@ import {
   missingPrerequisites,
   type PrerequisitePaths,
 } from './prerequisites';
-
-/**
- * The prerequisites' paths under NESTBROKER_SYSROOT when it is set (a directory standing for
- * `/`, for tests of the real daemon with fake files), the real ones otherwise.
- */
-function prerequisitePathsFromEnv(): PrerequisitePaths {
-  const root = process.env.NESTBROKER_SYSROOT;
-  if (!root) return DEFAULT_PREREQUISITE_PATHS;
-  const under = (p: string): string => path.join(root, p);
-  return {
-    cmdline: under(DEFAULT_PREREQUISITE_PATHS.cmdline),
-    autoOnlineBlocks: under(DEFAULT_PREREQUISITE_PATHS.autoOnlineBlocks),
-    acpi: under(DEFAULT_PREREQUISITE_PATHS.acpi),
-    cpuRoot: under(DEFAULT_PREREQUISITE_PATHS.cpuRoot),
-  };
-}
 
 export interface GuestAgentOptions {
   log: Logger;
@@ -135,7 +120,9 @@ export class GuestAgent implements OperatorTarget {
   ): Promise<GuestAgent> {
     for (const w of cfg.warnings) log.warn({ field: w.field, value: w.value }, w.message);
     // docs/guest-agent.md, "Prerequisites for real removal": one line each that is missing.
-    for (const m of missingPrerequisites(opts.prerequisites ?? prerequisitePathsFromEnv()))
+    for (const m of missingPrerequisites(
+      opts.prerequisites ?? underSysroot(DEFAULT_PREREQUISITE_PATHS),
+    ))
       log.warn({ prerequisite: m.name }, `prerequisite missing: ${m.message}`);
     // mkdir -p returns the first directory it made: everything under it is this start's.
     const madeState = await fsp.mkdir(cfg.stateDir, { recursive: true, mode: 0o700 });

@@ -24,17 +24,22 @@ export const DEFAULT_FACT_PATHS: FactPaths = Object.freeze({
 });
 
 /**
- * The paths under NESTBROKER_SYSROOT when it is set (a directory standing for `/`, for
- * tests of the real daemon with fake files, as the prerequisites in agent/guest/agent.ts),
- * the real ones otherwise.
+ * Each of `paths` under NESTBROKER_SYSROOT when it is set (a directory standing for `/`, for
+ * tests of the real daemon with fake files), the paths as given otherwise. One rule for
+ * every set of kernel files the guest reads: these facts and the prerequisites
+ * (agent/guest/prerequisites.ts).
  */
-export function factPathsFromEnv(env: NodeJS.ProcessEnv = process.env): FactPaths {
+export function underSysroot<T extends object>(paths: T, env: NodeJS.ProcessEnv = process.env): T {
   const root = env.NESTBROKER_SYSROOT;
-  if (!root) return DEFAULT_FACT_PATHS;
-  return {
-    cpuOnline: path.join(root, DEFAULT_FACT_PATHS.cpuOnline),
-    meminfo: path.join(root, DEFAULT_FACT_PATHS.meminfo),
-  };
+  if (!root) return paths;
+  return Object.fromEntries(
+    Object.entries(paths).map(([k, v]) => [k, path.join(root, v as string)]),
+  ) as T;
+}
+
+/** The fact files under NESTBROKER_SYSROOT when it is set, the real ones otherwise. */
+export function factPathsFromEnv(env: NodeJS.ProcessEnv = process.env): FactPaths {
+  return underSysroot(DEFAULT_FACT_PATHS, env);
 }
 
 /** MemTotal in bytes from /proc/meminfo's text ("MemTotal:  2030456 kB"); undefined if absent. */

@@ -57,10 +57,21 @@ const DROPPED_CAPS = '-sys_admin,-setpcap';
  * The programs that give a child its cgroup namespace, or why it cannot have one here:
  * unshare and setpriv missing, or this process may not create a cgroup namespace (no
  * CAP_SYS_ADMIN, as under a unit whose CapabilityBoundingSet lacks it) or not drop a
- * capability (no CAP_SETPCAP). Tried once with /bin/true, the same chain a child runs.
+ * capability (no CAP_SETPCAP). Tried once per process with /bin/true, the same chain a
+ * child runs: the agent's start-up asks (agent/guest/projects.ts) and every spawnInto with
+ * cgroupNamespace after it gets the same answer, without a second spawnSync.
  */
-export function cgroupNamespaceSupport():
-  { ok: true; unshare: string; setpriv: string } | { ok: false; reason: string } {
+export function cgroupNamespaceSupport(): NamespaceSupport {
+  support ??= probeCgroupNamespace();
+  return support;
+}
+
+type NamespaceSupport =
+  { ok: true; unshare: string; setpriv: string } | { ok: false; reason: string };
+
+let support: NamespaceSupport | undefined;
+
+function probeCgroupNamespace(): NamespaceSupport {
   const unshare = findProgram('unshare');
   const setpriv = findProgram('setpriv');
   if (!unshare || !setpriv)
@@ -80,8 +91,6 @@ export function cgroupNamespaceSupport():
     };
   return { ok: true, unshare, setpriv };
 }
-
-let support: ReturnType<typeof cgroupNamespaceSupport> | undefined;
 
 /** Exit code of the gate shell when the gate closes without the go-ahead. */
 export const GATE_CLOSED_EXIT = 125;
@@ -117,7 +126,7 @@ export async function spawnInto(
   let uid = opts.uid;
   let gid = opts.gid;
   if (opts.cgroupNamespace) {
-    support ??= cgroupNamespaceSupport();
+    const support = cgroupNamespaceSupport();
     if (!support.ok)
       throw new CgroupError(
         'UNSUPPORTED',

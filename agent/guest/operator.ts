@@ -28,17 +28,30 @@ interface ChangeArgs {
   reason: string;
 }
 
+/** An argument the command does not take, one problem each, naming the ones it does. */
+function unknownArgs(args: Record<string, unknown>, known: readonly string[]): Problem[] {
+  return Object.keys(args)
+    .filter((k) => !known.includes(k))
+    .map((k) => ({
+      field: k,
+      value: args[k],
+      message: `unknown argument (known: ${known.join(', ')})`,
+    }));
+}
+
+/** Every problem of an operator's arguments at once (CONTRIBUTING.md). */
+function throwIfProblems(problems: Problem[]): void {
+  if (problems.length > 0)
+    throw new NestError(
+      'INPUT_INVALID',
+      problems.map((p) => `${p.field}: ${p.message}`).join('; '),
+      { problems },
+    );
+}
+
 /** `--memory`, `--cpus`, `--deadline`, `--reason` → numbers, or every problem at once. */
 export function parseChangeArgs(args: Record<string, unknown>, kind: NoticeKind): ChangeArgs {
-  const problems: Problem[] = [];
-  const known = new Set(['memory', 'cpus', 'deadline', 'reason']);
-  for (const k of Object.keys(args))
-    if (!known.has(k))
-      problems.push({
-        field: k,
-        value: args[k],
-        message: `unknown argument (known: ${[...known].join(', ')})`,
-      });
+  const problems = unknownArgs(args, ['memory', 'cpus', 'deadline', 'reason']);
   let memoryBytes = 0;
   let cpus = 0;
   if (args.memory !== undefined) {
@@ -69,12 +82,7 @@ export function parseChangeArgs(args: Record<string, unknown>, kind: NoticeKind)
       value: undefined,
       message: `a ${kind} needs --memory and/or --cpus (how much ${kind === 'reclaim' ? 'goes away' : 'comes back'})`,
     });
-  if (problems.length > 0)
-    throw new NestError(
-      'INPUT_INVALID',
-      problems.map((p) => `${p.field}: ${p.message}`).join('; '),
-      { problems },
-    );
+  throwIfProblems(problems);
   return {
     change: { memoryBytes, cpus },
     deadlineMs,
@@ -214,20 +222,10 @@ export function registerOperatorApi(
   );
   // Operator stop / start of one project (agent/guest/supervisor.ts).
   const projectArg = (args: Record<string, unknown>): string => {
-    const problems: Problem[] = [];
-    for (const k of Object.keys(args))
-      if (k !== 'project')
-        problems.push({ field: k, value: args[k], message: 'unknown argument (known: project)' });
+    const problems = unknownArgs(args, ['project']);
     if (typeof args.project !== 'string')
       problems.push({ field: 'project', value: args.project, message: 'must be a project name' });
-    if (problems.length > 0)
-      throw new NestError(
-        'INPUT_INVALID',
-        problems.map((p) => `${p.field}: ${p.message}`).join('; '),
-        {
-          problems,
-        },
-      );
+    throwIfProblems(problems);
     // An unknown name is PROJECT_UNKNOWN from the supervisor (the registry's config lookup).
     return args.project as string;
   };

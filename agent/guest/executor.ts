@@ -52,7 +52,7 @@ import type { ProjectNoticeBoard } from './project-notices';
 import { stopProject, type SendSignal, type StopCgroup } from './stopper';
 import { faultPoint } from '../common/fault';
 import type { UsageSampler } from './usage';
-import { readGuestFacts, type GuestFacts } from './guest-facts';
+import { factPathsFromEnv, readGuestFacts, type GuestFacts } from './guest-facts';
 import { formatCpuList } from '../common/cpulist';
 
 export interface AllocationBook {
@@ -92,10 +92,15 @@ const STOPPED_LIMITS: ProjectLimits = { memoryHigh: 0, memoryMax: 0, cpuMax: 0 }
 export class GuestBroker implements LocalBroker {
   readonly name: string;
   /**
-   * The guest kernel's online CPUs and MemTotal (guest-facts.ts), read for each plan and
-   * each notice naming leaving CPUs; a test points it at its own files.
+   * Where the guest kernel's online CPUs and MemTotal are read (guest-facts.ts) for each
+   * plan and each notice naming leaving CPUs: the same files, NESTBROKER_SYSROOT included,
+   * as the hello and the facts messages (agent/guest/upstream.ts), so a plan and what the
+   * host is told agree.
    */
-  readFacts: () => Partial<GuestFacts> = () => readGuestFacts();
+  private readonly factPaths = factPathsFromEnv();
+  private readFacts(): Partial<GuestFacts> {
+    return readGuestFacts(this.factPaths);
+  }
 
   constructor(
     private cfg: GuestConfig,

@@ -24,7 +24,7 @@ import type { Resources } from '../../broker/types';
 import { NestError, isNestError, type Problem } from '../../common/errors';
 import type { Logger } from '../../common/log';
 import type { ActuationReport, ApplyContext, LibvirtStep, VmActuator } from '../actuator';
-import { CPU_PERIOD_US } from '../actuator';
+import { CPU_PERIOD_US, codeOf } from '../actuator';
 import type { GuestConfig, LibvirtGuestConfig } from '../config';
 import { LibvirtDomains, type DomainView } from './domains';
 
@@ -404,9 +404,4 @@ export function statusOf(
   if (parts.every((p) => p === 'done')) return 'done';
   if (parts.every((p) => p === 'stuck')) return 'failed';
   return 'partial';
-}
-
-function codeOf(err: unknown): { code: string; message: string } {
-  if (isNestError(err)) return { code: err.code, message: err.message };
-  return { code: 'INTERNAL', message: err instanceof Error ? err.message : String(err) };
 }

@@ -126,13 +126,17 @@ export class LibvirtActuator implements VmActuator {
       log.info({ report }, 'VM actuated through libvirt');
       return report;
     };
-    let before: DomainView;
-    try {
-      before = await this.domains.view(lv);
-    } catch (err) {
-      report.errors.push({ step: 'cpus', ...codeOf(err) });
-      return finish('failed');
-    }
+    // A domain libvirt cannot show us (down, virsh failing) fails the whole actuation.
+    const view = async (step: 'cpus' | 'memory'): Promise<DomainView | null> => {
+      try {
+        return await this.domains.view(lv);
+      } catch (err) {
+        report.errors.push({ step, ...codeOf(err) });
+        return null;
+      }
+    };
+    const before = await view('cpus');
+    if (!before) return finish('failed');
     report.before = before.resources;
     // Down: memory first (as the raw path: the larger, slower step); up: CPUs first.
     const order: ('cpus' | 'memory')[] =
@@ -157,13 +161,8 @@ export class LibvirtActuator implements VmActuator {
         log.error({ err, resource }, 'libvirt actuation step failed');
       }
     }
-    let after: DomainView;
-    try {
-      after = await this.domains.view(lv);
-    } catch (err) {
-      report.errors.push({ step: 'memory', ...codeOf(err) });
-      return finish('failed');
-    }
+    const after = await view('memory');
+    if (!after) return finish('failed');
     report.actual = { ...after.resources };
     // A vCPU unplug confirmed by QEMU and the guest while libvirt's XML lags: the books
     // take what is really gone (docs/libvirt.md, "Removal modes").

@@ -26,7 +26,7 @@ import type { Logger } from '../../common/log';
 import type { ActuationReport, ApplyContext, LibvirtStep, VmActuator } from '../actuator';
 import { CPU_PERIOD_US, codeOf } from '../actuator';
 import type { GuestConfig, LibvirtGuestConfig } from '../config';
-import { LibvirtDomains, type DomainView } from './domains';
+import { LibvirtDomains, quotaCpus, type DomainView } from './domains';
 
 /** A balloon's `actual` within this of the target counts as reached. */
 export const BALLOON_TOLERANCE_BYTES = 1024 * 1024;
@@ -188,7 +188,7 @@ export class LibvirtActuator implements VmActuator {
       });
       const callMs = this.now() - t0;
       const q = sched.global_quota;
-      const got = typeof q === 'number' && q > 0 ? q / CPU_PERIOD_US : before.info.vcpus.current;
+      const got = quotaCpus(sched, before.info.vcpus.current) ?? before.info.vcpus.current;
       return {
         resource: 'cpus',
         call: 'schedinfo',

@@ -26,7 +26,7 @@ import type { Logger } from '../../common/log';
 import type { ActuationReport, ApplyContext, LibvirtStep, VmActuator } from '../actuator';
 import { CPU_PERIOD_US, codeOf } from '../actuator';
 import type { GuestConfig, LibvirtGuestConfig } from '../config';
-import { LibvirtDomains, quotaCpus, type DomainView } from './domains';
+import { LibvirtDomains, quotaCpus, resourcesOf, type DomainView } from './domains';
 
 /** A balloon's `actual` within this of the target counts as reached. */
 export const BALLOON_TOLERANCE_BYTES = 1024 * 1024;
@@ -223,8 +223,8 @@ export class LibvirtActuator implements VmActuator {
     const { got, confirmed, ms } = await this.confirm(
       lv.confirmTimeoutMs,
       async () => {
-        const v = await this.domains.view(lv);
-        const seen = v.info.vcpus.enabled.length;
+        // The live XML alone: a view() would also ask dommemstat every poll (balloon).
+        const seen = (await this.domains.running(lv.domain)).vcpus.enabled.length;
         if (seen <= want || !pendingErr || want > from) return seen;
         const gone = await this.goneByGuest(lv, leaving, priorReport, ctx);
         byGuest = gone > from - seen;
@@ -311,7 +311,8 @@ export class LibvirtActuator implements VmActuator {
       const callMs = this.now() - t0;
       const { got, confirmed, ms } = await this.confirm(
         lv.confirmTimeoutMs,
-        async () => (await this.domains.view(lv)).resources.memoryBytes,
+        // virtio-mem's size is in the live XML alone (resourcesOf): no schedinfo per poll.
+        async () => resourcesOf(await this.domains.running(lv.domain), lv).memoryBytes,
         (got) => got === wantTotal,
       );
       return {

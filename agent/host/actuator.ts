@@ -162,7 +162,8 @@ export class CgroupQmpActuator implements VmActuator {
   }
 }
 
-function codeOf(err: unknown): { code: string; message: string } {
+/** The code and message of a failed step, for an ActuationReport's errors. */
+export function codeOf(err: unknown): { code: string; message: string } {
   if (isNestError(err)) return { code: err.code, message: err.message };
   const e = err as { code?: unknown; message?: unknown };
   return {

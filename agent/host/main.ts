@@ -276,7 +276,10 @@ export function hostReloader(
     log.info({ trigger, config: file }, 'reload: reading the config');
     let next: Readonly<HostConfig>;
     try {
+      // As at start (startHostLocked): a libvirt guest without an allocation in the file
+      // gets the domain's, or the diff would see its allocation drop to 0.
       next = await loadHostConfig(file);
+      if (host.domains) next = await resolveAllocations(next, host.domains.virsh);
     } catch (err) {
       if (!isNestError(err)) throw err;
       return refuse(

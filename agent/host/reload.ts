@@ -13,8 +13,8 @@
  *                     replayed over the new allocation); a new channel is reconnected
  *   trigger, logLevel in force at once
  *
- * What the broker bound at start (stateDir, socket, socketGroup, socketMode, cgroup,
- * metrics, heartbeat, reconnect, limits) keeps its old value, named in a warning.
+ * What the broker bound at start (hypervisor, stateDir, socket, socketGroup, socketMode,
+ * cgroup, metrics, heartbeat, reconnect, limits) keeps its old value, named in a warning.
  * diffHostConfig and reloadProblems are pure.
  */
 import type { Problem } from '../common/errors';
@@ -22,6 +22,8 @@ import type { Logger } from '../common/log';
 import type { GuestConfig, HostConfig } from './config';
 
 export const HOST_RESTART_KEYS = [
+  // The actuator, virsh and the channels are chosen by it at start (agent/host/main.ts).
+  'hypervisor',
   'stateDir',
   'socket',
   'socketGroup',

@@ -15,6 +15,7 @@ import { hostUsage, processRows, type ProcessRow } from '../../cgroup-adapter/ho
 import type { CgroupAdapter, GroupUsage, Limits } from '../../cgroup-adapter/types';
 import type { Logger } from '../common/log';
 import type { Resources } from '../broker/types';
+import { missing } from './books';
 import type { HostConfig } from './config';
 import type { HostBroker } from './host-broker';
 import {
@@ -478,13 +479,9 @@ export class Watcher {
   private async giveBackStep(now: number, host: HostObservation): Promise<GiveBackDecision> {
     const candidates: GiveBackCandidate[] = this.cfg.guests.map((g) => {
       const st = this.broker.status(g.name);
-      const room = {
-        memoryBytes: Math.max(0, st.books.allocation.memoryBytes - st.books.granted.memoryBytes),
-        cpus: Math.max(
-          0,
-          Math.round((st.books.allocation.cpus - st.books.granted.cpus) * 1000) / 1000,
-        ),
-      };
+      // allocation − granted, as the books compute it (agent/host/books.ts), never below 0.
+      const gap = missing(st.books);
+      const room = { memoryBytes: Math.max(0, gap.memoryBytes), cpus: Math.max(0, gap.cpus) };
       return {
         name: g.name,
         priority: g.priority,

@@ -24,9 +24,9 @@ import type { Resources } from '../../broker/types';
 import { NestError, isNestError, type Problem } from '../../common/errors';
 import type { Logger } from '../../common/log';
 import type { ActuationReport, ApplyContext, LibvirtStep, VmActuator } from '../actuator';
-import { CPU_PERIOD_US } from '../actuator';
+import { CPU_PERIOD_US, codeOf } from '../actuator';
 import type { GuestConfig, LibvirtGuestConfig } from '../config';
-import { LibvirtDomains, type DomainView } from './domains';
+import { LibvirtDomains, quotaCpus, resourcesOf, type DomainView } from './domains';
 
 /** A balloon's `actual` within this of the target counts as reached. */
 export const BALLOON_TOLERANCE_BYTES = 1024 * 1024;
@@ -126,13 +126,17 @@ export class LibvirtActuator implements VmActuator {
       log.info({ report }, 'VM actuated through libvirt');
       return report;
     };
-    let before: DomainView;
-    try {
-      before = await this.domains.view(lv);
-    } catch (err) {
-      report.errors.push({ step: 'cpus', ...codeOf(err) });
-      return finish('failed');
-    }
+    // A domain libvirt cannot show us (down, virsh failing) fails the whole actuation.
+    const view = async (step: 'cpus' | 'memory'): Promise<DomainView | null> => {
+      try {
+        return await this.domains.view(lv);
+      } catch (err) {
+        report.errors.push({ step, ...codeOf(err) });
+        return null;
+      }
+    };
+    const before = await view('cpus');
+    if (!before) return finish('failed');
     report.before = before.resources;
     // Down: memory first (as the raw path: the larger, slower step); up: CPUs first.
     const order: ('cpus' | 'memory')[] =
@@ -157,13 +161,8 @@ export class LibvirtActuator implements VmActuator {
         log.error({ err, resource }, 'libvirt actuation step failed');
       }
     }
-    let after: DomainView;
-    try {
-      after = await this.domains.view(lv);
-    } catch (err) {
-      report.errors.push({ step: 'memory', ...codeOf(err) });
-      return finish('failed');
-    }
+    const after = await view('memory');
+    if (!after) return finish('failed');
     report.actual = { ...after.resources };
     // A vCPU unplug confirmed by QEMU and the guest while libvirt's XML lags: the books
     // take what is really gone (docs/libvirt.md, "Removal modes").
@@ -189,7 +188,7 @@ export class LibvirtActuator implements VmActuator {
       });
       const callMs = this.now() - t0;
       const q = sched.global_quota;
-      const got = typeof q === 'number' && q > 0 ? q / CPU_PERIOD_US : before.info.vcpus.current;
+      const got = quotaCpus(sched, before.info.vcpus.current) ?? before.info.vcpus.current;
       return {
         resource: 'cpus',
         call: 'schedinfo',
@@ -224,8 +223,8 @@ export class LibvirtActuator implements VmActuator {
     const { got, confirmed, ms } = await this.confirm(
       lv.confirmTimeoutMs,
       async () => {
-        const v = await this.domains.view(lv);
-        const seen = v.info.vcpus.enabled.length;
+        // The live XML alone: a view() would also ask dommemstat every poll (balloon).
+        const seen = (await this.domains.running(lv.domain)).vcpus.enabled.length;
         if (seen <= want || !pendingErr || want > from) return seen;
         const gone = await this.goneByGuest(lv, leaving, priorReport, ctx);
         byGuest = gone > from - seen;
@@ -312,7 +311,8 @@ export class LibvirtActuator implements VmActuator {
       const callMs = this.now() - t0;
       const { got, confirmed, ms } = await this.confirm(
         lv.confirmTimeoutMs,
-        async () => (await this.domains.view(lv)).resources.memoryBytes,
+        // virtio-mem's size is in the live XML alone (resourcesOf): no schedinfo per poll.
+        async () => resourcesOf(await this.domains.running(lv.domain), lv).memoryBytes,
         (got) => got === wantTotal,
       );
       return {
@@ -404,9 +404,4 @@ export function statusOf(
   if (parts.every((p) => p === 'done')) return 'done';
   if (parts.every((p) => p === 'stuck')) return 'failed';
   return 'partial';
-}
-
-function codeOf(err: unknown): { code: string; message: string } {
-  if (isNestError(err)) return { code: err.code, message: err.message };
-  return { code: 'INTERNAL', message: err instanceof Error ? err.message : String(err) };
 }

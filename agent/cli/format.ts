@@ -179,6 +179,24 @@ export function fmtBytes(v: number | 'max' | undefined | null): string {
   return formatBytes(v);
 }
 
+/** One process's cells in a `top` or `status` table: pid, CPU share, RSS, running, command. */
+export function processCells(p: {
+  pid: number;
+  cpuPct: number;
+  rssBytes: number;
+  elapsedMs: number;
+  cmdline: string;
+  comm: string;
+}): (string | number)[] {
+  return [
+    p.pid,
+    `${p.cpuPct.toFixed(1)}%`,
+    fmtBytes(p.rssBytes),
+    formatMs(p.elapsedMs),
+    p.cmdline || p.comm,
+  ];
+}
+
 export function fmtLimits(l: ProjectLimits | undefined): string {
   if (!l) return '-';
   const mem =

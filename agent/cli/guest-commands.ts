@@ -22,6 +22,7 @@ import {
   formatOutcome,
   newestFirst,
   formatProgress,
+  processCells,
   formatReload,
   json,
   type ReloadAnswer,
@@ -98,16 +99,7 @@ export function topText(v: TopView): string {
           '',
           table(
             ['project', 'pid', 'cpu', 'rss', 'running', 'command'],
-            rows.flatMap((r) =>
-              (r.processes ?? []).map((p) => [
-                r.name,
-                p.pid,
-                `${p.cpuPct.toFixed(1)}%`,
-                fmtBytes(p.rssBytes),
-                formatMs(p.elapsedMs),
-                p.cmdline || p.comm,
-              ]),
-            ),
+            rows.flatMap((r) => (r.processes ?? []).map((p) => [r.name, ...processCells(p)])),
           ),
         ]
       : []),

@@ -27,6 +27,7 @@ import {
   formatOutcome,
   formatReload,
   newestFirst,
+  processCells,
   type ReloadAnswer,
   json,
   runCommand,
@@ -215,15 +216,7 @@ export function processesTable(vms: VmProcesses[]): string {
     if (v.error) rows.push([v.guest, '-', '-', '-', '-', `(${v.error})`]);
     else if (v.processes.length === 0)
       rows.push([v.guest, '-', '-', '-', '-', v.group ? '(no process)' : '(no cgroup configured)']);
-    for (const p of v.processes)
-      rows.push([
-        v.guest,
-        p.pid,
-        `${p.cpuPct.toFixed(1)}%`,
-        fmtBytes(p.rssBytes),
-        formatMs(p.elapsedMs),
-        p.cmdline || p.comm,
-      ]);
+    for (const p of v.processes) rows.push([v.guest, ...processCells(p)]);
   }
   return table(['guest', 'pid', 'cpu', 'rss', 'running', 'command'], rows);
 }

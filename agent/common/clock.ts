@@ -58,11 +58,6 @@ export function fromWall(wall: string | number | Date, clock: Clock = systemCloc
   return clock.monotonic() + (t - clock.now());
 }
 
-/** A monotonic instant as wall time, for display only (it moves when the wall clock steps). */
-export function toWall(mono: number, clock: Clock = systemClock): Date {
-  return new Date(clock.now() + (mono - clock.monotonic()));
-}
-
 let bootIdCache: string | undefined;
 
 /**

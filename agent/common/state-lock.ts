@@ -16,9 +16,10 @@
  * come after the winner's create (microseconds apart). flock(2) would close it; Node does
  * not have it.
  */
-import { promises as fsp, readFileSync } from 'node:fs';
+import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { NestError } from './errors';
+import { knownNow } from './proc';
 
 export const LOCK_FILE = 'lock';
 
@@ -28,18 +29,12 @@ interface Holder {
   start: number;
 }
 
-/** The start time of a live pid, or undefined when /proc has no such process. */
+/**
+ * The start time of a live pid, or undefined when /proc has no such process. One reader
+ * of /proc/<pid>/stat serves the lock and the project processes (agent/common/proc.ts).
+ */
 export function processStart(pid: number): number | undefined {
-  let stat: string;
-  try {
-    stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  } catch {
-    return undefined;
-  }
-  // comm (field 2) is in parentheses and may hold spaces or ')': count from the last ')'.
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  const start = Number(fields[22 - 3]);
-  return Number.isFinite(start) ? start : undefined;
+  return knownNow(pid)?.start;
 }
 
 function parseHolder(text: string): Holder | undefined {

@@ -21,8 +21,7 @@ import * as path from 'node:path';
 import type { Logger } from '../common/log';
 import type { ProjectNotice } from '../broker/types';
 import { LineDecoder, encode } from '../protocol/framing';
-
-const MAX_PROJECT_LINE = 4096;
+import { MAX_PROJECT_LINE_BYTES } from '../protocol/project-schemas';
 
 interface Subscriber {
   sock: net.Socket;
@@ -148,7 +147,7 @@ export class ProjectNoticeBoard {
   }
 
   private serve(sock: net.Socket): void {
-    const decoder = new LineDecoder(MAX_PROJECT_LINE);
+    const decoder = new LineDecoder(MAX_PROJECT_LINE_BYTES);
     let sub: Subscriber | null = null;
     sock.on('error', () => undefined);
     sock.on('close', () => {

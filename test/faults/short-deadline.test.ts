@@ -31,6 +31,18 @@ const VM1: FaultGuest = {
   ],
 };
 
+/** The reclaim every story here starts with: batch's 30 s grace cannot fit in its 3 s. */
+const RECLAIM_768_MIB_IN_3S = [
+  'reclaim',
+  'vm1',
+  '--memory',
+  '768MiB',
+  '--cpus',
+  '1',
+  '--deadline',
+  '3s',
+];
+
 interface Ctl {
   code: number | null;
   stdout: string;
@@ -87,17 +99,7 @@ describe('a 3 s deadline against a 30 s grace period', () => {
   });
 
   test('the guest kills in time: kill, journal and outcome before the deadline; exit 0, books consistent', async () => {
-    const r = await hostctl(s, [
-      'reclaim',
-      'vm1',
-      '--memory',
-      '768MiB',
-      '--cpus',
-      '1',
-      '--deadline',
-      '3s',
-      '--json',
-    ]);
+    const r = await hostctl(s, [...RECLAIM_768_MIB_IN_3S, '--json']);
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
     const n = JSON.parse(r.stdout) as NoticeView;
@@ -136,17 +138,7 @@ describe('a guest agent stopped past the deadline', () => {
 
   test('its late outcome is reconciled: the books follow what the guest did, the VM is lowered', async () => {
     const agent = s.run('vm1').proc!.child;
-    const pending = hostctl(s, [
-      'reclaim',
-      'vm1',
-      '--memory',
-      '768MiB',
-      '--cpus',
-      '1',
-      '--deadline',
-      '3s',
-      '--json',
-    ]);
+    const pending = hostctl(s, [...RECLAIM_768_MIB_IN_3S, '--json']);
     // In the middle of batch's grace: it has had its SIGTERM (and ignored it).
     await waitFor('batch to ignore its SIGTERM', async () =>
       s.count('vm1', 'batch', 'ignored') > 0 ? true : undefined,
@@ -191,16 +183,7 @@ describe('a guest agent stopped past the deadline', () => {
 
   test('a restore that reaches it after its deadline is carried out when it wakes: books = guest', async () => {
     const agent = s.run('vm1').proc!.child;
-    const down = await hostctl(s, [
-      'reclaim',
-      'vm1',
-      '--memory',
-      '768MiB',
-      '--cpus',
-      '1',
-      '--deadline',
-      '3s',
-    ]);
+    const down = await hostctl(s, RECLAIM_768_MIB_IN_3S);
     expect(down.code).toBe(0);
     agent.kill('SIGSTOP');
     let r: Ctl;

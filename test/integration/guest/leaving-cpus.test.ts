@@ -72,6 +72,23 @@ function notice(
   };
 }
 
+/**
+ * Sends notice `cpu-n<seq>` (message `m<seq>`): the reclaim of one CPU, `leaving`, down to
+ * an allocation of 1 CPU; resolves once its outcome has arrived.
+ */
+async function reclaimOneCpu(h: Host, seq: number, leaving: number): Promise<void> {
+  const n = notice({
+    id: `cpu-n${seq}`,
+    seq,
+    kind: 'reclaim',
+    change: { cpus: 1, memoryBytes: 0 },
+    allocation: { cpus: 1, memoryBytes: 4 * GiB },
+    leavingCpus: [leaving],
+  });
+  h.ch.send({ type: 'notice', id: `m${seq}`, notice: n });
+  await waitFor(`the outcome of ${n.id}`, () => h.atOutcome.has(n.id));
+}
+
 beforeAll(async () => {
   g = await GuestUnderTest.start(
     'guest-leaving',
@@ -116,16 +133,7 @@ test('a reclaim naming CPU 1 moves the cpusets off it before its outcome; a CPU 
   expect(cpusets()).toEqual({ web: '0-1', batch: '0-1' });
 
   // 1. The reclaim of CPU 1.
-  const n1 = notice({
-    id: 'cpu-n1',
-    seq: 1,
-    kind: 'reclaim',
-    change: { cpus: 1, memoryBytes: 0 },
-    allocation: { cpus: 1, memoryBytes: 4 * GiB },
-    leavingCpus: [1],
-  });
-  h.ch.send({ type: 'notice', id: 'm1', notice: n1 });
-  await waitFor('the first outcome', () => h.atOutcome.has('cpu-n1'));
+  await reclaimOneCpu(h, 1, 1);
   expect(h.inbox.find((m) => m.type === 'ack' && m.replyTo === 'm1')).toMatchObject({
     state: 'accepted',
   });
@@ -191,16 +199,7 @@ test('a reclaim naming CPU 1 moves the cpusets off it before its outcome; a CPU 
 
   // 4. The set is the host's, not "the last ones": CPU 0 leaving pins to CPU 1 (a plan
   // that only counted CPUs would have kept 0).
-  const n4 = notice({
-    id: 'cpu-n4',
-    seq: 4,
-    kind: 'reclaim',
-    change: { cpus: 1, memoryBytes: 0 },
-    allocation: { cpus: 1, memoryBytes: 4 * GiB },
-    leavingCpus: [0],
-  });
-  h.ch.send({ type: 'notice', id: 'm4', notice: n4 });
-  await waitFor('the fourth outcome', () => h.atOutcome.has('cpu-n4'));
+  await reclaimOneCpu(h, 4, 0);
   expect(h.atOutcome.get('cpu-n4')).toEqual({ web: '1', batch: '1' });
   await h.ch.close();
 });

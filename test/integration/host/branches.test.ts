@@ -163,6 +163,8 @@ test("a guest whose hello lists no 'plan' capability is never sent a plan: the h
     .catch((e: unknown) => e)) as Error & { code: string };
   expect(err.code).toBe('PROTOCOL_VERSION');
   expect(err.message).toContain('does not offer a dry run');
-  await new Promise((r) => setTimeout(r, 200)); // room for a plan message, if one were sent
+  // The host pings every heartbeat interval on the same ordered socket: once a ping sent
+  // after the refusal has arrived, a plan sent with it would have arrived before it.
+  await scene.guest.next('ping');
   expect(scene.guest.received.filter((m) => m.type === 'plan')).toEqual([]);
 });

@@ -12,28 +12,11 @@ import type { NoticeView } from '../../../agent/host/api';
 import { HOST_EXIT } from '../../../agent/cli/host-commands';
 import { EXIT } from '../../../agent/cli/format';
 import { NESTBROKER, NESTCTL, Stack, waitFor, type GuestRun } from '../../../demo/stack';
+import { webGuests } from './web-guests';
 
 const MiB = 1024 * 1024;
 const root = `nestbroker-test-${process.pid}-life`;
-const guests = ['vm1', 'vm2'].map((name, i) => ({
-  name,
-  priority: 10 * (i + 1),
-  memory: '1GiB',
-  cpus: 2,
-  floor: { memory: '256MiB', cpus: 0.5 },
-  projects: [
-    {
-      name: 'web',
-      priority: 100,
-      memoryMin: '64MiB',
-      memoryMax: '256MiB',
-      cpuMin: 0.1,
-      cpuMax: 0.5,
-      holdMiB: 8,
-      burn: 0.01,
-    },
-  ],
-}));
+const guests = webGuests(['vm1', 'vm2']);
 const kernel = (ctrl: string, group: string, file: string): string =>
   readFileSync(path.join('/sys/fs/cgroup', ctrl, root, group, file), 'utf8').trim();
 

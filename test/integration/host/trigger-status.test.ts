@@ -19,6 +19,7 @@ import path from 'node:path';
 import { rpcCall } from '../../../agent/common/rpc';
 import type { NoticeView } from '../../../agent/host/api';
 import { NESTCTL, Stack, waitFor } from '../../../demo/stack';
+import { webGuests } from './web-guests';
 
 jest.setTimeout(90_000);
 
@@ -27,25 +28,7 @@ const root = `nestbroker-test-${process.pid}-trigstat`;
 const memTotal =
   Number(/^MemTotal:\s+(\d+) kB/m.exec(readFileSync('/proc/meminfo', 'utf8'))![1]) * 1024;
 const threshold = memTotal + 1024 * MiB;
-const guests = ['vm1', 'vm2'].map((name, i) => ({
-  name,
-  priority: 10 * (i + 1),
-  memory: '1GiB',
-  cpus: 2,
-  floor: { memory: '256MiB', cpus: 0.5 },
-  projects: [
-    {
-      name: 'web',
-      priority: 100,
-      memoryMin: '64MiB',
-      memoryMax: '256MiB',
-      cpuMin: 0.1,
-      cpuMax: 0.5,
-      holdMiB: 8,
-      burn: 0.01,
-    },
-  ],
-}));
+const guests = webGuests(['vm1', 'vm2']);
 
 let dir: string;
 let stack: Stack;

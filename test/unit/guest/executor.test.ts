@@ -26,35 +26,30 @@ const Gi = 1024 * Mi;
 /** Above pid_max (PID_MAX_LIMIT, 2^22): no real process can have these pids. */
 const PID = { web: 4_200_001, batch: 4_200_002, cache: 4_200_003 };
 
+/** A project of the config: its memory and CPU ranges and its stop grace period. */
+const project = (
+  name: keyof typeof PID,
+  priority: number,
+  memory: [string, string],
+  cpu: [number, number],
+  gracePeriod: string,
+) => ({
+  name,
+  priority,
+  memory: { min: memory[0], max: memory[1] },
+  cpu: { min: cpu[0], max: cpu[1] },
+  stop: { gracePeriod },
+  command: { argv: ['/bin/true'] },
+});
+
 const cfg = validateGuestConfig(
   {
     guest: 'g1',
     reserve: { memory: 0, cpus: 0 },
     projects: [
-      {
-        name: 'web',
-        priority: 100,
-        memory: { min: '256MiB', max: '1GiB' },
-        cpu: { min: 0.5, max: 2 },
-        stop: { gracePeriod: '2s' },
-        command: { argv: ['/bin/true'] },
-      },
-      {
-        name: 'batch',
-        priority: 10,
-        memory: { min: '64MiB', max: '512MiB' },
-        cpu: { min: 0.1, max: 1 },
-        stop: { gracePeriod: '150ms' },
-        command: { argv: ['/bin/true'] },
-      },
-      {
-        name: 'cache',
-        priority: 5,
-        memory: { min: '64MiB', max: '256MiB' },
-        cpu: { min: 0.1, max: 1 },
-        stop: { gracePeriod: '1s' },
-        command: { argv: ['/bin/true'] },
-      },
+      project('web', 100, ['256MiB', '1GiB'], [0.5, 2], '2s'),
+      project('batch', 10, ['64MiB', '512MiB'], [0.1, 1], '150ms'),
+      project('cache', 5, ['64MiB', '256MiB'], [0.1, 1], '1s'),
     ],
   },
   'executor test',

@@ -59,6 +59,22 @@ class RecordingSource implements HostSource {
   memoryPsi = async () => undefined;
 }
 
+/** The emitter of an agent that connects and says hello for `g` on the next turn. */
+const helloingAgent = (g: { name: string }): EventEmitter => {
+  const ee = new EventEmitter();
+  setImmediate(() => {
+    ee.emit('open');
+    ee.emit('message', {
+      type: 'hello',
+      id: `hello-${g.name}`,
+      version: PROTOCOL_VERSION,
+      guest: g.name,
+      inventory: { cpus: 2, memoryBytes: 1024 * MiB, projects: [] },
+      lastSeq: 0,
+    });
+  });
+  return ee;
+};
 /** A guest channel that never connects (the notice waits in the journal). */
 const awayChannel = (): HostChannel => {
   const ee = new EventEmitter();
@@ -73,18 +89,7 @@ const awayChannel = (): HostChannel => {
  * pending: the loop must not pile a second one on).
  */
 const quietChannel = (g: { name: string }): HostChannel => {
-  const ee = new EventEmitter();
-  setImmediate(() => {
-    ee.emit('open');
-    ee.emit('message', {
-      type: 'hello',
-      id: `hello-${g.name}`,
-      version: PROTOCOL_VERSION,
-      guest: g.name,
-      inventory: { cpus: 2, memoryBytes: 1024 * MiB, projects: [] },
-      lastSeq: 0,
-    });
-  });
+  const ee = helloingAgent(g);
   return {
     send: () => true,
     on: (e: string, fn: (...a: unknown[]) => void) => ee.on(e, fn),
@@ -284,18 +289,7 @@ test('a guest whose agent is not connected is passed over, counted, and no coold
  * outcome `complete` freeing (or taking) exactly the change.
  */
 const willingChannel = (g: { name: string }): HostChannel => {
-  const ee = new EventEmitter();
-  setImmediate(() => {
-    ee.emit('open');
-    ee.emit('message', {
-      type: 'hello',
-      id: `hello-${g.name}`,
-      version: PROTOCOL_VERSION,
-      guest: g.name,
-      inventory: { cpus: 2, memoryBytes: 1024 * MiB, projects: [] },
-      lastSeq: 0,
-    });
-  });
+  const ee = helloingAgent(g);
   let n = 0;
   return {
     send: (m: { type: string; id: string; notice?: { id: string; change: unknown } }) => {

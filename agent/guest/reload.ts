@@ -217,6 +217,7 @@ async function applyNow(
   agent.cfg = cfg;
   agent.registry.setConfig(cfg);
   agent.broker.setConfig(cfg);
+  agent.supervisor.setConfig(cfg);
   for (const l of d.live) {
     if (l.field === 'logLevel')
       setLevel?.(String(l.after ?? process.env.NESTBROKER_LOG_LEVEL ?? 'info'));

@@ -102,7 +102,7 @@ export class Supervisor extends EventEmitter {
   private readonly checking = new Set<string>();
 
   constructor(
-    private readonly cfg: GuestConfig,
+    private cfg: GuestConfig,
     private readonly registry: ProjectRegistry,
     private readonly adapter: CgroupAdapter,
     private readonly log: Logger,
@@ -138,6 +138,23 @@ export class Supervisor extends EventEmitter {
       });
     };
     this.timer = setTimeout(tick, this.cfg.usageIntervalMs).unref();
+  }
+
+  /**
+   * The config a reload put in force (agent/guest/reload.ts): a project it added is
+   * watched from now (before it is started, so its start is seen), one it removed is
+   * forgotten, its pending restart cancelled.
+   */
+  setConfig(cfg: GuestConfig): void {
+    this.cfg = cfg;
+    const names = new Set(cfg.projects.map((p) => p.name));
+    for (const [name, w] of this.watches)
+      if (!names.has(name)) {
+        if (w.timer) clearTimeout(w.timer);
+        this.watches.delete(name);
+      }
+    for (const name of names)
+      if (!this.watches.has(name)) this.watches.set(name, { starts: [], streak: 0 });
   }
 
   stop(): void {

@@ -203,6 +203,16 @@ test('nestctl --guest reload names what needs a restart; the old socket stays', 
   expect(logged(/^reload: socket cannot change/)).toHaveLength(2);
 });
 
+test('a project the reload added is supervised like one from the start: its end is seen', async () => {
+  const pid = procs('extra')[0];
+  process.kill(pid, 'SIGKILL');
+  await waitFor('extra to be seen ending', () =>
+    logged('project ended on its own; stays down (its restart policy)').some(
+      (l) => l.project === 'extra',
+    ),
+  );
+});
+
 test('the daemon outlived every SIGHUP and exits 0 on SIGTERM', async () => {
   expect(g.agent!.child.exitCode).toBeNull();
   await g.agent!.stop();

@@ -88,11 +88,18 @@ test('a demo killed with -9: its daemons end at the next start; a concurrent dem
     15_000,
   );
 
-  // A third on the same root while the second runs: refused, naming the second.
-  const third = demo();
-  expect(await third.exited).toBe(1);
-  expect(third.out()).toContain(`held by pid ${second.child.pid}`);
-  expect(third.out()).toContain('--root NAME');
+  // A third on the same root while the second runs: refused, naming the second. The
+  // second is held (SIGSTOP to our own child, by its pid) so the third meets it running
+  // however fast this machine gets through a whole demo (an idle CI machine did, once).
+  process.kill(second.child.pid!, 'SIGSTOP');
+  try {
+    const third = demo();
+    expect(await third.exited).toBe(1);
+    expect(third.out()).toContain(`held by pid ${second.child.pid}`);
+    expect(third.out()).toContain('--root NAME');
+  } finally {
+    process.kill(second.child.pid!, 'SIGCONT');
+  }
 
   // The second runs to the end, untouched by the third.
   expect(await second.exited).toBe(0);

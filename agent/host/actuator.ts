@@ -63,13 +63,22 @@ export interface LibvirtStep {
    * "Removal modes").
    */
   confirmedBy?: 'libvirt' | 'guest';
+  /** With `confirmedBy: guest`: what each witness showed, in words, for the report. */
+  witness?: string;
+  /**
+   * vCPU ids libvirt's live XML still lists as enabled that QEMU ejected (their threads
+   * gone) and the guest no longer has: an unplug libvirt never saw (TCG). `from` and `got`
+   * then count without them; libvirt cannot plug them again live.
+   */
+  ejected?: number[];
 }
 
 /** What the host broker knows of the guest beyond the hypervisor, for confirming a removal. */
 export interface ApplyContext {
   /**
-   * The guest kernel's online CPUs and MemTotal as it last reported them (hello or
-   * outcome); a new object whenever a new report arrives (agent/host/guest-connections.ts).
+   * The guest kernel's online CPUs and MemTotal as it last reported them (hello, outcome
+   * or facts); a new object whenever a new report arrives (agent/host/guest-connections.ts).
+   * Given for reclaims and restores alike.
    */
   guestReport?: () => { onlineCpus?: readonly number[]; memTotal?: number } | undefined;
 }

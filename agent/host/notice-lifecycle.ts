@@ -54,7 +54,11 @@ export abstract class NoticeLifecycle extends GuestConnections {
     if (rec.notice.kind === 'restore' && !rec.actuation) {
       // Restore: the VM gets the resources BEFORE the guest is told it may use them.
       this.note(rec, 'actuating');
-      rec.actuation = await this.deps.actuator.apply(g, rec.notice.allocation, 'up');
+      rec.actuation = await this.deps.actuator.apply(g, rec.notice.allocation, 'up', {
+        // A vCPU the guest and QEMU lost while libvirt still lists it cannot be plugged
+        // back live: docs/libvirt.md, "Removal modes".
+        guestReport: () => this.links.get(g.name)?.reported,
+      });
       rec.actuatedAt = this.stamp();
       const status = rec.actuation.status;
       if (status === 'partial' || status === 'failed') {

@@ -88,10 +88,12 @@ describe('nestbroker in a real guest (QEMU, systemd, cgroup v2, virtio-serial, b
   };
 
   beforeAll(async () => {
-    // Everything of the last run, but the bench's logs (out/bench, bench/lib/real-guest.ts).
+    // Everything of the last run, but the bench's logs (out/bench, bench/lib/real-guest.ts)
+    // and the libvirt test's (out/libvirt, libvirt.e2e.test.ts).
     await fsp.mkdir(OUT, { recursive: true });
     for (const f of await fsp.readdir(OUT))
-      if (f !== 'bench') await fsp.rm(path.join(OUT, f), { recursive: true, force: true });
+      if (f !== 'bench' && f !== 'libvirt')
+        await fsp.rm(path.join(OUT, f), { recursive: true, force: true });
     const image = await phase('image', () => buildImage(OUT));
     results.image = image;
     vm = await phase('boot', () => Vm.boot({ imageDir: image.dir, outDir: OUT, shareDir: REPO }));

@@ -24,7 +24,7 @@ import { execFile, spawn, type ChildProcess } from 'child_process';
 import { promises as fsp, createWriteStream, existsSync } from 'fs';
 import * as path from 'path';
 import { rpcCall } from '../../agent/common/rpc';
-import { Vm, withTimeout } from './vm';
+import { Vm, withTimeout, type GuestShell } from './vm';
 
 /** The repository: this file runs from test/e2e/ (ts-jest) or dist/test/e2e/ (the bench). */
 const UP2 = path.resolve(__dirname, '..', '..');
@@ -189,7 +189,7 @@ export async function packDeb(outDir: string): Promise<string> {
  * (apt's download sandbox user cannot read the 9p share). Its one dependency, Debian's
  * nodejs, is in the image already, so no network is needed.
  */
-export async function installNestbroker(vm: Vm, guestDeb: string): Promise<string> {
+export async function installNestbroker(vm: GuestShell, guestDeb: string): Promise<string> {
   const local = `/tmp/${path.basename(guestDeb)}`;
   return vm.sh(
     `cp ${guestDeb} ${local} && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends ${local} 2>&1`,
@@ -197,16 +197,19 @@ export async function installNestbroker(vm: Vm, guestDeb: string): Promise<strin
   );
 }
 
-export async function writeGuestConfig(vm: Vm): Promise<void> {
-  await vm.sh(
-    `mkdir -p /etc/nestbroker && cat >/etc/nestbroker/guest.yaml <<'YAML'\n${guestYaml()}YAML`,
-  );
+export async function writeGuestConfig(vm: GuestShell, yaml = guestYaml()): Promise<void> {
+  await vm.sh(`mkdir -p /etc/nestbroker && cat >/etc/nestbroker/guest.yaml <<'YAML'\n${yaml}YAML`);
 }
 
 /** Waits (bounded) until every project wrote its `.started` marker in `markers`. */
-export function waitStarted(vm: Vm, markers: string, timeoutMs = 120_000) {
+export function waitStarted(
+  vm: GuestShell,
+  markers: string,
+  timeoutMs = 120_000,
+  names: readonly string[] = PROJECT_NAMES,
+) {
   return vm.run(
-    `for p in ${PROJECT_NAMES.join(' ')}; do i=0; until [ -f ${markers}/$p.started ]; do ` +
+    `for p in ${names.join(' ')}; do i=0; until [ -f ${markers}/$p.started ]; do ` +
       `i=$((i+1)); [ $i -gt ${Math.round(timeoutMs / 100)} ] && exit 1; sleep 0.1; done; done`,
     timeoutMs + 10_000,
   );
@@ -315,7 +318,7 @@ export function softLockups(dmesg: string): number {
  * under TCG) and returns each one's output by name. Never throws for a failing command.
  */
 export async function sections(
-  vm: Vm,
+  vm: GuestShell,
   parts: Record<string, string>,
   timeoutMs = 60_000,
 ): Promise<Record<string, string>> {
@@ -702,13 +705,25 @@ export class HostBroker {
     readonly dir: string,
   ) {}
 
-  /** Writes dir/host.yaml (state in dir/host-state), starts it, waits for its socket. */
-  static async start(vm: Vm, dir: string, socket: string, timeoutMs = 60_000) {
+  /**
+   * Writes dir/host.yaml (state in dir/host-state), starts it, waits for its socket.
+   * `vm` is the plain QEMU guest (scenario's hostYaml), or a function writing the file's
+   * text for the state directory and socket (the libvirt test). The log is appended to.
+   */
+  static async start(
+    vm: Vm | ((stateDir: string, socket: string) => string),
+    dir: string,
+    socket: string,
+    timeoutMs = 60_000,
+  ) {
     const stateDir = path.join(dir, 'host-state');
     await fsp.mkdir(stateDir, { recursive: true });
     const cfg = path.join(dir, 'host.yaml');
-    await fsp.writeFile(cfg, hostYaml(vm, stateDir, socket));
-    const log = createWriteStream(path.join(dir, 'host-broker.log'));
+    await fsp.writeFile(
+      cfg,
+      typeof vm === 'function' ? vm(stateDir, socket) : hostYaml(vm, stateDir, socket),
+    );
+    const log = createWriteStream(path.join(dir, 'host-broker.log'), { flags: 'a' });
     const child = spawn(
       process.execPath,
       [path.join(REPO, 'dist/agent/cli/nestbroker.js'), 'host', '--config', cfg],
@@ -749,10 +764,10 @@ export class HostBroker {
   }
 
   /** Polls `nestctl guests` until the guest's agent said hello; returns the last answer. */
-  async waitConnected(timeoutMs = 60_000): Promise<NestctlResult> {
+  async waitConnected(timeoutMs = 60_000, ok = /"connected": true/): Promise<NestctlResult> {
     const until = Date.now() + timeoutMs;
     let g = await this.nestctl(['guests', '--json']);
-    while (!/"connected": true/.test(g.stdout) && Date.now() < until) {
+    while (!ok.test(g.stdout) && Date.now() < until) {
       await sleep(300);
       g = await this.nestctl(['guests', '--json']);
     }

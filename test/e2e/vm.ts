@@ -165,7 +165,125 @@ export class Qmp {
   }
 }
 
-export class Vm {
+/** What a test needs of a booted guest: run a command in it (as root, with bash). */
+export interface GuestShell {
+  run(cmd: string, timeoutMs?: number): Promise<RunResult>;
+  sh(cmd: string, timeoutMs?: number): Promise<string>;
+}
+
+/**
+ * The client of the test's command runner in the guest (test/e2e/guest/runner.js) on its
+ * own virtio-serial port, whatever made the socket: QEMU run by hand (Vm) or libvirt
+ * (libvirt-vm.ts). Every request and answer goes to a transcript (JSON lines).
+ */
+export class GuestRunner implements GuestShell {
+  bootId = '';
+  private nextId = 1;
+  private replies = new Map<number, (m: Json) => void>();
+  private ready?: (m: Json) => void;
+
+  private constructor(
+    private readonly sock: net.Socket,
+    private readonly transcript: ReturnType<typeof createWriteStream>,
+  ) {}
+
+  /**
+   * Connects to `sockPath` (retrying until it is there) and waits for the runner's
+   * `ready`; rejects when `died` does (the VM went away during boot).
+   */
+  static async connect(
+    sockPath: string,
+    transcriptPath: string,
+    bootTimeoutMs: number,
+    died?: Promise<never>,
+  ): Promise<GuestRunner> {
+    const sock = await connectWhenReady(sockPath, 10000);
+    const r = new GuestRunner(sock, createWriteStream(transcriptPath, { flags: 'a' }));
+    const readyMsg = new Promise<Json>((resolve) => (r.ready = resolve));
+    jsonLines(sock, (m) => {
+      r.transcript.write(JSON.stringify({ at: Date.now(), dir: 'in', ...m }) + '\n');
+      if (m.ready) return r.ready?.(m);
+      const cb = typeof m.id === 'number' ? r.replies.get(m.id) : undefined;
+      if (cb) {
+        r.replies.delete(m.id as number);
+        cb(m);
+      }
+    });
+    try {
+      const waited = withTimeout(
+        'guest boot until the test runner answers',
+        bootTimeoutMs,
+        readyMsg,
+      );
+      const ready = await (died ? Promise.race([waited, died]) : waited);
+      r.bootId = String(ready.bootId);
+      return r;
+    } catch (e) {
+      r.close();
+      throw e;
+    }
+  }
+
+  /** Runs `cmd` with bash in the guest (as root) and returns what it did. */
+  async run(cmd: string, timeoutMs = 60_000): Promise<RunResult> {
+    const id = this.nextId++;
+    const reply = new Promise<Json>((resolve) => this.replies.set(id, resolve));
+    const req = { id, cmd, timeoutMs };
+    this.transcript.write(JSON.stringify({ at: Date.now(), dir: 'out', ...req }) + '\n');
+    this.sock.write(JSON.stringify(req) + '\n');
+    // The runner kills the command at timeoutMs; the margin covers a slow emulated guest.
+    const m = await withTimeout(`guest command: ${cmd}`, timeoutMs + 30_000, reply);
+    return {
+      code: (m.code as number | null) ?? null,
+      signal: (m.signal as string | null) ?? null,
+      timedOut: Boolean(m.timedOut),
+      stdout: String(m.stdout ?? ''),
+      stderr: String(m.stderr ?? ''),
+      ms: Number(m.ms ?? 0),
+    };
+  }
+
+  /** Like run(), but throws with the command's output when it does not exit 0. */
+  async sh(cmd: string, timeoutMs = 60_000): Promise<string> {
+    const r = await this.run(cmd, timeoutMs);
+    if (r.code !== 0)
+      throw new Error(
+        `guest command failed (code ${r.code}, signal ${r.signal}${r.timedOut ? ', timed out' : ''}): ${cmd}\n` +
+          `stdout: ${r.stdout.slice(-4000)}\nstderr: ${r.stderr.slice(-4000)}`,
+      );
+    return r.stdout;
+  }
+
+  /** Sends `cmd` without waiting for an answer (a poweroff: the runner dies with the guest). */
+  fire(cmd: string, timeoutMs = 5000): void {
+    this.sock.write(JSON.stringify({ id: this.nextId++, cmd, timeoutMs }) + '\n');
+  }
+
+  /** Saves the guest's journal and kernel log into outDir (best effort, bounded). */
+  async collectLogs(outDir: string): Promise<void> {
+    const save = async (file: string, cmd: string) => {
+      try {
+        const r = await this.run(cmd, 20_000);
+        await fsp.writeFile(path.join(outDir, file), r.stdout + r.stderr);
+      } catch (e) {
+        await fsp.writeFile(path.join(outDir, file), `could not collect: ${String(e)}\n`);
+      }
+    };
+    // In parallel (the runner runs each request in its own process): bounded by ~50 s in all.
+    await Promise.all([
+      save('guest-journal.txt', 'journalctl -b --no-pager -o short-monotonic'),
+      save('guest-dmesg.txt', 'dmesg'),
+      save('guest-agent.log', 'journalctl -b --no-pager -o cat -u nestbroker-guest'),
+    ]);
+  }
+
+  close(): void {
+    this.sock.destroy();
+    this.transcript.end();
+  }
+}
+
+export class Vm implements GuestShell {
   readonly runDir: string;
   /** The nestbroker channel's chardev socket (QEMU listens; the host broker connects). */
   readonly channelSocket: string;
@@ -178,11 +296,7 @@ export class Vm {
 
   private qemu?: ChildProcess;
   private exited?: Promise<void>;
-  private runner?: net.Socket;
-  private nextId = 1;
-  private replies = new Map<number, (m: Json) => void>();
-  private ready?: (m: Json) => void;
-  private transcript?: ReturnType<typeof createWriteStream>;
+  private runner?: GuestRunner;
   private qmpLog?: ReturnType<typeof createWriteStream>;
 
   private constructor(
@@ -259,7 +373,6 @@ export class Vm {
         code === 0 ? resolve() : reject(new Error(`qemu-img exited ${code}`)),
       );
     });
-    this.transcript = createWriteStream(path.join(outDir, 'runner-transcript.jsonl'));
     this.qmpLog = createWriteStream(path.join(outDir, 'qmp-test.log'));
     // QEMU tries the -accel options in order (a /dev/kvm that cannot create a VM falls
     // back to tcg by itself; one that fails later is handled in boot()).
@@ -333,72 +446,31 @@ export class Vm {
     const kvm = await this.qmp.execute<{ enabled: boolean }>('query-kvm');
     this.accel = kvm.enabled ? 'kvm' : 'tcg';
 
-    this.runner = await connectWhenReady(path.join(this.runDir, 'test.sock'), 10000);
-    const readyMsg = new Promise<Json>((resolve) => (this.ready = resolve));
-    jsonLines(this.runner, (m) => {
-      this.transcript?.write(JSON.stringify({ at: Date.now(), dir: 'in', ...m }) + '\n');
-      if (m.ready) return this.ready?.(m);
-      const cb = typeof m.id === 'number' ? this.replies.get(m.id) : undefined;
-      if (cb) {
-        this.replies.delete(m.id as number);
-        cb(m);
-      }
-    });
-    const ready = await Promise.race([
-      withTimeout('guest boot until the test runner answers', this.opts.bootTimeoutMs, readyMsg),
+    this.runner = await GuestRunner.connect(
+      path.join(this.runDir, 'test.sock'),
+      path.join(outDir, 'runner-transcript.jsonl'),
+      this.opts.bootTimeoutMs,
       died,
-    ]);
-    this.bootId = String(ready.bootId);
+    );
+    this.bootId = this.runner.bootId;
     this.timings.bootMs = Date.now() - t0;
   }
 
   /** Runs `cmd` with bash in the guest (as root) and returns what it did. */
-  async run(cmd: string, timeoutMs = 60_000): Promise<RunResult> {
+  run(cmd: string, timeoutMs = 60_000): Promise<RunResult> {
     if (!this.runner) throw new Error('guest runner is not connected');
-    const id = this.nextId++;
-    const reply = new Promise<Json>((resolve) => this.replies.set(id, resolve));
-    const req = { id, cmd, timeoutMs };
-    this.transcript?.write(JSON.stringify({ at: Date.now(), dir: 'out', ...req }) + '\n');
-    this.runner.write(JSON.stringify(req) + '\n');
-    // The runner kills the command at timeoutMs; the margin covers a slow emulated guest.
-    const m = await withTimeout(`guest command: ${cmd}`, timeoutMs + 30_000, reply);
-    return {
-      code: (m.code as number | null) ?? null,
-      signal: (m.signal as string | null) ?? null,
-      timedOut: Boolean(m.timedOut),
-      stdout: String(m.stdout ?? ''),
-      stderr: String(m.stderr ?? ''),
-      ms: Number(m.ms ?? 0),
-    };
+    return this.runner.run(cmd, timeoutMs);
   }
 
   /** Like run(), but throws with the command's output when it does not exit 0. */
-  async sh(cmd: string, timeoutMs = 60_000): Promise<string> {
-    const r = await this.run(cmd, timeoutMs);
-    if (r.code !== 0)
-      throw new Error(
-        `guest command failed (code ${r.code}, signal ${r.signal}${r.timedOut ? ', timed out' : ''}): ${cmd}\n` +
-          `stdout: ${r.stdout.slice(-4000)}\nstderr: ${r.stderr.slice(-4000)}`,
-      );
-    return r.stdout;
+  sh(cmd: string, timeoutMs = 60_000): Promise<string> {
+    if (!this.runner) throw new Error('guest runner is not connected');
+    return this.runner.sh(cmd, timeoutMs);
   }
 
   /** Saves the guest's journal and kernel log into outDir (best effort, bounded). */
   async collectLogs(): Promise<void> {
-    const save = async (file: string, cmd: string) => {
-      try {
-        const r = await this.run(cmd, 20_000);
-        await fsp.writeFile(path.join(this.opts.outDir, file), r.stdout + r.stderr);
-      } catch (e) {
-        await fsp.writeFile(path.join(this.opts.outDir, file), `could not collect: ${String(e)}\n`);
-      }
-    };
-    // In parallel (the runner runs each request in its own process): bounded by ~50 s in all.
-    await Promise.all([
-      save('guest-journal.txt', 'journalctl -b --no-pager -o short-monotonic'),
-      save('guest-dmesg.txt', 'dmesg'),
-      save('guest-agent.log', 'journalctl -b --no-pager -o cat -u nestbroker-guest'),
-    ]);
+    await this.runner?.collectLogs(this.opts.outDir);
   }
 
   /** Powers the guest off from inside; falls back to QMP quit, then to SIGKILL of our pid. */
@@ -406,9 +478,7 @@ export class Vm {
     const t0 = Date.now();
     if (this.qemu && this.qemu.exitCode === null && this.qemu.signalCode === null) {
       // The runner dies with the guest: do not wait for its reply.
-      this.runner?.write(
-        JSON.stringify({ id: this.nextId++, cmd: 'systemctl poweroff', timeoutMs: 5000 }) + '\n',
-      );
+      this.runner?.fire('systemctl poweroff');
       try {
         await withTimeout('guest poweroff', timeoutMs, this.exited!);
       } catch {
@@ -445,9 +515,8 @@ export class Vm {
         }
       }
     }
-    this.runner?.destroy();
+    this.runner?.close();
     this.qmp?.close();
-    this.transcript?.end();
     this.qmpLog?.end();
     if (existsSync(this.runDir)) await fsp.rm(this.runDir, { recursive: true, force: true });
   }

@@ -27,6 +27,7 @@ import type { ActuationReport, ApplyContext, LibvirtStep, VmActuator } from '../
 import { CPU_PERIOD_US, codeOf } from '../actuator';
 import type { GuestConfig, LibvirtGuestConfig } from '../config';
 import { LibvirtDomains, quotaCpus, resourcesOf, type DomainView } from './domains';
+import type { VcpuStats } from './virsh';
 
 /** A balloon's `actual` within this of the target counts as reached. */
 export const BALLOON_TOLERANCE_BYTES = 1024 * 1024;
@@ -168,6 +169,13 @@ export class LibvirtActuator implements VmActuator {
     // take what is really gone (docs/libvirt.md, "Removal modes").
     const byGuest = report.steps!.find((s) => s.resource === 'cpus' && s.confirmedBy === 'guest');
     if (byGuest) report.actual.cpus = byGuest.got;
+    // vCPUs already ejected behind libvirt's back: they are not there, before or after.
+    const ejected = report.steps!.find((s) => s.resource === 'cpus' && s.ejected);
+    if (ejected) {
+      report.before = { ...report.before!, cpus: ejected.from };
+      report.actual.cpus = ejected.got;
+      return finish(statusOf(report.before, target, report.actual, lv));
+    }
     return finish(statusOf(before.resources, target, report.actual, lv));
   }
 
@@ -178,6 +186,11 @@ export class LibvirtActuator implements VmActuator {
     ctx: ApplyContext = {},
   ): Promise<LibvirtStep | null> {
     const from = before.resources.cpus;
+    if (lv.cpuMode === 'unplug') {
+      // An unplug libvirt never saw (TCG): count without those vCPUs, never call for them.
+      const ejected = await this.ejectedVcpus(lv, before, ctx);
+      if (ejected.length > 0) return ejectedStep(lv, from - ejected.length, want, ejected);
+    }
     if (sameCpus(from, want)) return null;
     const t0 = this.now();
     if (lv.cpuMode === 'quota') {
@@ -204,6 +217,12 @@ export class LibvirtActuator implements VmActuator {
     // The guest's report as it stands before the call: only a later one can say the vCPU
     // went (its outcome came before the unplug, so it still lists every vCPU).
     const priorReport = ctx.guestReport?.();
+    // QEMU's vCPU threads before the call: a thread that ran and then shows no time at all
+    // is gone (VcpuStats.times).
+    const statsBefore =
+      priorReport && want < from
+        ? await this.domains.virsh.domstatsVcpu(lv.domain).catch(() => undefined)
+        : undefined;
     try {
       await this.domains.virsh.setvcpus(lv.domain, want);
     } catch (err) {
@@ -226,7 +245,7 @@ export class LibvirtActuator implements VmActuator {
         // The live XML alone: a view() would also ask dommemstat every poll (balloon).
         const seen = (await this.domains.running(lv.domain)).vcpus.enabled.length;
         if (seen <= want || !pendingErr || want > from) return seen;
-        const gone = await this.goneByGuest(lv, leaving, priorReport, ctx);
+        const gone = await this.goneByGuest(lv, leaving, priorReport, ctx, statsBefore);
         byGuest = gone > from - seen;
         return byGuest ? from - gone : seen;
       },
@@ -256,7 +275,10 @@ export class LibvirtActuator implements VmActuator {
       confirmed,
       ...(note ? { note } : {}),
       ...(byGuest
-        ? { confirmedBy: 'guest' as const }
+        ? {
+            confirmedBy: 'guest' as const,
+            witness: `the guest's report after the call lacks CPU ${leaving.join(',')}; virsh domstats --vcpu: not running, or its thread's time and delay fell to 0 (QEMU ejected it); libvirt's live XML still lists it`,
+          }
         : confirmed
           ? { confirmedBy: 'libvirt' as const }
           : {}),
@@ -274,12 +296,31 @@ export class LibvirtActuator implements VmActuator {
     leaving: readonly number[],
     prior: ReturnType<NonNullable<ApplyContext['guestReport']>>,
     ctx: ApplyContext,
+    statsBefore: VcpuStats | undefined,
   ): Promise<number> {
     const report = ctx.guestReport?.();
     if (!report || report === prior || !report.onlineCpus) return 0;
     const stats = await this.domains.virsh.domstatsVcpu(lv.domain);
     const online = new Set(report.onlineCpus);
-    return leaving.filter((id) => !online.has(id) && stats.states.get(id) !== 1).length;
+    return leaving.filter((id) => !online.has(id) && qemuLost(stats, id, statsBefore)).length;
+  }
+
+  /**
+   * The vCPUs libvirt lists as enabled that are gone by both other witnesses: the guest's
+   * latest report lacks them and QEMU no longer runs them (qemuLost, with no earlier
+   * reading: time and delay both 0). Left by an unplug confirmed by the guest under TCG.
+   */
+  private async ejectedVcpus(
+    lv: LibvirtGuestConfig,
+    before: DomainView,
+    ctx: ApplyContext,
+  ): Promise<number[]> {
+    const online = ctx.guestReport?.()?.onlineCpus;
+    if (!online) return [];
+    const missing = before.info.vcpus.enabled.filter((id) => !online.includes(id));
+    if (missing.length === 0) return [];
+    const stats = await this.domains.virsh.domstatsVcpu(lv.domain).catch(() => undefined);
+    return stats ? missing.filter((id) => qemuLost(stats, id, undefined)) : [];
   }
 
   private async memory(
@@ -361,6 +402,58 @@ export class LibvirtActuator implements VmActuator {
       await this.sleep(Math.min(this.pollMs, Math.max(1, timeoutMs - ms)));
     }
   }
+}
+
+/**
+ * QEMU no longer runs vCPU `id`, as `virsh domstats --vcpu` shows it: not listed, not
+ * running, or listed with its thread's time and delay both 0 (measured under TCG after an
+ * unplug that outlived virsh's timeout: docs/libvirt.md, "Figures"). With an earlier
+ * reading, that reading must show the thread had run (both only grow while it lives).
+ */
+export function qemuLost(stats: VcpuStats, id: number, before: VcpuStats | undefined): boolean {
+  if (!stats.states.has(id) || stats.states.get(id) !== 1) return true;
+  if (stats.times.get(id) !== 0 || stats.delays.get(id) !== 0) return false;
+  if (!before) return true;
+  return (before.times.get(id) ?? 0) + (before.delays.get(id) ?? 0) > 0;
+}
+
+/**
+ * The vCPU step when libvirt lists vCPUs QEMU ejected: nothing is called. Confirmed when
+ * the vCPUs really there are the ones wanted (a memory-only notice after such an unplug);
+ * otherwise not (a restore: libvirt cannot plug back a vCPU it thinks is there).
+ */
+function ejectedStep(
+  lv: LibvirtGuestConfig,
+  real: number,
+  want: number,
+  ejected: number[],
+): LibvirtStep {
+  const ids = ejected.join(',');
+  if (sameCpus(real, want))
+    return {
+      resource: 'cpus',
+      call: 'setvcpus',
+      from: real,
+      want,
+      got: real,
+      callMs: 0,
+      confirmMs: 0,
+      confirmed: true,
+      ejected,
+      note: `not called: ${real} vCPUs are there (libvirt still lists vCPU ${ids}, which QEMU ejected)`,
+    };
+  return {
+    resource: 'cpus',
+    call: 'setvcpus',
+    from: real,
+    want,
+    got: real,
+    callMs: 0,
+    confirmMs: 0,
+    confirmed: false,
+    ejected,
+    note: `not called: libvirt still lists vCPU ${ids} of "${lv.domain}" as enabled, but QEMU ejected it and the guest does not have it (an unplug libvirt never saw); libvirt cannot plug it again live (a hot-plug of another made QEMU 7.2 crash): not called. virsh destroy + virsh start gives the domain its vCPUs back`,
+  };
 }
 
 function libvirtOf(guest: GuestConfig): LibvirtGuestConfig {

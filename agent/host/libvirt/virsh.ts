@@ -108,6 +108,15 @@ export interface VcpuStats {
   maximum?: number;
   /** vCPU id → `vcpu.N.state` (virVcpuState: 0 offline, 1 running, 2 blocked). */
   states: Map<number, number>;
+  /**
+   * vCPU id → `vcpu.N.time` and `vcpu.N.delay` (ns): the vCPU thread's CPU time and run
+   * delay, both only ever growing while the thread lives. Measured under TCG
+   * (docs/libvirt.md, "Figures"): a vCPU QEMU ejected after virsh's timeout stays listed,
+   * `state=1`, with both at 0 (its thread gone; `virsh vcpuinfo` then fails "No such
+   * process").
+   */
+  times: Map<number, number>;
+  delays: Map<number, number>;
 }
 
 export interface VcpuCount {
@@ -247,13 +256,14 @@ export function parseSchedinfo(out: string): SchedInfo {
 
 /** `virsh domstats --vcpu` output (test/fixtures/libvirt/domstats.txt). */
 export function parseDomstatsVcpu(out: string): VcpuStats {
-  const r: VcpuStats = { states: new Map() };
+  const r: VcpuStats = { states: new Map(), times: new Map(), delays: new Map() };
+  const per = { state: r.states, time: r.times, delay: r.delays } as const;
   for (const line of out.split('\n')) {
-    const m = /^\s*vcpu\.(current|maximum|(\d+)\.state)=(\d+)\s*$/.exec(line);
+    const m = /^\s*vcpu\.(current|maximum|(\d+)\.(state|time|delay))=(\d+)\s*$/.exec(line);
     if (!m) continue;
-    if (m[2] !== undefined) r.states.set(Number(m[2]), Number(m[3]));
-    else if (m[1] === 'current') r.current = Number(m[3]);
-    else r.maximum = Number(m[3]);
+    if (m[2] !== undefined) per[m[3] as keyof typeof per].set(Number(m[2]), Number(m[4]));
+    else if (m[1] === 'current') r.current = Number(m[4]);
+    else r.maximum = Number(m[4]);
   }
   return r;
 }

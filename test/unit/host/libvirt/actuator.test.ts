@@ -225,6 +225,84 @@ test('unplug under TCG: the guest’s facts message arrives seconds into the con
   expect(report.errors).toEqual([]);
 });
 
+test('unplug under TCG, as measured: domstats keeps listing the vCPU running with its thread time and delay 0, the guest’s facts lack it: done, confirmed by the guest', async () => {
+  const { fake, actuator, guest } = await setup({ cpuMode: 'unplug', memoryMode: 'virtio-mem' });
+  fake.d.ejectedListed = true;
+  const r = reports([0, 1]);
+  let asked = false;
+  fake.guest.setvcpus = (_want, d) => {
+    asked = true;
+    d.qemuVcpus = 1; // ejected, yet listed (test/fixtures/libvirt/domstats-tcg-ejected.txt)
+    return { timedOut: true };
+  };
+  let reads = 0;
+  fake.guest.tick = () => {
+    if (asked && ++reads === 4) r.arrive([0], 'facts');
+  };
+  const report = await actuator.apply(guest, { cpus: 1, memoryBytes: 256 * MiB }, 'down', r.ctx);
+  expect(report.status).toBe('done');
+  expect(report.actual?.cpus).toBe(1);
+  const step = report.steps?.[0];
+  expect(step).toMatchObject({ call: 'setvcpus', got: 1, confirmed: true, confirmedBy: 'guest' });
+  expect(step?.witness).toMatch(/time and delay fell to 0/);
+  // domstats read before the call (the thread had run) and while confirming.
+  const domstats = fake.calls.filter((c) => c[0] === 'domstats');
+  expect(domstats.length).toBeGreaterThanOrEqual(2);
+  expect(fake.calls.findIndex((c) => c[0] === 'domstats')).toBeLessThan(
+    fake.calls.findIndex((c) => c[0] === 'setvcpus'),
+  );
+});
+
+test('unplug under TCG: a vCPU whose thread showed no time and no delay before the call too is not taken as ejected: failed', async () => {
+  const { fake, actuator, guest } = await setup({ cpuMode: 'unplug', memoryMode: 'virtio-mem' });
+  fake.d.ejectedListed = true;
+  fake.d.qemuVcpus = 1; // vCPU 1 shows 0/0 already before the call: no proof it went
+  const r = reports([0, 1]);
+  fake.guest.setvcpus = () => {
+    r.arrive([0], 'facts');
+    return { timedOut: true };
+  };
+  const report = await actuator.apply(guest, { cpus: 1, memoryBytes: 256 * MiB }, 'down', r.ctx);
+  expect(report.status).toBe('failed');
+  expect(report.steps?.[0]).not.toHaveProperty('confirmedBy');
+});
+
+test('after such an unplug, a restore of the vCPU is failed and virsh setvcpus is not called (libvirt thinks it is there)', async () => {
+  const { fake, actuator, guest } = await setup({ cpuMode: 'unplug', memoryMode: 'virtio-mem' });
+  // libvirt's XML: 2 enabled; QEMU ejected vCPU 1 (listed 0/0); the guest has CPU 0 only.
+  fake.d.ejectedListed = true;
+  fake.d.qemuVcpus = 1;
+  const r = reports([0]);
+  const report = await actuator.apply(guest, { cpus: 2, memoryBytes: 256 * MiB }, 'up', r.ctx);
+  expect(report.status).toBe('failed');
+  expect(report.before?.cpus).toBe(1);
+  expect(report.actual?.cpus).toBe(1);
+  expect(report.steps?.[0]).toMatchObject({
+    call: 'setvcpus',
+    from: 1,
+    want: 2,
+    got: 1,
+    confirmed: false,
+    ejected: [1],
+  });
+  expect(report.steps?.[0].note).toMatch(/virsh destroy \+ virsh start/);
+  expect(fake.calls.some((c) => c[0] === 'setvcpus')).toBe(false);
+});
+
+test('after such an unplug, a memory-only notice counts the vCPUs really there: done, no setvcpus', async () => {
+  const { fake, actuator, guest } = await setup({ cpuMode: 'unplug', memoryMode: 'virtio-mem' });
+  fake.d.ejectedListed = true;
+  fake.d.qemuVcpus = 1;
+  fake.guest.tick = (d) => {
+    if (d.requestedKiB < d.currentKiB) d.currentKiB = d.requestedKiB;
+  };
+  const r = reports([0]);
+  const report = await actuator.apply(guest, { cpus: 1, memoryBytes: 192 * MiB }, 'down', r.ctx);
+  expect(report.status).toBe('done');
+  expect(report.actual).toEqual({ cpus: 1, memoryBytes: 192 * MiB });
+  expect(fake.calls.some((c) => c[0] === 'setvcpus')).toBe(false);
+});
+
 test('unplug refused by QEMU: failed, its stderr in the error, nothing moved', async () => {
   const { fake, actuator, guest } = await setup({ cpuMode: 'unplug', memoryMode: 'virtio-mem' });
   fake.guest.setvcpus = () => ({

@@ -29,6 +29,13 @@ export interface SimDomain {
    * enabled ones). Under TCG QEMU ejects a vCPU that libvirt's XML keeps listing.
    */
   qemuVcpus?: number;
+  /**
+   * How `domstats --vcpu` shows a vCPU QEMU ejected: not listed (default), or as measured
+   * under TCG with libvirt 9.0 (test/fixtures/libvirt/domstats-tcg-ejected.txt): still
+   * listed, `state=1`, its thread's time, wait and delay 0; the vCPUs QEMU runs then show
+   * time and delay above 0.
+   */
+  ejectedListed?: boolean;
 }
 
 export interface GuestBehaviour {
@@ -132,7 +139,15 @@ export class FakeVirsh {
         // runs is not listed.
         const n = this.d.qemuVcpus ?? this.d.vcpus;
         const lines = [`Domain: 'nbfix'`, `  vcpu.current=${this.d.vcpus}`, '  vcpu.maximum=4'];
-        for (let i = 0; i < n; i++) lines.push(`  vcpu.${i}.state=1`, `  vcpu.${i}.time=0`);
+        if (this.d.ejectedListed)
+          for (let i = 0; i < this.d.vcpus; i++)
+            lines.push(
+              `  vcpu.${i}.state=1`,
+              `  vcpu.${i}.time=${i < n ? 15090000000 : 0}`,
+              `  vcpu.${i}.wait=0`,
+              `  vcpu.${i}.delay=${i < n ? 36554918739 : 0}`,
+            );
+        else for (let i = 0; i < n; i++) lines.push(`  vcpu.${i}.state=1`, `  vcpu.${i}.time=0`);
         return ok(lines.join('\n') + '\n\n');
       }
       case 'dommemstat':

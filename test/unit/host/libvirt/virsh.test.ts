@@ -100,6 +100,18 @@ test('recorded dommemstat and schedinfo output', async () => {
   });
 });
 
+test('recorded domstats --vcpu after a TCG unplug that outlived virsh: still listed, running, thread time and delay 0', async () => {
+  const stats = parseDomstatsVcpu(await fixture('domstats-tcg-ejected.txt'));
+  expect(stats.current).toBe(2);
+  expect([...stats.states]).toEqual([
+    [0, 1],
+    [1, 1],
+  ]);
+  expect(stats.times.get(0)).toBeGreaterThan(0);
+  expect(stats.delays.get(0)).toBeGreaterThan(0);
+  expect([stats.times.get(1), stats.delays.get(1)]).toEqual([0, 0]);
+});
+
 test('recorded domstats --vcpu: each vCPU libvirt lists and its state', async () => {
   const stats = parseDomstatsVcpu(await fixture('domstats.txt'));
   expect(stats.current).toBe(3);

@@ -1,0 +1,154 @@
+/**
+ * The real-guest test's image booted by the machine's real libvirtd (libvirt.e2e.test.ts):
+ * the domain is docs/libvirt/nbguest-tcg.xml, the operator's documented XML, with only its
+ * name ("nbguest", which every path in it contains) and its 9p share's directory replaced.
+ *
+ * Files, all in /var/lib/libvirt/images/<name>/ (libvirt's DAC driver gives kernel, initrd
+ * and disk to libvirt-qemu while the domain runs): the image's vmlinuz and initrd.img
+ * copied (small), a qcow2 overlay on the cached rootfs.ext4 (its backing file, read only),
+ * and the console log. The test runner's socket is /var/lib/libvirt/qemu/<name>.test.sock
+ * (the XML's `<source mode='bind'>`). Everything here is made under the domain's own name,
+ * which holds the test's pid, and removed by cleanup(); nothing else is touched.
+ */
+import { existsSync, promises as fsp } from 'fs';
+import * as path from 'path';
+import { REPO, runFile } from './scenario';
+import { GuestRunner, type GuestShell, type RunResult } from './vm';
+
+export const URI = 'qemu:///system';
+export const DOMAIN_XML = path.join(REPO, 'docs/libvirt/nbguest-tcg.xml');
+const DOC_NAME = 'nbguest';
+const DOC_SHARE = `/var/lib/libvirt/images/${DOC_NAME}/share`;
+
+/** One timed virsh call: what it printed and how long it took. */
+export interface VirshRun {
+  out: string;
+  ms: number;
+}
+
+export class LibvirtVm implements GuestShell {
+  readonly dir: string;
+  readonly testSocket: string;
+  readonly timings: Record<string, number> = {};
+  runner?: GuestRunner;
+  private boots = 0;
+
+  private constructor(
+    readonly name: string,
+    readonly outDir: string,
+  ) {
+    this.dir = `/var/lib/libvirt/images/${name}`;
+    this.testSocket = `/var/lib/libvirt/qemu/${name}.test.sock`;
+  }
+
+  /** `virsh -c qemu:///system ARGS`, bounded; rejects with virsh's stderr. */
+  static async virsh(args: string[], timeoutMs = 120_000): Promise<VirshRun> {
+    const t0 = Date.now();
+    const out = await runFile('virsh', ['-c', URI, ...args], timeoutMs);
+    return { out, ms: Date.now() - t0 };
+  }
+
+  virsh(args: string[], timeoutMs?: number): Promise<VirshRun> {
+    return LibvirtVm.virsh(args, timeoutMs);
+  }
+
+  /** The documented XML with this domain's name and share: what is defined. */
+  static domainXml(doc: string, name: string, shareDir: string): string {
+    if (!doc.includes(DOC_SHARE)) throw new Error(`${DOMAIN_XML} has no share ${DOC_SHARE}`);
+    return doc.split(DOC_SHARE).join(shareDir).split(DOC_NAME).join(name);
+  }
+
+  /**
+   * Makes the files and defines the domain (not started). `virsh define` probes QEMU's
+   * capabilities the first time after libvirtd started: ~60 s measured here.
+   */
+  static async define(o: {
+    name: string;
+    imageDir: string;
+    outDir: string;
+    shareDir: string;
+  }): Promise<LibvirtVm> {
+    const vm = new LibvirtVm(o.name, o.outDir);
+    await fsp.mkdir(o.outDir, { recursive: true });
+    await fsp.mkdir(vm.dir, { recursive: true });
+    for (const f of ['vmlinuz', 'initrd.img'])
+      await fsp.copyFile(path.join(o.imageDir, f), path.join(vm.dir, f));
+    await runFile(
+      'qemu-img',
+      [
+        'create',
+        '-q',
+        '-f',
+        'qcow2',
+        '-F',
+        'raw',
+        '-b',
+        path.join(o.imageDir, 'rootfs.ext4'),
+        path.join(vm.dir, 'overlay.qcow2'),
+      ],
+      60_000,
+    );
+    const xml = LibvirtVm.domainXml(await fsp.readFile(DOMAIN_XML, 'utf8'), o.name, o.shareDir);
+    const file = path.join(o.outDir, `${o.name}.xml`);
+    await fsp.writeFile(file, xml);
+    vm.timings.defineMs = (await LibvirtVm.virsh(['define', file], 300_000)).ms;
+    return vm;
+  }
+
+  /** `virsh start`, then waits until the runner in the guest answers. */
+  async start(bootTimeoutMs = 300_000): Promise<void> {
+    const t0 = Date.now();
+    this.runner?.close();
+    this.runner = undefined;
+    const n = ++this.boots;
+    this.timings[`start${n}Ms`] = (await this.virsh(['start', this.name], 120_000)).ms;
+    this.runner = await GuestRunner.connect(
+      this.testSocket,
+      path.join(this.outDir, 'runner-transcript.jsonl'),
+      bootTimeoutMs,
+    );
+    this.timings[`boot${n}Ms`] = Date.now() - t0;
+  }
+
+  run(cmd: string, timeoutMs = 60_000): Promise<RunResult> {
+    if (!this.runner) throw new Error('guest runner is not connected');
+    return this.runner.run(cmd, timeoutMs);
+  }
+
+  sh(cmd: string, timeoutMs = 60_000): Promise<string> {
+    if (!this.runner) throw new Error('guest runner is not connected');
+    return this.runner.sh(cmd, timeoutMs);
+  }
+
+  /** The live XML. */
+  async dumpxml(): Promise<string> {
+    return (await this.virsh(['dumpxml', this.name], 30_000)).out;
+  }
+
+  /** `virsh destroy` (the guest's power cut), if it runs. */
+  async destroy(): Promise<void> {
+    this.runner?.close();
+    this.runner = undefined;
+    const state = await this.virsh(['domstate', this.name], 30_000).catch(() => null);
+    if (state && /running|paused/.test(state.out))
+      await this.virsh(['destroy', this.name], 60_000).catch(() => undefined);
+  }
+
+  /**
+   * Saves the logs (the guest's, when it still answers; libvirt's log of the domain; the
+   * console), then destroys and undefines the domain and removes every file made for it.
+   */
+  async cleanup(): Promise<void> {
+    if (this.runner) await this.runner.collectLogs(this.outDir).catch(() => undefined);
+    await this.destroy();
+    for (const [from, to] of [
+      [`/var/log/libvirt/qemu/${this.name}.log`, 'libvirt-domain.log'],
+      [path.join(this.dir, 'console.log'), 'console.log'],
+    ])
+      await fsp.copyFile(from, path.join(this.outDir, to)).catch(() => undefined);
+    await this.virsh(['undefine', this.name], 60_000).catch(() => undefined);
+    await fsp.rm(this.dir, { recursive: true, force: true });
+    await fsp.rm(`/var/log/libvirt/qemu/${this.name}.log`, { force: true });
+    if (existsSync(this.testSocket)) await fsp.rm(this.testSocket, { force: true });
+  }
+}

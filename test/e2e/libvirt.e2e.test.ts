@@ -1,0 +1,505 @@
+/**
+ * The real-guest test under the machine's real libvirtd (docs/libvirt.md, "Tests"): the
+ * e2e image (build-image.sh) booted as a TCG domain defined from the operator's documented
+ * XML, docs/libvirt/nbguest-tcg.xml (libvirt-vm.ts), the package installed in it from the
+ * 9p share with apt-get, the real host broker with `hypervisor: libvirt` and a guest entry
+ * naming only the domain, driven with nestctl:
+ *
+ *   1. `nestctl guests` shows it connected, vCPUs and memory read from libvirt;
+ *   2. a vCPU reclaimed with cpuMode unplug: the projects' cpusets leave the CPU before the
+ *      guest offlines it (a watcher in the guest samples both), then what libvirt and the
+ *      product report (under TCG libvirt never sees the unplug: see "Removal modes");
+ *   3. 256 MiB with memoryMode virtio-mem, then with memoryMode balloon (a host broker
+ *      started again with the mode changed): MemTotal down, no OOM kill, restored;
+ *   4. `virsh destroy` + `virsh start`: the broker follows the new channel path with the
+ *      same config and the next reclaim works;
+ *   5. the domain's log says nothing of a taint.
+ *
+ * One boot (two with step 4), steps in order, each bounded. Logs in test/e2e/out/libvirt/
+ * (host-broker.log, guest-agent.log, guest-dmesg.txt, console.log, libvirt-domain.log, the
+ * domain's XML as defined, runner-transcript.jsonl); figures in results.json. The domain,
+ * its files and its sockets are removed at the end, also on failure; the daemons are left
+ * running (started here only when they were not, and then stopped by pid).
+ */
+import { promises as fsp } from 'fs';
+import * as path from 'path';
+import { ensureLibvirtd, stopStarted, type StartedDaemon } from '../helpers/libvirt';
+import { LibvirtVm } from './libvirt-vm';
+import {
+  AGENT_CG as CG,
+  HostBroker,
+  MiB,
+  REPO,
+  buildImage,
+  installNestbroker,
+  meminfoKiB,
+  packDeb,
+  parseOomKills,
+  sections,
+  waitStarted,
+  writeGuestConfig,
+  type NestctlResult,
+} from './scenario';
+
+const OUT = path.join(__dirname, 'out', 'libvirt');
+const NAME = `nbe2e-${process.pid}`;
+const MARKERS = '/var/lib/nestbroker/e2e-markers';
+const PROJECTS = [
+  { name: 'web', priority: 50, holdMiB: 16, min: '32MiB', max: '96MiB' },
+  { name: 'batch', priority: 10, holdMiB: 16, min: '48MiB', max: '128MiB' },
+] as const;
+const NAMES = PROJECTS.map((p) => p.name);
+/** The domain at start (docs/libvirt/nbguest-tcg.xml): 512 MiB boot + 256 MiB virtio-mem. */
+const BOOT_MIB = 512;
+const START_MIB = 768;
+const T0 = Date.now();
+
+const results: Record<string, unknown> = { startedAt: new Date(T0).toISOString(), name: NAME };
+const phases: Record<string, number> = {};
+results.phasesMs = phases;
+const reclaims: Record<string, unknown>[] = [];
+results.reclaims = reclaims;
+async function saveResults(): Promise<void> {
+  await fsp.mkdir(OUT, { recursive: true });
+  await fsp.writeFile(path.join(OUT, 'results.json'), JSON.stringify(results, null, 2) + '\n');
+}
+async function phase<T>(name: string, fn: () => Promise<T>): Promise<T> {
+  const t0 = Date.now();
+  try {
+    return await fn();
+  } finally {
+    phases[name] = Date.now() - t0;
+    await saveResults();
+  }
+}
+
+/** guest.yaml: two small projects; `memoryMiB` is the allocation the host broker books. */
+function guestYaml(memoryMiB: number): string {
+  const projects = PROJECTS.map(
+    (p) => `  - name: ${p.name}
+    priority: ${p.priority}
+    memory: { min: ${p.min}, max: ${p.max} }
+    cpu: { min: 0.25, max: 2 }
+    stop: { signal: SIGTERM, gracePeriod: 20s }
+    restartOnRestore: true
+    command:
+      argv: ["/usr/bin/node", "/mnt/code/test/e2e/guest/workload.js", "${p.name}", "${p.holdMiB}", "${MARKERS}"]`,
+  ).join('\n');
+  return `guest: vm1
+resources: { cpus: 2, memory: ${memoryMiB}MiB }
+reserve: { memory: 160MiB, cpus: 0 }
+upstream: { transport: virtio-serial, path: /dev/virtio-ports/org.nestbroker.0 }
+projects:
+${projects}
+`;
+}
+
+/** host.yaml: the domain's name is all it says of the VM. */
+function hostYaml(memoryMode: 'virtio-mem' | 'balloon') {
+  return (stateDir: string, socket: string) => `hypervisor: libvirt
+stateDir: ${stateDir}
+socket: ${socket}
+guests:
+  - name: vm1
+    domain: ${NAME}
+    priority: 10
+    floor: { cpus: 1, memory: 256MiB }
+    cpuMode: unplug
+    memoryMode: ${memoryMode}
+    confirmTimeout: 30s
+`;
+}
+
+interface Step {
+  resource: string;
+  call: string;
+  from: number;
+  want: number;
+  got: number;
+  callMs: number;
+  confirmMs: number;
+  confirmed: boolean;
+  confirmedBy?: string;
+  note?: string;
+}
+interface Notice {
+  id: string;
+  state: string;
+  issuedAt: string;
+  outcomeAt?: string;
+  actuatedAt?: string;
+  finishedAt?: string;
+  error?: { code?: string; message?: string };
+  outcome?: {
+    projects?: { name: string; action: string }[];
+    onlineCpus?: number[];
+  };
+  actuation?: {
+    status?: string;
+    startedAt?: string;
+    before?: { cpus: number; memoryBytes: number };
+    actual?: { cpus: number; memoryBytes: number };
+    steps?: Step[];
+    errors?: { code: string; message: string }[];
+  };
+}
+
+function parseNotice(r: NestctlResult): Notice {
+  try {
+    return JSON.parse(r.stdout) as Notice;
+  } catch {
+    throw new Error(`nestctl printed no notice (exit ${r.code}): ${r.stdout}${r.stderr}`);
+  }
+}
+
+/** The split of one reclaim or restore, from the host's own clock. */
+function split(label: string, n: Notice, extra: Record<string, unknown> = {}) {
+  const at = (s?: string) => (s ? Date.parse(s) : NaN);
+  const row = {
+    label,
+    state: n.state,
+    status: n.actuation?.status,
+    cascadeMs: at(n.outcomeAt) - at(n.issuedAt),
+    actuationMs: at(n.actuatedAt) - at(n.outcomeAt),
+    steps: n.actuation?.steps?.map((s) => ({
+      call: s.call,
+      callMs: s.callMs,
+      confirmMs: s.confirmMs,
+      confirmed: s.confirmed,
+      confirmedBy: s.confirmedBy,
+      note: s.note,
+    })),
+    errors: n.actuation?.errors,
+    ...extra,
+  };
+  reclaims.push(row);
+  return row;
+}
+
+describe('nestbroker in a real guest under libvirt (TCG domain, virtio-mem, balloon, vCPU unplug)', () => {
+  let vm: LibvirtVm | undefined;
+  let broker: HostBroker | undefined;
+  let daemons: StartedDaemon[] = [];
+  const socket = `/tmp/nb-lv-e2e-${process.pid}.sock`;
+  const done = new Set<string>();
+  const need = (step: string) => {
+    if (!done.has(step)) throw new Error(`an earlier step failed: ${step}`);
+  };
+  const nestctl = (args: string[], timeoutMs?: number) => {
+    if (!broker) throw new Error('the host broker is not running');
+    return broker.nestctl(args, timeoutMs);
+  };
+  const guestView = async () => {
+    const g = await nestctl(['guests', '--json']);
+    return JSON.parse(g.stdout) as {
+      name: string;
+      connected: boolean;
+      domain?: {
+        state: string;
+        id?: number;
+        cpus?: number;
+        memoryBytes?: number;
+        channel?: string;
+      };
+    }[];
+  };
+
+  /** virtio-mem's <current> equal to <requested> in the live XML (bounded). */
+  async function virtioMemSettled(timeoutMs = 240_000): Promise<number> {
+    const t0 = Date.now();
+    for (;;) {
+      const xml = await vm!.dumpxml();
+      const req = /<requested unit='KiB'>(\d+)<\/requested>/.exec(xml)?.[1];
+      const cur = /<current unit='KiB'>(\d+)<\/current>/.exec(xml)?.[1];
+      if (req !== undefined && req === cur) return Date.now() - t0;
+      if (Date.now() - t0 > timeoutMs)
+        throw new Error(`virtio-mem did not settle: requested ${req} KiB, current ${cur} KiB`);
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+  }
+
+  async function startBroker(mode: 'virtio-mem' | 'balloon', dir: string): Promise<void> {
+    broker = await HostBroker.start(hostYaml(mode), dir, socket);
+    const g = await broker.waitConnected(120_000);
+    if (!/"connected": true/.test(g.stdout))
+      throw new Error(`the agent did not connect: ${g.stdout}${g.stderr}`);
+  }
+
+  async function memTotalKiB(): Promise<number> {
+    return meminfoKiB(await vm!.sh('cat /proc/meminfo'), 'MemTotal');
+  }
+
+  beforeAll(async () => {
+    await fsp.rm(OUT, { recursive: true, force: true });
+    await fsp.mkdir(OUT, { recursive: true });
+    daemons = await ensureLibvirtd();
+    const image = await phase('image', () => buildImage(OUT));
+    results.image = image;
+    vm = await phase('define', () =>
+      LibvirtVm.define({ name: NAME, imageDir: image.dir, outDir: OUT, shareDir: REPO }),
+    );
+    await phase('boot', () => vm!.start());
+    await phase('virtioMemAtBoot', () => virtioMemSettled());
+  }, 20 * 60_000);
+
+  afterAll(async () => {
+    await broker?.stop(); // our own child, by its pid
+    if (vm) await phase('cleanup', () => vm!.cleanup());
+    await stopStarted(daemons);
+    await fsp.rm(socket, { force: true });
+    results.timings = vm?.timings;
+    results.totalMs = Date.now() - T0;
+    await saveResults();
+    console.log(
+      `libvirt e2e: phases (ms) ${JSON.stringify(phases)}\n` +
+        `reclaims: ${JSON.stringify(reclaims, null, 2)}\nresults: ${path.join(OUT, 'results.json')}`,
+    );
+  }, 5 * 60_000);
+
+  test(
+    'the package installs in the libvirt guest; the agent runs its projects',
+    async () => {
+      const deb = await phase('makeDeb', () => packDeb(OUT));
+      await phase('install', () => installNestbroker(vm!, deb));
+      await writeGuestConfig(vm!, guestYaml(START_MIB));
+      await phase('agentStart', async () => {
+        await vm!.sh('systemctl enable --now nestbroker-guest.service', 120_000);
+        const up = await waitStarted(vm!, MARKERS, 120_000, NAMES);
+        if (up.code !== 0) throw new Error('the projects did not start');
+      });
+      expect(await vm!.sh('systemctl is-active nestbroker-guest')).toBe('active\n');
+      done.add('agent');
+    },
+    8 * 60_000,
+  );
+
+  test(
+    '1. host.yaml names only the domain; nestctl guests shows it connected with what libvirt says',
+    async () => {
+      need('agent');
+      await phase('brokerConnect', () => startBroker('virtio-mem', OUT));
+      const [g] = await guestView();
+      results.guestsAtStart = g;
+      expect(g).toMatchObject({ name: 'vm1', connected: true });
+      expect(g.domain).toMatchObject({ state: 'running', cpus: 2, memoryBytes: START_MIB * MiB });
+      expect(g.domain?.channel).toMatch(
+        new RegExp(
+          `^/var/lib/libvirt/qemu/channel/target/domain-\\d+-${NAME}/org\\.nestbroker\\.0$`,
+        ),
+      );
+      done.add('broker');
+    },
+    4 * 60_000,
+  );
+
+  test(
+    '3a. 256 MiB with memoryMode virtio-mem: projects first, MemTotal down by 256 MiB, no OOM kill; restored',
+    async () => {
+      need('broker');
+      const before = await memTotalKiB();
+      const r = await phase('virtioMemReclaim', () =>
+        nestctl(['reclaim', 'vm1', '--memory', '256MiB', '--deadline', '60s', '--json']),
+      );
+      const n = parseNotice(r);
+      const after = await memTotalKiB();
+      const row = split('virtio-mem reclaim 256 MiB', n, { memTotalDropKiB: before - after });
+      expect({ code: r.code, state: n.state, status: n.actuation?.status }).toEqual({
+        code: 0,
+        state: 'done',
+        status: 'done',
+      });
+      // The guest answered before libvirt was asked.
+      expect(Date.parse(n.outcomeAt!)).toBeLessThanOrEqual(Date.parse(n.actuation!.startedAt!));
+      expect(n.outcome?.projects?.map((p) => p.name).sort()).toEqual([...NAMES].sort());
+      expect(Math.abs(before - after - 256 * 1024)).toBeLessThanOrEqual(2048);
+      expect(row.steps?.[0]).toMatchObject({ call: 'update-memory-device', confirmed: true });
+      const back = parseNotice(
+        await phase('virtioMemRestore', () => nestctl(['restore', 'vm1', '--json'])),
+      );
+      split('virtio-mem restore', back);
+      expect(back.state).toBe('done');
+      expect(Math.abs((await memTotalKiB()) - before)).toBeLessThanOrEqual(2048);
+      const k = await sections(vm!, { dmesg: 'dmesg', vmstat: 'grep -w oom_kill /proc/vmstat' });
+      expect(parseOomKills(k.dmesg)).toEqual([]);
+      expect(k.vmstat).toBe('oom_kill 0');
+      done.add('virtio-mem');
+    },
+    6 * 60_000,
+  );
+
+  test(
+    '2. a vCPU with cpuMode unplug: cpusets leave it before the guest offlines it; what libvirt and the product report',
+    async () => {
+      need('broker');
+      // vCPU unplug while virtio-mem still plugs made QEMU 7.2 crash: settled first.
+      await virtioMemSettled();
+      // A watcher in the guest: the projects' cpusets and the online CPUs, every 50 ms.
+      const cgs = NAMES.map((p) => `${CG}/projects/${p}/cpuset.cpus.effective`).join(' ');
+      await vm!.sh(
+        `systemd-run --unit=nbe2e-cpuwatch /bin/bash -c 'while :; do echo "$(date +%s%3N) ` +
+          `$(cat /sys/devices/system/cpu/online) $(cat ${cgs} | paste -sd" ")"; sleep 0.05; done >/run/cpuwatch.log'`,
+      );
+      const r = await phase('cpuReclaim', () =>
+        nestctl(['reclaim', 'vm1', '--cpus', '1', '--deadline', '60s', '--json'], 240_000),
+      );
+      const n = parseNotice(r);
+      // What libvirt says once the guest has offlined the vCPU (measured, not assumed).
+      const online = await vm!.sh(
+        'i=0; until [ "$(cat /sys/devices/system/cpu/online)" = 0 ]; do i=$((i+1)); [ $i -gt 300 ] && break; sleep 0.1; done; cat /sys/devices/system/cpu/online',
+        60_000,
+      );
+      const lv = {
+        domstats: (await vm!.virsh(['domstats', '--vcpu', NAME])).out,
+        vcpucountLive: await vm!
+          .virsh(['vcpucount', '--live', NAME])
+          .then((x) => x.out.trim())
+          .catch((e: Error) => e.message.split('\n').slice(-2).join(' ')),
+        vcpuinfo: await vm!
+          .virsh(['vcpuinfo', NAME])
+          .then((x) => x.out)
+          .catch((e: Error) => e.message.split('\n').slice(-2).join(' ')),
+      };
+      await vm!.sh('systemctl stop nbe2e-cpuwatch.service');
+      const watch = (await vm!.sh('cat /run/cpuwatch.log'))
+        .trim()
+        .split('\n')
+        .map((l) => l.split(' '))
+        .filter((f) => f.length === 2 + NAMES.length)
+        .map(([ms, on, ...sets]) => ({ ms: Number(ms), online: on, sets }));
+      const lacks1 = (s: string) => !/(^|,)1($|,|-)|0-[1-9]/.test(s);
+      const setsMoved = watch.find((w) => w.sets.every(lacks1));
+      const offline = watch.find((w) => lacks1(w.online));
+      const row = split('vCPU unplug 2 → 1', n, {
+        libvirtAfterGuestOffline: lv,
+        guestOnlineAfter: online.trim(),
+        cpusetsMovedAtGuestMs: setsMoved?.ms,
+        cpuOfflineAtGuestMs: offline?.ms,
+        cpusetsBeforeOfflineMs: setsMoved && offline ? offline.ms - setsMoved.ms : null,
+      });
+      results.cpuWatch = { samples: watch.length, first: watch[0], last: watch[watch.length - 1] };
+      await saveResults();
+      // Projects first: every cpuset off CPU 1 strictly before the guest lost it.
+      expect(n.outcome?.projects?.map((p) => p.name).sort()).toEqual([...NAMES].sort());
+      expect(setsMoved).toBeDefined();
+      expect(offline).toBeDefined();
+      expect(setsMoved!.ms).toBeLessThan(offline!.ms);
+      expect(online.trim()).toBe('0');
+      // The product's verdict: confirmed by the guest's report and by libvirt's domstats
+      // (the vCPU's thread gone), or not done (docs/libvirt.md, "Removal modes").
+      const step = n.actuation?.steps?.find((s) => s.call === 'setvcpus');
+      expect(step).toBeDefined();
+      if (step!.confirmed) {
+        expect(step!.confirmedBy).toBeDefined();
+        expect(n.state).toBe('done');
+      } else expect(n.state).not.toBe('done');
+      results.cpuVerdict = { state: n.state, step: row.steps };
+      // The restore: what libvirt can give back (docs/libvirt.md, "Removal modes").
+      const back = parseNotice(
+        await phase('cpuRestore', () =>
+          nestctl(['restore', 'vm1', '--cpus', '1', '--json'], 240_000),
+        ),
+      );
+      const onlineBack = (await vm!.sh('cat /sys/devices/system/cpu/online')).trim();
+      split('vCPU restore 1 → 2', back, {
+        guestOnlineAfter: onlineBack,
+        domstate: (await vm!.virsh(['domstate', NAME])).out.trim(),
+      });
+      await saveResults();
+      expect((await vm!.virsh(['domstate', NAME])).out.trim()).toBe('running');
+      if (onlineBack === '0-1') expect(back.state).toBe('done');
+      else expect(back.state).not.toBe('done');
+      done.add('cpu');
+    },
+    8 * 60_000,
+  );
+
+  test(
+    '4. virsh destroy + virsh start: the broker follows the new channel with the same config; the next reclaim works',
+    async () => {
+      need('broker');
+      const idBefore = (await guestView())[0].domain?.channel;
+      await vm!.destroy();
+      const down = await nestctl(['reclaim', 'vm1', '--memory', '64MiB', '--json']);
+      results.reclaimWhileDown = { code: down.code, out: down.stdout + down.stderr };
+      expect(down.stdout + down.stderr).toContain('DOMAIN_DOWN');
+      await phase('restart', () => vm!.start());
+      await phase('virtioMemAfterRestart', () => virtioMemSettled());
+      const g = await broker!.waitConnected(180_000);
+      expect(g.stdout).toMatch(/"connected": true/);
+      const [view] = await guestView();
+      results.guestsAfterRestart = view;
+      expect(view.domain?.channel).toBeDefined();
+      expect(view.domain?.channel).not.toBe(idBefore);
+      expect(view.domain).toMatchObject({
+        state: 'running',
+        cpus: 2,
+        memoryBytes: START_MIB * MiB,
+      });
+      const up = await waitStarted(vm!, MARKERS, 120_000, NAMES);
+      expect(up.code).toBe(0);
+      const before = await memTotalKiB();
+      const n = parseNotice(
+        await phase('reclaimAfterRestart', () =>
+          nestctl(['reclaim', 'vm1', '--memory', '256MiB', '--deadline', '60s', '--json']),
+        ),
+      );
+      const after = await memTotalKiB();
+      split('virtio-mem reclaim 256 MiB after restart', n, { memTotalDropKiB: before - after });
+      expect(n.state).toBe('done');
+      expect(Math.abs(before - after - 256 * 1024)).toBeLessThanOrEqual(2048);
+      const back = parseNotice(await nestctl(['restore', 'vm1', '--json']));
+      split('virtio-mem restore after restart', back);
+      expect(back.state).toBe('done');
+      done.add('restart');
+    },
+    8 * 60_000,
+  );
+
+  test(
+    '3b. 256 MiB with memoryMode balloon (the broker started again with the mode changed)',
+    async () => {
+      need('broker');
+      await broker!.stop();
+      broker = undefined;
+      // With memoryMode balloon the books hold the boot memory (docs/libvirt.md,
+      // "Configuration"): the agent's allocation must say the same, from a fresh journal.
+      await writeGuestConfig(vm!, guestYaml(BOOT_MIB));
+      await vm!.sh(
+        `systemctl stop nestbroker-guest; rm -rf /var/lib/nestbroker/guest ${MARKERS}; systemctl start nestbroker-guest`,
+        120_000,
+      );
+      expect((await waitStarted(vm!, MARKERS, 120_000, NAMES)).code).toBe(0);
+      const dir = path.join(OUT, 'balloon');
+      await phase('brokerBalloon', () => startBroker('balloon', dir));
+      const [g] = await guestView();
+      expect(g.domain).toMatchObject({ memoryBytes: BOOT_MIB * MiB });
+      const before = await memTotalKiB();
+      const n = parseNotice(
+        await phase('balloonReclaim', () =>
+          nestctl(['reclaim', 'vm1', '--memory', '256MiB', '--deadline', '60s', '--json']),
+        ),
+      );
+      const after = await memTotalKiB();
+      split('balloon reclaim 256 MiB', n, { memTotalDropKiB: before - after });
+      expect(n.state).toBe('done');
+      expect(Date.parse(n.outcomeAt!)).toBeLessThanOrEqual(Date.parse(n.actuation!.startedAt!));
+      expect(Math.abs(before - after - 256 * 1024)).toBeLessThanOrEqual(4096);
+      const back = parseNotice(
+        await phase('balloonRestore', () => nestctl(['restore', 'vm1', '--json'])),
+      );
+      split('balloon restore', back);
+      expect(back.state).toBe('done');
+      expect(Math.abs((await memTotalKiB()) - before)).toBeLessThanOrEqual(4096);
+      const k = await sections(vm!, { dmesg: 'dmesg', vmstat: 'grep -w oom_kill /proc/vmstat' });
+      expect(parseOomKills(k.dmesg)).toEqual([]);
+      expect(k.vmstat).toBe('oom_kill 0');
+    },
+    6 * 60_000,
+  );
+
+  test('5. the domain is not tainted', async () => {
+    const log = await fsp.readFile(`/var/log/libvirt/qemu/${NAME}.log`, 'utf8');
+    results.taintLines = log.split('\n').filter((l) => /taint/i.test(l));
+    expect(results.taintLines).toEqual([]);
+  });
+});

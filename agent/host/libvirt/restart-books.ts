@@ -9,7 +9,20 @@
 import type { Resources } from '../../broker/types';
 import type { Logger } from '../../common/log';
 import type { GuestConfig } from '../config';
-import type { LibvirtDomains } from './domains';
+import type { DomainView, LibvirtDomains } from './domains';
+
+/**
+ * What the domain was started with, as libvirt reports it. A virtio-mem guest's memory is
+ * the boot memory plus the device's `<requested>`: at `Started` its `<current>` is still 0
+ * (the guest's driver plugs the requested memory by itself once it loads: 256 MiB took
+ * ~40 s under TCG, docs/libvirt.md "Figures"), and counting only what is plugged yet would
+ * book the guest at its boot memory.
+ */
+export function startedResources(view: DomainView, memoryMode: string): Resources {
+  const vm = view.info.virtioMem;
+  if (memoryMode !== 'virtio-mem' || !vm) return view.resources;
+  return { ...view.resources, memoryBytes: view.info.memory.baseBytes + vm.requestedBytes };
+}
 
 export interface BooksFollower {
   booksFor(guest: string): { seq: number };
@@ -49,7 +62,7 @@ export function followRestarts(
           const view = await domains.view(lv);
           const r = await broker.resyncBooks(
             g.name,
-            view.resources,
+            startedResources(view, lv.memoryMode),
             `domain "${e.domain}" started (${e.detail || 'no detail'})`,
             seq,
           );

@@ -14,7 +14,10 @@ import { validateHostConfig, type HostConfig } from '../../../../agent/host/conf
 import { HostBroker, type HostChannel } from '../../../../agent/host/host-broker';
 import { LibvirtActuator } from '../../../../agent/host/libvirt/actuator';
 import { LibvirtDomains, resolveAllocations } from '../../../../agent/host/libvirt/domains';
-import { followRestarts } from '../../../../agent/host/libvirt/restart-books';
+import {
+  followRestarts,
+  startedResources,
+} from '../../../../agent/host/libvirt/restart-books';
 import { Virsh } from '../../../../agent/host/libvirt/virsh';
 import { FakeVirsh, FIXTURES, MiB } from './fake-virsh';
 
@@ -129,6 +132,48 @@ test('after destroy + start the books follow libvirt: full vCPUs and memory agai
     expect(fake.d.requestedKiB).toBe(131072 - 32 * KiB);
   } finally {
     await again.stop();
+  }
+});
+
+test('virtio-mem right after Started: <current> still 0, the books take boot memory + <requested> (what the guest plugs by itself)', async () => {
+  const fake = await FakeVirsh.create();
+  const virsh = new Virsh({ runner: fake.runner });
+  const cfg = await resolveAllocations(
+    validateHostConfig({
+      hypervisor: 'libvirt',
+      stateDir: path.join(dir, 'state'),
+      guests: [{ name: 'vm1', domain: 'nbfix', priority: 1, confirmTimeout: '10s' }],
+    }),
+    virsh,
+  );
+  const domains = new LibvirtDomains(virsh, cfg.guests);
+  const broker = brokerOn(cfg, domains);
+  await broker.start();
+  // Measured on the real guest (libvirt.e2e.test.ts): just started, nothing plugged yet.
+  Object.assign(fake.d, { vcpus: 2, requestedKiB: 131072, currentKiB: 0 });
+  const view = await domains.view(cfg.guests[0].libvirt!);
+  expect(view.resources.memoryBytes).toBe(128 * MiB);
+  expect(startedResources(view, 'virtio-mem')).toEqual({ cpus: 2, memoryBytes: 256 * MiB });
+  expect(startedResources(view, 'balloon')).toEqual(view.resources);
+  const bin = path.join(dir, 'virsh-events');
+  await fs.writeFile(
+    bin,
+    `#!/bin/sh\ncat '${path.join(FIXTURES, 'events.txt')}'\nexec sleep 600\n`,
+    { mode: 0o755 },
+  );
+  const follower = followRestarts(domains, broker, () => cfg.guests, silentLogger());
+  const resynced = new Promise<Record<string, unknown>>((resolve) =>
+    broker.once('books-resync', resolve),
+  );
+  domains.follow({ binary: bin });
+  try {
+    expect(await resynced).toMatchObject({ reported: { cpus: 2, memoryBytes: 256 * MiB } });
+    await follower.done();
+    expect(broker.booksFor('vm1').granted).toEqual({ cpus: 2, memoryBytes: 256 * MiB });
+  } finally {
+    follower.stop();
+    await domains.stop();
+    await broker.stop();
   }
 });
 

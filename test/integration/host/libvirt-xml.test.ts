@@ -2,7 +2,8 @@
  * Every libvirt domain XML the docs ship validates against libvirt's own schema with
  * `virt-xml-validate` (libvirt-clients; `make test-deps` installs it): docs/libvirt/*.xml,
  * and every ```xml block of docs/*.md whose root is <domain>. Also the test domain the
- * integration test defines (test/fixtures/libvirt/nbfix-define.xml).
+ * integration test defines (test/fixtures/libvirt/nbfix-define.xml), and the real-guest
+ * libvirt test's (docs/libvirt/nbguest-tcg.xml with its name and share replaced).
  */
 import { execFile } from 'node:child_process';
 import { promises as fs } from 'node:fs';
@@ -51,6 +52,34 @@ test('every domain XML in docs/ and the test domain validate with virt-xml-valid
     const results = await Promise.all(files.map(validate));
     expect(results.filter((r) => !r.ok)).toEqual([]);
     for (const r of results) expect(r.said).toMatch(/validates$/);
+  } finally {
+    await fs.rm(tmp, { recursive: true, force: true });
+  }
+});
+
+test('the real-guest libvirt test defines the documented nbguest-tcg.xml with only its name and share changed', async () => {
+  const { DOMAIN_XML, LibvirtVm } = await import('../../e2e/libvirt-vm');
+  const doc = await fs.readFile(DOMAIN_XML, 'utf8');
+  const xml = LibvirtVm.domainXml(doc, 'nbe2e-12345', ROOT);
+  // Line by line, every difference is the name or the share's directory.
+  const a = doc.split('\n');
+  const b = xml.split('\n');
+  expect(b).toHaveLength(a.length);
+  const changed = a.flatMap((line, i) => (line === b[i] ? [] : [[line, b[i]]]));
+  for (const [from, to] of changed)
+    expect(
+      from
+        .split('/var/lib/libvirt/images/nbguest/share')
+        .join(ROOT)
+        .split('nbguest')
+        .join('nbe2e-12345'),
+    ).toBe(to);
+  expect(changed.length).toBeGreaterThanOrEqual(6);
+  const tmp = await fs.mkdtemp(path.join(os.tmpdir(), 'nb-xml-'));
+  try {
+    const f = path.join(tmp, 'nbe2e.xml');
+    await fs.writeFile(f, xml);
+    expect(await validate(f)).toMatchObject({ ok: true });
   } finally {
     await fs.rm(tmp, { recursive: true, force: true });
   }

@@ -38,6 +38,7 @@ import {
   packDeb,
   parseOomKills,
   sections,
+  stopAgentAndProjects,
   waitStarted,
   writeGuestConfig,
   type NestctlResult,
@@ -122,10 +123,13 @@ interface Step {
   confirmMs: number;
   confirmed: boolean;
   confirmedBy?: string;
+  witness?: string;
+  ejected?: number[];
   note?: string;
 }
 interface Notice {
   id: string;
+  kind?: string;
   state: string;
   issuedAt: string;
   outcomeAt?: string;
@@ -154,22 +158,38 @@ function parseNotice(r: NestctlResult): Notice {
   }
 }
 
-/** The split of one reclaim or restore, from the host's own clock. */
+/**
+ * The split of one reclaim or restore, on the host broker's clock: a reclaim is the
+ * cascade in the guest (issued → outcome) then libvirt (outcome → actuated: the call and
+ * the wait until libvirt, or libvirt and the guest, show it gone); a restore is libvirt
+ * first, then the guest.
+ */
 function split(label: string, n: Notice, extra: Record<string, unknown> = {}) {
   const at = (s?: string) => (s ? Date.parse(s) : NaN);
+  const restore = n.kind === 'restore';
   const row = {
     label,
     ...(n.state ? {} : { printed: n }),
     state: n.state,
     status: n.actuation?.status,
-    cascadeMs: at(n.outcomeAt) - at(n.issuedAt),
-    actuationMs: at(n.actuatedAt) - at(n.outcomeAt),
+    totalMs: at(n.finishedAt) - at(n.issuedAt),
+    ...(restore
+      ? {
+          libvirtMs: at(n.actuatedAt) - at(n.issuedAt),
+          guestMs: at(n.outcomeAt) - at(n.actuatedAt),
+        }
+      : {
+          cascadeMs: at(n.outcomeAt) - at(n.issuedAt),
+          libvirtMs: at(n.actuatedAt) - at(n.outcomeAt),
+        }),
     steps: n.actuation?.steps?.map((s) => ({
       call: s.call,
       callMs: s.callMs,
       confirmMs: s.confirmMs,
       confirmed: s.confirmed,
       confirmedBy: s.confirmedBy,
+      witness: s.witness,
+      ejected: s.ejected,
       note: s.note,
     })),
     errors: n.actuation?.errors,
@@ -381,8 +401,9 @@ describe('nestbroker in a real guest under libvirt (TCG domain, virtio-mem, ball
       // With memoryMode balloon the books hold the boot memory (docs/libvirt.md,
       // "Configuration"): the agent's allocation must say the same, from a fresh journal.
       await writeGuestConfig(vm!, guestYaml(BOOT_MIB));
+      await stopAgentAndProjects(vm!);
       await vm!.sh(
-        `systemctl stop nestbroker-guest; rm -rf /var/lib/nestbroker/guest ${MARKERS}; systemctl start nestbroker-guest`,
+        `rm -rf /var/lib/nestbroker/guest ${MARKERS} && systemctl start nestbroker-guest`,
         120_000,
       );
       expect((await waitStarted(vm!, MARKERS, 120_000, NAMES)).code).toBe(0);

@@ -421,6 +421,19 @@ const DAEMON_UNIT: Record<UnmanagedVariant, string | null> = {
 };
 
 /**
+ * The guest agent stopped and every project in its cgroup killed (the unit's
+ * KillMode=process leaves projects running when the agent stops).
+ */
+const STOP_AGENT =
+  `systemctl stop nestbroker-guest.service 2>/dev/null; ` +
+  `if [ -d ${AGENT_CG} ]; then echo 1 >${AGENT_CG}/cgroup.kill; i=0; ` +
+  `while grep -q 'populated 1' ${AGENT_CG}/cgroup.events; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done; fi; true`;
+
+export async function stopAgentAndProjects(vm: GuestShell): Promise<void> {
+  await vm.run(STOP_AGENT, 120_000);
+}
+
+/**
  * Everything any variant started, gone: the daemons, the plain project services, the
  * guest agent and every project in its cgroup; the balloon back at the VM's size.
  */
@@ -429,9 +442,7 @@ export async function cleanSlate(vm: Vm): Promise<void> {
   await vm.run(
     `systemctl stop earlyoom.service systemd-oomd.service systemd-oomd.socket dbus.service dbus.socket ${units} 2>/dev/null; ` +
       `systemctl reset-failed ${units} earlyoom.service systemd-oomd.service 2>/dev/null; ` +
-      `systemctl stop nestbroker-guest.service 2>/dev/null; ` +
-      `if [ -d ${AGENT_CG} ]; then echo 1 >${AGENT_CG}/cgroup.kill; i=0; ` +
-      `while grep -q 'populated 1' ${AGENT_CG}/cgroup.events; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done; fi; true`,
+      STOP_AGENT,
     120_000,
   );
   const w = await balloonTo(vm, SCENARIO.vmMemoryMiB * MiB, 60_000);

@@ -141,7 +141,10 @@ export class Supervisor extends EventEmitter {
     ticks.on('tick', this.onTick);
   }
 
-  /** One look at every project; a tick that comes while one is still looking is let go. */
+  /**
+   * One look at every project; a tick that comes while one is still looking is let go.
+   * Each round ends with its debug line and a `round` event (its number).
+   */
   private round(): void {
     if (this.inRound) return;
     this.inRound = true;

@@ -176,17 +176,16 @@ export class LibvirtDomains extends EventEmitter {
     };
   }
 
-  /** Throws PREREQUISITE_MISSING naming everything the domain lacks for the guest's modes. */
-  static checkPrerequisites(g: LibvirtGuestConfig, info: DomainXmlInfo): void {
-    const missing = missingPrerequisites(info, g);
-    if (missing.length > 0)
-      throw new NestError(
-        'PREREQUISITE_MISSING',
-        `libvirt domain "${g.domain}" lacks: ${missing.join('; ')}; refused, nothing done`,
-        {
-          problems: missing.map((m) => ({ field: 'domain', value: g.domain, message: m })),
-        },
-      );
+  /**
+   * What the domain lacks for the guest's modes, as problems (field `domain.<prerequisite>`,
+   * the domain as value): every lack at once.
+   */
+  static prerequisiteProblems(g: LibvirtGuestConfig, info: DomainXmlInfo): Problem[] {
+    return missingPrerequisites(info, g).map((m) => ({
+      field: `domain.${m.prerequisite}`,
+      value: g.domain,
+      message: m.message,
+    }));
   }
 }
 

@@ -125,6 +125,23 @@ export class LibvirtDomains extends EventEmitter {
     this.emit('lifecycle', { guest, domain: e.domain, event, detail: rest.join(' ') });
   }
 
+  /**
+   * Calls `fn` when the guest's domain may be reachable again: its `Started` or `Resumed`
+   * event, or virsh event restarted (events may have been missed). Returns the function
+   * that removes both listeners (ReconnectingChannel's `wake`).
+   */
+  onDomainBack(guest: string, fn: () => void): () => void {
+    const onLifecycle = (e: { guest: string; event: string }): void => {
+      if (e.guest === guest && (e.event === 'Started' || e.event === 'Resumed')) fn();
+    };
+    this.on('lifecycle', onLifecycle);
+    this.on('resync', fn);
+    return () => {
+      this.off('lifecycle', onLifecycle);
+      this.off('resync', fn);
+    };
+  }
+
   /** The channel path each guest last connected to (operators' status, tests). */
   readonly channels = new Map<string, string>();
 

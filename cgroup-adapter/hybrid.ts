@@ -145,11 +145,17 @@ export class HybridDriver extends BaseDriver {
     const pidsDir = l.pidsMax !== undefined ? this.v1Dir('pids', group, 'limits.pidsMax') : '';
 
     // memory.max → memory.limit_in_bytes (hard limit; OOM inside the group beyond it).
-    if (m.max !== undefined)
-      await writeText(
-        path.join(memDir, 'memory.limit_in_bytes'),
-        printV1Bytes('memory.max', m.max),
-      );
+    // The kernel reclaims in the writer only when the new limit is below the usage
+    // (cgroup-v1/memory.rst 2.5: it tries to reclaim down to it, else EBUSY): a limit at or
+    // above the usage read just now is written synchronously, without a thread-pool round
+    // trip (the shrinks write memory.max only once their usage came down, executor.ts);
+    // one below it stays on the thread pool, so a slow reclaim cannot stall the event loop.
+    if (m.max !== undefined) {
+      const file = path.join(memDir, 'memory.limit_in_bytes');
+      const text = printV1Bytes('memory.max', m.max);
+      if (this.fitsNow(memDir, m.max)) writeTextNow(file, text);
+      else await writeText(file, text);
+    }
     // memory.high → memory.soft_limit_in_bytes: ADVISORY, only reclaimed toward under
     // global memory pressure; it never throttles (README "What does not map").
     // It never reclaims (the kernel only records it), nor do the cpu, cpuset and pids files:
@@ -168,6 +174,24 @@ export class HybridDriver extends BaseDriver {
     if (l.cpus !== undefined) writeTextNow(path.join(cpusetDir, 'cpuset.cpus'), l.cpus);
     if (l.pidsMax !== undefined)
       writeTextNow(path.join(pidsDir, 'pids.max'), printMax('pids.max', l.pidsMax));
+  }
+
+  /**
+   * True when `max` is at or above the group's memory usage now (memory.usage_in_bytes, one
+   * synchronous read): setting it makes the kernel reclaim nothing. Unreadable: false.
+   */
+  private fitsNow(memDir: string, max: Max): boolean {
+    if (max === 'max') return true;
+    try {
+      return (
+        parseUint(
+          'memory.usage_in_bytes',
+          readTextNow(path.join(memDir, 'memory.usage_in_bytes')),
+        ) <= max
+      );
+    } catch {
+      return false;
+    }
   }
 
   /**

@@ -24,6 +24,7 @@ import { faultPoint } from '../common/fault';
 import { bootId, restoreDeadline, systemClock, type Clock } from '../common/clock';
 import { EndMargin } from '../common/end-margin';
 import { MAX_DEADLINE_AHEAD_MS } from '../protocol/schemas';
+import { byCodePoint } from '../common/order';
 
 export type NoticeSource = 'upstream' | 'local';
 export type NoticeState = 'accepted' | 'running' | 'done' | 'cancelled' | 'rejected';
@@ -196,7 +197,7 @@ export class NoticeBook extends EventEmitter {
     const loaded = (await this.notices.all()).map((r) => r.value);
     for (const value of loaded) this.noteSeq(value);
     const finished = (r: NoticeRecord): string => r.finishedAt ?? r.receivedAt;
-    for (const value of loaded.sort((a, b) => finished(a).localeCompare(finished(b)))) {
+    for (const value of loaded.sort((a, b) => byCodePoint(finished(a), finished(b)))) {
       this.records.set(value.notice.id, value);
       if (value.state === 'accepted' || value.state === 'running') this.deadlineOf(value);
     }
@@ -263,7 +264,7 @@ export class NoticeBook extends EventEmitter {
   resume(): Promise<Outcome>[] {
     const unfinished = [...this.records.values()]
       .filter((r) => r.state === 'accepted' || r.state === 'running')
-      .sort((a, b) => a.receivedAt.localeCompare(b.receivedAt) || a.notice.seq - b.notice.seq);
+      .sort((a, b) => byCodePoint(a.receivedAt, b.receivedAt) || a.notice.seq - b.notice.seq);
     return unfinished.map((r) => {
       this.log.info(
         { noticeId: r.notice.id, state: r.state },
@@ -274,7 +275,7 @@ export class NoticeBook extends EventEmitter {
   }
 
   list(): NoticeRecord[] {
-    return [...this.records.values()].sort((a, b) => b.receivedAt.localeCompare(a.receivedAt));
+    return [...this.records.values()].sort((a, b) => byCodePoint(b.receivedAt, a.receivedAt));
   }
 
   get(id: string): NoticeRecord | undefined {

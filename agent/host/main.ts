@@ -101,12 +101,10 @@ export function channelFactory(
         heartbeat: heartbeatFor(cfg.heartbeat),
         clock,
         log: chLog,
+        // Removed again when this channel is closed (a reload that reconnects the guest
+        // makes a new one): the domains' emitter outlives every channel.
+        wake: (retry) => domains.onDomainBack(g.name, retry),
       });
-      domains.on('lifecycle', (e: { guest: string; event: string }) => {
-        if (e.guest === g.name && (e.event === 'Started' || e.event === 'Resumed'))
-          channel.retryNow();
-      });
-      domains.on('resync', () => channel.retryNow());
       return channel.start();
     }
     const connect =

@@ -132,6 +132,41 @@ describe(`the adapter on this kernel (driver detected here)`, () => {
     await t.adapter.remove(g);
   });
 
+  it('memory.max above the usage is set at once (no reclaim); below it the kernel reclaims or refuses it (EBUSY)', async () => {
+    if (t.adapter.kind !== 'hybrid') return; // the v1 memory.limit_in_bytes path
+    const g = 'memfit';
+    await t.adapter.create(g, { memory: { max: 128 * MiB } });
+    const holder = await kids.start(t.adapter, g, process.execPath, [
+      '-e',
+      'const b = Buffer.alloc(32 << 20); b.fill(7); setInterval(() => b[0]++, 1e6);',
+    ]);
+    await until(
+      'the child to hold its 32 MiB',
+      async () => (await t.adapter.usage(g)).memoryCurrent > 30 * MiB,
+      20_000,
+    );
+    const p = t.driver.paths(g);
+    // At or above the usage: written synchronously (hybrid.ts fitsNow), the kernel shows it.
+    await t.adapter.setLimits(g, { memory: { max: 96 * MiB } });
+    expect(kernelFile(p, 'memory', 'memory.limit_in_bytes')).toBe(String(96 * MiB));
+    await t.adapter.setLimits(g, { memory: { max: 'max' } });
+    expect(Number(kernelFile(p, 'memory', 'memory.limit_in_bytes'))).toBeGreaterThan(2 ** 40);
+    // Below the usage (through the thread pool): the kernel reclaims to it (swap) or
+    // refuses with EBUSY and keeps the old limit (cgroup-v1/memory.rst 2.5).
+    await t.adapter.setLimits(g, { memory: { max: 96 * MiB } });
+    const code = await codeOf(t.adapter.setLimits(g, { memory: { max: 4 * MiB } }));
+    if (code === undefined) {
+      expect(kernelFile(p, 'memory', 'memory.limit_in_bytes')).toBe(String(4 * MiB));
+      expect((await t.adapter.usage(g)).memoryCurrent).toBeLessThanOrEqual(4 * MiB);
+    } else {
+      expect(code).toBe('EBUSY');
+      expect(kernelFile(p, 'memory', 'memory.limit_in_bytes')).toBe(String(96 * MiB));
+    }
+    holder.kill('SIGKILL');
+    await exited(holder);
+    await t.adapter.remove(g);
+  });
+
   it('(2) throttles a busy child under a CPU quota: nr_throttled > 0', async () => {
     const g = 'cpuq';
     await t.adapter.create(g, { cpu: { max: { quotaUs: 10000, periodUs: 100000 } } });

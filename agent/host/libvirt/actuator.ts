@@ -152,7 +152,14 @@ export class LibvirtActuator implements VmActuator {
             : await this.memory(lv, before, target.memoryBytes);
         if (step) {
           report.steps!.push(step);
-          if (!step.confirmed)
+          if (!step.confirmed && step.ejected)
+            // Nothing was asked of libvirt: the vCPUs it would need are not there.
+            report.errors.push({
+              step: resource,
+              code: 'PREREQUISITE_MISSING',
+              message: `setvcpus: ${step.note}`,
+            });
+          else if (!step.confirmed)
             report.errors.push({
               step: resource,
               code: 'TIMEOUT',
@@ -454,7 +461,7 @@ function ejectedStep(
     confirmMs: 0,
     confirmed: false,
     ejected,
-    note: `not called: libvirt still lists vCPU ${ids} of "${lv.domain}" as enabled, but QEMU ejected it and the guest does not have it (an unplug libvirt never saw); libvirt cannot plug it again live (a hot-plug of another made QEMU 7.2 crash): not called. virsh destroy + virsh start gives the domain its vCPUs back`,
+    note: `not called: libvirt still lists vCPU ${ids} of "${lv.domain}" as enabled, but QEMU ejected it and the guest does not have it (an unplug libvirt never saw), and libvirt cannot plug it again live (a hot-plug of another made QEMU 7.2 crash); virsh destroy + virsh start gives the domain its vCPUs back`,
   };
 }
 

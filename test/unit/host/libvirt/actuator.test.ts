@@ -286,6 +286,9 @@ test('after such an unplug, a restore of the vCPU is failed and virsh setvcpus i
     ejected: [1],
   });
   expect(report.steps?.[0].note).toMatch(/virsh destroy \+ virsh start/);
+  expect(report.errors).toEqual([
+    expect.objectContaining({ step: 'cpus', code: 'PREREQUISITE_MISSING' }),
+  ]);
   expect(fake.calls.some((c) => c[0] === 'setvcpus')).toBe(false);
 });
 

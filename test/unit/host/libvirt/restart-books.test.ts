@@ -14,10 +14,7 @@ import { validateHostConfig, type HostConfig } from '../../../../agent/host/conf
 import { HostBroker, type HostChannel } from '../../../../agent/host/host-broker';
 import { LibvirtActuator } from '../../../../agent/host/libvirt/actuator';
 import { LibvirtDomains, resolveAllocations } from '../../../../agent/host/libvirt/domains';
-import {
-  followRestarts,
-  startedResources,
-} from '../../../../agent/host/libvirt/restart-books';
+import { followRestarts, startedResources } from '../../../../agent/host/libvirt/restart-books';
 import { Virsh } from '../../../../agent/host/libvirt/virsh';
 import { FakeVirsh, FIXTURES, MiB } from './fake-virsh';
 

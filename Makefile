@@ -43,7 +43,8 @@ lint: deps
 
 # The README's test command: installs what it needs, then type-checks, lints and runs
 # every test: unit, integration on the real kernel as root, then the real-guest test
-# under QEMU (test/e2e; it installs its Debian packages itself and caches the image).
+# under QEMU and under libvirt (test/e2e; it installs its Debian packages itself and
+# caches the image).
 test: build typecheck lint test-deps
 	npx jest --runInBand
 	npx jest -c jest.e2e.config.js --runInBand
@@ -207,7 +208,9 @@ uninstall:
 	rmdir $(DESTDIR)$(CONFDIR) 2>/dev/null || true
 	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
-# The real-guest test alone (test/e2e): builds or reuses the cached Debian guest
-# image, boots it under QEMU, installs there with `make install`. Logs: test/e2e/out/.
+# The real-guest tests alone (test/e2e): build or reuse the cached Debian guest image,
+# boot it under QEMU (guest.e2e.test.ts), then under the machine's libvirtd as the domain
+# of docs/libvirt/nbguest-tcg.xml (libvirt.e2e.test.ts), and install the .deb in it.
+# Logs: test/e2e/out/ and test/e2e/out/libvirt/.
 e2e: build
 	npx jest -c jest.e2e.config.js --runInBand

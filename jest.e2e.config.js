@@ -1,4 +1,8 @@
-/** The real-guest test alone (`make e2e`): QEMU, a Debian guest, systemd. */
+/**
+ * The real-guest tests alone (`make e2e`): a Debian guest with systemd under QEMU
+ * (guest.e2e.test.ts) and under libvirt (libvirt.e2e.test.ts), one after the other
+ * (`--runInBand`).
+ */
 module.exports = {
   testEnvironment: 'node',
   roots: ['<rootDir>/test/e2e'],

@@ -25,6 +25,7 @@
  */
 import { promises as fsp } from 'fs';
 import * as path from 'path';
+import type { LibvirtStep } from '../../agent/host/actuator';
 import { ensureLibvirtd, stopStarted, type StartedDaemon } from '../helpers/libvirt';
 import { LibvirtVm } from './libvirt-vm';
 import {
@@ -113,20 +114,6 @@ guests:
 `;
 }
 
-interface Step {
-  resource: string;
-  call: string;
-  from: number;
-  want: number;
-  got: number;
-  callMs: number;
-  confirmMs: number;
-  confirmed: boolean;
-  confirmedBy?: string;
-  witness?: string;
-  ejected?: number[];
-  note?: string;
-}
 interface Notice {
   id: string;
   kind?: string;
@@ -145,7 +132,7 @@ interface Notice {
     startedAt?: string;
     before?: { cpus: number; memoryBytes: number };
     actual?: { cpus: number; memoryBytes: number };
-    steps?: Step[];
+    steps?: LibvirtStep[];
     errors?: { code: string; message: string }[];
   };
 }

@@ -47,7 +47,8 @@ function brokerOn(cfg: HostConfig, domains: LibvirtDomains): HostBroker {
   });
 }
 
-test('after destroy + start the books follow libvirt: full vCPUs and memory again, journaled', async () => {
+/** The recorded domain `nbfix` behind a fake virsh, and a started broker on it. */
+async function started() {
   const fake = await FakeVirsh.create();
   const virsh = new Virsh({ runner: fake.runner });
   const cfg = await resolveAllocations(
@@ -61,6 +62,11 @@ test('after destroy + start the books follow libvirt: full vCPUs and memory agai
   const domains = new LibvirtDomains(virsh, cfg.guests);
   const broker = brokerOn(cfg, domains);
   await broker.start();
+  return { fake, virsh, cfg, domains, broker };
+}
+
+test('after destroy + start the books follow libvirt: full vCPUs and memory again, journaled', async () => {
+  const { fake, virsh, cfg, domains, broker } = await started();
   // A guest that gives what is asked: the vCPU goes, virtio-mem reaches its request.
   fake.guest.setvcpus = (want, d) => {
     d.vcpus = want;
@@ -133,19 +139,7 @@ test('after destroy + start the books follow libvirt: full vCPUs and memory agai
 });
 
 test('virtio-mem right after Started: <current> still 0, the books take boot memory + <requested> (what the guest plugs by itself)', async () => {
-  const fake = await FakeVirsh.create();
-  const virsh = new Virsh({ runner: fake.runner });
-  const cfg = await resolveAllocations(
-    validateHostConfig({
-      hypervisor: 'libvirt',
-      stateDir: path.join(dir, 'state'),
-      guests: [{ name: 'vm1', domain: 'nbfix', priority: 1, confirmTimeout: '10s' }],
-    }),
-    virsh,
-  );
-  const domains = new LibvirtDomains(virsh, cfg.guests);
-  const broker = brokerOn(cfg, domains);
-  await broker.start();
+  const { fake, cfg, domains, broker } = await started();
   // Measured on the real guest (libvirt.e2e.test.ts): just started, nothing plugged yet.
   Object.assign(fake.d, { vcpus: 2, requestedKiB: 131072, currentKiB: 0 });
   const view = await domains.view(cfg.guests[0].libvirt!);

@@ -438,19 +438,7 @@ function ejectedStep(
   ejected: number[],
 ): LibvirtStep {
   const ids = ejected.join(',');
-  if (sameCpus(real, want))
-    return {
-      resource: 'cpus',
-      call: 'setvcpus',
-      from: real,
-      want,
-      got: real,
-      callMs: 0,
-      confirmMs: 0,
-      confirmed: true,
-      ejected,
-      note: `not called: ${real} vCPUs are there (libvirt still lists vCPU ${ids}, which QEMU ejected)`,
-    };
+  const confirmed = sameCpus(real, want);
   return {
     resource: 'cpus',
     call: 'setvcpus',
@@ -459,9 +447,11 @@ function ejectedStep(
     got: real,
     callMs: 0,
     confirmMs: 0,
-    confirmed: false,
+    confirmed,
     ejected,
-    note: `not called: libvirt still lists vCPU ${ids} of "${lv.domain}" as enabled, but QEMU ejected it and the guest does not have it (an unplug libvirt never saw), and libvirt cannot plug it again live (a hot-plug of another made QEMU 7.2 crash); virsh destroy + virsh start gives the domain its vCPUs back`,
+    note: confirmed
+      ? `not called: ${real} vCPUs are there (libvirt still lists vCPU ${ids}, which QEMU ejected)`
+      : `not called: libvirt still lists vCPU ${ids} of "${lv.domain}" as enabled, but QEMU ejected it and the guest does not have it (an unplug libvirt never saw), and libvirt cannot plug it again live (a hot-plug of another made QEMU 7.2 crash); virsh destroy + virsh start gives the domain its vCPUs back`,
   };
 }
 

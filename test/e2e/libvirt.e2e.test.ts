@@ -473,8 +473,10 @@ describe('nestbroker in a real guest under libvirt (TCG domain, virtio-mem, ball
       });
       results.cpuWatch = { samples: watch.length, first: watch[0], last: watch[watch.length - 1] };
       await saveResults();
-      // Projects first: every cpuset off CPU 1 strictly before the guest lost it.
+      // Projects first: the outcome before libvirt was asked, every cpuset off CPU 1
+      // strictly before the guest lost it.
       expect(n.outcome?.projects?.map((p) => p.name).sort()).toEqual([...NAMES].sort());
+      expect(Date.parse(n.outcomeAt!)).toBeLessThanOrEqual(Date.parse(n.actuation!.startedAt!));
       expect(setsMoved).toBeDefined();
       expect(offline).toBeDefined();
       expect(setsMoved!.ms).toBeLessThan(offline!.ms);

@@ -9,13 +9,37 @@
  * at their minimum (shrunk: every limit file rewritten) and stops all the others
  * (stop signal, exit at once): every project of the guest is touched.
  */
-import { promises as fs } from 'node:fs';
+import { promises as fs, statSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import YAML from 'yaml';
 import { openCgroupAdapter, type CgroupDriver } from '../../cgroup-adapter/index';
 import { rpcCall } from '../../agent/common/rpc';
 import { NESTBROKER, startDaemon, waitFor, type Proc } from '../../demo/stack';
+
+/**
+ * The daemon program of a build (`dist`, default this one's): its bundle
+ * (`dist/bundle/nestbroker.js`, what `make install` and the .deb run) when there is one
+ * at least as new as tsc's output, else the module tree's `agent/cli/nestbroker.js` (a
+ * tree built with tsc alone, or `modules`: the unbundled daemons on purpose).
+ */
+export function daemonProgram(dist?: string, modules = false): string {
+  const tree = dist ?? path.dirname(path.dirname(path.dirname(NESTBROKER)));
+  const cli = path.join(tree, 'agent', 'cli', 'nestbroker.js');
+  const bundle = path.join(tree, 'bundle', 'nestbroker.js');
+  if (modules) return cli;
+  try {
+    if (statSync(bundle).mtimeMs >= statSync(cli).mtimeMs) return bundle;
+  } catch {
+    // no bundle (or no module tree: then the bundle cannot be judged stale either)
+    try {
+      statSync(cli);
+    } catch {
+      return bundle;
+    }
+  }
+  return cli;
+}
 
 const MiB = 1024 * 1024;
 export const PROJECT_MEMORY = { min: 8 * MiB, max: 16 * MiB };
@@ -35,6 +59,19 @@ export const SHELL_PROJECT = [
   // cgroup.procs would otherwise leave the sleep behind, holding the group for its grace.
   'trap "kill \\$! 2>/dev/null; exit 0" TERM; while :; do sleep 3600 & wait; done',
 ];
+
+/**
+ * How long the bench leaves projects restarted by a restore before the next timed reclaim.
+ * Every project runs under a 1 % CPU quota (PROJECT_CPU: 1 ms a 100 ms period), and its
+ * start (the gate shell, unshare, setpriv, sh, the fork of its sleep: cgroup-adapter/spawn.ts)
+ * costs several ms of CPU, which the group pays back over the next periods
+ * (Documentation/scheduler/sched-bwc.rst). Stopped in that time, its shell waits for its
+ * quota to run the TERM trap and exit: measured on this machine, 66–300 ms from SIGTERM to
+ * `populated 0` right after the start, 1.3–7 ms after 1 s. The floors' shells are restarted
+ * a whole cascade before they are stopped; without a pause the cascade alone paid the
+ * kernel's throttling of just-started projects (docs/performance.md).
+ */
+export const SETTLE_MS = 1000;
 
 /**
  * A SHELL_PROJECT is ready for a stop signal once its `sleep` has been exec'd: two

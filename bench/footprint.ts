@@ -44,7 +44,7 @@ import {
   writeResult,
 } from './lib/common';
 import { cpuPercent, sampleProc, type ProcSample } from './lib/procstat';
-import { BenchStack } from './lib/stack';
+import { BenchStack, daemonProgram } from './lib/stack';
 
 const OPTIONS = {
   seconds: 'idle sampling window, s (default 60)',
@@ -53,7 +53,8 @@ const OPTIONS = {
   notices: 'notices the host handles after the idle window (default 10000; 0 skips)',
   'notice-seconds': 'time budget for the notices, s (default 300)',
   agents:
-    "another build's dist/ whose daemons to measure (default this one's), to compare builds in one harness",
+    "another build's dist/ whose daemons to measure (default this one's), to compare builds in one harness; its bundle when it has a fresh one (bench/lib/stack.ts daemonProgram)",
+  modules: 'run the daemons from the module tree (agent/cli/nestbroker.js), not the bundle',
   'node-args':
     "extra node flags of the daemons (and of the flagged bare node), e.g. '--lite-mode', for A/B runs",
   root: 'cgroup root (default nestbroker-bench-<pid>)',
@@ -125,11 +126,13 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'nestbroker-bench-footprint-'));
   const extra = (a['node-args'] ?? '').split(' ').filter((x) => x !== '');
   const daemonFlags = [...AGENT_NODE_FLAGS, ...extra];
+  const program = daemonProgram(a.agents ? path.resolve(a.agents) : undefined, a.modules !== undefined);
+  say(`  daemons: ${program}`);
   const stack = new BenchStack({
     root,
     dir,
     nodeArgs: { host: extra, guest: extra },
-    nestbroker: a.agents ? path.resolve(a.agents, 'agent', 'cli', 'nestbroker.js') : undefined,
+    nestbroker: program,
     guests: Array.from({ length: nGuests }, (_, g) => ({
       name: `g${String(g).padStart(2, '0')}`,
       projects: g === 0 ? nProjects : 2,
@@ -458,7 +461,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   );
   const out = writeResult(
     'footprint',
-    { seconds, guests: nGuests, projects: nProjects, goalsSet: GOALS, idle, notices, goals },
+    { seconds, guests: nGuests, projects: nProjects, program, goalsSet: GOALS, idle, notices, goals },
     a.out,
   );
   say(`\nwrote ${out}`);

@@ -7,7 +7,7 @@ import * as os from 'node:os';
 import { CgroupError } from './errors';
 
 // Both libraries are loaded on first use, not at start: systeminformation only where Linux
-// has no /proc (the fallback below) and pidusage only for processUsage. Loaded up front
+// has no /proc (the fallbacks below) and pidusage only for processUsage and processRows. Loaded up front
 // they were ~10 MiB of the host broker's idle RSS (docs/performance.md, "Footprint: what
 // each step saved").
 type Si = typeof import('systeminformation');
@@ -123,12 +123,82 @@ export interface HostInventory {
 let inventory: Promise<HostInventory> | undefined;
 
 /**
- * The machine's CPU model, cores, memory and OS (systeminformation's cpu(), mem(),
- * osInfo(): about 0.1–0.3 s of reads and a few commands, so once per process and
- * cached, never on a tick). A failed read is not cached.
+ * The inventory from /proc/cpuinfo, /etc/os-release and the os module (proc(5),
+ * os-release(5)), as systeminformation reads it on Linux but without loading it:
+ * systeminformation resident in a host broker after its first `status` was 23 modules and
+ * several MiB (docs/performance.md, "Footprint: what each step saved"). Undefined where
+ * /proc/cpuinfo has no CPU lines (then systeminformation, below).
+ */
+export function linuxInventory(
+  cpuinfo: string,
+  osRelease: string,
+  freqKHz: number | undefined,
+): HostInventory | undefined {
+  const field = (block: string, key: string): string | undefined =>
+    new RegExp(`^${key}\\s*:\\s*(.*)$`, 'm').exec(block)?.[1]?.trim();
+  const blocks = cpuinfo.split(/\n\s*\n/).filter((b) => /^processor\s*:/m.test(b));
+  if (blocks.length === 0) return undefined;
+  const name = field(blocks[0], 'model name') ?? '';
+  const vendor = field(blocks[0], 'vendor_id') ?? '';
+  const maker = /AMD/i.test(vendor) ? 'AMD' : /Intel/i.test(vendor) ? 'Intel' : '';
+  let model = name
+    .replace(/\(R\)/gi, '®')
+    .replace(/\(TM\)/gi, '™')
+    .replace(/\s+CPU\b/g, '')
+    .replace(/\s*@\s*[\d.]+\s*GHz/i, '')
+    .replace(/\s+/g, ' ')
+    .trim();
+  if (maker && !model.toLowerCase().startsWith(maker.toLowerCase())) model = `${maker} ${model}`;
+  const cores = new Set(
+    blocks.map(
+      (b) => `${field(b, 'physical id') ?? '0'}/${field(b, 'core id') ?? field(b, 'processor')}`,
+    ),
+  );
+  const ghzInName = /@\s*([\d.]+)\s*GHz/i.exec(name)?.[1];
+  const ghz = freqKHz ? freqKHz / 1e6 : ghzInName ? Number(ghzInName) : 0;
+  const rel = (key: string): string | undefined => {
+    const v = new RegExp(`^${key}=(.*)$`, 'm').exec(osRelease)?.[1]?.trim();
+    return v?.replace(/^"(.*)"$/, '$1');
+  };
+  return {
+    hostname: os.hostname(),
+    cpuModel: model,
+    cpus: blocks.length,
+    physicalCores: cores.size || blocks.length,
+    cpuGHz: Math.round(ghz * 100) / 100,
+    memTotalBytes: os.totalmem(),
+    os: [rel('NAME'), rel('VERSION_ID')].filter(Boolean).join(' '),
+    kernel: os.release(),
+    arch: os.arch(),
+  };
+}
+
+function readOr(file: string, dflt: string): string {
+  try {
+    return fs.readFileSync(file, 'utf8');
+  } catch {
+    return dflt;
+  }
+}
+
+/**
+ * The machine's CPU model, cores, memory and OS, once per process and cached, never on a
+ * tick: from /proc and /etc/os-release on Linux (linuxInventory), elsewhere through
+ * systeminformation's cpu(), mem(), osInfo() (about 0.1–0.3 s of reads and a few
+ * commands). A failed read is not cached.
  */
 export function hostInventory(): Promise<HostInventory> {
   inventory ??= (async () => {
+    const freq = Number(
+      readOr('/sys/devices/system/cpu/cpu0/cpufreq/base_frequency', '') ||
+        readOr('/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq', ''),
+    );
+    const linux = linuxInventory(
+      readOr('/proc/cpuinfo', ''),
+      readOr('/etc/os-release', readOr('/usr/lib/os-release', '')),
+      Number.isFinite(freq) && freq > 0 ? freq : undefined,
+    );
+    if (linux) return linux;
     const [cpu, mem, osi] = await Promise.all([si().cpu(), si().mem(), si().osInfo()]);
     return {
       hostname: osi.hostname || os.hostname(),

@@ -7,6 +7,7 @@ import { isNestError, NestError, type Problem } from '../common/errors';
 import { isCgroupError } from '../../cgroup-adapter/errors';
 import { formatBytes, formatMs, parseCpus, parseDuration, parseSize } from '../common/units';
 import type { Outcome, ProjectLimits } from '../broker/types';
+import { byCodePoint } from '../common/order';
 
 /** nestctl's exit codes. */
 export const EXIT = {
@@ -145,7 +146,7 @@ export function newestFirst<T>(
   id: (r: T) => string,
 ): T[] {
   const ms = (r: T) => Date.parse(at(r) ?? '') || 0;
-  return [...rows].sort((a, b) => ms(b) - ms(a) || id(b).localeCompare(id(a)));
+  return [...rows].sort((a, b) => ms(b) - ms(a) || byCodePoint(id(b), id(a)));
 }
 
 /** Aligned columns; numbers right-aligned. */

@@ -31,6 +31,7 @@ import {
   table,
   type Io,
 } from './format';
+import { byCodePoint } from '../common/order';
 
 export type { Io } from './format';
 
@@ -56,7 +57,7 @@ const pct = (v: number | null): string => (v === null ? '-' : `${v.toFixed(2)}%`
 /** The guest's `top`: largest memory first (where a reclaim would hurt most). */
 export function topText(v: TopView): string {
   const rows = [...v.projects].sort(
-    (a, b) => (b.memoryBytes ?? -1) - (a.memoryBytes ?? -1) || a.name.localeCompare(b.name),
+    (a, b) => (b.memoryBytes ?? -1) - (a.memoryBytes ?? -1) || byCodePoint(a.name, b.name),
   );
   return [
     `guest ${v.guest} at ${v.at}: allocation ${fmtBytes(v.allocation.memoryBytes)}, ${cpusText(v.allocation.cpus)}; ` +

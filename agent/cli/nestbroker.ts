@@ -142,7 +142,12 @@ export async function main(argv: string[]): Promise<number> {
   return code;
 }
 
-if (require.main === module) {
+/**
+ * Runs the command line and exits with its code. Called below when this file is the
+ * program, and by the bundled daemon (dist/bundle/nestbroker.js, the Makefile's `bundle`),
+ * in which `require.main === module` never holds.
+ */
+export function runCli(): void {
   main(process.argv.slice(2)).then(
     (code) => process.exit(code),
     (err: unknown) => {
@@ -159,3 +164,5 @@ if (require.main === module) {
     },
   );
 }
+
+if (require.main === module) runCli();

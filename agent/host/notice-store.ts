@@ -8,10 +8,12 @@
  */
 import type { Notice, Outcome, Resources } from '../broker/types';
 import { Journal } from '../common/journal';
+import { GroupJournal } from './group-journal';
 import type { Logger } from '../common/log';
 import { addCpus, newBooks, type GuestBooks } from './books';
 import type { GuestConfig } from './config';
 import type { ActuationReport } from './actuator';
+import { byCodePoint } from '../common/order';
 
 export type HostNoticeState =
   /** journaled and booked; not yet acknowledged by the guest */
@@ -159,7 +161,8 @@ export function bookedChange(rec: HostNoticeRecord): Resources {
 
 /** The notice records of every guest, their journal, and the ledger bases. */
 export class NoticeStore {
-  private readonly journal: Journal<HostNoticeRecord>;
+  /** One file a notice; the records of one moment written as one batch (group-journal.ts). */
+  private readonly journal: GroupJournal<HostNoticeRecord>;
   private readonly records = new Map<string, HostNoticeRecord>();
   /**
    * The same records by guest (docs/performance.md: books and status read one guest's, not
@@ -177,7 +180,7 @@ export class NoticeStore {
     stateDir: string,
     private readonly log: Logger,
   ) {
-    this.journal = new Journal<HostNoticeRecord>(`${stateDir}/notices`);
+    this.journal = new GroupJournal<HostNoticeRecord>(`${stateDir}/notices`);
     this.ledger = new Journal<LedgerBase>(`${stateDir}/ledger`);
   }
 
@@ -376,7 +379,7 @@ export class NoticeStore {
 
   sorted(): HostNoticeRecord[] {
     return [...this.records.values()].sort(
-      (a, b) => a.notice.guest.localeCompare(b.notice.guest) || a.notice.seq - b.notice.seq,
+      (a, b) => byCodePoint(a.notice.guest, b.notice.guest) || a.notice.seq - b.notice.seq,
     );
   }
 

@@ -11,7 +11,7 @@
  *
  * Options: --a DIST / --b DIST (a build's dist/, default this one), --a-args / --b-args
  * (node flags of that stack's agents), --size GxP, --runs N, --warmup N, --deadline D,
- * --root NAME, --out FILE.
+ * --root NAME, --out FILE, --settle MS.
  */
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
@@ -26,11 +26,12 @@ import {
   r3,
   requireRoot,
   say,
+  sleep,
   summarise,
   table,
   writeResult,
 } from './lib/common';
-import { BenchStack, daemonProgram, guestMemory, PROJECT_MEMORY } from './lib/stack';
+import { BenchStack, daemonProgram, guestMemory, PROJECT_MEMORY, SETTLE_MS } from './lib/stack';
 
 const OPTIONS = {
   a: "build A's dist/ (default this build)",
@@ -43,6 +44,7 @@ const OPTIONS = {
   deadline: 'notice deadline (default 120s)',
   root: 'cgroup root (default nestbroker-bench-<pid>)',
   out: 'JSON file (default bench/results/cascade-ab.json)',
+  settle: `ms every project restarted by a restore is left before the next timed reclaim (default ${SETTLE_MS})`,
 };
 
 const flags = (s: string | undefined): string[] => (s ?? '').split(' ').filter((x) => x !== '');
@@ -57,6 +59,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   const runs = intArg(a.runs, 'runs', 10);
   const warmup = intArg(a.warmup, 'warmup', 1, 0);
   const deadline = a.deadline ?? '120s';
+  const settleMs = intArg(a.settle, 'settle', SETTLE_MS, 0);
   const base = a.root ?? `nestbroker-bench-${process.pid}`;
   const kept = Math.ceil(projects / 2);
   const bytes = guestMemory(projects) - (guestMemory(0) + kept * PROJECT_MEMORY.min);
@@ -123,6 +126,9 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
       for (const v of back)
         if (v.state !== 'done') throw new Error(`restore of ${v.guest} ended ${v.state}`);
       await stack.waitProjectsRunning();
+      // Its restarted projects pay their start's CPU against their quota first
+      // (SETTLE_MS, bench/lib/stack.ts).
+      await sleep(settleMs);
       return ms;
     };
     for (let run = -warmup; run < runs; run++) {
@@ -166,6 +172,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     {
       size: `${guests}x${projects}`,
       runs,
+      settleMs,
       warmup,
       variants: variants.map((v, i) => ({ ...v, latencyMs: sums[i], samples: samples[i].map(r3) })),
       ratio: {

@@ -49,6 +49,7 @@ import {
   RESULTS_DIR,
   requireRoot,
   say,
+  sleep,
   summarise,
   table,
   writeResult,
@@ -61,6 +62,7 @@ import {
   BenchStack,
   PROJECT_CPU,
   PROJECT_MEMORY,
+  SETTLE_MS,
   SHELL_PROJECT,
   guestMemory,
   projectName,
@@ -90,6 +92,7 @@ const OPTIONS = {
   'node-args': "extra node flags of the agents, e.g. '--lite-mode' (A/B runs)",
   'fsync-samples':
     "write + fsync samples of the disk per run, in g00's journal directory (default 5)",
+  settle: `ms every project restarted by the restore is left before the next timed reclaim (default ${SETTLE_MS}; see SETTLE_MS in bench/lib/stack.ts)`,
 };
 
 export const DEFAULT_SIZES = '1x10,1x100,1x500,10x50,50x50';
@@ -370,6 +373,7 @@ async function runSize(
     fsyncSamples: number;
     kernelFloorBin: string | null;
     nodeArgs: string[];
+    settleMs: number;
   },
 ): Promise<SizeResult> {
   const projects = size.guests * size.projects;
@@ -541,6 +545,9 @@ async function runSize(
       await floor?.reset();
       await kfloor?.reset();
       await stack.waitProjectsRunning();
+      // The restarted projects pay their start's CPU against their quota before the next
+      // timed stop, as the floors' shells (restarted a whole cascade earlier) have.
+      await sleep(opts.settleMs);
       if (run >= 0 && (run + 1) % 10 === 0)
         say(
           `  ${size.label}: ${run + 1}/${opts.runs} runs, last ${r3(ms)} ms (adapter floor ${f ? r3(f.emptyMs) : '-'} ms, kernel floor ${k ? r3(k.emptyMs) : '-'} ms)`,
@@ -699,6 +706,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   const warmup = intArg(a.warmup, 'warmup', 2, 0);
   const base = a.root ?? `nestbroker-bench-${process.pid}`;
   const budgetS = intArg(a.budget, 'budget', 300);
+  const settleMs = intArg(a.settle, 'settle', SETTLE_MS, 0);
   const deadline = a.deadline ?? '600s';
   const floorNames = (a.floors ?? 'adapter,kernel').split(',').map((x) => x.trim());
   const badFloor = floorNames.filter(
@@ -757,10 +765,15 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
           fsyncSamples,
           kernelFloorBin: kf ? kf.bin : null,
           nodeArgs: (a['node-args'] ?? '').split(' ').filter((x) => x !== ''),
+          settleMs,
         }),
       );
       // After every size: an interrupted bench still leaves what it measured.
-      writeResult('cascade', { runs, warmup, complete: false, sizes: results }, a.out);
+      writeResult(
+        'cascade',
+        { runs, warmup, settleMs, complete: false, sizes: results },
+        a.out,
+      );
     }
   } finally {
     await cleanup();
@@ -857,7 +870,11 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
         ]),
       );
     }
-  const out = writeResult('cascade', { runs, warmup, complete: true, sizes: results, ...g }, a.out);
+  const out = writeResult(
+    'cascade',
+    { runs, warmup, settleMs, complete: true, sizes: results, ...g },
+    a.out,
+  );
   say(`\nwrote ${out}`);
   return results.some((r) => r.error) ? 1 : 0;
 }

@@ -198,11 +198,23 @@ export async function runBroker<CN, CO>(
     await opts.journal?.put(child, rec);
   };
 
+  // The steps an earlier run had begun: `resumed` is theirs alone, whatever this run records.
+  const begunBefore = new Set<string>();
   try {
     for (const s of steps) {
       const rec = await opts.journal?.get(s.child);
       if (rec) records.set(s.child, rec);
+      if (rec?.startedAt !== undefined) begunBefore.add(s.child);
     }
+    // The first group acts as soon as every child has its notice: its steps' startedAt is
+    // recorded with their delivery, in the same journal write, so that one durable write
+    // (not two in a row) stands between the notices and the first act. Later groups
+    // record theirs when they begin (docs/performance.md, "delivered → first stop signal").
+    const acting0 = steps.filter((s) => s.act !== false);
+    const firstOrder = acting0.length > 0 ? Math.min(...acting0.map((s) => s.order)) : undefined;
+    const startsAtOnce = (s: BrokerStep<CN>): boolean => s.act !== false && s.order === firstOrder;
+    /** Steps whose startedAt this run has on the disk (a write that failed does not count). */
+    const startDurable = new Set<string>(begunBefore);
 
     // 1. Every child hears of the notice before anything is taken from any of them.
     await Promise.all(
@@ -217,7 +229,10 @@ export async function runBroker<CN, CO>(
             deliverTimeoutMs,
             `delivering the notice to ${s.child}`,
           );
-          await save(s.child, { deliveredAt: new Date(clock.now()).toISOString() });
+          const at = new Date(clock.now()).toISOString();
+          const begins = startsAtOnce(s) && rec?.startedAt === undefined;
+          await save(s.child, { deliveredAt: at, ...(begins ? { startedAt: at } : {}) });
+          if (begins) startDurable.add(s.child);
           opts.onProgress?.({
             child: s.child,
             phase: 'notified',
@@ -255,8 +270,13 @@ export async function runBroker<CN, CO>(
             });
             return;
           }
-          const resumed = rec?.startedAt !== undefined;
-          await save(s.child, { startedAt: rec?.startedAt ?? new Date(clock.now()).toISOString() });
+          const resumed = begunBefore.has(s.child);
+          // Durable with the delivery (the first group), or now: a step whose delivery or
+          // its record failed writes it here, before it acts, all the same.
+          if (!startDurable.has(s.child))
+            await save(s.child, {
+              startedAt: rec?.startedAt ?? new Date(clock.now()).toISOString(),
+            });
           const t0 = now();
           let outcome: CO;
           try {

@@ -468,6 +468,7 @@ export function registerHostCommands(y: Argv, io: Io = stdio): Argv {
               floor: { memoryBytes: number; cpus: number };
             };
             problems: Problem[];
+            code?: string;
             inventory: { projects: { name: string; priority: number; state: string }[] } | null;
             guestPlan: PlanResult | null;
             note?: string;
@@ -554,6 +555,8 @@ export function hostPlanText(
     allocation?: Res;
     books: { granted: Res; floor: Res };
     problems: { field: string; message: string }[];
+    /** Set when the hypervisor refused it (DOMAIN_DOWN, PREREQUISITE_MISSING). */
+    code?: string;
     inventory: { projects: { name: string; priority: number; state: string }[] } | null;
     guestPlan: PlanResult | null;
     note?: string;
@@ -564,7 +567,7 @@ export function hostPlanText(
   const out = [
     p.ok
       ? `${vm}: ${r(p.books.granted)} now → ${r(p.allocation)} after (floor ${r(p.books.floor)})`
-      : `${vm}: refused\n${p.problems.map((x) => `  ${x.field}: ${x.message}`).join('\n')}`,
+      : `${vm}: refused${p.code ? ` (${p.code})` : ''}\n${p.problems.map((x) => `  ${x.field}: ${x.message}`).join('\n')}`,
   ];
   const g = p.guestPlan;
   if (g) {

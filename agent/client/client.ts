@@ -259,7 +259,11 @@ export class Client {
     const f = this.facts();
     if (f.onlineCpus === undefined && f.memTotal === undefined) return false;
     const key = JSON.stringify(f);
-    if (key === this.factsSent) return false;
+    if (key === this.factsSent) {
+      // One line per check at debug, as the supervisor's ticks: that the watch is alive.
+      this.log.debug({ ...f }, 'online CPUs / MemTotal checked: unchanged');
+      return false;
+    }
     if (!this.send({ type: 'facts', id: newMessageId(), ...f })) return false;
     this.factsSent = key;
     this.log.debug({ ...f }, 'sent the changed online CPUs / MemTotal');

@@ -159,8 +159,12 @@ export class NoticeBook extends EventEmitter {
   private readonly maxPending: number;
   private readonly clock: Clock;
   readonly margin: EndMargin;
-  /** Each notice's deadline on clock.monotonic(), and what was left of it on arrival. */
-  private readonly deadlines = new Map<string, { at: number; budgetMs: number }>();
+  /**
+   * What was left of each pending notice's deadline when this agent took it (on arrival,
+   * or when init() restored it from the journal): the base of its margins. The deadline
+   * itself is the record's deadlineMono, the one place it is kept.
+   */
+  private readonly budgets = new Map<string, number>();
 
   constructor(
     stateDir: string,
@@ -365,15 +369,12 @@ export class NoticeBook extends EventEmitter {
       deadlineMono,
       bootId: bootId(),
     };
-    this.deadlines.set(notice.id, {
-      at: deadlineMono,
-      budgetMs: Math.max(0, deadlineMono - this.clock.monotonic()),
-    });
+    this.budgets.set(notice.id, Math.max(0, deadlineMono - this.clock.monotonic()));
     try {
       await this.put(rec);
     } catch (err) {
       const message = isNestError(err) ? err.message : String(err);
-      this.deadlines.delete(notice.id);
+      this.budgets.delete(notice.id);
       log.error({ err }, 'could not journal the notice: refused, nothing done');
       return { state: 'rejected', error: { code: 'JOURNAL_WRITE', message } };
     }
@@ -405,7 +406,7 @@ export class NoticeBook extends EventEmitter {
     if (rec.state !== 'accepted') return 'not-cancellable';
     rec.state = 'cancelled';
     rec.finishedAt = new Date(this.clock.now()).toISOString();
-    this.deadlines.delete(id);
+    this.budgets.delete(id);
     await this.notices.put(noticeKey(id), rec);
     this.evict();
     this.log.info({ noticeId: id }, 'notice cancelled before work started');
@@ -525,15 +526,20 @@ export class NoticeBook extends EventEmitter {
     this.margin.record('journal', this.clock.monotonic() - t0);
   }
 
-  /** The monotonic deadline of a pending notice: kept from receipt, or restored once from the journal. */
+  /**
+   * The monotonic deadline of a pending notice and its budget: kept from receipt, or
+   * restored once from the journal. A record from another boot gets this boot's deadline
+   * (agent/common/clock.ts), journaled with it at its next write.
+   */
   private deadlineOf(rec: NoticeRecord): { at: number; budgetMs: number } {
-    let d = this.deadlines.get(rec.notice.id);
-    if (!d) {
-      const at = restoreDeadline(rec, rec.notice.deadline, this.clock);
-      d = { at, budgetMs: Math.max(0, at - this.clock.monotonic()) };
-      this.deadlines.set(rec.notice.id, d);
+    let budgetMs = this.budgets.get(rec.notice.id);
+    if (budgetMs === undefined || rec.deadlineMono === undefined) {
+      rec.deadlineMono = restoreDeadline(rec, rec.notice.deadline, this.clock);
+      rec.bootId = bootId();
+      budgetMs = Math.max(0, rec.deadlineMono - this.clock.monotonic());
+      this.budgets.set(rec.notice.id, budgetMs);
     }
-    return d;
+    return { at: rec.deadlineMono, budgetMs };
   }
 
   /** Accepted or running, not yet finished. */
@@ -618,7 +624,7 @@ export class NoticeBook extends EventEmitter {
       rec.state = 'done';
       rec.outcome = outcome;
       rec.finishedAt = new Date(this.clock.now()).toISOString();
-      this.deadlines.delete(notice.id);
+      this.budgets.delete(notice.id);
       await this.put(rec);
       faultPoint('before-outcome');
       log.info({ status: outcome.status, freed: outcome.freed, ms: outcome.ms }, 'notice done');

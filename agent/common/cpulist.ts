@@ -22,6 +22,17 @@ export function parseCpuList(text: string, what = 'CPU list'): number[] {
   return [...out].sort((x, y) => x - y);
 }
 
+/**
+ * How many CPUs a cpuset.cpus value allows: "0-1,3" → 3. Unset or empty is every CPU
+ * (Infinity): in cgroup v2 an empty cpuset.cpus means the parent's CPUs
+ * (Documentation/admin-guide/cgroup-v2.rst, "Cpuset Interface Files"), and the agent never
+ * writes one (CONTRIBUTING.md). A malformed list is refused as parseCpuList refuses it.
+ */
+export function cpusetSize(list: string | undefined, what = 'cpuset'): number {
+  if (list === undefined || list.trim() === '') return Number.POSITIVE_INFINITY;
+  return parseCpuList(list, what).length;
+}
+
 /** [0, 1, 2, 3, 8] → "0-3,8" (any order, repeats allowed); [] → "". */
 export function formatCpuList(cpus: readonly number[]): string {
   const s = [...new Set(cpus)].sort((x, y) => x - y);

@@ -10,9 +10,34 @@
  * the event loop, are merged into ONE next write of the newest value. Every caller's promise resolves only once a write that
  * began after its put — so holding its value or a newer one — is durable.
  */
-import { promises as fs, constants } from 'node:fs';
+import {
+  closeSync,
+  constants,
+  fdatasync,
+  fsync,
+  openSync,
+  promises as fs,
+  renameSync,
+  writeSync,
+} from 'node:fs';
 import * as path from 'node:path';
 import { NestError } from './errors';
+
+/** fdatasync(2) / fsync(2) on the thread pool, as a promise. */
+function flush(
+  fn: (fd: number, cb: (err: NodeJS.ErrnoException | null) => void) => void,
+  fd: number,
+): Promise<void> {
+  return new Promise((resolve, reject) => fn(fd, (err) => (err ? reject(err) : resolve())));
+}
+
+function closeQuietly(fd: number): void {
+  try {
+    closeSync(fd);
+  } catch {
+    // nothing more to release
+  }
+}
 
 const SAFE_KEY = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
 
@@ -75,29 +100,32 @@ export class Journal<T> {
     return q.done;
   }
 
+  /**
+   * The atomic write. Only the two flushes wait on the disk, so only they go to the thread
+   * pool (fdatasync of the file, fsync of the directory); the open, write, close and rename
+   * are done on this thread: they touch the page cache and the directory in memory.
+   * Through the promises API each of the eight steps was a thread-pool round trip, queued
+   * behind every other file operation of the moment (a notice's limit writes, its
+   * project notices, the other journal's flushes), and a journal write sits between
+   * every two phases of a cascade (docs/performance.md, "Closing the gap").
+   */
   private async write(target: string, value: T): Promise<void> {
     const tmp = `${target}.${process.pid}.tmp`;
+    let fd: number | undefined;
+    let dir: number | undefined;
     try {
-      const fh = await fs.open(
-        tmp,
-        constants.O_CREAT | constants.O_TRUNC | constants.O_WRONLY,
-        0o600,
-      );
-      try {
-        await fh.writeFile(JSON.stringify(value));
-        // fdatasync: the data and the size it needs; the rename below is what publishes it.
-        await fh.datasync();
-      } finally {
-        await fh.close();
-      }
-      await fs.rename(tmp, target);
-      const dh = await fs.open(this.dir, constants.O_RDONLY);
-      try {
-        await dh.sync();
-      } finally {
-        await dh.close();
-      }
+      fd = openSync(tmp, constants.O_CREAT | constants.O_TRUNC | constants.O_WRONLY, 0o600);
+      const buf = Buffer.from(JSON.stringify(value));
+      for (let off = 0; off < buf.length;) off += writeSync(fd, buf, off, buf.length - off);
+      // fdatasync: the data and the size it needs; the rename below is what publishes it.
+      await flush(fdatasync, fd);
+      closeSync(fd);
+      fd = undefined;
+      renameSync(tmp, target);
+      dir = openSync(this.dir, constants.O_RDONLY);
+      await flush(fsync, dir);
     } catch (cause) {
+      if (fd !== undefined) closeQuietly(fd);
       await fs.rm(tmp, { force: true }).catch(() => undefined);
       throw new NestError(
         'JOURNAL_WRITE',
@@ -106,6 +134,8 @@ export class Journal<T> {
           cause,
         },
       );
+    } finally {
+      if (dir !== undefined) closeQuietly(dir);
     }
   }
 

@@ -5,7 +5,7 @@
  * project is still its cgroup's membership (CONTRIBUTING.md); this is for the processes
  * that are no longer in it.
  */
-import { readdirSync, readFileSync } from 'node:fs';
+import { closeSync, openSync, readSync, readdirSync } from 'node:fs';
 import { performance } from 'node:perf_hooks';
 
 /** A process as we knew it: the pid and the start time that make it that process. */
@@ -18,27 +18,49 @@ export interface KnownProcess {
 interface Stat {
   /** Field 3: R, S, D, … Z (zombie: exited, not yet reaped), X (dead). */
   state: string;
+  /**
+   * Field 9, the kernel's flags word: PF_EXITING (0x4, include/linux/sched.h as proc(5)
+   * refers to it) is set when the process begins to exit, before it leaves its cgroups.
+   */
+  exiting: boolean;
   ppid: number;
   session: number;
   start: number;
 }
 
-/** Fields of /proc/<pid>/stat we use, or undefined when there is no such process. */
+/** PF_EXITING in /proc/<pid>/stat field 9 (proc(5); include/linux/sched.h). */
+const PF_EXITING = 0x4;
+/** One buffer for every stat read: a stat line is a few hundred bytes. */
+const statBuf = Buffer.alloc(4096);
+
+/**
+ * Fields of /proc/<pid>/stat we use, or undefined when there is no such process. One
+ * open, one read(2), one close: readFileSync adds an fstat and a second read to find
+ * the end, and a scan of /proc reads this for every process on the machine (2 000 on a
+ * busy host: 70–200 ms of the event loop, docs/performance.md).
+ */
 export function readStat(pid: number): Stat | undefined {
   let text: string;
+  let fd: number | undefined;
   try {
-    text = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    fd = openSync(`/proc/${pid}/stat`, 'r');
+    const n = readSync(fd, statBuf, 0, statBuf.length, 0);
+    text = statBuf.toString('latin1', 0, n);
   } catch {
     return undefined;
+  } finally {
+    if (fd !== undefined) closeSync(fd);
   }
   // comm (field 2) is in parentheses and may hold spaces or ')': count from the last ')'.
-  // What follows starts at field 3 (state): ppid is field 4, session 6, starttime 22.
+  // What follows starts at field 3 (state): ppid is field 4, session 6, flags 9,
+  // starttime 22.
   const f = text.slice(text.lastIndexOf(')') + 2).split(' ');
   const ppid = Number(f[4 - 3]);
   const session = Number(f[6 - 3]);
+  const flags = Number(f[9 - 3]);
   const start = Number(f[22 - 3]);
   if (!Number.isFinite(start)) return undefined;
-  return { state: f[0], ppid, session, start };
+  return { state: f[0], exiting: (flags & PF_EXITING) !== 0, ppid, session, start };
 }
 
 /** The process now behind a pid, or undefined when none runs. */
@@ -50,14 +72,20 @@ export function knownNow(pid: number): KnownProcess | undefined {
 /**
  * True while this very process (same pid AND start time) runs. A zombie does not: it has
  * exited and left its cgroup (the kernel lists it in no cgroup.procs), and only waits for
- * its parent to reap it.
+ * its parent to reap it. Nor does one already exiting (PF_EXITING): it leaves cgroup.procs
+ * before it is a zombie, and never runs user code again. A stopped project's shell whose
+ * group is at its CPU quota can sit in that state until the next CFS period (up to
+ * 100 ms, Documentation/scheduler/sched-bwc.rst), which the escape check took for a
+ * process outside its group (docs/reliability.md, "Processes that leave their project").
  */
 export function stillAlive(p: KnownProcess): boolean {
   const s = readStat(p.pid);
-  return s !== undefined && s.start === p.start && s.state !== 'Z' && s.state !== 'X';
+  return s !== undefined && s.start === p.start && live(s);
 }
 
-/** Every process /proc lists now (zombies left out), by pid. */
+const live = (s: Stat): boolean => s.state !== 'Z' && s.state !== 'X' && !s.exiting;
+
+/** Every process /proc lists now (zombies and exiting ones left out), by pid. */
 function scan(): Map<number, Stat> {
   const out = new Map<number, Stat>();
   let names: string[];
@@ -69,7 +97,7 @@ function scan(): Map<number, Stat> {
   for (const n of names) {
     if (!/^[0-9]+$/.test(n)) continue;
     const s = readStat(Number(n));
-    if (s && s.state !== 'Z' && s.state !== 'X') out.set(Number(n), s);
+    if (s && live(s)) out.set(Number(n), s);
   }
   return out;
 }
@@ -83,17 +111,30 @@ const SCAN_MAX_AGE_MS = 50;
  * leader's pid), the leader itself included if alive. A project is started in its own
  * session (agent/guest/projects.ts), so its forks carry that id unless they call setsid
  * themselves. Only processes started no earlier than the leader count: an older process
- * in a session with that number belongs to an earlier owner of the pid. One scan of /proc
- * serves every call within SCAN_MAX_AGE_MS.
+ * in a session with that number belongs to an earlier owner of the pid.
+ *
+ * One scan of /proc serves every call that accepts it: with `notBefore` (performance.now()
+ * time), any scan begun at or after it (the caller needs a view of the processes taken
+ * after some moment, e.g. after its group was seen empty); without, any scan begun within
+ * SCAN_MAX_AGE_MS. The scan's age runs from its start: a scan that took longer than the
+ * window (thousands of processes) no longer served even the next call.
  */
-export function sessionMembers(leader: KnownProcess, now = performance.now()): KnownProcess[] {
-  if (!cached || now - cached.at > SCAN_MAX_AGE_MS) cached = { at: now, procs: scan() };
+export function sessionMembers(
+  leader: KnownProcess,
+  now = performance.now(),
+  notBefore?: number,
+): KnownProcess[] {
+  const fresh =
+    cached !== undefined &&
+    (notBefore !== undefined ? cached.at >= notBefore : now - cached.at <= SCAN_MAX_AGE_MS);
+  if (!fresh) cached = { at: performance.now(), procs: scan() };
+  const procs = cached!.procs;
   const out: KnownProcess[] = [];
   // A live process with the leader's pid that is not the leader began a session of its
   // own with that number: the leader's descendants can no longer be told from its.
-  const holder = cached.procs.get(leader.pid);
+  const holder = procs.get(leader.pid);
   if (holder && holder.start !== leader.start) return out;
-  for (const [pid, s] of cached.procs)
+  for (const [pid, s] of procs)
     if (s.session === leader.pid && s.start >= leader.start) out.push({ pid, start: s.start });
   return out;
 }

@@ -234,7 +234,7 @@ export class GuestAgent implements OperatorTarget {
     await registry.init();
     ready();
     usage.start();
-    await supervisor.start();
+    await supervisor.start(usage);
     undo.push(async () => {
       usage.stop();
       supervisor.stop();

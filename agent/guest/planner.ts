@@ -32,7 +32,7 @@ import type { ProjectAction, ProjectLimits, Resources } from '../broker/types';
 import { givesFirst, keepsFirst } from '../broker/ranking';
 import { NestError } from '../common/errors';
 import { formatBytes } from '../common/units';
-import { formatCpuList } from '../common/cpulist';
+import { cpusetSize, formatCpuList } from '../common/cpulist';
 
 export interface PlanProject {
   name: string;
@@ -161,17 +161,6 @@ function cmpLimit(before: number | 'max' | undefined, after: number | 'max' | un
   const b = num(before);
   const a = num(after);
   return a === b ? 0 : a < b ? -1 : 1;
-}
-
-/** Count of CPUs in a cpuset list like "0-1,3"; Infinity when unset (all CPUs). */
-function cpusetSize(s: string | undefined): number {
-  if (s === undefined || s.trim() === '') return Number.POSITIVE_INFINITY;
-  let n = 0;
-  for (const part of s.split(',')) {
-    const [a, b] = part.split('-').map((x) => Number(x));
-    n += b === undefined ? 1 : b - a + 1;
-  }
-  return n;
 }
 
 /**

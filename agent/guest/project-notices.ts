@@ -15,7 +15,14 @@
  * the connection belongs to that project: another project cannot end someone else's grace.
  */
 import { randomBytes } from 'node:crypto';
-import { promises as fsp, constants, existsSync } from 'node:fs';
+import {
+  promises as fsp,
+  constants,
+  existsSync,
+  mkdirSync,
+  renameSync,
+  writeFileSync,
+} from 'node:fs';
 import net from 'node:net';
 import * as path from 'node:path';
 import type { Logger } from '../common/log';
@@ -99,13 +106,18 @@ export class ProjectNoticeBoard {
    */
   async deliver(pn: ProjectNotice, notify: { signal?: string; pids: number[] }): Promise<void> {
     const dir = this.dir(pn.project);
-    if (!existsSync(dir)) await fsp.mkdir(dir, { recursive: true, mode: 0o750 });
+    if (!existsSync(dir)) mkdirSync(dir, { recursive: true, mode: 0o750 });
     // Replaced atomically (a reader sees the old or the new file, whole) but not fsync'd:
     // what makes the delivery durable is the broker's step record, and a notice not yet
     // recorded as delivered is delivered again after a crash (docs/performance.md: one
     // fsync'd file per project, ×2 with the directory, was most of the cost of the
-    // notices).
-    await writeReplace(path.join(dir, 'notice.json'), `${JSON.stringify(pn, null, 2)}\n`, 0o644);
+    // notices). Written synchronously: a small file in a directory of its own, with no
+    // fsync, does not wait on the disk, and the broker calls deliver for every project
+    // in one loop, so the hundred notices of a reclaim are written in one go and their
+    // deliveries recorded by one journal write, where four round trips each through the
+    // thread pool (open, write, close, rename) queued behind the journal's fsyncs
+    // ("plan → notices delivered", docs/performance.md).
+    writeReplaceNow(path.join(dir, 'notice.json'), `${JSON.stringify(pn, null, 2)}\n`, 0o644);
     this.current.set(pn.project, pn);
     for (const s of this.subs) if (s.project === pn.project) this.write(s.sock, noticeLine(pn));
     if (notify.signal) {
@@ -222,10 +234,10 @@ function noticeLine(pn: ProjectNotice): object {
 }
 
 /** Temp file, rename: a reader sees the old or the new file, whole (not made durable). */
-async function writeReplace(file: string, text: string, mode: number): Promise<void> {
+function writeReplaceNow(file: string, text: string, mode: number): void {
   const tmp = `${file}.${process.pid}.tmp`;
-  await fsp.writeFile(tmp, text, { mode });
-  await fsp.rename(tmp, file);
+  writeFileSync(tmp, text, { mode });
+  renameSync(tmp, file);
 }
 
 /** Temp file, fsync, rename, fsync the directory: a reader sees the old or the new file, whole. */

@@ -393,12 +393,12 @@ export class ProjectRegistry {
    * their sessions' members, that the kernel does not list in the group's subtree in
    * some hierarchy. After a stop (the group empty) every one still alive is outside.
    */
-  async escaped(name: string): Promise<EscapedProcess[]> {
+  async escaped(name: string, notBefore?: number): Promise<EscapedProcess[]> {
     const group = this.group(name);
     const candidates = new Map<number, KnownProcess>();
     for (const k of this.records[name]?.processes ?? []) {
       if (stillAlive(k)) candidates.set(k.pid, k);
-      for (const m of sessionMembers(k)) candidates.set(m.pid, m);
+      for (const m of sessionMembers(k, undefined, notBefore)) candidates.set(m.pid, m);
     }
     if (candidates.size === 0 || !this.adapter.outside) return [];
     const outside = await this.adapter.outside(group, [...candidates.keys()]);
@@ -420,8 +420,15 @@ export class ProjectRegistry {
    */
   async killEscaped(name: string, log: Logger = this.log): Promise<EscapedProcess[]> {
     const found = new Map<string, EscapedProcess>();
+    // The stops of one notice empty their groups within moments of each other, and each
+    // comes here: one scan of /proc begun after this group was seen empty serves them all
+    // (proc.ts sessionMembers), where each scanning on its own blocked the event loop for
+    // every other (2 000 processes: 70–200 ms a scan, docs/performance.md). The stops that
+    // are through waitEmpty in this turn of the loop reach the scan together.
+    const emptyAt = performance.now();
+    await new Promise<void>((r) => setImmediate(r));
     for (let round = 0; round < ESCAPE_KILL_ROUNDS; round++) {
-      let now = await this.escaped(name);
+      let now = await this.escaped(name, round === 0 ? emptyAt : undefined);
       if (now.length === 0) break;
       if (round === 0) {
         // A process killed with its group leaves cgroup.procs a moment before it is a

@@ -16,7 +16,9 @@
  *
  * "Ended" is the group emptied, never a pid that stopped answering (CONTRIBUTING.md: liveness
  * is cgroup membership): our own child's exit is a hint to look at once (and gives the exit
- * status), every `usageInterval` tick looks at all. The operator's `stop` and `start`
+ * status), every `usageInterval` tick looks at all: the usage sampler's tick (usage.ts), so
+ * the guest has one clock for it, and a round that is still looking when the next tick
+ * comes lets that tick go. The operator's `stop` and `start`
  * live here too: a stop is recorded (stoppedByOperator, in the state dir) before it acts.
  */
 import { EventEmitter } from 'node:events';
@@ -28,6 +30,7 @@ import type { ExitKind } from '../broker/types';
 import type { GuestConfig, RestartConfig } from './config';
 import type { ProjectRegistry } from './projects';
 import { stopProject } from './stopper';
+import type { SampleTicks } from './usage';
 
 /** systemd's clean exit signals (systemd.service(5), SuccessExitStatus=). */
 const CLEAN_SIGNALS = new Set(['SIGHUP', 'SIGINT', 'SIGTERM', 'SIGPIPE']);
@@ -98,7 +101,10 @@ interface Watch {
 
 export class Supervisor extends EventEmitter {
   private readonly watches = new Map<string, Watch>();
-  private timer: NodeJS.Timeout | null = null;
+  private ticks: SampleTicks | null = null;
+  private readonly onTick = (): void => this.round();
+  private inRound = false;
+  private rounds = 0;
   private readonly checking = new Set<string>();
 
   constructor(
@@ -121,23 +127,32 @@ export class Supervisor extends EventEmitter {
   }
 
   /**
-   * Starts the periodic look (every usageInterval). Projects running already (re-adopted
-   * after an agent restart, adopted, started by init) are supervised from now.
+   * Starts the periodic look, on each of the sampler's ticks (every usageInterval).
+   * Projects running already (re-adopted after an agent restart, adopted, started by init)
+   * are supervised from now.
    */
-  async start(): Promise<void> {
+  async start(ticks: SampleTicks): Promise<void> {
     for (const p of this.cfg.projects) {
       const w = this.watches.get(p.name)!;
       const pids = await this.registry.pids(p.name).catch(() => []);
       if (pids.length > 0) w.runningSince ??= this.now();
     }
-    let ticks = 0;
-    const tick = (): void => {
-      void Promise.all(this.cfg.projects.map((p) => this.check(p.name))).finally(() => {
-        this.log.debug({ tick: ++ticks }, 'supervision: every project looked at');
-        if (this.timer) this.timer = setTimeout(tick, this.cfg.usageIntervalMs).unref();
-      });
-    };
-    this.timer = setTimeout(tick, this.cfg.usageIntervalMs).unref();
+    this.ticks = ticks;
+    ticks.on('tick', this.onTick);
+  }
+
+  /**
+   * One look at every project; a tick that comes while one is still looking is let go.
+   * Each round ends with its debug line and a `round` event (its number).
+   */
+  private round(): void {
+    if (this.inRound) return;
+    this.inRound = true;
+    void Promise.all(this.cfg.projects.map((p) => this.check(p.name))).finally(() => {
+      this.inRound = false;
+      this.log.debug({ tick: ++this.rounds }, 'supervision: every project looked at');
+      this.emit('round', this.rounds);
+    });
   }
 
   /**
@@ -158,8 +173,8 @@ export class Supervisor extends EventEmitter {
   }
 
   stop(): void {
-    if (this.timer) clearTimeout(this.timer);
-    this.timer = null;
+    this.ticks?.off('tick', this.onTick);
+    this.ticks = null;
     for (const w of this.watches.values()) if (w.timer) clearTimeout(w.timer);
   }
 

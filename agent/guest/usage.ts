@@ -9,7 +9,12 @@
  * promise per file). The full picture (peaks, OOM events, pressure, pids) is the
  * adapter's usage(), read on demand by whoever needs it, never every tick. An adapter
  * without sampleFiles (a test fake) is sampled through usage().
+ *
+ * The periodic sample is the guest's one clock for "every usageInterval": after each one
+ * (read or failed) the sampler emits `tick`, and supervision follows it (supervisor.ts)
+ * rather than running a timer of its own.
  */
+import { EventEmitter } from 'node:events';
 import * as os from 'node:os';
 import type { CgroupAdapter } from '../../cgroup-adapter/types';
 import { GroupSampler } from '../../cgroup-adapter/sampler';
@@ -28,7 +33,13 @@ export interface ProjectUsage {
 /** A sample older than this many intervals is not "recent" for a plan. */
 const RECENT_INTERVALS = 2;
 
-export class UsageSampler {
+/** What follows the periodic sample: `tick` after each one, read or failed. */
+export interface SampleTicks {
+  on(event: 'tick', listener: () => void): unknown;
+  off(event: 'tick', listener: () => void): unknown;
+}
+
+export class UsageSampler extends EventEmitter implements SampleTicks {
   private latest: Record<string, ProjectUsage> = {};
   private latestAt = 0;
   private timer: NodeJS.Timeout | null = null;
@@ -42,6 +53,7 @@ export class UsageSampler {
     private readonly log: Logger,
     private readonly now: () => number = () => performance.now(),
   ) {
+    super();
     this.cheap = new GroupSampler(adapter);
   }
 
@@ -50,7 +62,9 @@ export class UsageSampler {
       void this.fresh()
         .catch((err: unknown) => this.log.warn({ err }, 'usage sample failed'))
         .finally(() => {
-          if (this.timer) this.timer = setTimeout(tick, this.intervalMs).unref();
+          if (!this.timer) return; // stopped meanwhile
+          this.emit('tick');
+          this.timer = setTimeout(tick, this.intervalMs).unref();
         });
     };
     this.timer = setTimeout(tick, 0).unref();

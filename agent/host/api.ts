@@ -10,7 +10,7 @@
  * docs/host-broker.md.
  */
 import { hostInventory } from '../../cgroup-adapter/host-usage';
-import { NestError, type Problem } from '../common/errors';
+import { NestError, isNestError, type Problem } from '../common/errors';
 import { RpcServer, type RpcContext } from '../common/rpc';
 import { parseCpus, parseDuration, parseSize } from '../common/units';
 import type { Resources } from '../broker/types';
@@ -193,10 +193,25 @@ export function registerHostApi(
     v.done();
     const r = broker.check(kind, guest!, change);
     const s = broker.status(guest!);
+    // A change the books allow is refused as the notice would be when the domain is down or
+    // lacks a prerequisite (docs/libvirt.md): the guest is not even asked for its plan.
+    let refusal: { code: string; problems: Problem[] } | undefined;
+    if (r.ok)
+      try {
+        await broker.precheck(kind, guest!, r.allocation);
+      } catch (err) {
+        if (!isNestError(err)) throw err;
+        refusal = {
+          code: err.code,
+          problems: err.problems.length
+            ? err.problems
+            : [{ field: 'guest', value: guest, message: err.message }],
+        };
+      }
     // The guest's own plan, only for a change the books allow (nothing to plan otherwise).
     let guestPlan: PlanResult | null = null;
     let note: string | undefined;
-    if (r.ok)
+    if (r.ok && !refusal)
       try {
         guestPlan = await broker.askPlan(guest!, kind, r.allocation);
       } catch (err) {
@@ -207,9 +222,10 @@ export function registerHostApi(
       kind,
       change,
       books: r.books,
-      ok: r.ok,
+      ok: r.ok && !refusal,
       allocation: r.ok ? r.allocation : undefined,
-      problems: r.ok ? [] : r.problems,
+      problems: refusal?.problems ?? (r.ok ? [] : r.problems),
+      ...(refusal ? { code: refusal.code } : {}),
       inventory: s.inventory ?? null,
       guestPlan,
       ...(note ? { note } : {}),

@@ -185,6 +185,17 @@ export class HostBroker extends NoticeLifecycle {
   }
 
   /**
+   * What the hypervisor says of a change the books allow, before anything is sent or
+   * journaled: with libvirt the domain must be running (DOMAIN_DOWN) and have everything
+   * the guest's modes need, every lack named at once (PREREQUISITE_MISSING,
+   * docs/libvirt.md). `nestctl plan` asks it too, so a dry run is refused as the reclaim
+   * would be.
+   */
+  async precheck(kind: 'reclaim' | 'restore', guest: string, allocation: Resources): Promise<void> {
+    await this.deps.actuator.precheck?.(this.guest(guest), kind, allocation);
+  }
+
+  /**
    * Issues a notice. Returns at once with the journaled record and a promise of its end;
    * progress is emitted as 'progress' events (and kept on the record).
    */
@@ -203,7 +214,7 @@ export class HostBroker extends NoticeLifecycle {
     if (!r.ok) throw rejected(kind, g.name, r.problems);
     // With libvirt: the domain is running and has what the guest's modes need, or the
     // notice is refused here (DOMAIN_DOWN, PREREQUISITE_MISSING), nothing journaled.
-    await this.deps.actuator.precheck?.(g, kind, r.allocation);
+    await this.precheck(kind, g.name, r.allocation);
     // docs/reliability.md: a cap on what one guest may have in flight; nothing journaled or
     // booked.
     const cap =

@@ -101,12 +101,10 @@ export function channelFactory(
         heartbeat: heartbeatFor(cfg.heartbeat),
         clock,
         log: chLog,
+        // Removed again when this channel is closed (a reload that reconnects the guest
+        // makes a new one): the domains' emitter outlives every channel.
+        wake: (retry) => domains.onDomainBack(g.name, retry),
       });
-      domains.on('lifecycle', (e: { guest: string; event: string }) => {
-        if (e.guest === g.name && (e.event === 'Started' || e.event === 'Resumed'))
-          channel.retryNow();
-      });
-      domains.on('resync', () => channel.retryNow());
       return channel.start();
     }
     const connect =
@@ -158,17 +156,17 @@ async function startHostLocked(
 ): Promise<RunningHost> {
   let cfg = fileCfg;
   let domains: LibvirtDomains | undefined;
-  let actuator: VmActuator;
+  let libvirt: VmActuator | undefined;
   if (cfg.hypervisor.type === 'libvirt') {
     // docs/libvirt.md: everything through virsh; no cgroup of libvirt's is touched by us.
     const virsh = new Virsh({ uri: cfg.hypervisor.uri, timeoutMs: cfg.hypervisor.timeoutMs });
     cfg = await resolveAllocations(cfg, virsh);
     domains = new LibvirtDomains(virsh, cfg.guests, log.child({ part: 'libvirt' }));
     domains.follow();
-    actuator = new LibvirtActuator(domains, log.child({ part: 'actuator' }));
-  } else actuator = new CgroupQmpActuator(null, log.child({ part: 'actuator' }));
+    libvirt = new LibvirtActuator(domains, log.child({ part: 'actuator' }));
+  }
   try {
-    return await startHostWith(cfg, log, lock, actuator, domains);
+    return await startHostWith(cfg, log, lock, libvirt, domains);
   } catch (err) {
     await domains?.stop();
     throw err;
@@ -179,11 +177,10 @@ async function startHostWith(
   cfg: Readonly<HostConfig>,
   log: Logger,
   lock: StateLock,
-  libvirtOrRaw: VmActuator,
+  libvirt: VmActuator | undefined,
   domains: LibvirtDomains | undefined,
 ): Promise<RunningHost> {
   let adapter: CgroupAdapter | null = null;
-  let actuator = libvirtOrRaw;
   if (cfg.guests.some((g) => g.cgroup)) {
     // The VM cgroups are libvirt's (or the demo's): we never create or remove them,
     // only read them and set their limits. systemd-style names (machine-qemu\x2d1…).
@@ -193,8 +190,10 @@ async function startHostWith(
       names: 'systemd',
       log: log.child({ part: 'cgroup' }),
     });
-    actuator = new CgroupQmpActuator(adapter, log.child({ part: 'actuator' }));
   }
+  // Built once: libvirt's, or the VM cgroups' (when a guest has one; a libvirt guest never
+  // does, docs/libvirt.md "Configuration") and QMP's.
+  const actuator = libvirt ?? new CgroupQmpActuator(adapter, log.child({ part: 'actuator' }));
   const broker = new HostBroker({
     config: cfg,
     actuator,

@@ -44,6 +44,13 @@ export interface ReconnectOptions {
   heartbeat?: { intervalMs: number; missed: number } | null;
   clock?: Clock;
   log?: Logger;
+  /**
+   * Something that says the peer is back (libvirt's `Started` event for the guest's
+   * domain): subscribed once at start() with retryNow, and unsubscribed at close() through
+   * the function it returns, so a channel closed and made anew (a reload, a reconnect)
+   * leaves no listener behind on the long-lived source.
+   */
+  wake?: (retryNow: () => void) => () => void;
 }
 
 /** delay for attempt n (0-based): min(max, initial·factorⁿ) · (1 ± jitter). */
@@ -74,6 +81,7 @@ export class ReconnectingChannel extends TypedEmitter<ReconnectEvents> implement
   private outstandingPing: string | null = null;
   private stopped = false;
   private connecting = false;
+  private unwake: (() => void) | null = null;
 
   constructor(private readonly opts: ReconnectOptions) {
     super();
@@ -83,6 +91,8 @@ export class ReconnectingChannel extends TypedEmitter<ReconnectEvents> implement
 
   /** Starts connecting (and reconnecting until close()). */
   start(): this {
+    if (this.opts.wake && !this.unwake && !this.stopped)
+      this.unwake = this.opts.wake(() => this.retryNow());
     void this.tryConnect();
     return this;
   }
@@ -110,6 +120,8 @@ export class ReconnectingChannel extends TypedEmitter<ReconnectEvents> implement
 
   async close(): Promise<void> {
     this.stopped = true;
+    this.unwake?.();
+    this.unwake = null;
     if (this.timer !== null) this.clock.clearTimeout(this.timer);
     this.stopHeartbeat();
     const c = this.current;

@@ -61,6 +61,19 @@ export const SHELL_PROJECT = [
 ];
 
 /**
+ * How long the bench leaves projects restarted by a restore before the next timed reclaim.
+ * Every project runs under a 1 % CPU quota (PROJECT_CPU: 1 ms a 100 ms period), and its
+ * start (the gate shell, unshare, setpriv, sh, the fork of its sleep: cgroup-adapter/spawn.ts)
+ * costs several ms of CPU, which the group pays back over the next periods
+ * (Documentation/scheduler/sched-bwc.rst). Stopped in that time, its shell waits for its
+ * quota to run the TERM trap and exit: measured on this machine, 66–300 ms from SIGTERM to
+ * `populated 0` right after the start, 1.3–7 ms after 1 s. The floors' shells are restarted
+ * a whole cascade before they are stopped; without a pause the cascade alone paid the
+ * kernel's throttling of just-started projects (docs/performance.md).
+ */
+export const SETTLE_MS = 1000;
+
+/**
  * A SHELL_PROJECT is ready for a stop signal once its `sleep` has been exec'd: two
  * processes in its group, one of them `sleep`. Before that the forked child is still a copy
  * of the shell with the shell's TERM trap: a SIGTERM landing there (the stop signals every

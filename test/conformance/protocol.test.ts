@@ -191,8 +191,22 @@ describe('a live guest agent', () => {
         host.play(hostSession),
         project.play(projectSession.slice(firstNotice), { before: beforeDone }),
       ]);
-      // Nothing more than the documents show (the last lines were a ping and its pong).
-      await new Promise((r) => setTimeout(r, 200));
+      // Nothing more than the documents show (the last lines were a ping and its pong): one
+      // more round trip on each socket, and its answer is the next line there. The agent
+      // answers in order, so a line it sent before the probe would come first. On the host
+      // socket a ping (docs/protocol.md, "ping"); on the project's a `done` for a notice it
+      // does not know, which is acked and changes nothing (docs/project-protocol.md).
+      h.sock.write(`${JSON.stringify({ type: 'ping', id: 'h-probe', t: 1 })}\n`);
+      p.sock.write(`${JSON.stringify({ type: 'done', noticeId: 'probe' })}\n`);
+      const [hNext] = await h.reader.take(1, 30_000);
+      const [pNext] = await p.reader.take(1, 30_000);
+      expect(JSON.parse(hNext)).toEqual({
+        type: 'pong',
+        id: expect.any(String),
+        replyTo: 'h-probe',
+        t: 1,
+      });
+      expect(JSON.parse(pNext)).toEqual({ type: 'ack', noticeId: 'probe' });
       expect(h.reader.pending).toEqual([]);
       expect(p.reader.pending).toEqual([]);
       expect(fileChecks).toEqual(['vm1-1-5f2a9c01', 'vm1-2-77e1d4b3']);

@@ -2,8 +2,9 @@
  * The host↔guest channel cut and restored in the middle of a notice (docs/reliability.md).
  * The host broker reaches the guest agent through a unix-socket relay that the test owns;
  * both daemons are real processes. Mid-notice (a project in its grace period) the relay
- * drops both connections and refuses new ones for 1.5 s, so the guest finishes the notice
- * with nobody to tell; then the relay listens again, the host reconnects, the guest says
+ * drops both connections and refuses new ones until the host has failed to dial it (its
+ * "guest not reachable: retrying" line), so the guest finishes the notice with nobody to
+ * tell; then the relay listens again, the host reconnects, the guest says
  * hello and sends the outcome it owes (the host also re-sends the unanswered notice, which
  * the guest answers from its journal). The notice completes once, with the true outcome.
  */
@@ -81,6 +82,12 @@ afterAll(async () => {
   await s?.teardown();
 });
 
+/** The host's "guest not reachable: retrying" lines so far (agent/transport/reconnect.ts). */
+async function hostRetries(): Promise<number> {
+  const text = await fs.readFile(path.join(s.dir, 'logs', 'host.log'), 'utf8').catch(() => '');
+  return text.split('\n').filter((l) => l.includes('"msg":"guest not reachable: retrying"')).length;
+}
+
 test('the channel cut mid-notice and restored: the notice completes once, the outcome reaches the host', async () => {
   const before = relay.connections;
   const reclaim = s.reclaim('vm1', '768MiB', 1, '30s');
@@ -88,6 +95,7 @@ test('the channel cut mid-notice and restored: the notice completes once, the ou
   await waitFor('batch in its grace period', async () =>
     s.count('vm1', 'batch', 'ignored') === 1 ? true : undefined,
   );
+  const retriesBefore = await hostRetries();
   await relay.cut();
   // The guest finishes alone: its journal says done while nobody listens.
   const g = await waitFor(
@@ -98,7 +106,10 @@ test('the channel cut mid-notice and restored: the notice completes once, the ou
   const hostView = (await s.hostNotices('vm1')).find((r) => r.id === g.id)!;
   expect(hostView.outcome).toBeUndefined(); // the host has not heard it yet
   expect(s.vmMemory('vm1')).toBe(1024 * MiB);
-  await new Promise((r) => setTimeout(r, 1500));
+  // The host tried while nobody listened, and will try again: then the relay listens.
+  await waitFor('the host to fail a dial', async () =>
+    (await hostRetries()) > retriesBefore ? true : undefined,
+  );
   await relay.listen();
 
   const n = await reclaim;

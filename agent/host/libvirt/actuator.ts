@@ -58,9 +58,11 @@ export class LibvirtActuator implements VmActuator {
   async precheck(guest: GuestConfig, kind: 'reclaim' | 'restore', target: Resources) {
     const lv = libvirtOf(guest);
     const info = await this.domains.running(lv.domain);
-    LibvirtDomains.checkPrerequisites(lv, info);
-    const problems: Problem[] = [];
-    if (lv.cpuMode === 'unplug') {
+    // Every lack and every bound this change would cross, in one refusal (docs/errors.md,
+    // PREREQUISITE_MISSING): an operator fixes the domain once, not one error at a time.
+    const problems: Problem[] = LibvirtDomains.prerequisiteProblems(lv, info);
+    const lacks = problems.length;
+    if (lv.cpuMode === 'unplug' && !problems.some((p) => p.field === 'domain.hotpluggable-vcpus')) {
       if (!Number.isInteger(target.cpus))
         problems.push({
           field: 'cpus',
@@ -99,7 +101,7 @@ export class LibvirtActuator implements VmActuator {
     if (problems.length > 0)
       throw new NestError(
         'PREREQUISITE_MISSING',
-        `libvirt domain "${lv.domain}" cannot carry out this ${kind}: ${problems.map((p) => p.message).join('; ')}; refused, nothing done`,
+        `libvirt domain "${lv.domain}" ${lacks > 0 ? `lacks ${lacks} prerequisite(s) and ` : ''}cannot carry out this ${kind}: ${problems.map((p) => p.message).join('; ')}; refused, nothing done`,
         { problems },
       );
   }

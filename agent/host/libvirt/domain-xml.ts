@@ -238,34 +238,54 @@ export function parseDomainXml(xml: string): DomainXmlInfo {
 export type CpuMode = 'unplug' | 'quota';
 export type MemoryMode = 'virtio-mem' | 'balloon';
 
+/** A prerequisite of the removal modes, by name (docs/libvirt.md, "What is read from libvirt"). */
+export type Prerequisite = 'channel' | 'acpi' | 'hotpluggable-vcpus' | 'virtio-mem' | 'balloon';
+
+export interface MissingPrerequisite {
+  prerequisite: Prerequisite;
+  /** What to add to the domain, in libvirt's own XML. */
+  message: string;
+}
+
 /**
- * What the domain lacks for the guest's removal modes, each named (empty: nothing).
+ * What the domain lacks for the guest's removal modes, every lack named (empty: nothing).
  * `channel` is checked too: without it the guest's agent cannot be told anything.
  */
 export function missingPrerequisites(
   info: DomainXmlInfo,
   modes: { cpuMode: CpuMode; memoryMode: MemoryMode },
-): string[] {
-  const out: string[] = [];
+): MissingPrerequisite[] {
+  const out: MissingPrerequisite[] = [];
+  const lack = (prerequisite: Prerequisite, message: string): void => {
+    out.push({ prerequisite, message });
+  };
   if (!info.channel)
-    out.push(
+    lack(
+      'channel',
       `no <channel type='unix'> with <target type='virtio' name='${NESTBROKER_CHANNEL}'/> (the guest agent's channel)`,
     );
   if (modes.cpuMode === 'unplug') {
     if (!info.acpi)
-      out.push('cpuMode unplug needs <features><acpi/></features> (CPU hot-unplug is ACPI)');
+      lack('acpi', 'cpuMode unplug needs <features><acpi/></features> (CPU hot-unplug is ACPI)');
     const leaving = info.vcpus.hotpluggable.filter((id) => info.vcpus.enabled.includes(id));
     if (info.vcpus.hotpluggable.length === 0)
-      out.push(
+      lack(
+        'hotpluggable-vcpus',
         "cpuMode unplug needs hotpluggable vCPUs: <vcpu current='N'>MAX</vcpu> and a <vcpus> block with hotpluggable='yes'",
       );
     else if (leaving.length === 0 && info.vcpus.max <= info.vcpus.current)
-      out.push('cpuMode unplug: no enabled vCPU is hotpluggable and none can be plugged');
+      lack(
+        'hotpluggable-vcpus',
+        'cpuMode unplug: no enabled vCPU is hotpluggable and none can be plugged',
+      );
   }
   if (modes.memoryMode === 'virtio-mem' && !info.virtioMem)
-    out.push("memoryMode virtio-mem needs a <memory model='virtio-mem'> device");
+    lack('virtio-mem', "memoryMode virtio-mem needs a <memory model='virtio-mem'> device");
   if (modes.memoryMode === 'balloon' && !info.balloon)
-    out.push("memoryMode balloon needs <memballoon model='virtio'> (it is 'none' or absent)");
+    lack(
+      'balloon',
+      "memoryMode balloon needs <memballoon model='virtio'> (it is 'none' or absent)",
+    );
   return out;
 }
 

@@ -125,6 +125,23 @@ export class LibvirtDomains extends EventEmitter {
     this.emit('lifecycle', { guest, domain: e.domain, event, detail: rest.join(' ') });
   }
 
+  /**
+   * Calls `fn` when the guest's domain may be reachable again: its `Started` or `Resumed`
+   * event, or virsh event restarted (events may have been missed). Returns the function
+   * that removes both listeners (ReconnectingChannel's `wake`).
+   */
+  onDomainBack(guest: string, fn: () => void): () => void {
+    const onLifecycle = (e: { guest: string; event: string }): void => {
+      if (e.guest === guest && (e.event === 'Started' || e.event === 'Resumed')) fn();
+    };
+    this.on('lifecycle', onLifecycle);
+    this.on('resync', fn);
+    return () => {
+      this.off('lifecycle', onLifecycle);
+      this.off('resync', fn);
+    };
+  }
+
   /** The channel path each guest last connected to (operators' status, tests). */
   readonly channels = new Map<string, string>();
 
@@ -176,17 +193,16 @@ export class LibvirtDomains extends EventEmitter {
     };
   }
 
-  /** Throws PREREQUISITE_MISSING naming everything the domain lacks for the guest's modes. */
-  static checkPrerequisites(g: LibvirtGuestConfig, info: DomainXmlInfo): void {
-    const missing = missingPrerequisites(info, g);
-    if (missing.length > 0)
-      throw new NestError(
-        'PREREQUISITE_MISSING',
-        `libvirt domain "${g.domain}" lacks: ${missing.join('; ')}; refused, nothing done`,
-        {
-          problems: missing.map((m) => ({ field: 'domain', value: g.domain, message: m })),
-        },
-      );
+  /**
+   * What the domain lacks for the guest's modes, as problems (field `domain.<prerequisite>`,
+   * the domain as value): every lack at once.
+   */
+  static prerequisiteProblems(g: LibvirtGuestConfig, info: DomainXmlInfo): Problem[] {
+    return missingPrerequisites(info, g).map((m) => ({
+      field: `domain.${m.prerequisite}`,
+      value: g.domain,
+      message: m.message,
+    }));
   }
 }
 

@@ -19,7 +19,7 @@ import {
   exited,
   kernelFile,
   output,
-  sleep,
+  whileControlRuns,
   until,
 } from './util';
 
@@ -132,17 +132,60 @@ describe(`the adapter on this kernel (driver detected here)`, () => {
     await t.adapter.remove(g);
   });
 
+  it('memory.max above the usage is set at once (no reclaim); below it the kernel reclaims or refuses it (EBUSY)', async () => {
+    if (t.adapter.kind !== 'hybrid') return; // the v1 memory.limit_in_bytes path
+    const g = 'memfit';
+    await t.adapter.create(g, { memory: { max: 128 * MiB } });
+    const holder = await kids.start(t.adapter, g, process.execPath, [
+      '-e',
+      'const b = Buffer.alloc(32 << 20); b.fill(7); setInterval(() => b[0]++, 1e6);',
+    ]);
+    await until(
+      'the child to hold its 32 MiB',
+      async () => (await t.adapter.usage(g)).memoryCurrent > 30 * MiB,
+      20_000,
+    );
+    const p = t.driver.paths(g);
+    // At or above the usage: written synchronously (hybrid.ts fitsNow), the kernel shows it.
+    await t.adapter.setLimits(g, { memory: { max: 96 * MiB } });
+    expect(kernelFile(p, 'memory', 'memory.limit_in_bytes')).toBe(String(96 * MiB));
+    await t.adapter.setLimits(g, { memory: { max: 'max' } });
+    expect(Number(kernelFile(p, 'memory', 'memory.limit_in_bytes'))).toBeGreaterThan(2 ** 40);
+    // Below the usage (through the thread pool): the kernel reclaims to it (swap) or
+    // refuses with EBUSY and keeps the old limit (cgroup-v1/memory.rst 2.5).
+    await t.adapter.setLimits(g, { memory: { max: 96 * MiB } });
+    const code = await codeOf(t.adapter.setLimits(g, { memory: { max: 4 * MiB } }));
+    if (code === undefined) {
+      expect(kernelFile(p, 'memory', 'memory.limit_in_bytes')).toBe(String(4 * MiB));
+      expect((await t.adapter.usage(g)).memoryCurrent).toBeLessThanOrEqual(4 * MiB);
+    } else {
+      expect(code).toBe('EBUSY');
+      expect(kernelFile(p, 'memory', 'memory.limit_in_bytes')).toBe(String(96 * MiB));
+    }
+    holder.kill('SIGKILL');
+    await exited(holder);
+    await t.adapter.remove(g);
+  });
+
   it('(2) throttles a busy child under a CPU quota: nr_throttled > 0', async () => {
     const g = 'cpuq';
     await t.adapter.create(g, { cpu: { max: { quotaUs: 10000, periodUs: 100000 } } });
     const busy = await kids.start(t.adapter, g, '/bin/sh', BUSY_LOOP);
     const u0 = await t.adapter.usage(g);
-    await sleep(800);
-    const u1 = await t.adapter.usage(g);
-    expect(u1.cpuNrThrottled).toBeGreaterThan(0);
+    // Eight enforcement periods by the kernel's own count (cpu.stat nr_periods), throttled.
+    let u1 = u0;
+    await until(
+      'eight periods, throttled',
+      async () => {
+        u1 = await t.adapter.usage(g);
+        return u1.cpuNrPeriods - u0.cpuNrPeriods >= 8 && u1.cpuNrThrottled > 0;
+      },
+      30_000,
+    );
     expect(u1.cpuThrottledUs).toBeGreaterThan(0);
-    // 10 % of 0.8 s is 80 ms; allow a period of slack.
-    expect(u1.cpuUsageUs - u0.cpuUsageUs).toBeLessThan(200_000);
+    // At most the 10 ms quota in each of those periods; a period or two of slack.
+    const periods = u1.cpuNrPeriods - u0.cpuNrPeriods;
+    expect(u1.cpuUsageUs - u0.cpuUsageUs).toBeLessThan((periods + 2) * 10_000);
     await t.adapter.kill(g);
     await exited(busy);
     await t.adapter.remove(g);
@@ -178,12 +221,13 @@ describe(`the adapter on this kernel (driver detected here)`, () => {
     const g = 'freeze';
     await t.adapter.create(g);
     const busy = await kids.start(t.adapter, g, '/bin/sh', BUSY_LOOP);
-    await sleep(100);
+    await until('the child to run', () => cpuTicks(busy.pid!) > 0);
     await t.adapter.freeze(g);
     expect(await t.adapter.events(g)).toEqual({ populated: true, frozen: true });
     const ticks0 = cpuTicks(busy.pid!);
     const use0 = (await t.adapter.usage(g)).cpuUsageUs;
-    await sleep(400);
+    // 20 ticks (200 ms at 100 Hz) of CPU for a control loop; the frozen one gets none.
+    await whileControlRuns(20);
     expect(cpuTicks(busy.pid!)).toBe(ticks0);
     expect((await t.adapter.usage(g)).cpuUsageUs - use0).toBeLessThan(2000);
     await t.adapter.thaw(g);
@@ -287,7 +331,9 @@ describe(`the adapter on this kernel (driver detected here)`, () => {
         (e: unknown) => e,
       );
       expect(isCgroupError(err, 'ENOENT')).toBe(true);
-      await sleep(200);
+      // The gate shell was killed before "go" (cgroup-adapter/spawn.ts): a control loop's
+      // 10 ticks of CPU later, touch has still not run.
+      await whileControlRuns(10);
       expect(existsSync(marker)).toBe(false);
     } finally {
       rmSync(tmp, { recursive: true, force: true });

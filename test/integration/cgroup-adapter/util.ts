@@ -1,5 +1,5 @@
 /** Small helpers for the cgroup integration tests: real children, kernel files, clocks. */
-import type { ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import * as path from 'node:path';
 import { spawnInto } from '../../../cgroup-adapter/spawn';
@@ -74,5 +74,24 @@ export async function until(
 }
 
 export const BUSY_LOOP = ['-c', 'while :; do :; done'];
+
+/**
+ * Until a control busy loop of our own (a plain child, in no cgroup of the test's) has had
+ * `ticks` clock ticks of CPU (proc(5) utime + stime): the scheduler ran CPU-bound work for
+ * that long, so a process that could run and got nothing was really held. Ended by pid.
+ */
+export async function whileControlRuns(ticks: number, timeoutMs = 30_000): Promise<void> {
+  const control = spawn('/bin/sh', BUSY_LOOP, { stdio: 'ignore' });
+  try {
+    await until(
+      `a control process to run ${ticks} ticks`,
+      () => cpuTicks(control.pid!) >= ticks,
+      timeoutMs,
+    );
+  } finally {
+    control.kill('SIGKILL');
+    await exited(control);
+  }
+}
 /** A member that keeps forking: a new `sleep` every 10 ms. */
 export const FORKER = ['-c', 'while :; do sleep 30 & sleep 0.01; done'];

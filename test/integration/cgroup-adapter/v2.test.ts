@@ -10,7 +10,17 @@ import { readFileSync } from 'node:fs';
 import * as path from 'node:path';
 import { isCgroupError } from '../../../cgroup-adapter/errors';
 import { openTestAdapter, type TestAdapter } from '../../helpers/cgroup-root';
-import { BUSY_LOOP, Children, FORKER, MiB, cpuTicks, exited, output, sleep, until } from './util';
+import {
+  BUSY_LOOP,
+  Children,
+  FORKER,
+  MiB,
+  cpuTicks,
+  exited,
+  output,
+  until,
+  whileControlRuns,
+} from './util';
 
 let t: TestAdapter;
 /** /proc/<pid>/comm: the program a pid runs now ('' once it is gone). */
@@ -75,11 +85,12 @@ describe('the v2 driver on the unified hierarchy of this kernel', () => {
   it('freezes a busy child (CPU time stops) and thaws it', async () => {
     await t.adapter.create('freeze');
     const busy = await kids.start(t.adapter, 'freeze', '/bin/sh', BUSY_LOOP);
-    await sleep(100);
+    await until('the child to run', () => cpuTicks(busy.pid!) > 0);
     await t.adapter.freeze('freeze');
     expect((await t.adapter.events('freeze')).frozen).toBe(true);
     const ticks = cpuTicks(busy.pid!);
-    await sleep(300);
+    // 20 ticks (200 ms at 100 Hz) of CPU for a control loop; the frozen one gets none.
+    await whileControlRuns(20);
     expect(cpuTicks(busy.pid!)).toBe(ticks);
     await t.adapter.thaw('freeze');
     await until('CPU time to grow again', () => cpuTicks(busy.pid!) > ticks + 5);

@@ -56,8 +56,39 @@ async function welcome(h: Host, capabilities: string[]): Promise<Hello> {
 }
 
 const factsOf = (h: Host): FactsMsg[] => h.inbox.filter((m): m is FactsMsg => m.type === 'facts');
-/** Real time for the agent's once-a-second check to run twice or more. */
-const twoChecks = (): Promise<void> => new Promise((r) => setTimeout(r, 2500));
+
+/** The agent's debug lines with this message so far (its log is JSON lines on stdout). */
+const logged = (msg: string): number =>
+  g
+    .agent!.stdout()
+    .split('\n')
+    .filter((l) => l.includes(`"msg":"${msg}"`)).length;
+/** agent/client/client.ts logs each facts check that found the files as last sent. */
+const UNCHANGED = 'online CPUs / MemTotal checked: unchanged';
+const SENT = 'sent the changed online CPUs / MemTotal';
+/** agent/guest/supervisor.ts logs each round of supervision (every usageInterval, 500 ms here). */
+const SUPERVISION = 'supervision: every project looked at';
+
+let pings = 0;
+/** A ping and its pong: whatever the agent sent before it read the ping is in the inbox now. */
+async function roundTrip(h: Host): Promise<void> {
+  const id = `p-${++pings}`;
+  h.ch.send({ type: 'ping', id, t: 0 });
+  await waitFor(`the pong to ${id}`, () =>
+    h.inbox.some((m) => m.type === 'pong' && m.replyTo === id),
+  );
+}
+
+/**
+ * Until the agent has logged `n` more facts checks that found nothing new, then a round
+ * trip: those checks ran and sent nothing (a check that sends logs SENT instead, so an
+ * agent that sent on every check never gets here). Bounded, not timed.
+ */
+async function checksLater(h: Host, n = 2): Promise<void> {
+  const from = logged(UNCHANGED);
+  await waitFor(`${n} more facts checks`, () => logged(UNCHANGED) >= from + n, 30_000);
+  await roundTrip(h);
+}
 
 beforeAll(async () => {
   g = await GuestUnderTest.start(
@@ -96,13 +127,13 @@ test('to a cpu-unplug host: nothing while unchanged, one facts message per chang
     expect(hello.memTotal).toBe(2097152 * KiB);
 
     // Unchanged since the hello: the checks after the welcome send nothing.
-    await twoChecks();
+    await checksLater(h);
     expect(factsOf(h)).toEqual([]);
 
     // CPU 3 goes offline (the unplug after the outcome): one message, with the new list.
     writeFileSync(onlineFile(env), '0-2\n');
     await waitFor('a facts message', () => factsOf(h).length > 0);
-    await twoChecks();
+    await checksLater(h);
     expect(factsOf(h)).toEqual([
       { type: 'facts', id: expect.any(String), onlineCpus: [0, 1, 2], memTotal: 2097152 * KiB },
     ]);
@@ -110,7 +141,7 @@ test('to a cpu-unplug host: nothing while unchanged, one facts message per chang
     // A virtio-mem unplug lowers MemTotal: one more, and nothing after it.
     writeFileSync(meminfoFile(env), meminfo(1572864));
     await waitFor('a second facts message', () => factsOf(h).length > 1);
-    await twoChecks();
+    await checksLater(h);
     expect(factsOf(h).slice(1)).toEqual([
       { type: 'facts', id: expect.any(String), onlineCpus: [0, 1, 2], memTotal: 1572864 * KiB },
     ]);
@@ -127,12 +158,14 @@ test('to a host whose welcome lists no cpu-unplug: no facts message, even when t
     const hello = await welcome(h, []);
     expect(hello.onlineCpus).toEqual([0, 1, 2, 3]);
     writeFileSync(onlineFile(env), '0-1\n');
-    await twoChecks();
+    // Four rounds of supervision later (1.5 s or more of the agent's own time, longer than
+    // the 1 s between facts checks) the agent has run no facts check at all on this
+    // connection, and sent nothing; it is still there and answering: a ping gets its pong.
+    const from = logged(SUPERVISION);
+    await waitFor('four rounds of supervision', () => logged(SUPERVISION) >= from + 4, 30_000);
+    await roundTrip(h);
     expect(factsOf(h)).toEqual([]);
-    // The agent is still there and answering: a ping gets its pong.
-    h.ch.send({ type: 'ping', id: 'p1', t: 0 });
-    await waitFor('the pong', () => h.inbox.some((m) => m.type === 'pong'));
-    expect(factsOf(h)).toEqual([]);
+    expect({ unchanged: logged(UNCHANGED), sent: logged(SENT) }).toEqual({ unchanged: 0, sent: 0 });
   } finally {
     await h.ch.close();
   }

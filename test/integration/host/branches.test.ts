@@ -29,7 +29,11 @@ test('one ping from the guest gets exactly one pong (the channel answers; the br
   const id = newMessageId();
   scene.guest.send({ type: 'ping', id, t: 42 });
   await scene.guest.next('pong', 2000, (p) => p.replyTo === id);
-  await new Promise((r) => setTimeout(r, 300)); // room for a second pong, if one were sent
+  // A second ping's pong: the host answers in order, so a second pong to the first would
+  // have come before it.
+  const later = newMessageId();
+  scene.guest.send({ type: 'ping', id: later, t: 43 });
+  await scene.guest.next('pong', 10_000, (p) => p.replyTo === later);
   const pongs = scene.guest.received.filter((m) => m.type === 'pong' && m.replyTo === id);
   expect(pongs).toHaveLength(1);
   expect(pongs[0]).toMatchObject({ t: 42 });

@@ -118,8 +118,10 @@ test('a guest that is down when the notice is issued gets it on reconnect and ac
     { guest: 'vm2', memory: '256MiB', cpus: 0.5, deadline: '30s' },
     { timeoutMs: 60_000 },
   ) as Promise<NoticeView>;
-  await new Promise((r) => setTimeout(r, 500));
-  const [issued] = (await rpcCall(stack.hostSocket, 'notices', { guest: 'vm2' })) as NoticeView[];
+  const issued = await waitFor('the reclaim in the host journal', async () => {
+    const [n] = (await rpcCall(stack.hostSocket, 'notices', { guest: 'vm2' })) as NoticeView[];
+    return n;
+  });
   expect(issued.state).toBe('issued'); // journaled and booked, not delivered
   expect(kernel('memory', 'vm2', 'memory.limit_in_bytes')).toBe(String(1024 * MiB));
   await stack.startGuest('vm2');

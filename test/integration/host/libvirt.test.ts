@@ -40,6 +40,9 @@ jest.setTimeout(600_000);
 
 const MiB = 1024 * 1024;
 const name = `nbit-${process.pid}`;
+/** A transient domain lacking every prerequisite (test/fixtures/libvirt/nbbare-define.xml). */
+const bare = `nbbare-${process.pid}`;
+let bareCreated = false;
 const CHANNEL_DIR = '/var/lib/libvirt/qemu/channel/target';
 const virsh = new Virsh({ timeoutMs: 120_000 });
 const figures: Record<string, number> = {};
@@ -77,8 +80,25 @@ beforeAll(async () => {
   ).replace('<name>nbfix</name>', `<name>${name}</name>`);
   const file = path.join(dir, `${name}.xml`);
   await fs.writeFile(file, xml);
-  await timed('virsh define', () => virsh.run(['define', '--file', file]));
-  defined = true;
+  const bareFile = path.join(dir, `${bare}.xml`);
+  await fs.writeFile(
+    bareFile,
+    (
+      await fs.readFile(path.join(__dirname, '../../fixtures/libvirt/nbbare-define.xml'), 'utf8')
+    ).replace('<name>nbbare</name>', `<name>${bare}</name>`),
+  );
+  // Both at once: each costs 30-60 s here (docs/libvirt.md, "Figures"); `create` is define
+  // and start in one call, and the transient domain is gone with its `destroy`.
+  await Promise.all([
+    timed('virsh define', async () => {
+      await virsh.run(['define', '--file', file]);
+      defined = true;
+    }),
+    timed('virsh create (bare, alongside define)', async () => {
+      await virsh.run(['create', '--file', bareFile]);
+      bareCreated = true;
+    }),
+  ]);
   await timed('virsh start', () => virsh.run(['start', '--domain', name]));
 });
 
@@ -90,6 +110,7 @@ afterAll(async () => {
       await virsh.run(['destroy', '--domain', name]).catch(() => undefined);
       await virsh.run(['undefine', '--domain', name]).catch(() => undefined);
     }
+    if (bareCreated) await virsh.run(['destroy', '--domain', bare]).catch(() => undefined);
     await stopStarted(started);
     await fs.rm(dir, { recursive: true, force: true });
     process.stdout.write(`libvirt figures (ms): ${JSON.stringify(figures)}\n`);
@@ -273,4 +294,72 @@ test('vCPU hot-plug and unplug, virtio-mem, straight through the actuator with r
   expect(vm).toMatchObject({ requestedBytes: 64 * MiB, currentBytes: 0 });
   const call = mem.steps!.find((s) => s.call === 'update-memory-device')!;
   figures['update-memory-device --live'] = call.callMs;
+});
+
+test('a domain lacking every prerequisite: plan and reclaim refused naming each, nothing done', async () => {
+  const cfg = validateHostConfig({
+    hypervisor: 'libvirt',
+    libvirt: { timeout: '120s' },
+    stateDir: path.join(dir, 'bare-state'),
+    socket: path.join(dir, 'bare.sock'),
+    guests: [{ name: bare, priority: 1, cpuMode: 'unplug', memoryMode: 'virtio-mem' }],
+  });
+  const h = await startHost(cfg, silentLogger());
+  try {
+    const want = [
+      'domain.channel',
+      'domain.acpi',
+      'domain.hotpluggable-vcpus',
+      'domain.virtio-mem',
+    ];
+    // `nestctl plan` (the real CLI): refused, exit 5, each lack named; the guest not asked.
+    const plan = await promisify(execFile)(
+      process.execPath,
+      [NESTCTL, '--socket', cfg.socket, 'plan', bare, '--cpus', '1', '--json'],
+      { timeout: 120_000 },
+    ).then(
+      () => {
+        throw new Error('nestctl plan should have been refused');
+      },
+      (e: { code: number; stdout: string }) => e,
+    );
+    expect(plan.code).toBe(5);
+    const p = JSON.parse(plan.stdout) as {
+      ok: boolean;
+      code: string;
+      problems: { field: string }[];
+    };
+    expect({ ok: p.ok, code: p.code, fields: p.problems.map((x) => x.field) }).toEqual({
+      ok: false,
+      code: 'PREREQUISITE_MISSING',
+      fields: want,
+    });
+    const err = await failure(
+      h.broker.issue('reclaim', {
+        guest: bare,
+        change: { cpus: 1, memoryBytes: 0 },
+        deadlineMs: 60_000,
+      }),
+    );
+    expect(err.code).toBe('PREREQUISITE_MISSING');
+    expect(err.problems.map((x) => x.field)).toEqual(want);
+    expect(h.broker.notices(bare)).toEqual([]);
+    // Nothing was asked of libvirt: the domain has its 2 vCPUs still.
+    expect(parseDomainXml(await virsh.dumpxml(bare)).vcpus.current).toBe(2);
+    // The other modes' prerequisites, on the same domain: the channel and the balloon.
+    const quota = await resolveAllocations(
+      validateHostConfig({
+        hypervisor: 'libvirt',
+        guests: [{ name: bare, priority: 1, cpuMode: 'quota', memoryMode: 'balloon' }],
+      }),
+      virsh,
+    );
+    const actuator = new LibvirtActuator(new LibvirtDomains(virsh, quota.guests), silentLogger());
+    const q = await failure(
+      actuator.precheck(quota.guests[0], 'reclaim', { cpus: 1, memoryBytes: 64 * MiB }),
+    );
+    expect(q.problems.map((x) => x.field)).toEqual(['domain.channel', 'domain.balloon']);
+  } finally {
+    await h.stop();
+  }
 });

@@ -177,7 +177,14 @@ test('cancel before the deadline while the guest is away: accepted, the guest is
   expect((await books('vm1')).books.granted.memoryBytes).toBe(1024 * MiB);
   await stack.startGuest('vm1');
   await stack.waitConnected(['vm1']);
-  await new Promise((r) => setTimeout(r, 500));
+  // A round trip to the guest after its hello, instead of a pause: a plan (read-only). The
+  // host sends what it owes (the cancel; the notice, were it wrongly sent) as it answers the
+  // hello, and the guest handles messages in order, journaling a notice before it reads
+  // the next: by the plan's answer such a notice would be in the guest's journal.
+  const plan = (await rpcCall(stack.hostSocket, 'plan', { guest: 'vm1', memory: '256MiB' })) as {
+    guestPlan: unknown;
+  };
+  expect(plan.guestPlan).not.toBeNull();
   // The guest never journaled it as work to do; the VM and its project are untouched.
   const gn = (await rpcCall(run('vm1').socket, 'notices', {})) as {
     notice?: { id: string };

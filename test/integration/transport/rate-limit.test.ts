@@ -152,8 +152,17 @@ test('host side: a guest floods beyond the limit, then sends outcome parts, the 
     Array.from({ length: 10 }, (_, i) => `p-${i}`),
   );
   expect(host.rateLimited).toBe(20 + 10 + 5 + 10);
-  await new Promise((r) => setTimeout(r, 100)); // let the host's answers arrive
-  const answers = back();
+  // The host's answers: the ten pongs and the error, whenever they arrive.
+  const answers = await poll(
+    'the answers to the pings that got in',
+    () => {
+      const a = back();
+      return a.filter((m) => m.type === 'pong').length >= 10 && a.some((m) => m.type === 'error')
+        ? a
+        : undefined;
+    },
+    10_000,
+  );
   expect(answers.filter((m) => m.type === 'pong').map((m) => m.replyTo)).toEqual(
     Array.from({ length: 10 }, (_, i) => `p-${i}`),
   );
@@ -181,7 +190,11 @@ test('guest side: a host floods beyond the limit, then sends welcome and cancel:
   expect(got.filter((m) => m.type !== 'ping').map((m) => m.id)).toEqual(['w-1', 'c-1']);
   expect(got.filter((m) => m.type === 'ping')).toHaveLength(10);
   expect(guest.rateLimited).toBe(45 + 1);
-  await new Promise((r) => setTimeout(r, 100));
+  await poll(
+    'the pongs to the pings that got in',
+    () => (back().filter((m) => m.type === 'pong').length >= 10 ? true : undefined),
+    10_000,
+  );
   expect(back().filter((m) => m.type === 'pong')).toHaveLength(10);
   expect(guest.connected).toBe(true);
 });

@@ -8,7 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { ReconnectingChannel, backoffDelay, type Clock } from '../../../agent/transport/reconnect';
 import { UnixChannelServer, connectUnix } from '../../../agent/transport/unix';
-import { nextEvent, nextMessage, sleep, waitFor } from './wait';
+import { nextEvent, nextMessage, waitFor } from './wait';
 
 let dir: string;
 let sockPath: string;
@@ -120,7 +120,15 @@ test('when the guest agent restarts, the host reconnects by itself and the guest
   const closed = nextEvent(ch, 'close');
   await guest.close();
   await closed;
-  await sleep(30); // a few failed attempts while nobody listens
+  // A few failed attempts while nobody listens (the channel's 'retry' events).
+  await waitFor<void>(
+    (done) => {
+      let n = 0;
+      ch.on('retry', () => ++n === 3 && done());
+    },
+    'three failed attempts',
+    10_000,
+  );
   guest = await UnixChannelServer.listen(sockPath);
   toClose.push(guest);
   sayHello(guest);
@@ -170,8 +178,13 @@ test('a live guest answers the heartbeats: no false alarms', async () => {
   ch.on('dead', () => deaths++);
   ch.on('message', (m) => m.type === 'pong' && pongs++);
   ch.start();
-  await sleep(200);
+  // Twenty heartbeats answered (ten times the two it may miss): never declared dead.
+  await waitFor<void>(
+    (done) => ch.on('message', (m) => m.type === 'pong' && pongs >= 20 && done()),
+    'twenty pongs',
+    10_000,
+  );
   expect(deaths).toBe(0);
-  expect(pongs).toBeGreaterThan(5);
+  expect(pongs).toBeGreaterThanOrEqual(20);
   expect(ch.connected).toBe(true);
 });

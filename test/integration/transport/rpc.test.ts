@@ -275,8 +275,16 @@ describe('one operator connection cannot grow the daemon', () => {
       // Let the server see them all.
       await expect(rpcCall(sock, 'ping', {})).rejects.toMatchObject({ code: 'RATE_LIMITED' });
       open.pop()!.destroy();
-      await new Promise((r) => setTimeout(r, 50));
-      await expect(rpcCall(sock, 'ping', {})).resolves.toBe('pong');
+      // Once the server has seen that one close, there is room for one more.
+      const until = Date.now() + 10_000;
+      let answer: unknown;
+      for (;;) {
+        answer = await rpcCall(sock, 'ping', {}).catch((e: unknown) => e);
+        if (answer === 'pong' || Date.now() > until) break;
+        expect(answer).toMatchObject({ code: 'RATE_LIMITED' }); // refused, not broken
+        await new Promise((r) => setTimeout(r, 10));
+      }
+      expect(answer).toBe('pong');
     } finally {
       for (const c of open) c.destroy();
     }

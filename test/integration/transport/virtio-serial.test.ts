@@ -25,6 +25,7 @@ import { VirtioSerialChannel } from '../../../agent/transport/virtio-serial';
 import { connectUnix } from '../../../agent/transport/unix';
 import type { Channel } from '../../../agent/transport/channel';
 import type { Message } from '../../../agent/protocol/messages';
+import pino from 'pino';
 import { nextEvent, nextMessage, sleep, waitFor } from './wait';
 
 const HELPER = path.join(__dirname, 'pty-chardev.py');
@@ -72,8 +73,16 @@ function linkPort(): void {
   fs.symlinkSync(slave, portLink);
 }
 
+/** The guest channel's log lines, by message (its `log`, a pino logger writing here). */
+const logged: string[] = [];
+const recordingLog = pino(
+  { level: 'debug' },
+  { write: (line: string) => void logged.push(String(JSON.parse(line).msg)) },
+);
+
 function guest(): VirtioSerialChannel {
   const g = VirtioSerialChannel.open({
+    log: recordingLog,
     path: portLink,
     eofPollMs: 50,
     reopenInitialMs: 20,
@@ -106,7 +115,18 @@ test('the agent waits for the port to appear, opens it once, and talks to the ho
   const g = guest();
   let hellos = 0;
   g.on('open', () => g.send(hello(`h${++hellos}`)));
-  await sleep(80); // the port is not there yet: the agent retries, it does not crash
+  // The port is not there yet: the agent retries (three failed opens), it does not crash.
+  const failedOpens = (): number =>
+    logged.filter((m) => m === 'cannot open the virtio-serial port yet').length;
+  const from = failedOpens();
+  await waitFor<void>(
+    (done) => {
+      const check = (): void => (failedOpens() >= from + 3 ? done() : void setTimeout(check, 10));
+      check();
+    },
+    'three failed opens',
+    10_000,
+  );
   expect(g.deviceOpen).toBe(false);
   linkPort();
   await waitFor<void>((done) => (g.deviceOpen ? done() : g.once('open', () => done())), 'open');

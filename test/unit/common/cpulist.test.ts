@@ -3,7 +3,12 @@
  * and the host's choice of which vCPUs to unplug: the highest-numbered online ones, never
  * the boot CPU.
  */
-import { formatCpuList, parseCpuList, pickLeavingCpus } from '../../../agent/common/cpulist';
+import {
+  cpusetSize,
+  formatCpuList,
+  parseCpuList,
+  pickLeavingCpus,
+} from '../../../agent/common/cpulist';
 import { isNestError } from '../../../agent/common/errors';
 
 test('the kernel lists parse to ascending CPU numbers and format back the same', () => {
@@ -18,6 +23,32 @@ test('the kernel lists parse to ascending CPU numbers and format back the same',
   }
   // Any order, repeats: one canonical spelling.
   expect(formatCpuList([3, 1, 2, 2, 7])).toBe('1-3,7');
+});
+
+// What the planner compares to call a cpuset change shrunk or grown (agent/guest/planner.ts).
+test.each<[string | undefined, number]>([
+  ['0-3,5', 5],
+  ['7', 1],
+  ['0-1,3-4', 4],
+  ['0-1,1-2', 3], // overlapping ranges count each CPU once
+  ['0-3\n', 4], // as the kernel prints it
+  ['', Infinity], // empty: the parent's CPUs, all of them
+  ['  ', Infinity],
+  [undefined, Infinity], // unset: all CPUs
+])('cpuset %p allows %p CPUs', (list, n) => {
+  expect(cpusetSize(list)).toBe(n);
+});
+
+test('a malformed cpuset is refused with a code, not counted', () => {
+  for (const bad of ['3-1', '0-', 'a', '0,,1']) {
+    let err: unknown;
+    try {
+      cpusetSize(bad);
+    } catch (e) {
+      err = e;
+    }
+    expect({ bad, code: isNestError(err, 'INPUT_INVALID') }).toEqual({ bad, code: true });
+  }
 });
 
 test('a list that is not one is refused with a code, naming the part', () => {

@@ -9,7 +9,7 @@ import {
   parseDomainXml,
   virtioMemGuestBytes,
 } from '../../../../agent/host/libvirt/domain-xml';
-import { fixture, MiB } from './fake-virsh';
+import { fixture, LACKS, MiB } from './fake-virsh';
 
 test('a running domain: channel path under libvirt’s own directory, vCPUs, virtio-mem, balloon, ACPI', async () => {
   const info = parseDomainXml(await fixture('live-running.xml'));
@@ -62,15 +62,49 @@ test('a domain without ACPI, hotpluggable vCPUs, virtio-mem, balloon or channel:
   expect(info).toMatchObject({ acpi: false, channel: undefined, balloon: undefined });
   expect(info.vcpus).toMatchObject({ max: 2, current: 2, hotpluggable: [], minLive: 2 });
   const unplug = missingPrerequisites(info, { cpuMode: 'unplug', memoryMode: 'virtio-mem' });
-  expect(unplug).toHaveLength(4);
-  expect(unplug[0]).toMatch(/org\.nestbroker\.0/);
-  expect(unplug[1]).toMatch(/<acpi\/>/);
-  expect(unplug[2]).toMatch(/hotpluggable='yes'/);
-  expect(unplug[3]).toMatch(/virtio-mem/);
+  expect(unplug.map((m) => m.prerequisite)).toEqual([
+    'channel',
+    'acpi',
+    'hotpluggable-vcpus',
+    'virtio-mem',
+  ]);
+  expect(unplug[0].message).toMatch(/org\.nestbroker\.0/);
+  expect(unplug[1].message).toMatch(/<acpi\/>/);
+  expect(unplug[2].message).toMatch(/hotpluggable='yes'/);
+  expect(unplug[3].message).toMatch(/virtio-mem/);
   const quota = missingPrerequisites(info, { cpuMode: 'quota', memoryMode: 'balloon' });
-  expect(quota).toHaveLength(2);
-  expect(quota[1]).toMatch(/memballoon model='virtio'/);
+  expect(quota.map((m) => m.prerequisite)).toEqual(['channel', 'balloon']);
+  expect(quota[1].message).toMatch(/memballoon model='virtio'/);
 });
+
+// Each prerequisite alone: the recorded live XML of a domain that has them all, with just
+// that one taken out, is refused for exactly that one, and only in the modes that need it.
+type Modes = { cpuMode: 'unplug' | 'quota'; memoryMode: 'virtio-mem' | 'balloon' };
+const NEEDED_BY: Record<keyof typeof LACKS, (m: Modes) => boolean> = {
+  channel: () => true,
+  acpi: (m) => m.cpuMode === 'unplug',
+  'hotpluggable-vcpus': (m) => m.cpuMode === 'unplug',
+  'virtio-mem': (m) => m.memoryMode === 'virtio-mem',
+  balloon: (m) => m.memoryMode === 'balloon',
+};
+const ALL_MODES: Modes[] = [
+  { cpuMode: 'unplug', memoryMode: 'virtio-mem' },
+  { cpuMode: 'unplug', memoryMode: 'balloon' },
+  { cpuMode: 'quota', memoryMode: 'virtio-mem' },
+  { cpuMode: 'quota', memoryMode: 'balloon' },
+];
+
+test.each(Object.keys(LACKS) as (keyof typeof LACKS)[])(
+  'only %s missing: named alone, and only in the modes that need it',
+  async (lack) => {
+    const info = parseDomainXml(LACKS[lack](await fixture('live-running.xml')));
+    for (const modes of ALL_MODES)
+      expect({
+        modes,
+        missing: missingPrerequisites(info, modes).map((m) => m.prerequisite),
+      }).toEqual({ modes, missing: NEEDED_BY[lack](modes) ? [lack] : [] });
+  },
+);
 
 test('attribute order, quotes, units and comments do not matter: it is parsed, not matched', () => {
   const xml = `<?xml version="1.0"?>

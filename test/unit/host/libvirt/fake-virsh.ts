@@ -51,6 +51,8 @@ export class FakeVirsh {
     quota: -1,
   };
   guest: GuestBehaviour = {};
+  /** Rewrites the live XML as served (a domain lacking a device: domain-xml.test.ts LACKS). */
+  edit: (xml: string) => string = (xml) => xml;
 
   private constructor(
     private readonly live: string,
@@ -102,7 +104,7 @@ export class FakeVirsh {
         return ok(`${this.d.state}\n\n`);
       case 'dumpxml':
         if (a.includes('--inactive')) return ok(this.inactive);
-        return ok(this.d.state === 'running' ? this.liveXml() : this.shutoff);
+        return ok(this.d.state === 'running' ? this.edit(this.liveXml()) : this.shutoff);
       case 'setvcpus': {
         const want = Number(val('--count'));
         const r = this.guest.setvcpus?.(want, this.d) ?? {};
@@ -144,3 +146,23 @@ export class FakeVirsh {
 }
 
 export const MiB = 1024 * KiB;
+
+/**
+ * The recorded live XML (live-running.xml) with one prerequisite taken out, each as an
+ * operator would leave it out of the domain: what `missingPrerequisites` must name.
+ */
+export const LACKS = {
+  channel: (xml: string) => cut(xml, "<channel type='unix'>", '</channel>'),
+  acpi: (xml: string) => cut(xml, '<acpi/>', ''),
+  'hotpluggable-vcpus': (xml: string) => xml.replaceAll("hotpluggable='yes'", "hotpluggable='no'"),
+  'virtio-mem': (xml: string) => cut(xml, "<memory model='virtio-mem'>", '</memory>'),
+  balloon: (xml: string) => cut(xml, "<memballoon model='virtio'>", '</memballoon>'),
+} as const;
+
+/** `xml` without the first element that starts with `open` and ends with `close`. */
+function cut(xml: string, open: string, close: string): string {
+  const i = xml.indexOf(open);
+  if (i < 0) throw new Error(`the fixture has no ${open}`);
+  const j = close ? xml.indexOf(close, i) + close.length : i + open.length;
+  return xml.slice(0, i) + xml.slice(j);
+}

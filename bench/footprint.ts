@@ -126,7 +126,10 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'nestbroker-bench-footprint-'));
   const extra = (a['node-args'] ?? '').split(' ').filter((x) => x !== '');
   const daemonFlags = [...AGENT_NODE_FLAGS, ...extra];
-  const program = daemonProgram(a.agents ? path.resolve(a.agents) : undefined, a.modules !== undefined);
+  const program = daemonProgram(
+    a.agents ? path.resolve(a.agents) : undefined,
+    a.modules !== undefined,
+  );
   say(`  daemons: ${program}`);
   const stack = new BenchStack({
     root,
@@ -461,7 +464,16 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   );
   const out = writeResult(
     'footprint',
-    { seconds, guests: nGuests, projects: nProjects, program, goalsSet: GOALS, idle, notices, goals },
+    {
+      seconds,
+      guests: nGuests,
+      projects: nProjects,
+      program,
+      goalsSet: GOALS,
+      idle,
+      notices,
+      goals,
+    },
     a.out,
   );
   say(`\nwrote ${out}`);

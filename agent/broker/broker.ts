@@ -209,7 +209,7 @@ export async function runBroker<CN, CO>(
     // The first group acts as soon as every child has its notice: its steps' startedAt is
     // recorded with their delivery, in the same journal write, so that one durable write
     // (not two in a row) stands between the notices and the first act. Later groups
-    // record theirs when they begin (docs/performance.md, "delivered → first stop signal").
+    // record theirs when they begin (docs/performance.md, "Phase profile of the goals missed").
     const acting0 = steps.filter((s) => s.act !== false);
     const firstOrder = acting0.length > 0 ? Math.min(...acting0.map((s) => s.order)) : undefined;
     const startsAtOnce = (s: BrokerStep<CN>): boolean => s.act !== false && s.order === firstOrder;

@@ -85,24 +85,88 @@ export function stillAlive(p: KnownProcess): boolean {
 
 const live = (s: Stat): boolean => s.state !== 'Z' && s.state !== 'X' && !s.exiting;
 
-/** Every process /proc lists now (zombies and exiting ones left out), by pid. */
-function scan(): Map<number, Stat> {
+/** A number from a /proc/sys file, or undefined (no such file here, unreadable). */
+function sysNumber(file: string): number | undefined {
+  let fd: number | undefined;
+  try {
+    fd = openSync(file, 'r');
+    const n = readSync(fd, statBuf, 0, 64, 0);
+    const v = Number(statBuf.toString('latin1', 0, n).trim());
+    return Number.isInteger(v) ? v : undefined;
+  } catch {
+    return undefined;
+  } finally {
+    if (fd !== undefined) closeSync(fd);
+  }
+}
+
+/** proc(5): the last pid the kernel handed out in this pid namespace, and the ceiling. */
+const LAST_PID = '/proc/sys/kernel/ns_last_pid';
+let pidMax: number | undefined;
+
+interface Scan {
+  /** performance.now() when it began. */
+  at: number;
+  /** ns_last_pid read before /proc was listed: every process made after it has a later pid. */
+  last: number | undefined;
+  procs: Map<number, Stat>;
+}
+
+/**
+ * How old a scan may be and still be brought up to date rather than made afresh. Within it
+ * the kernel would have to hand out more than half of pid_max (proc(5); 16 384 of the
+ * default 32 768) for a pid to come round again unseen: over 8 000 forks a second.
+ */
+const REFRESH_MAX_AGE_MS = 2_000;
+
+/**
+ * The pids the kernel may have handed out since `l0` (up to `l1`, ns_last_pid then and
+ * now; pids are given out in order, wrapping at pid_max), or undefined when that cannot
+ * be told (too many, or the numbers are missing).
+ */
+function madeSince(l0: number, l1: number): ((pid: number) => boolean) | undefined {
+  pidMax ??= sysNumber('/proc/sys/kernel/pid_max');
+  if (pidMax === undefined) return undefined;
+  const span = l1 >= l0 ? l1 - l0 : pidMax - l0 + l1;
+  if (span > pidMax / 2) return undefined;
+  return l1 >= l0 ? (p) => p > l0 && p <= l1 : (p) => p > l0 || p <= l1;
+}
+
+/**
+ * Every process /proc lists now (zombies and exiting ones left out), by pid. With a recent
+ * `prev`, only the pids made since it (and those it had not seen alive) have their stat
+ * read: a process whose pid has not been handed out again since is the one `prev` read,
+ * and no process can join a session other than by being forked into it (setsid(2) only
+ * makes a session of its own), so its session is still known. Its state may have changed:
+ * the members a caller is given are read again (sessionMembers). A scan of every
+ * process is ~10 µs a process here (a guest agent beside 3 500 processes: 40–60 ms of the
+ * event loop); brought up to date it is one listing of /proc and the new pids' stat.
+ */
+function scan(prev?: Scan): Scan {
+  const at = performance.now();
+  const last = sysNumber(LAST_PID);
   const out = new Map<number, Stat>();
   let names: string[];
   try {
     names = readdirSync('/proc');
   } catch {
-    return out;
+    return { at, last, procs: out };
   }
+  const made =
+    prev?.last !== undefined && last !== undefined && at - prev.at <= REFRESH_MAX_AGE_MS
+      ? madeSince(prev.last, last)
+      : undefined;
   for (const n of names) {
     if (!/^[0-9]+$/.test(n)) continue;
-    const s = readStat(Number(n));
-    if (s && live(s)) out.set(Number(n), s);
+    const pid = Number(n);
+    const known = made && !made(pid) ? prev!.procs.get(pid) : undefined;
+    const s = known ?? readStat(pid);
+    if (s && live(s)) out.set(pid, s);
   }
-  return out;
+  return { at, last, procs: out };
 }
 
-let cached: { at: number; procs: Map<number, Stat> } | undefined;
+let cached: Scan | undefined;
 /** A scan of /proc is shared by the stops of one notice that run together. */
 const SCAN_MAX_AGE_MS = 50;
 
@@ -117,7 +181,8 @@ const SCAN_MAX_AGE_MS = 50;
  * time), any scan begun at or after it (the caller needs a view of the processes taken
  * after some moment, e.g. after its group was seen empty); without, any scan begun within
  * SCAN_MAX_AGE_MS. The scan's age runs from its start: a scan that took longer than the
- * window (thousands of processes) no longer served even the next call.
+ * window (thousands of processes) no longer served even the next call. A new scan brings
+ * the last one up to date where it can (scan).
  */
 export function sessionMembers(
   leader: KnownProcess,
@@ -127,7 +192,7 @@ export function sessionMembers(
   const fresh =
     cached !== undefined &&
     (notBefore !== undefined ? cached.at >= notBefore : now - cached.at <= SCAN_MAX_AGE_MS);
-  if (!fresh) cached = { at: performance.now(), procs: scan() };
+  if (!fresh) cached = scan(cached);
   const procs = cached!.procs;
   const out: KnownProcess[] = [];
   // A live process with the leader's pid that is not the leader began a session of its
@@ -135,6 +200,10 @@ export function sessionMembers(
   const holder = procs.get(leader.pid);
   if (holder && holder.start !== leader.start) return out;
   for (const [pid, s] of procs)
-    if (s.session === leader.pid && s.start >= leader.start) out.push({ pid, start: s.start });
+    if (s.session === leader.pid && s.start >= leader.start) {
+      // Read again: an entry carried over from an earlier scan may have exited since.
+      const k = { pid, start: s.start };
+      if (stillAlive(k)) out.push(k);
+    }
   return out;
 }

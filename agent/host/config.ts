@@ -88,6 +88,14 @@ export type HypervisorConfig =
       uri: string;
       /** Bound on one virsh call. */
       timeoutMs: number;
+      /**
+       * After a domain starts again with its persistent vCPUs and memory (docs/libvirt.md,
+       * "Books"): `reapply` takes back what the reclaims in force had taken, through the
+       * usual cascade; `follow` lets the books follow libvirt and nothing more.
+       */
+      afterRestart: 'reapply' | 'follow';
+      /** The deadline of such a re-applied reclaim (the guest is booting). */
+      reapplyDeadlineMs: number;
     };
 
 export interface GuestConfig {
@@ -194,6 +202,8 @@ export const HOST_DEFAULTS = {
   cpuMode: 'unplug',
   memoryMode: 'virtio-mem',
   libvirtTimeout: '60s',
+  afterRestart: 'reapply' as const,
+  reapplyDeadline: '10m',
   triggerFor: '30s',
   triggerDeadline: '60s',
   triggerInterval: '5s',
@@ -362,7 +372,12 @@ const hostSchema = z
   .object({
     hypervisor: z.enum(['qemu', 'libvirt']).optional(),
     libvirt: z
-      .object({ uri: opt(checkString), timeout: opt(parseDuration) })
+      .object({
+        uri: opt(checkString),
+        timeout: opt(parseDuration),
+        afterRestart: z.enum(['reapply', 'follow']).optional(),
+        reapplyDeadline: opt(durationAtLeast(1000, '1s')),
+      })
       .strict()
       .optional(),
     stateDir: opt(checkString),
@@ -659,6 +674,8 @@ function normalise(c: Parsed, baseDir: string): HostConfig {
           type: 'libvirt',
           uri: c.libvirt?.uri ?? DEFAULT_LIBVIRT_URI,
           timeoutMs: c.libvirt?.timeout ?? DEFAULT_VIRSH_TIMEOUT_MS,
+          afterRestart: c.libvirt?.afterRestart ?? HOST_DEFAULTS.afterRestart,
+          reapplyDeadlineMs: c.libvirt?.reapplyDeadline ?? ms(HOST_DEFAULTS.reapplyDeadline),
         }
       : { type: 'qemu' },
     stateDir: resolve(c.stateDir ?? HOST_DEFAULTS.stateDir),

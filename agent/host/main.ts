@@ -53,6 +53,8 @@ export interface RunningHost {
   metrics: MetricsServer | null;
   /** With `hypervisor: libvirt`: the domains it follows (events, live XML). */
   domains?: LibvirtDomains;
+  /** With `hypervisor: libvirt`: the restarts it follows; `done()` once all are handled. */
+  restarts?: { done: () => Promise<void> };
   stop(): Promise<void>;
 }
 
@@ -202,9 +204,15 @@ async function startHostWith(
   });
   await broker.start();
   // docs/libvirt.md, "Books": a domain started again has its persistent vCPUs and memory.
-  const restarts = domains
-    ? followRestarts(domains, broker, () => host.config.guests, log.child({ part: 'libvirt' }))
-    : null;
+  // With `libvirt.afterRestart: reapply` the reclaims in force are taken back again, and a
+  // restart while the broker was down is caught up now.
+  const restarts =
+    domains && cfg.hypervisor.type === 'libvirt'
+      ? followRestarts(domains, broker, () => host.config.guests, log.child({ part: 'libvirt' }), {
+          afterRestart: cfg.hypervisor.afterRestart,
+          reapplyDeadlineMs: cfg.hypervisor.reapplyDeadlineMs,
+        })
+      : null;
   const watcher = new Watcher(cfg, broker, adapter, log.child({ part: 'watcher' }));
   watcher.start();
   const server = registerHostApi(
@@ -233,6 +241,7 @@ async function startHostWith(
     watcher,
     metrics,
     ...(domains ? { domains } : {}),
+    ...(restarts ? { restarts } : {}),
     async stop() {
       restarts?.stop();
       watcher.stop();
@@ -243,6 +252,8 @@ async function startHostWith(
       await lock.release();
     },
   };
+  // After `host` exists: the follower reads its guests through it.
+  restarts?.catchUp();
   return host;
 }
 

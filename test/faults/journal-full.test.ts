@@ -84,8 +84,9 @@ test('a full disk: the reclaim is refused with JOURNAL_WRITE and nothing is done
   const out = r.stdout + r.stderr;
   expect(out).toContain('JOURNAL_WRITE');
   expect(out).toMatch(/ENOSPC|no space left/i);
-  // Nothing done: same processes, no SIGTERM handler ran, same limits, no record.
-  await new Promise((res) => setTimeout(res, 500));
+  // Nothing done: same processes, no SIGTERM handler ran, same limits, no record. (Nor
+  // later: the next reclaim below goes through the same one-at-a-time queue, so work of
+  // this one would come first, and that one would not find `a` running to stop.)
   expect(await t.adapter.pids('guest/projects/a')).toEqual(aPids);
   expect(env.markerLines('a').filter((l) => l.startsWith('term '))).toEqual([]);
   expect(await t.adapter.readLimits('guest/projects/a')).toEqual(before);
@@ -95,7 +96,7 @@ test('a full disk: the reclaim is refused with JOURNAL_WRITE and nothing is done
   expect(records).toEqual([]);
   expect(agent!.child.exitCode).toBeNull(); // the agent is still up
 
-  // Space again: the same reclaim goes through, once.
+  // Space again: the same reclaim goes through, once (the only SIGTERM `a` ever had).
   await fs.rm(filler);
   const ok = await nestctl(env, ['reclaim', '--memory', '3.5GiB', '--deadline', '10s', '--json']);
   expect(ok.code).toBe(0);

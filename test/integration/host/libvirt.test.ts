@@ -137,7 +137,8 @@ test('the live XML gives the channel under libvirt’s own directory, vCPUs and 
 test('the host broker connects to the channel libvirt chose; after destroy + start, to the new one', async () => {
   const cfg = validateHostConfig({
     hypervisor: 'libvirt',
-    libvirt: { timeout: '120s' },
+    // A re-applied reclaim nobody answers (no guest OS) ends late soon.
+    libvirt: { timeout: '120s', afterRestart: 'reapply', reapplyDeadline: '2s' },
     stateDir: path.join(dir, 'state'),
     socket: path.join(dir, 'host.sock'),
     reconnect: { min: '200ms', max: '30s' },
@@ -259,6 +260,51 @@ test('actuation through virsh: a quota is done and booked as libvirt has it; a b
   expect(back.actuation?.status).toBe('done');
   expect(await virsh.schedinfo(name)).toMatchObject({ global_quota: 200000 });
   expect(h.broker.booksFor(name).granted.cpus).toBe(2);
+});
+
+test('after destroy + start the reclaim in force is re-applied: journaled, sent at hello, nothing taken without an answer', async () => {
+  const h = host!;
+  const cpu = await (
+    await h.broker.issue('reclaim', {
+      guest: name,
+      change: { cpus: 0.5, memoryBytes: 0 },
+      deadlineMs: 1,
+      force: true,
+    })
+  ).done;
+  expect(cpu.state).toBe('done');
+  expect(await virsh.schedinfo(name)).toMatchObject({ global_quota: 150000 });
+  await virsh.run(['destroy', '--domain', name]);
+  await timed('virsh start (re-apply)', () => virsh.run(['start', '--domain', name]));
+  // libvirt starts it from its persistent XML: no quota. The broker follows and re-applies.
+  expect(await virsh.schedinfo(name)).toMatchObject({ global_quota: -1 });
+  const t0 = Date.now();
+  await waitFor(
+    'the re-applied reclaim',
+    async () => h.broker.notices(name).some((r) => r.source === 'restart'),
+    60_000,
+    100,
+  );
+  figures['Started → re-applied reclaim journaled'] = Date.now() - t0;
+  const again = h.broker.notices(name).find((r) => r.source === 'restart')!;
+  expect(again.notice).toMatchObject({
+    kind: 'reclaim',
+    change: { cpus: 0.5, memoryBytes: 0 },
+    allocation: { cpus: 1.5, memoryBytes: 128 * MiB },
+  });
+  expect(again.notice.reason).toMatch(/re-applies the reclaims in force: domain ".*" started/);
+  // No guest OS says hello: by its (2 s) deadline it is late and nothing is taken.
+  const end = await h.broker.wait(again.notice.id);
+  expect({ state: end.state, code: end.error?.code, actuation: end.actuation }).toEqual({
+    state: 'late',
+    code: 'GUEST_LATE',
+    actuation: undefined,
+  });
+  expect(await virsh.schedinfo(name)).toMatchObject({ global_quota: -1 });
+  expect(h.broker.booksFor(name)).toMatchObject({
+    granted: { cpus: 2, memoryBytes: 128 * MiB },
+    actuated: { cpus: 2, memoryBytes: 128 * MiB },
+  });
 });
 
 test('vCPU hot-plug and unplug, virtio-mem, straight through the actuator with real virsh', async () => {

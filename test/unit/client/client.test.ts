@@ -215,8 +215,15 @@ test('a journal that cannot be written: rejected with JOURNAL_WRITE, nothing don
   await fsp.writeFile(path.join(dir, 'state/notices'), 'not a directory');
   host.send({ type: 'notice', id: 'm1', notice: notice('n1', 1) });
   expect(await next('ack')).toMatchObject({ state: 'rejected', error: { code: 'JOURNAL_WRITE' } });
-  await new Promise((r) => setTimeout(r, 50));
   expect(broker.calls).toEqual([]);
+  // Nor later: with the directory back, the next notice goes through the same
+  // one-at-a-time queue, and by its outcome the refused one has still not been carried out.
+  await fsp.rm(path.join(dir, 'state/notices'));
+  await fsp.mkdir(path.join(dir, 'state/notices'));
+  host.send({ type: 'notice', id: 'm2', notice: notice('n2', 1) });
+  expect(await next('ack')).toMatchObject({ state: 'accepted' });
+  await next('outcome');
+  expect(broker.calls.map((c) => c.id)).toEqual(['n2']);
 });
 
 test('after a restart mid-notice the notice is resumed once, and a replay gets its outcome', async () => {

@@ -18,6 +18,7 @@ import {
   checkHost,
   checkInt,
   checkString,
+  configInvalid,
   deepFreeze,
   field,
   opt,
@@ -178,6 +179,12 @@ export interface HostConfig {
   metrics?: { host: string; port: number };
   /** The log level; absent: NESTBROKER_LOG_LEVEL, else info. A reload applies it live. */
   logLevel?: 'trace' | 'debug' | 'info' | 'warn' | 'error' | 'fatal';
+  /**
+   * `guests: auto` (`hypervisor: libvirt` only): the guests are the running domains with
+   * the org.nestbroker.0 channel, their settings read from each domain's `<metadata>`
+   * (agent/host/libvirt/auto-guests.ts); `guests` holds those found so far.
+   */
+  autoGuests?: true;
   guests: GuestConfig[];
 }
 
@@ -735,11 +742,46 @@ export function validateHostConfig(
   baseDir = process.cwd(),
   source = 'host config',
 ): Readonly<HostConfig> {
-  const { data } = checkConfig(hostSchema, raw, {
+  // `guests: auto`: no list in the file; the domains give them (docs/libvirt.md, "guests:
+  // auto"). Checked as an empty list, plus its own rule.
+  const top = rec(raw);
+  const auto = top?.guests === 'auto';
+  const { data } = checkConfig(hostSchema, auto ? { ...top, guests: [] } : raw, {
     source,
-    cross: (top) => crossChecks(top, baseDir),
+    cross: (t) => {
+      const r = crossChecks(t, baseDir);
+      if (auto && t.hypervisor !== 'libvirt')
+        r.problems.push({
+          field: 'guests',
+          value: 'auto',
+          message:
+            '"auto" needs "hypervisor: libvirt" (the guests are read from the domains\' <metadata>)',
+        });
+      return r;
+    },
   });
-  return deepFreeze(normalise(data, baseDir));
+  const cfg = normalise(data, baseDir);
+  return deepFreeze(auto ? { ...cfg, autoGuests: true as const } : cfg);
+}
+
+/**
+ * One guest entry as host.yaml would have it under `hypervisor: libvirt` (a domain's
+ * `<metadata>`, agent/host/libvirt/auto-guests.ts), checked by the same schema and cross
+ * checks as the file: CONFIG_INVALID with every problem, each field as the entry names it
+ * (`priority`, `floor.memory`), `source` in the message.
+ */
+export function validateGuestEntry(entry: unknown, source: string): GuestConfig {
+  try {
+    return validateHostConfig({ hypervisor: 'libvirt', guests: [entry] }, process.cwd(), source)
+      .guests[0];
+  } catch (err) {
+    const e = err as { code?: string; problems?: Problem[] };
+    if (e.code !== 'CONFIG_INVALID' || !e.problems) throw err;
+    throw configInvalid(
+      source,
+      e.problems.map((p) => ({ ...p, field: p.field.replace(/^guests\[0\]\.?/, '') || '(entry)' })),
+    );
+  }
 }
 
 export async function loadHostConfig(file: string): Promise<Readonly<HostConfig>> {

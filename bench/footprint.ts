@@ -20,7 +20,8 @@
  *   make build && node dist/bench/footprint.js [--seconds 60] [--notices 10000]
  *
  * Options: --guests N (50), --projects N (200 on g00), --notice-seconds S (300),
- * --root NAME, --out FILE.
+ * --root NAME, --out FILE, --agents DIST (another build), --modules (the module tree even
+ * when a fresh bundle exists: bench/lib/stack.ts daemonProgram), --node-args=FLAGS.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { promises as fs } from 'node:fs';

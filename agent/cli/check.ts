@@ -103,7 +103,9 @@ async function hostSummary(config: string | undefined): Promise<Summary> {
   const guests = c.guests.map((g) => `${g.name} over ${g.channel.transport}`).join(', ');
   const lines = [
     `${file}: valid host config`,
-    `  ${plural(c.guests.length, 'guest')}${guests ? ` (${guests})` : ''}`,
+    c.autoGuests
+      ? '  guests: auto (every running libvirt domain with the org.nestbroker.0 channel, from its <metadata>)'
+      : `  ${plural(c.guests.length, 'guest')}${guests ? ` (${guests})` : ''}`,
     `  operator socket ${c.socket}; state ${c.stateDir}; cgroup root ${c.cgroup.root}`,
     `  trigger ${c.trigger.enabled ? 'on' : 'off'}; metrics ${c.metrics ? `${c.metrics.host}:${c.metrics.port}` : 'off'}`,
   ];

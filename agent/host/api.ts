@@ -144,7 +144,8 @@ export function registerHostApi(
   server: RpcServer,
   broker: HostBroker,
   watcher?: Watcher,
-  libvirt?: { domains: LibvirtDomains; guests: readonly GuestConfig[] },
+  /** `guests` as a function: a reload or `guests: auto` changes them. */
+  libvirt?: { domains: LibvirtDomains; guests: () => readonly GuestConfig[] },
 ): RpcServer {
   server.handle('guests', async () => {
     const gs = broker.guests();
@@ -152,7 +153,7 @@ export function registerHostApi(
     // docs/libvirt.md: the vCPUs and memory as libvirt has them, next to the books.
     return Promise.all(
       gs.map(async (s) => {
-        const lv = libvirt.guests.find((g) => g.name === s.name)?.libvirt;
+        const lv = libvirt.guests().find((g) => g.name === s.name)?.libvirt;
         return lv ? { ...s, domain: await domainStatus(libvirt.domains, lv) } : s;
       }),
     );

@@ -18,6 +18,7 @@ import {
   checkHost,
   checkInt,
   checkString,
+  configInvalid,
   deepFreeze,
   field,
   opt,
@@ -88,6 +89,14 @@ export type HypervisorConfig =
       uri: string;
       /** Bound on one virsh call. */
       timeoutMs: number;
+      /**
+       * After a domain starts again with its persistent vCPUs and memory (docs/libvirt.md,
+       * "Books"): `reapply` takes back what the reclaims in force had taken, through the
+       * usual cascade; `follow` lets the books follow libvirt and nothing more.
+       */
+      afterRestart: 'reapply' | 'follow';
+      /** The deadline of such a re-applied reclaim (the guest is booting). */
+      reapplyDeadlineMs: number;
     };
 
 export interface GuestConfig {
@@ -170,6 +179,12 @@ export interface HostConfig {
   metrics?: { host: string; port: number };
   /** The log level; absent: NESTBROKER_LOG_LEVEL, else info. A reload applies it live. */
   logLevel?: 'trace' | 'debug' | 'info' | 'warn' | 'error' | 'fatal';
+  /**
+   * `guests: auto` (`hypervisor: libvirt` only): the guests are the running domains with
+   * the org.nestbroker.0 channel, their settings read from each domain's `<metadata>`
+   * (agent/host/libvirt/auto-guests.ts); `guests` holds those found so far.
+   */
+  autoGuests?: true;
   guests: GuestConfig[];
 }
 
@@ -194,6 +209,8 @@ export const HOST_DEFAULTS = {
   cpuMode: 'unplug',
   memoryMode: 'virtio-mem',
   libvirtTimeout: '60s',
+  afterRestart: 'reapply' as const,
+  reapplyDeadline: '10m',
   triggerFor: '30s',
   triggerDeadline: '60s',
   triggerInterval: '5s',
@@ -362,7 +379,12 @@ const hostSchema = z
   .object({
     hypervisor: z.enum(['qemu', 'libvirt']).optional(),
     libvirt: z
-      .object({ uri: opt(checkString), timeout: opt(parseDuration) })
+      .object({
+        uri: opt(checkString),
+        timeout: opt(parseDuration),
+        afterRestart: z.enum(['reapply', 'follow']).optional(),
+        reapplyDeadline: opt(durationAtLeast(1000, '1s')),
+      })
       .strict()
       .optional(),
     stateDir: opt(checkString),
@@ -659,6 +681,8 @@ function normalise(c: Parsed, baseDir: string): HostConfig {
           type: 'libvirt',
           uri: c.libvirt?.uri ?? DEFAULT_LIBVIRT_URI,
           timeoutMs: c.libvirt?.timeout ?? DEFAULT_VIRSH_TIMEOUT_MS,
+          afterRestart: c.libvirt?.afterRestart ?? HOST_DEFAULTS.afterRestart,
+          reapplyDeadlineMs: c.libvirt?.reapplyDeadline ?? ms(HOST_DEFAULTS.reapplyDeadline),
         }
       : { type: 'qemu' },
     stateDir: resolve(c.stateDir ?? HOST_DEFAULTS.stateDir),
@@ -718,11 +742,46 @@ export function validateHostConfig(
   baseDir = process.cwd(),
   source = 'host config',
 ): Readonly<HostConfig> {
-  const { data } = checkConfig(hostSchema, raw, {
+  // `guests: auto`: no list in the file; the domains give them (docs/libvirt.md, "guests:
+  // auto"). Checked as an empty list, plus its own rule.
+  const top = rec(raw);
+  const auto = top?.guests === 'auto';
+  const { data } = checkConfig(hostSchema, auto ? { ...top, guests: [] } : raw, {
     source,
-    cross: (top) => crossChecks(top, baseDir),
+    cross: (t) => {
+      const r = crossChecks(t, baseDir);
+      if (auto && t.hypervisor !== 'libvirt')
+        r.problems.push({
+          field: 'guests',
+          value: 'auto',
+          message:
+            '"auto" needs "hypervisor: libvirt" (the guests are read from the domains\' <metadata>)',
+        });
+      return r;
+    },
   });
-  return deepFreeze(normalise(data, baseDir));
+  const cfg = normalise(data, baseDir);
+  return deepFreeze(auto ? { ...cfg, autoGuests: true as const } : cfg);
+}
+
+/**
+ * One guest entry as host.yaml would have it under `hypervisor: libvirt` (a domain's
+ * `<metadata>`, agent/host/libvirt/auto-guests.ts), checked by the same schema and cross
+ * checks as the file: CONFIG_INVALID with every problem, each field as the entry names it
+ * (`priority`, `floor.memory`), `source` in the message.
+ */
+export function validateGuestEntry(entry: unknown, source: string): GuestConfig {
+  try {
+    return validateHostConfig({ hypervisor: 'libvirt', guests: [entry] }, process.cwd(), source)
+      .guests[0];
+  } catch (err) {
+    const e = err as { code?: string; problems?: Problem[] };
+    if (e.code !== 'CONFIG_INVALID' || !e.problems) throw err;
+    throw configInvalid(
+      source,
+      e.problems.map((p) => ({ ...p, field: p.field.replace(/^guests\[0\]\.?/, '') || '(entry)' })),
+    );
+  }
 }
 
 export async function loadHostConfig(file: string): Promise<Readonly<HostConfig>> {

@@ -196,9 +196,11 @@ export abstract class GuestConnections extends EventEmitter {
 
   protected onMessage(g: GuestConfig, link: Link, raw: unknown): void {
     const parsed = parseMessage(typeof raw === 'string' ? raw : JSON.stringify(raw));
-    const log = this.log.child({ guest: g.name });
+    // A child logger only when something is logged: progress lines arrive by the thousand at
+    // 50 guests (docs/performance.md, "The host broker's own share at 50 guests").
+    const log = (): Logger => this.log.child({ guest: g.name });
     if (!parsed.ok) {
-      log.warn({ problems: parsed.error.problems }, 'invalid message from guest');
+      log().warn({ problems: parsed.error.problems }, 'invalid message from guest');
       return;
     }
     const msg = parsed.msg;
@@ -239,14 +241,14 @@ export abstract class GuestConnections extends EventEmitter {
         if (!whole.ok) return this.outcomeIncomplete(g, link, msg.outcome.noticeId, whole);
         link.partRetries.delete(msg.outcome.noticeId);
         return void this.onOutcome(g, whole.outcome).catch((err: unknown) =>
-          log.error({ err }, 'could not record an outcome'),
+          log().error({ err }, 'could not record an outcome'),
         );
       }
       case 'facts':
         // The guest's kernel changed (a vCPU went after its outcome): the actuator's confirm
         // wait reads this (agent/host/libvirt/actuator.ts; docs/libvirt.md, "Removal modes").
         link.reported = reportedOf(msg, 'facts', new Date()) ?? link.reported;
-        log.debug({ reported: link.reported }, 'guest reported its online CPUs / MemTotal');
+        log().debug({ reported: link.reported }, 'guest reported its online CPUs / MemTotal');
         return;
       // The channel answers every ping itself (agent/transport/channel.ts, answerPings):
       // answering here too would send two pongs for one ping. Pongs feed the heartbeat of
@@ -268,11 +270,11 @@ export abstract class GuestConnections extends EventEmitter {
           w(new NestError(code, `guest "${g.name}" could not plan: ${msg.message}`));
           return;
         }
-        log.warn({ code: msg.code, message: msg.message }, 'guest reported an error');
+        log().warn({ code: msg.code, message: msg.message }, 'guest reported an error');
         return;
       }
       default:
-        log.warn({ type: msg.type }, 'unexpected message type from a guest');
+        log().warn({ type: msg.type }, 'unexpected message type from a guest');
     }
   }
 

@@ -51,7 +51,7 @@ export interface IssueRequest {
   deadlineMs: number;
   force?: boolean;
   reason?: string;
-  source?: 'operator' | 'trigger';
+  source?: 'operator' | 'trigger' | 'restart';
 }
 
 export interface GuestStatus {
@@ -168,6 +168,11 @@ export class HostBroker extends NoticeLifecycle {
     );
     this.emit('books-resync', { guest: g.name, ...r });
     return books;
+  }
+
+  /** Whether the guest has a notice that is not final yet. */
+  hasOpenNotice(guest: string): boolean {
+    return this.store.ofGuest(guest).some((r) => !FINAL.has(r.state));
   }
 
   /** Resolves once the ledger writes and deletions decided so far are done (for tests). */

@@ -22,6 +22,14 @@ import { CgroupQmpActuator, type VmActuator } from './actuator';
 import { LibvirtActuator } from './libvirt/actuator';
 import { LibvirtDomains, resolveAllocations } from './libvirt/domains';
 import { followRestarts } from './libvirt/restart-books';
+import {
+  discoverGuests,
+  logSkipped,
+  nextGuests,
+  readDomainGuest,
+  rereadOn,
+} from './libvirt/auto-guests';
+import type { DomainEvent } from './libvirt/events';
 import { Virsh } from './libvirt/virsh';
 import { registerHostApi } from './api';
 import {
@@ -53,6 +61,10 @@ export interface RunningHost {
   metrics: MetricsServer | null;
   /** With `hypervisor: libvirt`: the domains it follows (events, live XML). */
   domains?: LibvirtDomains;
+  /** With `hypervisor: libvirt`: the restarts it follows; `done()` once all are handled. */
+  restarts?: { done: () => Promise<void> };
+  /** With `guests: auto`: the domain events followed; `done()` once all are applied. */
+  auto?: { done: () => Promise<void> };
   stop(): Promise<void>;
 }
 
@@ -160,6 +172,9 @@ async function startHostLocked(
   if (cfg.hypervisor.type === 'libvirt') {
     // docs/libvirt.md: everything through virsh; no cgroup of libvirt's is touched by us.
     const virsh = new Virsh({ uri: cfg.hypervisor.uri, timeoutMs: cfg.hypervisor.timeoutMs });
+    // `guests: auto`: the running domains with the channel, from their <metadata>.
+    if (cfg.autoGuests)
+      cfg = { ...cfg, guests: await discoverGuests(virsh, cfg, log.child({ part: 'libvirt' })) };
     cfg = await resolveAllocations(cfg, virsh);
     domains = new LibvirtDomains(virsh, cfg.guests, log.child({ part: 'libvirt' }));
     domains.follow();
@@ -202,16 +217,22 @@ async function startHostWith(
   });
   await broker.start();
   // docs/libvirt.md, "Books": a domain started again has its persistent vCPUs and memory.
-  const restarts = domains
-    ? followRestarts(domains, broker, () => host.config.guests, log.child({ part: 'libvirt' }))
-    : null;
+  // With `libvirt.afterRestart: reapply` the reclaims in force are taken back again, and a
+  // restart while the broker was down is caught up now.
+  const restarts =
+    domains && cfg.hypervisor.type === 'libvirt'
+      ? followRestarts(domains, broker, () => host.config.guests, log.child({ part: 'libvirt' }), {
+          afterRestart: cfg.hypervisor.afterRestart,
+          reapplyDeadlineMs: cfg.hypervisor.reapplyDeadlineMs,
+        })
+      : null;
   const watcher = new Watcher(cfg, broker, adapter, log.child({ part: 'watcher' }));
   watcher.start();
   const server = registerHostApi(
     new RpcServer(log.child({ part: 'api' })),
     broker,
     watcher,
-    domains ? { domains, guests: cfg.guests } : undefined,
+    domains ? { domains, guests: () => host.config.guests } : undefined,
   );
   await server.listen(cfg.socket, { mode: cfg.socketMode, group: await groupId(cfg.socketGroup) });
   // The guest names as a function: a reload may add or remove guests (agent/host/reload.ts).
@@ -233,6 +254,7 @@ async function startHostWith(
     watcher,
     metrics,
     ...(domains ? { domains } : {}),
+    ...(restarts ? { restarts } : {}),
     async stop() {
       restarts?.stop();
       watcher.stop();
@@ -243,7 +265,106 @@ async function startHostWith(
       await lock.release();
     },
   };
+  // After `host` exists: the follower reads its guests through it.
+  restarts?.catchUp();
+  const auto =
+    domains && cfg.autoGuests
+      ? followAutoGuests(host, domains, log.child({ part: 'libvirt' }), () => restarts?.catchUp())
+      : null;
+  if (auto) {
+    host.auto = auto;
+    const stop = host.stop;
+    host.stop = async () => {
+      auto.stop();
+      await stop();
+    };
+  }
   return host;
+}
+
+/**
+ * `guests: auto` after the start (docs/libvirt.md, "guests: auto"): a domain started,
+ * defined or given new metadata is read again and the broker reconfigured with the new
+ * guest list, one domain at a time; an undefined one leaves. A domain whose metadata has
+ * problems is logged and changes nothing (its guest, if any, keeps the settings in force);
+ * a guest with notices in flight is never removed.
+ */
+function followAutoGuests(
+  host: RunningHost,
+  domains: LibvirtDomains,
+  log: Logger,
+  caughtUp: () => void,
+): { stop: () => void; done: () => Promise<void> } {
+  let chain: Promise<void> = Promise.resolve();
+  const apply = async (domain: string, what: 'read' | 'leave'): Promise<void> => {
+    const v =
+      what === 'leave' ? 'leave' : await readDomainGuest(domains.virsh, host.config, domain);
+    if (v !== 'leave' && v.kind === 'invalid') return logSkipped(log, domain, v.problems);
+    const before = host.config.guests;
+    const old = before.find((g) => g.libvirt?.domain === domain);
+    let next: GuestConfig[];
+    try {
+      next = nextGuests(before, domain, v);
+    } catch (err) {
+      if (!isNestError(err)) throw err;
+      return logSkipped(log, domain, err.problems);
+    }
+    const now = next.find((g) => g.libvirt?.domain === domain);
+    if (old && !now && host.broker.status(old.name).pending.length > 0) {
+      log.warn(
+        { guest: old.name, domain },
+        'guests: auto: the domain left, but its guest has notices in flight: kept',
+      );
+      return;
+    }
+    if (JSON.stringify(old) === JSON.stringify(now)) return;
+    const cfg = { ...host.config, guests: next };
+    host.config = cfg;
+    domains.setGuests(next);
+    host.broker.reconfigure(cfg, old && now && old.name === now.name ? [now.name] : []);
+    host.watcher.setConfig(cfg);
+    log.info(
+      {
+        domain,
+        added: !old && now ? now.name : undefined,
+        removed: old && !now ? old.name : undefined,
+        changed: old && now ? now.name : undefined,
+      },
+      'guests: auto: guest list changed',
+    );
+    // A guest that came with its domain's start: its books follow libvirt (and re-apply).
+    if (now) caughtUp();
+  };
+  const onEvent = (e: DomainEvent): void => {
+    const what = rereadOn(e);
+    if (!what) return;
+    chain = chain
+      .then(() => apply(e.domain, what))
+      .catch((err: unknown) =>
+        log.error({ err, domain: e.domain }, 'guests: auto: could not follow the domain'),
+      );
+  };
+  // virsh event started again: events may have been missed; every domain is read again.
+  const onResync = (): void => {
+    chain = chain
+      .then(async () => {
+        const running = await domains.virsh.listRunning();
+        const known = host.config.guests.flatMap((g) => (g.libvirt ? [g.libvirt.domain] : []));
+        for (const d of new Set([...running, ...known])) await apply(d, 'read');
+      })
+      .catch((err: unknown) =>
+        log.error({ err }, 'guests: auto: could not read the domains again'),
+      );
+  };
+  domains.on('domain-event', onEvent);
+  domains.on('resync', onResync);
+  return {
+    stop: () => {
+      domains.off('domain-event', onEvent);
+      domains.off('resync', onResync);
+    },
+    done: () => chain,
+  };
 }
 
 /** What a reload answers (`nestctl reload`, and the log lines of a SIGHUP). */
@@ -278,6 +399,9 @@ export function hostReloader(
       // As at start (startHostLocked): a libvirt guest without an allocation in the file
       // gets the domain's, or the diff would see its allocation drop to 0.
       next = await loadHostConfig(file);
+      // `guests: auto`: the guests are the domains' (followed by their events), not the file's.
+      if (next.autoGuests && host.config.autoGuests)
+        next = { ...next, guests: [...host.config.guests] };
       if (host.domains) next = await resolveAllocations(next, host.domains.virsh);
     } catch (err) {
       if (!isNestError(err)) throw err;

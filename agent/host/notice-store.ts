@@ -51,7 +51,8 @@ export interface HostNoticeRecord {
   notice: Notice;
   state: HostNoticeState;
   force: boolean;
-  source: 'operator' | 'trigger';
+  /** `restart`: re-applied after the domain started again (docs/libvirt.md, "Books"). */
+  source: 'operator' | 'trigger' | 'restart';
   sentAt?: string;
   ackedAt?: string;
   outcome?: Outcome;

@@ -30,7 +30,11 @@ export function parseArgs(
       problems.push(`unexpected argument "${a}"`);
       continue;
     }
-    const [k, inline] = a.slice(2).split('=', 2);
+    // At the first '=' only: `--node-args=--max-old-space-size=512` keeps its value whole
+    // (split('=', 2) dropped everything after the second '=').
+    const eq = a.indexOf('=');
+    const k = eq < 0 ? a.slice(2) : a.slice(2, eq);
+    const inline = eq < 0 ? undefined : a.slice(eq + 1);
     if (!(k in known)) {
       problems.push(`unknown option --${k}`);
       continue;

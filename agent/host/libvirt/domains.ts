@@ -78,6 +78,8 @@ export function quotaCpus(
 export interface LibvirtDomainsEvents {
   /** A life-cycle event of a domain a guest names (`Started`, `Stopped`, …). */
   lifecycle: [{ guest: string; domain: string; event: string; detail: string }];
+  /** Every event of every domain, a guest's or not (`guests: auto` follows them all). */
+  'domain-event': [DomainEvent];
   /** virsh event was restarted: events may have been missed; re-read what matters. */
   resync: [];
   /** A guest's channel connected to this socket path (read from the live XML). */
@@ -116,7 +118,14 @@ export class LibvirtDomains extends EventEmitter {
     this.events = null;
   }
 
+  /** The guests whose domains' events are told (a reload, `guests: auto`). */
+  setGuests(guests: readonly GuestConfig[]): void {
+    this.guestOf.clear();
+    for (const g of guests) if (g.libvirt) this.guestOf.set(g.libvirt.domain, g.name);
+  }
+
   private onEvent(e: DomainEvent): void {
+    this.emit('domain-event', e);
     if (e.type !== 'lifecycle') return;
     const guest = this.guestOf.get(e.domain);
     if (!guest) return;

@@ -153,6 +153,14 @@ export class Virsh {
   }
 
   /** The live XML of a running domain, the persistent one of a stopped domain. */
+  /** The names of the running domains (`virsh list --name`), one a line. */
+  async listRunning(): Promise<string[]> {
+    return (await this.run(['list', '--name']))
+      .split('\n')
+      .map((l) => l.trim())
+      .filter((l) => l !== '');
+  }
+
   async dumpxml(domain: string, opts: { inactive?: boolean } = {}): Promise<string> {
     return this.run(['dumpxml', ...(opts.inactive ? ['--inactive'] : []), '--', domain]);
   }

@@ -311,3 +311,16 @@ test('without --check the host broker does create its state directory and socket
   expect(existsSync(p.socket)).toBe(false);
   expect(existsSync(p.stateDir)).toBe(true);
 });
+
+test('host --check with guests: auto: valid with libvirt, says where the guests come from', async () => {
+  const { base, file } = await configIn('host-auto', (p) => ({
+    hypervisor: 'libvirt',
+    stateDir: p.stateDir,
+    socket: p.socket,
+    guests: 'auto',
+  }));
+  const r = await nestbroker(['host', '--check', '-c', file]);
+  expect({ code: r.code, stderr: r.stderr }).toEqual({ code: 0, stderr: '' });
+  expect(r.stdout).toContain('guests: auto (every running libvirt domain');
+  nothingCreated(base, file);
+});

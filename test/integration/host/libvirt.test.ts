@@ -25,12 +25,15 @@ import { promises as fs } from 'node:fs';
 import { promisify } from 'node:util';
 import os from 'node:os';
 import path from 'node:path';
+import { Writable } from 'node:stream';
+import pino from 'pino';
 import { isNestError, type NestError } from '../../../agent/common/errors';
 import { silentLogger } from '../../../agent/common/log';
 import { validateHostConfig } from '../../../agent/host/config';
 import { LibvirtActuator } from '../../../agent/host/libvirt/actuator';
 import { LibvirtDomains, resolveAllocations } from '../../../agent/host/libvirt/domains';
 import { parseDomainXml } from '../../../agent/host/libvirt/domain-xml';
+import { NESTBROKER_XMLNS } from '../../../agent/host/libvirt/guest-metadata';
 import { Virsh } from '../../../agent/host/libvirt/virsh';
 import { startHost, type RunningHost } from '../../../agent/host/main';
 import { NESTCTL, waitFor } from '../../../demo/stack';
@@ -137,7 +140,8 @@ test('the live XML gives the channel under libvirt’s own directory, vCPUs and 
 test('the host broker connects to the channel libvirt chose; after destroy + start, to the new one', async () => {
   const cfg = validateHostConfig({
     hypervisor: 'libvirt',
-    libvirt: { timeout: '120s' },
+    // A re-applied reclaim nobody answers (no guest OS) ends late soon.
+    libvirt: { timeout: '120s', afterRestart: 'reapply', reapplyDeadline: '2s' },
     stateDir: path.join(dir, 'state'),
     socket: path.join(dir, 'host.sock'),
     reconnect: { min: '200ms', max: '30s' },
@@ -261,6 +265,51 @@ test('actuation through virsh: a quota is done and booked as libvirt has it; a b
   expect(h.broker.booksFor(name).granted.cpus).toBe(2);
 });
 
+test('after destroy + start the reclaim in force is re-applied: journaled, sent at hello, nothing taken without an answer', async () => {
+  const h = host!;
+  const cpu = await (
+    await h.broker.issue('reclaim', {
+      guest: name,
+      change: { cpus: 0.5, memoryBytes: 0 },
+      deadlineMs: 1,
+      force: true,
+    })
+  ).done;
+  expect(cpu.state).toBe('done');
+  expect(await virsh.schedinfo(name)).toMatchObject({ global_quota: 150000 });
+  await virsh.run(['destroy', '--domain', name]);
+  await timed('virsh start (re-apply)', () => virsh.run(['start', '--domain', name]));
+  // libvirt starts it from its persistent XML: no quota. The broker follows and re-applies.
+  expect(await virsh.schedinfo(name)).toMatchObject({ global_quota: -1 });
+  const t0 = Date.now();
+  await waitFor(
+    'the re-applied reclaim',
+    async () => h.broker.notices(name).some((r) => r.source === 'restart'),
+    60_000,
+    100,
+  );
+  figures['Started → re-applied reclaim journaled'] = Date.now() - t0;
+  const again = h.broker.notices(name).find((r) => r.source === 'restart')!;
+  expect(again.notice).toMatchObject({
+    kind: 'reclaim',
+    change: { cpus: 0.5, memoryBytes: 0 },
+    allocation: { cpus: 1.5, memoryBytes: 128 * MiB },
+  });
+  expect(again.notice.reason).toMatch(/re-applies the reclaims in force: domain ".*" started/);
+  // No guest OS says hello: by its (2 s) deadline it is late and nothing is taken.
+  const end = await h.broker.wait(again.notice.id);
+  expect({ state: end.state, code: end.error?.code, actuation: end.actuation }).toEqual({
+    state: 'late',
+    code: 'GUEST_LATE',
+    actuation: undefined,
+  });
+  expect(await virsh.schedinfo(name)).toMatchObject({ global_quota: -1 });
+  expect(h.broker.booksFor(name)).toMatchObject({
+    granted: { cpus: 2, memoryBytes: 128 * MiB },
+    actuated: { cpus: 2, memoryBytes: 128 * MiB },
+  });
+});
+
 test('vCPU hot-plug and unplug, virtio-mem, straight through the actuator with real virsh', async () => {
   const cfg = await resolveAllocations(
     validateHostConfig({
@@ -359,6 +408,127 @@ test('a domain lacking every prerequisite: plan and reclaim refused naming each,
       actuator.precheck(quota.guests[0], 'reclaim', { cpus: 1, memoryBytes: 64 * MiB }),
     );
     expect(q.problems.map((x) => x.field)).toEqual(['domain.channel', 'domain.balloon']);
+  } finally {
+    await h.stop();
+  }
+});
+
+test('guests: auto: the domain becomes a guest when `virsh metadata` gives it settings; bad ones are logged and change nothing', async () => {
+  // One broker on the domain's channel at a time: the first test's is done with it.
+  await host?.stop();
+  host = null;
+  const lines: Record<string, unknown>[] = [];
+  const log = pino(
+    { level: 'info' },
+    new Writable({
+      write(chunk: Buffer, _enc, cb) {
+        lines.push(JSON.parse(chunk.toString()) as Record<string, unknown>);
+        cb();
+      },
+    }),
+  );
+  const cfg = validateHostConfig({
+    hypervisor: 'libvirt',
+    libvirt: { timeout: '120s', afterRestart: 'follow' },
+    stateDir: path.join(dir, 'auto-state'),
+    socket: path.join(dir, 'auto.sock'),
+    reconnect: { min: '200ms', max: '5s' },
+    guests: 'auto',
+  });
+  const h = await startHost(cfg, log);
+  try {
+    // The domain has the channel but no nestbroker metadata yet: skipped, named; the bare
+    // domain has no channel: not ours.
+    expect(h.config.guests.map((g) => g.name)).not.toContain(name);
+    expect(lines).toContainEqual(
+      expect.objectContaining({ domain: name, field: 'metadata.priority', level: 50 }),
+    );
+    const setMeta = (xml: string) =>
+      timed('virsh metadata --set', () =>
+        virsh.run([
+          'metadata',
+          '--domain',
+          name,
+          '--uri',
+          NESTBROKER_XMLNS,
+          '--key',
+          'nestbroker',
+          '--set',
+          xml,
+          '--live',
+        ]),
+      );
+    // The events child may not be listening yet when startHost returns (virsh event says
+    // nothing until an event): metadata in another namespace, until its event is seen.
+    let probed = false;
+    const onProbe = (e: { type: string; domain: string }) => {
+      if (e.type === 'metadata-change' && e.domain === name) probed = true;
+    };
+    h.domains!.on('domain-event', onProbe);
+    await waitFor(
+      'the event stream',
+      async () => {
+        if (!probed)
+          await virsh.run([
+            'metadata',
+            '--domain',
+            name,
+            '--uri',
+            'https://nestbroker.invalid/xmlns/test-probe',
+            '--key',
+            'probe',
+            '--set',
+            '<probe/>',
+            '--live',
+          ]);
+        return probed;
+      },
+      60_000,
+      500,
+    );
+    h.domains!.off('domain-event', onProbe);
+    await setMeta(
+      "<guest><priority>5</priority><floor cpus='1' memory='64MiB'/><cpuMode>quota</cpuMode><memoryMode>balloon</memoryMode></guest>",
+    );
+    await waitFor(
+      'the domain taken as a guest',
+      async () => h.config.guests.some((g) => g.name === name),
+      60_000,
+      100,
+    );
+    expect(h.config.guests.find((g) => g.name === name)).toMatchObject({
+      priority: 5,
+      floor: { cpus: 1, memoryBytes: 64 * MiB },
+      allocation: { cpus: 2, memoryBytes: 128 * MiB },
+      libvirt: { domain: name, cpuMode: 'quota', memoryMode: 'balloon' },
+    });
+    expect(h.broker.guests().map((g) => g.name)).toContain(name);
+    await waitFor(
+      'the auto guest’s channel',
+      async () => h.domains!.channels.get(name)?.startsWith(CHANNEL_DIR) ?? false,
+      60_000,
+      100,
+    );
+
+    // Bad settings: every problem logged with the domain, field and value; nothing changes.
+    const before = lines.length;
+    await setMeta('<guest><priority>lots</priority><cpuMode>sideways</cpuMode></guest>');
+    await waitFor(
+      'the skipped metadata logged',
+      async () =>
+        lines
+          .slice(before)
+          .some((l) => l.domain === name && l.code === 'CONFIG_INVALID' && l.problems === 2),
+      60_000,
+      100,
+    );
+    const problems = lines.slice(before).filter((l) => l.domain === name && l.field);
+    expect(problems.map((l) => [l.field, l.value])).toEqual([
+      ['metadata.priority', 'lots'],
+      ['metadata.cpuMode', 'sideways'],
+    ]);
+    await h.auto!.done();
+    expect(h.config.guests.find((g) => g.name === name)?.priority).toBe(5);
   } finally {
     await h.stop();
   }

@@ -190,7 +190,13 @@ test('hypervisor: libvirt: the domain is named, what libvirt gives is refused, e
       { name: 'vm2', priority: 2, domain: 'prod-db' },
     ],
   });
-  expect(cfg.hypervisor).toEqual({ type: 'libvirt', uri: 'qemu:///system', timeoutMs: 60_000 });
+  expect(cfg.hypervisor).toEqual({
+    type: 'libvirt',
+    uri: 'qemu:///system',
+    timeoutMs: 60_000,
+    afterRestart: 'reapply',
+    reapplyDeadlineMs: 600_000,
+  });
   expect(cfg.guests.map((g) => [g.channel, g.libvirt])).toEqual([
     [
       { transport: 'libvirt', domain: 'vm1' },

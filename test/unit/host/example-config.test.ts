@@ -28,7 +28,13 @@ test('examples/host.yaml validates, with the values it spells out', async () => 
 
 test('examples/host-libvirt.yaml validates: domains named, nothing libvirt gives typed again', async () => {
   const cfg = await loadHostConfig(path.join(ROOT, 'examples', 'host-libvirt.yaml'));
-  expect(cfg.hypervisor).toEqual({ type: 'libvirt', uri: 'qemu:///system', timeoutMs: 60_000 });
+  expect(cfg.hypervisor).toEqual({
+    type: 'libvirt',
+    uri: 'qemu:///system',
+    timeoutMs: 60_000,
+    afterRestart: 'reapply',
+    reapplyDeadlineMs: 600_000,
+  });
   expect(cfg.guests.map((g) => [g.name, g.channel, g.libvirt, g.allocationFromLibvirt])).toEqual([
     [
       'vm1',

@@ -1,7 +1,7 @@
 /**
  * The host's notice journal (agent/host/group-journal.ts) on a real temp dir: the records
- * put in one moment are written as one batch (one directory sync for all of them), each
- * in its own file as agent/common/journal.ts writes it, every caller's promise resolving
+ * put in one moment share their directory syncs, each in its own file as
+ * agent/common/journal.ts writes it, every caller's promise resolving
  * only once its value or a newer one is on disk; a record that cannot be written fails
  * alone with JOURNAL_WRITE and leaves no temp file behind.
  */
@@ -35,13 +35,16 @@ async function dirSyncs(fn: () => Promise<void>): Promise<number> {
   return n;
 }
 
-test('fifty records put at once: fifty files, one directory sync, each readable as Journal reads it', async () => {
+test('fifty records put at once: fifty files, far fewer directory syncs, each readable as Journal reads it', async () => {
   const j = new GroupJournal<{ n: number }>(dir);
   await j.init();
   const syncs = await dirSyncs(async () => {
     await Promise.all(Array.from({ length: 50 }, (_, n) => j.put(`notice.g${n}-1`, { n })));
   });
-  expect(syncs).toBe(1);
+  // The renames done while one sync runs share the next: two when all the fdatasyncs end
+  // together, a few more when they straggle on a busy disk, never one a record.
+  expect(syncs).toBeGreaterThanOrEqual(1);
+  expect(syncs).toBeLessThanOrEqual(25);
   const files = readdirSync(dir).sort();
   expect(files).toHaveLength(50);
   expect(files.every((f) => f.endsWith('.json'))).toBe(true);
@@ -52,11 +55,11 @@ test('fifty records put at once: fifty files, one directory sync, each readable 
   expect(JSON.parse(readFileSync(path.join(dir, 'notice.g7-1.json'), 'utf8'))).toEqual({ n: 7 });
 });
 
-test('puts while a batch is on the disk go into the next one; the newest value of a key wins', async () => {
+test('puts of a key while its write is on the disk merge into one next write; the newest value wins', async () => {
   const j = new GroupJournal<{ n: number }>(dir);
   await j.init();
   const first = j.put('a', { n: 1 });
-  // After the first batch has begun: the next batch, merged.
+  // After the first write has begun: one next write, merged.
   await new Promise<void>((r) => setImmediate(r));
   const later = [j.put('a', { n: 2 }), j.put('a', { n: 3 }), j.put('b', { n: 1 })];
   await first;

@@ -100,6 +100,8 @@ export class FakeVirsh {
     this.guest.tick?.(this.d);
     const val = (flag: string): string => a[a.indexOf(flag) + 1];
     switch (a[0]) {
+      case 'list':
+        return ok(this.d.state === 'running' ? 'nbfix\n\n' : '\n');
       case 'domstate':
         return ok(`${this.d.state}\n\n`);
       case 'dumpxml':
@@ -158,6 +160,30 @@ export const LACKS = {
   'virtio-mem': (xml: string) => cut(xml, "<memory model='virtio-mem'>", '</memory>'),
   balloon: (xml: string) => cut(xml, "<memballoon model='virtio'>", '</memballoon>'),
 } as const;
+
+/**
+ * The `<metadata>` block as `virsh dumpxml` showed it after
+ * `virsh metadata --uri https://nestbroker.invalid/xmlns/guest/1 --key nestbroker --set
+ * "<guest><priority>10</priority><floor cpus='1' memory='64MiB'/></guest>" --live`
+ * (test/fixtures/libvirt/README.md), with `inner` in place of its two settings.
+ */
+export function withMetadata(
+  xml: string,
+  inner = `<nestbroker:priority>10</nestbroker:priority>
+      <nestbroker:floor cpus="1" memory="64MiB"/>`,
+  open = '<nestbroker:guest xmlns:nestbroker="https://nestbroker.invalid/xmlns/guest/1">',
+  close = '</nestbroker:guest>',
+): string {
+  const block = `  <metadata>
+    ${open}
+      ${inner}
+    ${close}
+  </metadata>
+`;
+  const at = xml.indexOf('  <maxMemory');
+  if (at < 0) throw new Error('the fixture has no <maxMemory>');
+  return xml.slice(0, at) + block + xml.slice(at);
+}
 
 /** `xml` without the first element that starts with `open` and ends with `close`. */
 function cut(xml: string, open: string, close: string): string {

@@ -19,6 +19,8 @@ import { Virsh } from '../../../../agent/host/libvirt/virsh';
 import { FakeVirsh, FIXTURES, MiB } from './fake-virsh';
 
 const KiB = 1024;
+/** The books follow libvirt and nothing is re-applied (`libvirt.afterRestart: follow`). */
+const FOLLOW = { afterRestart: 'follow', reapplyDeadlineMs: 60_000 } as const;
 let dir: string;
 
 beforeEach(async () => {
@@ -87,7 +89,7 @@ test('after destroy + start the books follow libvirt: full vCPUs and memory agai
     `#!/bin/sh\ncat '${path.join(FIXTURES, 'events.txt')}'\nexec sleep 600\n`,
     { mode: 0o755 },
   );
-  const follower = followRestarts(domains, broker, () => cfg.guests, silentLogger());
+  const follower = followRestarts(domains, broker, () => cfg.guests, silentLogger(), FOLLOW);
   const resynced = new Promise<Record<string, unknown>>((resolve) =>
     broker.once('books-resync', resolve),
   );
@@ -150,14 +152,14 @@ test('a notice issued while libvirt is read: that reading is not used, libvirt i
   };
   const calls: { seenSeq?: number; applied: boolean }[] = [];
   const books = {
-    booksFor: () => ({ seq }),
+    booksFor: () => ({ seq, granted: { cpus: 2, memoryBytes: 256 * MiB } }),
     async resyncBooks(_g: string, _r: unknown, _why: string, seenSeq?: number) {
       const applied = seenSeq === seq;
       calls.push({ seenSeq, applied });
-      return applied ? {} : ('stale' as const);
+      return applied ? { granted: { cpus: 2, memoryBytes: 256 * MiB } } : ('stale' as const);
     },
   };
-  const follower = followRestarts(domains, books, () => cfg.guests, silentLogger());
+  const follower = followRestarts(domains, books, () => cfg.guests, silentLogger(), FOLLOW);
   domains.emit('lifecycle', { guest: 'vm1', domain: 'nbfix', event: 'Started', detail: 'Booted' });
   await follower.done();
   follower.stop();

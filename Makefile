@@ -17,16 +17,16 @@ deps: $(NODE_MODULES_STAMP)
 
 build: deps
 	npx tsc -p tsconfig.build.json
-	$(BUNDLE_CMD)
 
-# The daemons as ONE file (esbuild, a dev dependency), which `make install` and the .deb
-# run: an idle guest agent loads one module instead of ~180 and keeps a third of their
-# source text in its heap (docs/performance.md, "Footprint: what each step saved").
-# Bundled from tsc's output, so tsc stays the one compiler; for Node 18 and later (Debian
-# 12's). The packages an idle daemon never loads stay outside, loaded from node_modules
-# on first use: systeminformation and pidusage (a `status`), prom-client (metrics on),
-# yargs (the full command line). Minified (the source text is heap); the source map beside
-# it maps a stack trace back: `node --enable-source-maps .../nestbroker.js`.
+# The daemons as ONE file (esbuild, a dev dependency): dist/bundle/nestbroker.js, for
+# measuring (bench/footprint.ts and bench/cascade*.ts run it when it is fresh; footprint
+# --modules runs the module tree). Measured and NOT installed (docs/performance.md,
+# "Footprint: what each step saved"): an idle guest agent's heap is 3.8 MiB smaller and a
+# `--check` 4 MiB, but the idle RSS of a guest agent is no smaller and a host broker with
+# 50 guests' is 3-5 MiB larger than from the module tree. Bundled from tsc's output, for
+# Node 18 and later (Debian 12's); the packages an idle daemon never loads stay outside
+# (systeminformation, pidusage, prom-client, yargs). `make install` installs the module
+# tree whether or not a bundle exists.
 BUNDLE_EXTERNAL := systeminformation pidusage prom-client yargs
 BUNDLE_CMD = npx esbuild dist/agent/cli/daemon-entry.js --bundle --platform=node --target=node18 \
 	  --minify --sourcemap --log-level=warning --outfile=dist/bundle/nestbroker.js \
@@ -145,7 +145,10 @@ NODE ?= $(shell command -v node 2>/dev/null || echo /usr/bin/node)
 # (docs/performance.md): 2 MiB semi-spaces instead of V8's 16 MiB keep an idle guest agent
 # with 200 projects near 68 MiB RSS, not 100 (bench/footprint), the cascade no slower.
 # Flags, not NODE_OPTIONS: the environment would reach the projects the guest agent starts.
-# demo/stack.ts AGENT_NODE_FLAGS.
+# demo/stack.ts AGENT_NODE_FLAGS. Measured and not made the default (docs/performance.md,
+# "Footprint: what each step saved"): --lite-mode (-17 MiB a guest agent, the cascade
+# 1.5x slower), --no-opt (-8 MiB, 1.4x slower); --optimize-for-size, --single-threaded,
+# --max-old-space-size and --max-lazy saved nothing beyond the noise.
 NODE_DAEMON_FLAGS ?= --max-semi-space-size=2
 INSTALLED_UNITS := nestbroker-guest.service nestbroker-host.service
 UDEV_RULE := 99-nestbroker.rules
@@ -159,15 +162,12 @@ install:
 	rm -rf $(DESTDIR)$(LIBDIR)/dist $(DESTDIR)$(LIBDIR)/node_modules
 	install -d $(DESTDIR)$(LIBDIR)/dist
 	cp -a dist/agent dist/cgroup-adapter $(DESTDIR)$(LIBDIR)/dist/
-	if [ -f dist/bundle/nestbroker.js ]; then cp -a dist/bundle $(DESTDIR)$(LIBDIR)/dist/; fi
 	install -m 0644 package.json $(DESTDIR)$(LIBDIR)/package.json
 	@# Production dependencies only, read from the lock file (no npm needed: the guest has
 	@# node alone). Top-level packages not marked "dev"; nested ones come with their parent.
 	set -o pipefail; $(NODE) -e '$(PROD_MODULES_JS)' | xargs -r cp -a --parents -t $(DESTDIR)$(LIBDIR)/
 	test -d $(DESTDIR)$(LIBDIR)/node_modules || { echo "make install: no production node_modules found: run 'make deps'" >&2; exit 1; }
-	@# The daemons run from the bundle when there is one (`make build` makes it).
-	daemon=dist/agent/cli/nestbroker.js; if [ -f dist/bundle/nestbroker.js ]; then daemon=dist/bundle/nestbroker.js; fi; \
-	printf '#!/bin/sh\nexec %s %s %s/%s "$$@"\n' '$(NODE)' '$(NODE_DAEMON_FLAGS)' '$(LIBDIR)' "$$daemon" >$(DESTDIR)$(BINDIR)/nestbroker
+	printf '#!/bin/sh\nexec %s %s %s/dist/agent/cli/nestbroker.js "$$@"\n' '$(NODE)' '$(NODE_DAEMON_FLAGS)' '$(LIBDIR)' >$(DESTDIR)$(BINDIR)/nestbroker
 	printf '#!/bin/sh\nexec %s %s/dist/agent/cli/nestctl.js "$$@"\n' '$(NODE)' '$(LIBDIR)' >$(DESTDIR)$(BINDIR)/nestctl
 	chmod 0755 $(DESTDIR)$(BINDIR)/nestbroker $(DESTDIR)$(BINDIR)/nestctl
 	install -D -m 0755 systemd/nestbroker-guest-release $(DESTDIR)$(LIBDIR)/libexec/nestbroker-guest-release

@@ -769,11 +769,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
         }),
       );
       // After every size: an interrupted bench still leaves what it measured.
-      writeResult(
-        'cascade',
-        { runs, warmup, settleMs, complete: false, sizes: results },
-        a.out,
-      );
+      writeResult('cascade', { runs, warmup, settleMs, complete: false, sizes: results }, a.out);
     }
   } finally {
     await cleanup();

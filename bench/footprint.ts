@@ -20,7 +20,8 @@
  *   make build && node dist/bench/footprint.js [--seconds 60] [--notices 10000]
  *
  * Options: --guests N (50), --projects N (200 on g00), --notice-seconds S (300),
- * --root NAME, --out FILE.
+ * --root NAME, --out FILE, --agents DIST (another build), --modules (the module tree even
+ * when a fresh bundle exists: bench/lib/stack.ts daemonProgram), --node-args=FLAGS.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { promises as fs } from 'node:fs';
@@ -126,7 +127,10 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'nestbroker-bench-footprint-'));
   const extra = (a['node-args'] ?? '').split(' ').filter((x) => x !== '');
   const daemonFlags = [...AGENT_NODE_FLAGS, ...extra];
-  const program = daemonProgram(a.agents ? path.resolve(a.agents) : undefined, a.modules !== undefined);
+  const program = daemonProgram(
+    a.agents ? path.resolve(a.agents) : undefined,
+    a.modules !== undefined,
+  );
   say(`  daemons: ${program}`);
   const stack = new BenchStack({
     root,
@@ -461,7 +465,16 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   );
   const out = writeResult(
     'footprint',
-    { seconds, guests: nGuests, projects: nProjects, program, goalsSet: GOALS, idle, notices, goals },
+    {
+      seconds,
+      guests: nGuests,
+      projects: nProjects,
+      program,
+      goalsSet: GOALS,
+      idle,
+      notices,
+      goals,
+    },
     a.out,
   );
   say(`\nwrote ${out}`);

@@ -107,7 +107,7 @@ export class Journal<T> {
    * Through the promises API each of the eight steps was a thread-pool round trip, queued
    * behind every other file operation of the moment (a notice's limit writes, its
    * project notices, the other journal's flushes), and a journal write sits between
-   * every two phases of a cascade (docs/performance.md, "Closing the gap").
+   * every two phases of a cascade (docs/performance.md, "Closing the gap to the kernel's floor").
    */
   private async write(target: string, value: T): Promise<void> {
     const tmp = `${target}.${process.pid}.tmp`;

@@ -37,7 +37,7 @@ const statBuf = Buffer.alloc(4096);
  * Fields of /proc/<pid>/stat we use, or undefined when there is no such process. One
  * open, one read(2), one close: readFileSync adds an fstat and a second read to find
  * the end, and a scan of /proc reads this for every process on the machine (2 000 on a
- * busy host: 70–200 ms of the event loop, docs/performance.md).
+ * busy host: 70–200 ms of the event loop; docs/performance.md, "Closing the gap to the kernel's floor").
  */
 export function readStat(pid: number): Stat | undefined {
   let text: string;

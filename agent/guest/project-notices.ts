@@ -116,7 +116,7 @@ export class ProjectNoticeBoard {
     // in one loop, so the hundred notices of a reclaim are written in one go and their
     // deliveries recorded by one journal write, where four round trips each through the
     // thread pool (open, write, close, rename) queued behind the journal's fsyncs
-    // ("plan → notices delivered", docs/performance.md).
+    // (docs/performance.md, "Closing the gap to the kernel's floor").
     writeReplaceNow(path.join(dir, 'notice.json'), `${JSON.stringify(pn, null, 2)}\n`, 0o644);
     this.current.set(pn.project, pn);
     for (const s of this.subs) if (s.project === pn.project) this.write(s.sock, noticeLine(pn));

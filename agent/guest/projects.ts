@@ -423,7 +423,7 @@ export class ProjectRegistry {
     // The stops of one notice empty their groups within moments of each other, and each
     // comes here: one scan of /proc begun after this group was seen empty serves them all
     // (proc.ts sessionMembers), where each scanning on its own blocked the event loop for
-    // every other (2 000 processes: 70–200 ms a scan, docs/performance.md). The stops that
+    // every other (2 000 processes: 70–200 ms a scan; docs/performance.md, "Closing the gap to the kernel's floor"). The stops that
     // are through waitEmpty in this turn of the loop reach the scan together.
     const emptyAt = performance.now();
     await new Promise<void>((r) => setImmediate(r));

@@ -69,7 +69,7 @@ export const SHELL_PROJECT = [
  * quota to run the TERM trap and exit: measured on this machine, 66–300 ms from SIGTERM to
  * `populated 0` right after the start, 1.3–7 ms after 1 s. The floors' shells are restarted
  * a whole cascade before they are stopped; without a pause the cascade alone paid the
- * kernel's throttling of just-started projects (docs/performance.md).
+ * kernel's throttling of just-started projects (docs/performance.md, "Closing the gap to the kernel's floor").
  */
 export const SETTLE_MS = 1000;
 
@@ -334,7 +334,7 @@ export class BenchStack {
    * `/run/nestbroker/guest` is on a systemd machine (/run is a tmpfs there). On ext4 each
    * notice's rename over the last one also starts the writeback of the new file
    * (`auto_da_alloc`, Documentation/admin-guide/ext4.rst): measured here, 30–43 ms for
-   * 100 notices against 3 ms on tmpfs (docs/performance.md). The journals stay in `dir`.
+   * 100 notices against 3 ms on tmpfs (docs/performance.md, "Closing the gap to the kernel's floor"). The journals stay in `dir`.
    */
   private async runBase(): Promise<string> {
     if (this.runDirBase) return this.runDirBase;

@@ -54,7 +54,6 @@ test('the program under /usr, units, udev rule, man pages, completion; configs a
     '/usr/bin/nestbroker',
     '/usr/bin/nestctl',
     '/usr/lib/nestbroker/dist/agent/cli/nestbroker.js',
-    '/usr/lib/nestbroker/dist/bundle/nestbroker.js',
     '/usr/lib/nestbroker/node_modules/pino/package.json',
     '/lib/systemd/system/nestbroker-guest.service',
     '/lib/systemd/system/nestbroker-host.service',
@@ -82,11 +81,6 @@ test('the program under /usr, units, udev rule, man pages, completion; configs a
   const unit = readFileSync(path.join(root, 'lib/systemd/system/nestbroker-host.service'), 'utf8');
   expect(unit).toMatch(/^ExecStart=\/usr\/bin\/nestbroker host /m);
   expect(unit).not.toContain('/usr/local');
-  // The daemons run from the one bundled file (docs/performance.md, "Footprint: what each
-  // step saved").
-  expect(readFileSync(path.join(root, 'usr/bin/nestbroker'), 'utf8')).toMatch(
-    /^#!\/bin\/sh\nexec \/usr\/bin\/node .* \/usr\/lib\/nestbroker\/dist\/bundle\/nestbroker\.js "\$@"\n$/,
-  );
   expect(readFileSync(path.join(root, 'usr/bin/nestctl'), 'utf8')).toBe(
     '#!/bin/sh\nexec /usr/bin/node /usr/lib/nestbroker/dist/agent/cli/nestctl.js "$@"\n',
   );
@@ -119,14 +113,14 @@ test('maintainer scripts: host unit enabled and started, guest unit enabled only
 });
 
 test('the extracted programs run with the dependencies the package carries alone', () => {
-  for (const cli of ['agent/cli/nestctl.js', 'agent/cli/nestbroker.js', 'bundle/nestbroker.js']) {
+  for (const cli of ['nestctl.js', 'nestbroker.js']) {
     const r = spawnSync(
       process.execPath,
-      [path.join(root, 'usr/lib/nestbroker/dist', cli), '--help'],
+      [path.join(root, 'usr/lib/nestbroker/dist/agent/cli', cli), '--help'],
       { encoding: 'utf8', cwd: root, env: { PATH: process.env.PATH } },
     );
     expect({ cli, status: r.status, stderr: r.stderr }).toEqual({ cli, status: 0, stderr: '' });
-    expect(r.stdout).toMatch(cli.endsWith('nestctl.js') ? /reclaim/ : /wait-ready/);
+    expect(r.stdout).toMatch(cli === 'nestctl.js' ? /reclaim/ : /wait-ready/);
   }
 });
 

@@ -45,7 +45,6 @@ const MiB = 1024 * 1024;
 const name = `nbit-${process.pid}`;
 /** A transient domain lacking every prerequisite (test/fixtures/libvirt/nbbare-define.xml). */
 const bare = `nbbare-${process.pid}`;
-let bareCreated = false;
 const CHANNEL_DIR = '/var/lib/libvirt/qemu/channel/target';
 // A bound for a hung libvirtd, not for a slow one: the first `virsh define` after libvirtd
 // starts probes QEMU's capabilities (51–98 s measured here, docs/libvirt.md "Figures"),
@@ -55,7 +54,6 @@ const figures: Record<string, number> = {};
 let started: StartedDaemon[] = [];
 let dir: string;
 let host: RunningHost | null = null;
-let defined = false;
 
 async function timed<T>(what: string, fn: () => Promise<T>): Promise<T> {
   const t0 = Date.now();
@@ -98,11 +96,9 @@ beforeAll(async () => {
   await Promise.all([
     timed('virsh define', async () => {
       await virsh.run(['define', '--file', file]);
-      defined = true;
     }),
     timed('virsh create (bare, alongside define)', async () => {
       await virsh.run(['create', '--file', bareFile]);
-      bareCreated = true;
     }),
   ]);
   await timed('virsh start', () => virsh.run(['start', '--domain', name]));
@@ -112,11 +108,11 @@ afterAll(async () => {
   try {
     await host?.stop();
   } finally {
-    if (defined) {
-      await virsh.run(['destroy', '--domain', name]).catch(() => undefined);
-      await virsh.run(['undefine', '--domain', name]).catch(() => undefined);
-    }
-    if (bareCreated) await virsh.run(['destroy', '--domain', bare]).catch(() => undefined);
+    // By name whether or not our define or create returned: a call killed at its bound may
+    // still be carried out by libvirtd (the name carries this run's pid: only ours).
+    await virsh.run(['destroy', '--domain', name]).catch(() => undefined);
+    await virsh.run(['undefine', '--domain', name]).catch(() => undefined);
+    await virsh.run(['destroy', '--domain', bare]).catch(() => undefined);
     await stopStarted(started);
     await fs.rm(dir, { recursive: true, force: true });
     process.stdout.write(`libvirt figures (ms): ${JSON.stringify(figures)}\n`);

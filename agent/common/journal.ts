@@ -46,10 +46,49 @@ interface QueuedWrite<T> {
   done: Promise<void>;
 }
 
-export class Journal<T> {
+/**
+ * The order of a journal's writes, per key: writes of one key never overlap, and puts of
+ * a key that arrive while its previous write is on the disk, or in the same turn of the
+ * event loop, merge into ONE next write of the newest value; each put resolves once a
+ * write that began after it, holding its value or a newer one, is done. Shared by Journal
+ * and the host's GroupJournal (agent/host/group-journal.ts), which differ only in how a
+ * record reaches the disk.
+ */
+export class KeyedWrites<T> {
   /** Per key: the write on the disk now (or last), and the one queued behind it. */
   private readonly inFlight = new Map<string, Promise<void>>();
   private readonly queued = new Map<string, QueuedWrite<T>>();
+
+  put(key: string, value: T, write: (value: T) => Promise<void>): Promise<void> {
+    const waiting = this.queued.get(key);
+    if (waiting) {
+      // Not yet begun: it will write this newer value, for every caller waiting on it.
+      waiting.value = value;
+      return waiting.done;
+    }
+    const before = this.inFlight.get(key) ?? Promise.resolve();
+    const q: QueuedWrite<T> = { value, done: Promise.resolve() };
+    q.done = before
+      .catch(() => undefined)
+      // One turn of the event loop first, so the puts of one moment (a hundred steps
+      // settling together) share this write instead of the first going alone.
+      .then(() => new Promise<void>((r) => setImmediate(r)))
+      .then(() => {
+        this.queued.delete(key);
+        return write(q.value);
+      });
+    this.queued.set(key, q);
+    this.inFlight.set(key, q.done);
+    const forget = (): void => {
+      if (this.inFlight.get(key) === q.done) this.inFlight.delete(key);
+    };
+    q.done.then(forget, forget);
+    return q.done;
+  }
+}
+
+export class Journal<T> {
+  private readonly writes = new KeyedWrites<T>();
 
   constructor(readonly dir: string) {}
 
@@ -57,7 +96,8 @@ export class Journal<T> {
     await fs.mkdir(this.dir, { recursive: true, mode: 0o700 });
   }
 
-  private file(key: string): string {
+  /** The record's file; a key that is not a safe file name is JOURNAL_WRITE. */
+  file(key: string): string {
     if (!SAFE_KEY.test(key) || key.endsWith('.tmp'))
       throw new NestError(
         'JOURNAL_WRITE',
@@ -74,30 +114,7 @@ export class Journal<T> {
     } catch (err) {
       return Promise.reject(err);
     }
-    const waiting = this.queued.get(key);
-    if (waiting) {
-      // Not yet begun: it will write this newer value, for every caller waiting on it.
-      waiting.value = value;
-      return waiting.done;
-    }
-    const before = this.inFlight.get(key) ?? Promise.resolve();
-    const q: QueuedWrite<T> = { value, done: Promise.resolve() };
-    q.done = before
-      .catch(() => undefined)
-      // One turn of the event loop first, so the puts of one moment (a hundred steps
-      // settling together) share this write instead of the first going alone.
-      .then(() => new Promise<void>((r) => setImmediate(r)))
-      .then(() => {
-        this.queued.delete(key);
-        return this.write(target, q.value);
-      });
-    this.queued.set(key, q);
-    this.inFlight.set(key, q.done);
-    const forget = (): void => {
-      if (this.inFlight.get(key) === q.done) this.inFlight.delete(key);
-    };
-    q.done.then(forget, forget);
-    return q.done;
+    return this.writes.put(key, value, (v) => this.write(target, v));
   }
 
   /**

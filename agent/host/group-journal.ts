@@ -17,24 +17,17 @@
  */
 import { closeSync, constants, fdatasync, openSync, renameSync, rmSync, writeSync } from 'node:fs';
 import { promises as fs } from 'node:fs';
-import * as path from 'node:path';
 import { promisify } from 'node:util';
-import { Journal } from '../common/journal';
+import { Journal, KeyedWrites } from '../common/journal';
 import { NestError } from '../common/errors';
 
 const datasync = promisify(fdatasync);
 
-interface QueuedWrite<T> {
-  value: T;
-  done: Promise<void>;
-}
-
 export class GroupJournal<T> {
   /** Reads, deletes and the key check are Journal's own. */
   private readonly files: Journal<T>;
-  /** Per key: the write on the disk now (or last), and the one queued behind it. */
-  private readonly inFlight = new Map<string, Promise<void>>();
-  private readonly queued = new Map<string, QueuedWrite<T>>();
+  /** Journal's own order per key. */
+  private readonly writes = new KeyedWrites<T>();
   /** The directory sync running now (or the last one), and the next one, not yet begun. */
   private dirSyncing: Promise<void> = Promise.resolve();
   private nextDirSync: Promise<void> | undefined;
@@ -61,38 +54,13 @@ export class GroupJournal<T> {
 
   /** Durable once it resolves (see the file comment). */
   put(key: string, value: T): Promise<void> {
-    // The same safe-name rule as Journal.
-    if (!/^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/.test(key) || key.endsWith('.tmp'))
-      return Promise.reject(
-        new NestError(
-          'JOURNAL_WRITE',
-          `journal key ${JSON.stringify(key)} is not a safe file name`,
-        ),
-      );
-    const target = path.join(this.dir, `${key}.json`);
-    const waiting = this.queued.get(key);
-    if (waiting) {
-      // Not yet begun: it will write this newer value, for every caller waiting on it.
-      waiting.value = value;
-      return waiting.done;
+    let target: string;
+    try {
+      target = this.files.file(key);
+    } catch (err) {
+      return Promise.reject(err);
     }
-    const before = this.inFlight.get(key) ?? Promise.resolve();
-    const q: QueuedWrite<T> = { value, done: Promise.resolve() };
-    q.done = before
-      .catch(() => undefined)
-      // One turn of the event loop first, so the puts of one moment merge.
-      .then(() => new Promise<void>((r) => setImmediate(r)))
-      .then(() => {
-        this.queued.delete(key);
-        return this.write(target, q.value);
-      });
-    this.queued.set(key, q);
-    this.inFlight.set(key, q.done);
-    const forget = (): void => {
-      if (this.inFlight.get(key) === q.done) this.inFlight.delete(key);
-    };
-    q.done.then(forget, forget);
-    return q.done;
+    return this.writes.put(key, value, (v) => this.write(target, v));
   }
 
   private async write(target: string, value: T): Promise<void> {

@@ -31,6 +31,7 @@ import {
   installNestbroker,
   meminfoKiB,
   packDeb,
+  resultsBook,
   runUnmanaged,
   writeGuestConfig,
   type VariantRun,
@@ -53,23 +54,9 @@ const SQUEEZE_BOUND_MS = 60_000;
  */
 const OOMD_SQUEEZE_BOUND_MS = 40_000;
 
-const results: Record<string, unknown> = { startedAt: new Date(T0).toISOString() };
-const phases: Record<string, number> = {};
-results.phasesMs = phases;
-async function saveResults(): Promise<void> {
-  await fsp.mkdir(OUT, { recursive: true });
-  await fsp.writeFile(path.join(OUT, 'results.json'), JSON.stringify(results, null, 2) + '\n');
-}
-/** Runs `fn` and records how long it took under `phases[name]`. */
-async function phase<T>(name: string, fn: () => Promise<T>): Promise<T> {
-  const t0 = Date.now();
-  try {
-    return await fn();
-  } finally {
-    phases[name] = Date.now() - t0;
-    await saveResults();
-  }
-}
+const { results, phases, phase, saveResults } = resultsBook(OUT, {
+  startedAt: new Date(T0).toISOString(),
+});
 
 /** "QUOTA PERIOD" or "max PERIOD" → CPUs (Infinity for max). */
 function cpuMaxCpus(text: string): number {

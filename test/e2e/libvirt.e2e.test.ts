@@ -38,6 +38,7 @@ import {
   meminfoKiB,
   packDeb,
   parseOomKills,
+  resultsBook,
   sections,
   stopAgentAndProjects,
   waitStarted,
@@ -58,24 +59,12 @@ const BOOT_MIB = 512;
 const START_MIB = 768;
 const T0 = Date.now();
 
-const results: Record<string, unknown> = { startedAt: new Date(T0).toISOString(), name: NAME };
-const phases: Record<string, number> = {};
-results.phasesMs = phases;
+const { results, phases, phase, saveResults } = resultsBook(OUT, {
+  startedAt: new Date(T0).toISOString(),
+  name: NAME,
+});
 const reclaims: Record<string, unknown>[] = [];
 results.reclaims = reclaims;
-async function saveResults(): Promise<void> {
-  await fsp.mkdir(OUT, { recursive: true });
-  await fsp.writeFile(path.join(OUT, 'results.json'), JSON.stringify(results, null, 2) + '\n');
-}
-async function phase<T>(name: string, fn: () => Promise<T>): Promise<T> {
-  const t0 = Date.now();
-  try {
-    return await fn();
-  } finally {
-    phases[name] = Date.now() - t0;
-    await saveResults();
-  }
-}
 
 /** guest.yaml: two small projects; `memoryMiB` is the allocation the host broker books. */
 function guestYaml(memoryMiB: number): string {

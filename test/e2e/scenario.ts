@@ -957,3 +957,28 @@ export async function runNestbroker(
     await broker.stop();
   }
 }
+
+/**
+ * A real-guest test's figures: `results` is written to OUT/results.json after every phase,
+ * so a run that fails half-way still leaves what it measured; `phase(name, fn)` runs `fn`
+ * and records how long it took under `results.phasesMs[name]`.
+ */
+export function resultsBook(outDir: string, first: Record<string, unknown>) {
+  const results: Record<string, unknown> = { ...first };
+  const phases: Record<string, number> = {};
+  results.phasesMs = phases;
+  const saveResults = async (): Promise<void> => {
+    await fsp.mkdir(outDir, { recursive: true });
+    await fsp.writeFile(path.join(outDir, 'results.json'), JSON.stringify(results, null, 2) + '\n');
+  };
+  const phase = async <T>(name: string, fn: () => Promise<T>): Promise<T> => {
+    const t0 = Date.now();
+    try {
+      return await fn();
+    } finally {
+      phases[name] = Date.now() - t0;
+      await saveResults();
+    }
+  };
+  return { results, phases, saveResults, phase };
+}

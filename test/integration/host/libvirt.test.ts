@@ -27,7 +27,6 @@ import os from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
 import pino from 'pino';
-import { isNestError, type NestError } from '../../../agent/common/errors';
 import { silentLogger } from '../../../agent/common/log';
 import { validateHostConfig } from '../../../agent/host/config';
 import { LibvirtActuator } from '../../../agent/host/libvirt/actuator';
@@ -38,6 +37,7 @@ import { Virsh } from '../../../agent/host/libvirt/virsh';
 import { startHost, type RunningHost } from '../../../agent/host/main';
 import { NESTCTL, waitFor } from '../../../demo/stack';
 import { ensureLibvirtd, stopStarted, type StartedDaemon } from '../../helpers/libvirt';
+import { failure } from '../../helpers/failure';
 
 jest.setTimeout(900_000);
 
@@ -60,16 +60,6 @@ async function timed<T>(what: string, fn: () => Promise<T>): Promise<T> {
   const v = await fn();
   figures[what] = Date.now() - t0;
   return v;
-}
-
-async function failure(p: Promise<unknown>): Promise<NestError> {
-  try {
-    await p;
-  } catch (e) {
-    if (isNestError(e)) return e;
-    throw e;
-  }
-  throw new Error('expected a failure');
 }
 
 async function liveId(): Promise<number> {

@@ -9,7 +9,6 @@
 import os from 'node:os';
 import path from 'node:path';
 import { promises as fs } from 'node:fs';
-import { isNestError, type NestError } from '../../../../agent/common/errors';
 import { silentLogger } from '../../../../agent/common/log';
 import { validateHostConfig, type GuestConfig } from '../../../../agent/host/config';
 import { HostBroker, type HostChannel } from '../../../../agent/host/host-broker';
@@ -19,6 +18,7 @@ import { LibvirtDomains, resolveAllocations } from '../../../../agent/host/libvi
 import { Virsh } from '../../../../agent/host/libvirt/virsh';
 import type { GuestReported } from '../../../../agent/host/guest-connections';
 import { FakeVirsh, MiB } from './fake-virsh';
+import { failure } from '../../../helpers/failure';
 
 const KiB = 1024;
 
@@ -41,16 +41,6 @@ function setup(modes: { cpuMode: 'unplug' | 'quota'; memoryMode: 'virtio-mem' | 
     });
     return { fake, virsh, cfg, domains, actuator, guest: cfg.guests[0] as GuestConfig };
   });
-}
-
-async function failure(p: Promise<unknown>): Promise<NestError> {
-  try {
-    await p;
-  } catch (e) {
-    if (isNestError(e)) return e;
-    throw e;
-  }
-  throw new Error('expected a failure');
 }
 
 test('the allocation comes from the persistent XML: 2 vCPUs, boot memory + virtio-mem requested', async () => {

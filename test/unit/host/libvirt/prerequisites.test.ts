@@ -8,7 +8,6 @@
 import os from 'node:os';
 import path from 'node:path';
 import { promises as fs } from 'node:fs';
-import { isNestError, type NestError } from '../../../../agent/common/errors';
 import { silentLogger } from '../../../../agent/common/log';
 import { validateHostConfig } from '../../../../agent/host/config';
 import { HostBroker, type HostChannel } from '../../../../agent/host/host-broker';
@@ -16,6 +15,7 @@ import { LibvirtActuator } from '../../../../agent/host/libvirt/actuator';
 import { LibvirtDomains, resolveAllocations } from '../../../../agent/host/libvirt/domains';
 import { Virsh } from '../../../../agent/host/libvirt/virsh';
 import { FakeVirsh, LACKS, MiB } from './fake-virsh';
+import { failure } from '../../../helpers/failure';
 
 type Modes = { cpuMode: 'unplug' | 'quota'; memoryMode: 'virtio-mem' | 'balloon' };
 let dir: string;
@@ -26,16 +26,6 @@ beforeEach(async () => {
 afterEach(async () => {
   await fs.rm(dir, { recursive: true, force: true });
 });
-
-async function failure(p: Promise<unknown>): Promise<NestError> {
-  try {
-    await p;
-  } catch (e) {
-    if (isNestError(e)) return e;
-    throw e;
-  }
-  throw new Error('expected a failure');
-}
 
 /** virsh subcommands that only read. */
 const READS = new Set(['domstate', 'dumpxml', 'schedinfo', 'dommemstat', 'domstats']);

@@ -7,7 +7,6 @@
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { isNestError, type NestError } from '../../../../agent/common/errors';
 import {
   Virsh,
   execVirsh,
@@ -16,6 +15,7 @@ import {
   parseSchedinfo,
 } from '../../../../agent/host/libvirt/virsh';
 import { fixture } from './fake-virsh';
+import { failure } from '../../../helpers/failure';
 
 let dir: string;
 let bin: string;
@@ -39,16 +39,6 @@ esac
 afterAll(async () => {
   await fs.rm(dir, { recursive: true, force: true });
 });
-
-async function failure(p: Promise<unknown>): Promise<NestError> {
-  try {
-    await p;
-  } catch (e) {
-    if (isNestError(e)) return e;
-    throw e;
-  }
-  throw new Error('expected a failure');
-}
 
 test('arguments reach virsh as one array: a name with spaces and shell syntax stays one argument', async () => {
   const v = new Virsh({ uri: 'qemu:///system', binary: bin });

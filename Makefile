@@ -4,7 +4,7 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 NODE_MODULES_STAMP := node_modules/.package-lock.json
 
-.PHONY: all deps build bundle typecheck lint test check demo bench e2e install uninstall clean man deb packaging-deps test-deps schemas
+.PHONY: all deps build typecheck lint test check demo bench e2e install uninstall clean man deb packaging-deps test-deps schemas
 
 all: build
 
@@ -17,22 +17,6 @@ deps: $(NODE_MODULES_STAMP)
 
 build: deps
 	npx tsc -p tsconfig.build.json
-
-# The daemons as ONE file (esbuild, a dev dependency): dist/bundle/nestbroker.js, for
-# measuring (bench/footprint.ts and bench/cascade*.ts run it when it is fresh; footprint
-# --modules runs the module tree). Measured and NOT installed (docs/performance.md,
-# "Footprint: what each step saved"): an idle guest agent's heap is 3.8 MiB smaller and a
-# `--check` 4 MiB, but the idle RSS of a guest agent is no smaller and a host broker with
-# 50 guests' is 3-5 MiB larger than from the module tree. Bundled from tsc's output, for
-# Node 18 and later (Debian 12's); the packages an idle daemon never loads stay outside
-# (systeminformation, pidusage, prom-client, yargs). `make install` installs the module
-# tree whether or not a bundle exists.
-BUNDLE_EXTERNAL := systeminformation pidusage prom-client yargs
-BUNDLE_CMD = npx esbuild dist/agent/cli/daemon-entry.js --bundle --platform=node --target=node18 \
-	  --minify --sourcemap --log-level=warning --outfile=dist/bundle/nestbroker.js \
-	  $(addprefix --external:,$(BUNDLE_EXTERNAL))
-bundle: deps
-	$(BUNDLE_CMD)
 
 typecheck: deps
 	npx tsc -p tsconfig.json --noEmit

@@ -31,7 +31,7 @@ import {
   table,
   writeResult,
 } from './lib/common';
-import { BenchStack, daemonProgram, guestMemory, PROJECT_MEMORY, SETTLE_MS } from './lib/stack';
+import { BenchStack, guestMemory, PROJECT_MEMORY, SETTLE_MS } from './lib/stack';
 
 const OPTIONS = {
   a: "build A's dist/ (default this build)",
@@ -92,7 +92,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
           name: `${v.label.toLowerCase()}${String(g).padStart(2, '0')}`,
           projects,
         })),
-        nestbroker: daemonProgram(v.dist ?? undefined),
+        nestbroker: v.dist ? path.join(v.dist, 'agent', 'cli', 'nestbroker.js') : undefined,
         nodeArgs: { host: v.nodeArgs, guest: v.nodeArgs },
       });
       stacks[i] = stack;

@@ -67,7 +67,6 @@ import {
   guestMemory,
   projectName,
   waitShellsReady,
-  daemonProgram,
 } from './lib/stack';
 
 const OPTIONS = {
@@ -408,8 +407,6 @@ async function runSize(
   const stack = new BenchStack({
     root,
     dir,
-    // The bundle when fresh, as installed (bench/lib/stack.ts daemonProgram).
-    nestbroker: daemonProgram(),
     guests: Array.from({ length: size.guests }, (_, g) => ({
       name: `g${String(g).padStart(2, '0')}`,
       projects: size.projects,

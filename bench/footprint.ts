@@ -20,8 +20,7 @@
  *   make build && node dist/bench/footprint.js [--seconds 60] [--notices 10000]
  *
  * Options: --guests N (50), --projects N (200 on g00), --notice-seconds S (300),
- * --root NAME, --out FILE, --agents DIST (another build), --modules (the module tree even
- * when a fresh bundle exists: bench/lib/stack.ts daemonProgram), --node-args=FLAGS.
+ * --root NAME, --out FILE, --agents DIST (another build), --node-args=FLAGS.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { promises as fs } from 'node:fs';
@@ -29,7 +28,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { rpcCall } from '../agent/common/rpc';
 import type { NoticeView } from '../agent/host/api';
-import { AGENT_NODE_FLAGS, removeLeftoverRoot } from '../demo/stack';
+import { AGENT_NODE_FLAGS, NESTBROKER, removeLeftoverRoot } from '../demo/stack';
 import {
   fitLine,
   intArg,
@@ -45,7 +44,7 @@ import {
   writeResult,
 } from './lib/common';
 import { cpuPercent, sampleProc, type ProcSample } from './lib/procstat';
-import { BenchStack, daemonProgram } from './lib/stack';
+import { BenchStack } from './lib/stack';
 
 const OPTIONS = {
   seconds: 'idle sampling window, s (default 60)',
@@ -54,8 +53,7 @@ const OPTIONS = {
   notices: 'notices the host handles after the idle window (default 10000; 0 skips)',
   'notice-seconds': 'time budget for the notices, s (default 300)',
   agents:
-    "another build's dist/ whose daemons to measure (default this one's), to compare builds in one harness; its bundle when it has a fresh one (bench/lib/stack.ts daemonProgram)",
-  modules: 'run the daemons from the module tree (agent/cli/nestbroker.js), not the bundle',
+    "another build's dist/ whose daemons to measure (default this one's), to compare builds in one harness",
   'node-args':
     "extra node flags of the daemons (and of the flagged bare node), e.g. '--lite-mode', for A/B runs",
   root: 'cgroup root (default nestbroker-bench-<pid>)',
@@ -127,10 +125,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'nestbroker-bench-footprint-'));
   const extra = (a['node-args'] ?? '').split(' ').filter((x) => x !== '');
   const daemonFlags = [...AGENT_NODE_FLAGS, ...extra];
-  const program = daemonProgram(
-    a.agents ? path.resolve(a.agents) : undefined,
-    a.modules !== undefined,
-  );
+  const program = a.agents ? path.resolve(a.agents, 'agent', 'cli', 'nestbroker.js') : NESTBROKER;
   say(`  daemons: ${program}`);
   const stack = new BenchStack({
     root,

@@ -142,12 +142,7 @@ export async function main(argv: string[]): Promise<number> {
   return code;
 }
 
-/**
- * Runs the command line and exits with its code. Called below when this file is the
- * program, and by the bundled daemon (dist/bundle/nestbroker.js, the Makefile's `bundle`),
- * in which `require.main === module` never holds.
- */
-export function runCli(): void {
+if (require.main === module) {
   main(process.argv.slice(2)).then(
     (code) => process.exit(code),
     (err: unknown) => {
@@ -164,5 +159,3 @@ export function runCli(): void {
     },
   );
 }
-
-if (require.main === module) runCli();

@@ -9,37 +9,13 @@
  * at their minimum (shrunk: every limit file rewritten) and stops all the others
  * (stop signal, exit at once): every project of the guest is touched.
  */
-import { promises as fs, statSync } from 'node:fs';
+import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import YAML from 'yaml';
 import { openCgroupAdapter, type CgroupDriver } from '../../cgroup-adapter/index';
 import { rpcCall } from '../../agent/common/rpc';
 import { NESTBROKER, startDaemon, waitFor, type Proc } from '../../demo/stack';
-
-/**
- * The daemon program of a build (`dist`, default this one's): its bundle
- * (`dist/bundle/nestbroker.js`, what `make install` and the .deb run) when there is one
- * at least as new as tsc's output, else the module tree's `agent/cli/nestbroker.js` (a
- * tree built with tsc alone, or `modules`: the unbundled daemons on purpose).
- */
-export function daemonProgram(dist?: string, modules = false): string {
-  const tree = dist ?? path.dirname(path.dirname(path.dirname(NESTBROKER)));
-  const cli = path.join(tree, 'agent', 'cli', 'nestbroker.js');
-  const bundle = path.join(tree, 'bundle', 'nestbroker.js');
-  if (modules) return cli;
-  try {
-    if (statSync(bundle).mtimeMs >= statSync(cli).mtimeMs) return bundle;
-  } catch {
-    // no bundle (or no module tree: then the bundle cannot be judged stale either)
-    try {
-      statSync(cli);
-    } catch {
-      return bundle;
-    }
-  }
-  return cli;
-}
 
 const MiB = 1024 * 1024;
 export const PROJECT_MEMORY = { min: 8 * MiB, max: 16 * MiB };

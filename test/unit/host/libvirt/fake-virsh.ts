@@ -207,3 +207,18 @@ function cut(xml: string, open: string, close: string): string {
   const j = close ? xml.indexOf(close, i) + close.length : i + open.length;
   return xml.slice(0, i) + xml.slice(j);
 }
+
+/**
+ * A stand-in for `virsh event --loop --all` (LibvirtDomains.follow's `binary`): prints the
+ * event lines recorded from the real libvirtd (test/fixtures/libvirt/events.txt), then
+ * waits as virsh does, until it is stopped. Written into `dir`; returns its path.
+ */
+export async function recordedEventsBinary(dir: string): Promise<string> {
+  const bin = path.join(dir, 'virsh-events');
+  await fs.writeFile(
+    bin,
+    `#!/bin/sh\ncat '${path.join(FIXTURES, 'events.txt')}'\nexec sleep 600\n`,
+    { mode: 0o755 },
+  );
+  return bin;
+}

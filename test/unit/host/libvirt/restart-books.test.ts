@@ -16,7 +16,7 @@ import { LibvirtActuator } from '../../../../agent/host/libvirt/actuator';
 import { LibvirtDomains, resolveAllocations } from '../../../../agent/host/libvirt/domains';
 import { followRestarts, startedResources } from '../../../../agent/host/libvirt/restart-books';
 import { Virsh } from '../../../../agent/host/libvirt/virsh';
-import { FakeVirsh, FIXTURES, MiB } from './fake-virsh';
+import { FakeVirsh, MiB, recordedEventsBinary } from './fake-virsh';
 
 const KiB = 1024;
 /** The books follow libvirt and nothing is re-applied (`libvirt.afterRestart: follow`). */
@@ -89,12 +89,7 @@ test('after destroy + start the books follow libvirt: full vCPUs and memory agai
 
   // destroy + start: the persistent XML's 2 vCPUs and the device's 128 MiB again.
   Object.assign(fake.d, { vcpus: 2, requestedKiB: 131072, currentKiB: 131072 });
-  const bin = path.join(dir, 'virsh-events');
-  await fs.writeFile(
-    bin,
-    `#!/bin/sh\ncat '${path.join(FIXTURES, 'events.txt')}'\nexec sleep 600\n`,
-    { mode: 0o755 },
-  );
+  const bin = await recordedEventsBinary(dir);
   const follower = followRestarts(domains, broker, () => cfg.guests, silentLogger(), FOLLOW);
   const resynced = new Promise<Record<string, unknown>>((resolve) =>
     broker.once('books-resync', resolve),
@@ -148,12 +143,7 @@ test('virtio-mem right after Started: <current> still 0, the books take boot mem
   expect(view.resources.memoryBytes).toBe(128 * MiB);
   expect(startedResources(view, 'virtio-mem')).toEqual({ cpus: 2, memoryBytes: 256 * MiB });
   expect(startedResources(view, 'balloon')).toEqual(view.resources);
-  const bin = path.join(dir, 'virsh-events');
-  await fs.writeFile(
-    bin,
-    `#!/bin/sh\ncat '${path.join(FIXTURES, 'events.txt')}'\nexec sleep 600\n`,
-    { mode: 0o755 },
-  );
+  const bin = await recordedEventsBinary(dir);
   const follower = followRestarts(domains, broker, () => cfg.guests, silentLogger(), FOLLOW);
   const resynced = new Promise<Record<string, unknown>>((resolve) =>
     broker.once('books-resync', resolve),

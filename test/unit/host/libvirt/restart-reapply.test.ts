@@ -23,7 +23,7 @@ import { followRestarts } from '../../../../agent/host/libvirt/restart-books';
 import { Virsh } from '../../../../agent/host/libvirt/virsh';
 import { channelFactory } from '../../../../agent/host/main';
 import { ScriptedGuest } from '../../../integration/host/scripted-guest';
-import { FakeVirsh, FIXTURES, MiB } from './fake-virsh';
+import { FakeVirsh, MiB, recordedEventsBinary } from './fake-virsh';
 
 const RECORDED_PATH = '/var/lib/libvirt/qemu/channel/target/domain-1-nbfix/org.nestbroker.0';
 /** The domain as its persistent XML starts it (test/fixtures/libvirt/inactive.xml). */
@@ -96,16 +96,6 @@ async function operatorReclaim(broker: HostBroker, guest: ScriptedGuest) {
 }
 
 /** A stand-in for `virsh event --loop --all` printing the recorded events, then waiting. */
-async function recordedEvents(): Promise<string> {
-  const bin = path.join(dir, 'virsh-events');
-  await fs.writeFile(
-    bin,
-    `#!/bin/sh\ncat '${path.join(FIXTURES, 'events.txt')}'\nexec sleep 600\n`,
-    { mode: 0o755 },
-  );
-  return bin;
-}
-
 test('reapply: after destroy + start the reclaim in force is sent again at hello and the VM lowered after the outcome', async () => {
   const { fake, virsh, cfg } = await scene('reapply');
   const domains = new LibvirtDomains(virsh, cfg.guests);
@@ -125,7 +115,7 @@ test('reapply: after destroy + start the reclaim in force is sent again at hello
         if (p.phase === 'issued') resolve({ id: p.noticeId });
       }),
     );
-    domains.follow({ binary: await recordedEvents() });
+    domains.follow({ binary: await recordedEventsBinary(dir) });
     const { id } = await issued;
     await follower.done();
     const rec = broker.notice(id)!;
@@ -235,7 +225,7 @@ test('follow: the books follow libvirt after the restart and nothing is re-appli
     await operatorReclaim(broker, guest);
     Object.assign(fake.d, PERSISTENT);
     const resynced = new Promise((resolve) => broker.once('books-resync', resolve));
-    domains.follow({ binary: await recordedEvents() });
+    domains.follow({ binary: await recordedEventsBinary(dir) });
     await resynced;
     await follower.done();
     expect(broker.booksFor('vm1').granted).toEqual({ cpus: 2, memoryBytes: 256 * MiB });

@@ -169,6 +169,7 @@ async function startHostLocked(
   let cfg = fileCfg;
   let domains: LibvirtDomains | undefined;
   let libvirt: VmActuator | undefined;
+  let running: RunningHost | undefined;
   if (cfg.hypervisor.type === 'libvirt') {
     // docs/libvirt.md: everything through virsh; no cgroup of libvirt's is touched by us.
     const virsh = new Virsh({ uri: cfg.hypervisor.uri, timeoutMs: cfg.hypervisor.timeoutMs });
@@ -176,12 +177,20 @@ async function startHostLocked(
     if (cfg.autoGuests)
       cfg = { ...cfg, guests: await discoverGuests(virsh, cfg, log.child({ part: 'libvirt' })) };
     cfg = await resolveAllocations(cfg, virsh);
-    domains = new LibvirtDomains(virsh, cfg.guests, log.child({ part: 'libvirt' }));
+    // The guests in force, as a function: those of the running host once there is one (a
+    // reload and `guests: auto` change them), this config's until then.
+    const resolved = cfg;
+    domains = new LibvirtDomains(
+      virsh,
+      () => running?.config.guests ?? resolved.guests,
+      log.child({ part: 'libvirt' }),
+    );
     domains.follow();
     libvirt = new LibvirtActuator(domains, log.child({ part: 'actuator' }));
   }
   try {
-    return await startHostWith(cfg, log, lock, libvirt, domains);
+    running = await startHostWith(cfg, log, lock, libvirt, domains);
+    return running;
   } catch (err) {
     await domains?.stop();
     throw err;
@@ -283,6 +292,21 @@ async function startHostWith(
 }
 
 /**
+ * A new config in force, from a reload or from `guests: auto`: every part that holds the
+ * guest list gets the new one: the broker (reconnecting `reconnect`) and the watcher; the
+ * rest (libvirt's domains, the restart follower, the API) read `host.config`.
+ */
+function applyHostConfig(
+  host: RunningHost,
+  cfg: Readonly<HostConfig>,
+  reconnect: readonly string[],
+): void {
+  host.config = cfg;
+  host.broker.reconfigure(cfg, reconnect);
+  host.watcher.setConfig(cfg);
+}
+
+/**
  * `guests: auto` after the start (docs/libvirt.md, "guests: auto"): a domain started,
  * defined or given new metadata is read again and the broker reconfigured with the new
  * guest list, one domain at a time; an undefined one leaves. A domain whose metadata has
@@ -318,11 +342,11 @@ function followAutoGuests(
       return;
     }
     if (JSON.stringify(old) === JSON.stringify(now)) return;
-    const cfg = { ...host.config, guests: next };
-    host.config = cfg;
-    domains.setGuests(next);
-    host.broker.reconfigure(cfg, old && now && old.name === now.name ? [now.name] : []);
-    host.watcher.setConfig(cfg);
+    applyHostConfig(
+      host,
+      { ...host.config, guests: next },
+      old && now && old.name === now.name ? [now.name] : [],
+    );
     log.info(
       {
         domain,
@@ -417,14 +441,13 @@ export function hostReloader(
     if (problems.length > 0) return refuse('CONFIG_INVALID', problems);
     const report = logHostReload(d, file, log);
     const cfg = effectiveHostConfig(host.config, next);
-    host.config = cfg;
     if (d.live.some((l) => l.field === 'logLevel'))
       log.level = cfg.logLevel ?? process.env.NESTBROKER_LOG_LEVEL ?? 'info';
-    host.broker.reconfigure(
+    applyHostConfig(
+      host,
       cfg,
       d.changed.filter((c) => c.reconnect).map((c) => c.name),
     );
-    host.watcher.setConfig(cfg);
     log.info(
       {
         added: report.added,

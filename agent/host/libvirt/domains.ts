@@ -89,16 +89,17 @@ export interface LibvirtDomainsEvents {
 export class LibvirtDomains extends EventEmitter {
   private readonly log: Logger;
   private events: DomainEvents | null = null;
-  private readonly guestOf = new Map<string, string>();
+  /** The guests in force: read at each event, so a reload or `guests: auto` is followed. */
+  private readonly guests: () => readonly GuestConfig[];
 
   constructor(
     readonly virsh: Virsh,
-    guests: readonly GuestConfig[],
+    guests: readonly GuestConfig[] | (() => readonly GuestConfig[]),
     log?: Logger,
   ) {
     super();
     this.log = log ?? silentLogger();
-    for (const g of guests) if (g.libvirt) this.guestOf.set(g.libvirt.domain, g.name);
+    this.guests = typeof guests === 'function' ? guests : () => guests;
   }
 
   /** Starts following life-cycle events (a child `virsh event --loop --all`). */
@@ -118,16 +119,10 @@ export class LibvirtDomains extends EventEmitter {
     this.events = null;
   }
 
-  /** The guests whose domains' events are told (a reload, `guests: auto`). */
-  setGuests(guests: readonly GuestConfig[]): void {
-    this.guestOf.clear();
-    for (const g of guests) if (g.libvirt) this.guestOf.set(g.libvirt.domain, g.name);
-  }
-
   private onEvent(e: DomainEvent): void {
     this.emit('domain-event', e);
     if (e.type !== 'lifecycle') return;
-    const guest = this.guestOf.get(e.domain);
+    const guest = this.guests().find((g) => g.libvirt?.domain === e.domain)?.name;
     if (!guest) return;
     const [event = '', ...rest] = e.detail.split(/\s+/);
     this.log.info({ guest, domain: e.domain, event, detail: rest.join(' ') }, 'domain event');

@@ -100,31 +100,25 @@ export async function discoverGuests(
   cfg: Readonly<HostConfig>,
   log: Logger,
 ): Promise<GuestConfig[]> {
-  const guests: GuestConfig[] = [];
+  let guests: GuestConfig[] = [];
   for (const domain of await virsh.listRunning()) {
     const v = await readDomainGuest(virsh, cfg, domain);
     if (v.kind === 'not-ours') {
       log.debug({ domain, why: v.why }, 'guests: auto: not a nestbroker guest');
       continue;
     }
-    const clash = v.kind === 'guest' ? guests.find((g) => g.name === v.guest.name) : undefined;
-    if (v.kind === 'invalid' || clash) {
-      logSkipped(
-        log,
-        domain,
-        v.kind === 'invalid'
-          ? v.problems
-          : [
-              {
-                field: 'metadata.name',
-                value: v.guest.name,
-                message: `is already the name of domain "${clash!.libvirt?.domain}"'s guest`,
-              },
-            ],
-      );
+    if (v.kind === 'invalid') {
+      logSkipped(log, domain, v.problems);
       continue;
     }
-    guests.push(v.guest);
+    try {
+      // The same rule as for a domain that comes later: one guest a name.
+      guests = nextGuests(guests, domain, v);
+    } catch (err) {
+      if (!isNestError(err)) throw err;
+      logSkipped(log, domain, err.problems);
+      continue;
+    }
     log.info(
       { guest: v.guest.name, domain, priority: v.guest.priority },
       'guests: auto: domain taken as a guest',

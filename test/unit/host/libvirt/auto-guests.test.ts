@@ -191,6 +191,19 @@ test('events that make a domain be read again, and the guest list after', async 
   expect(
     nextGuests([v.guest], 'nbfix', { kind: 'not-ours', why: 'no org.nestbroker.0 channel' }),
   ).toEqual([]);
+  // A second domain whose metadata claims the same guest name: refused, naming the field;
+  // the guest list is the caller's to keep (at start the domain is skipped and logged).
+  const other = { ...v.guest, libvirt: { ...v.guest.libvirt!, domain: 'nbother' } };
+  let refused: unknown;
+  try {
+    nextGuests([v.guest], 'nbother', { kind: 'guest', guest: other });
+  } catch (err) {
+    refused = err;
+  }
+  expect(isNestError(refused, 'CONFIG_INVALID')).toBe(true);
+  expect((refused as { problems: unknown[] }).problems).toEqual([
+    expect.objectContaining({ field: 'metadata.name', value: 'nbfix' }),
+  ]);
 });
 
 test('the example domain of docs/libvirt/domain.xml is a guest with its metadata’s settings', async () => {

@@ -97,13 +97,22 @@ export function followRestarts(
     chain = chain.then(fn);
   };
 
-  /** Follow (and re-apply); `why` names the start for the journal and the logs. */
-  const restarted = async (g: GuestConfig, lv: LibvirtGuestConfig, why: string) => {
+  /**
+   * Follow (and re-apply); `why` names the start for the journal and the logs. `read`: the
+   * books and the view a caller just read, in that order, used as the first reading.
+   */
+  const restarted = async (
+    g: GuestConfig,
+    lv: LibvirtGuestConfig,
+    why: string,
+    read?: { books: { seq: number; granted: Resources }; view: DomainView },
+  ) => {
     // A notice issued while libvirt is read may be actuated before or after the read:
     // the books are set only from a reading no notice overtook, else read again.
     for (let i = 1; i <= ATTEMPTS; i++) {
-      const books = broker.booksFor(g.name);
-      const view = await domains.view(lv);
+      const first = i === 1 ? read : undefined;
+      const books = first?.books ?? broker.booksFor(g.name);
+      const view = first?.view ?? (await domains.view(lv));
       const r = await broker.resyncBooks(
         g.name,
         startedResources(view, lv.memoryMode),
@@ -184,8 +193,9 @@ export function followRestarts(
       enqueue(async () => {
         if (broker.hasOpenNotice?.(g.name)) return;
         try {
-          const view = await domains.view(lv);
+          // The books before the view, as `restarted` reads them: its seq check holds.
           const books = broker.booksFor(g.name);
+          const view = await domains.view(lv);
           const more = beyond(
             startedResources(view, lv.memoryMode),
             books.granted,
@@ -196,6 +206,7 @@ export function followRestarts(
             g,
             lv,
             `found at the broker's start: domain "${lv.domain}" has more than the books (started again while the broker was not running)`,
+            { books, view },
           );
         } catch (err) {
           log.info(

@@ -161,7 +161,6 @@ export class Virsh {
     return (await this.run(['domstate', '--', domain])).trim() as DomainState;
   }
 
-  /** The live XML of a running domain, the persistent one of a stopped domain. */
   /** The names of the running domains (`virsh list --name`), one a line. */
   async listRunning(): Promise<string[]> {
     return (await this.run(['list', '--name']))
@@ -170,6 +169,7 @@ export class Virsh {
       .filter((l) => l !== '');
   }
 
+  /** The live XML of a running domain, the persistent one of a stopped domain. */
   async dumpxml(domain: string, opts: { inactive?: boolean } = {}): Promise<string> {
     return this.run(['dumpxml', ...(opts.inactive ? ['--inactive'] : []), '--', domain]);
   }

@@ -111,6 +111,11 @@ export interface BenchStackOptions {
   startConcurrency?: number;
   /** The nestbroker program the agents run (this build's by default; another build's to compare). */
   nestbroker?: string;
+  /**
+   * The CPUs each daemon runs on (cpu lists, taskset(1)); a guest agent's projects inherit
+   * its affinity. Unset: every CPU.
+   */
+  cpus?: { host?: string; guest?: string };
 }
 
 export type AgentProc = Proc;
@@ -231,6 +236,7 @@ export class BenchStack {
       socket: run.socket,
       env: this.env(),
       nodeArgs: this.opts.nodeArgs?.guest,
+      cpus: this.opts.cpus?.guest,
       timeoutMs: 120_000,
     });
   }
@@ -243,6 +249,7 @@ export class BenchStack {
       socket: this.hostSocket,
       env: this.env(),
       nodeArgs: this.opts.nodeArgs?.host,
+      cpus: this.opts.cpus?.host,
     });
   }
 

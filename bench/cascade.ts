@@ -42,7 +42,6 @@ import path from 'node:path';
 import { openCgroupAdapter, spawnInto, type CgroupDriver } from '../cgroup-adapter/index';
 import { cpuWeightToShares } from '../cgroup-adapter/formats-v1';
 import type { Limits } from '../cgroup-adapter/types';
-import { formatCpuList, parseCpuList } from '../agent/common/cpulist';
 import { rpcCall } from '../agent/common/rpc';
 import type { NoticeView } from '../agent/host/api';
 import { removeLeftoverRoot } from '../demo/stack';
@@ -72,6 +71,8 @@ import {
   SETTLE_MS,
   SHELL_PROJECT,
   guestMemory,
+  pinning,
+  type Pinning,
   projectName,
   waitShellsReady,
 } from './lib/stack';
@@ -300,21 +301,6 @@ class Floor {
 }
 
 // ---------------------------------------------------------------- pinning
-
-/** --pin-host: the CPU lists of the host broker and of the guest agents. */
-export interface Pinning {
-  host: string;
-  guests: string;
-}
-
-/** CPU 0 for the host broker, the other online CPUs (/sys/devices/system/cpu/online) for the guests. */
-export function pinning(): Pinning {
-  const online = readFileSync('/sys/devices/system/cpu/online', 'utf8').trim();
-  const cpus = parseCpuList(online, '/sys/devices/system/cpu/online');
-  if (!cpus.includes(0) || cpus.length < 2)
-    throw new Error(`--pin-host needs CPU 0 and another online CPU, online: ${online}`);
-  return { host: '0', guests: formatCpuList(cpus.filter((c) => c !== 0)) };
-}
 
 /**
  * Where the stack's processes may run, from /proc/<pid>/status: the host broker's and each

@@ -63,7 +63,7 @@ import {
 import { summariseProfiles, type ProfileSummary } from './lib/cpuprofile';
 import { compileKernelFloor, fsyncFloor, KernelFloor, type FloorAction } from './lib/kernel-floor';
 import { phasesFromLogs, type TracedRun } from './lib/phases';
-import { cpusAllowed, cpuTimeMs } from './lib/procstat';
+import { cpusAllowed, cpuTimeMs, cpuTimes } from './lib/procstat';
 import {
   BenchStack,
   PROJECT_CPU,
@@ -384,6 +384,8 @@ interface SizeResult {
    */
   hostCpuMs?: Summary;
   hostCpuPerGuestMs?: Summary;
+  /** the part of hostCpuMs in the kernel (stime: system calls, the thread pool's writes) */
+  hostSystemCpuMs?: Summary;
   /** per run: the guest agents' CPU time, summed over every agent (their projects not counted) */
   guestsCpuMs?: Summary;
   guestsCpuPerGuestMs?: Summary;
@@ -500,6 +502,7 @@ async function runSize(
   const sendSpread: number[] = [];
   const perNotice: number[] = [];
   const hostCpu: number[] = [];
+  const hostSys: number[] = [];
   const guestsCpu: number[] = [];
   const floorSig: number[] = [];
   const floorAll: number[] = [];
@@ -548,7 +551,7 @@ async function runSize(
       }
       // The cascade.
       const wallStart = Date.now(); // the agents' log clock, for --phases
-      const hostCpu0 = cpuTimeMs(hostPid);
+      const hostCpu0 = cpuTimes(hostPid);
       const guestsCpu0 = guestsCpuNow();
       const a = nowMs();
       const views = (await Promise.all(
@@ -562,7 +565,9 @@ async function runSize(
         ),
       )) as NoticeView[];
       const ms = nowMs() - a;
-      const hostCpuRun = cpuTimeMs(hostPid) - hostCpu0;
+      const hostCpu1 = cpuTimes(hostPid);
+      const hostCpuRun = hostCpu1.userMs + hostCpu1.systemMs - hostCpu0.userMs - hostCpu0.systemMs;
+      const hostSysRun = hostCpu1.systemMs - hostCpu0.systemMs;
       const guestsCpuRun = guestsCpuNow() - guestsCpu0;
       if (run >= 0) traced.push({ ids: views.map((v) => v.id), start: wallStart, end: Date.now() });
       for (const v of views) {
@@ -584,6 +589,7 @@ async function runSize(
         res.runs++;
         latency.push(ms);
         hostCpu.push(hostCpuRun);
+        hostSys.push(hostSysRun);
         guestsCpu.push(guestsCpuRun);
         const slowest = Math.max(...views.map((v) => v.outcome?.ms ?? 0));
         guestMs.push(slowest);
@@ -665,6 +671,7 @@ async function runSize(
   if (perNotice.length) res.perNoticeOverheadMs = summarise(perNotice);
   res.hostCpuMs = summarise(hostCpu);
   res.hostCpuPerGuestMs = summarise(hostCpu.map((x) => x / size.guests));
+  res.hostSystemCpuMs = summarise(hostSys);
   res.guestsCpuMs = summarise(guestsCpu);
   res.guestsCpuPerGuestMs = summarise(guestsCpu.map((x) => x / size.guests));
   const perProject = (ms: number): number => Math.round((ms / projects) * 1000);
@@ -949,6 +956,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
         'host share p50 / p99',
         'host CPU p50 / p99',
         'host CPU a guest p50 / p99',
+        'host system p50',
         'guests CPU p50 / p99',
         'guests CPU a guest p50 / p99',
       ],
@@ -963,6 +971,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
           r.hostShareMs ? `${r.hostShareMs.p50} / ${r.hostShareMs.p99}` : '-',
           `${r.hostCpuMs!.p50} / ${r.hostCpuMs!.p99}`,
           `${r.hostCpuPerGuestMs!.p50} / ${r.hostCpuPerGuestMs!.p99}`,
+          r.hostSystemCpuMs?.p50 ?? '-',
           `${r.guestsCpuMs!.p50} / ${r.guestsCpuMs!.p99}`,
           `${r.guestsCpuPerGuestMs!.p50} / ${r.guestsCpuPerGuestMs!.p99}`,
         ]),

@@ -57,13 +57,20 @@ export function cpusAllowed(pid: number): string | undefined {
 }
 
 /**
- * user + system CPU time of a process (every thread), ms: /proc/<pid>/stat fields 14 and 15
- * (proc(5)), in clock ticks (10 ms at CLK_TCK 100).
+ * user and system CPU time of a process (every thread), ms: /proc/<pid>/stat fields 14
+ * (utime) and 15 (stime), proc(5), in clock ticks (10 ms at CLK_TCK 100).
  */
-export function cpuTimeMs(pid: number): number {
+export function cpuTimes(pid: number): { userMs: number; systemMs: number } {
   const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
   // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
   // rest[0] is field 3 (state); utime is field 14, stime field 15.
   const rest = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return ((Number(rest[14 - 3]) + Number(rest[15 - 3])) * 1000) / ticksPerSecond();
+  const ms = (field: number): number => (Number(rest[field - 3]) * 1000) / ticksPerSecond();
+  return { userMs: ms(14), systemMs: ms(15) };
+}
+
+/** user + system CPU time of a process (every thread), ms (cpuTimes). */
+export function cpuTimeMs(pid: number): number {
+  const t = cpuTimes(pid);
+  return t.userMs + t.systemMs;
 }

@@ -420,6 +420,8 @@ describe('nestbroker in a real guest under libvirt (TCG domain, virtio-mem, ball
         reason: n.reason,
         startedToJournaledMs: since(started, n.issuedAt),
         startedToSentMs: since(started, n.sentAt),
+        // The guest's own cascade: from the notice sent at its hello to its outcome.
+        sentToOutcomeMs: since(n.sentAt ? Date.parse(n.sentAt) : undefined, n.outcomeAt),
         startedToDoneMs: since(started, n.finishedAt),
         startReturnedToJournaledMs: since(vm!.startReturnedAt, n.issuedAt),
         memTotalBelowFullKiB: fullMemTotalKiB - memAfter,

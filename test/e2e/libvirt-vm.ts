@@ -78,6 +78,8 @@ export class LibvirtVm implements GuestShell {
   readonly dir: string;
   readonly testSocket: string;
   readonly timings: Record<string, number> = {};
+  /** When the last `virsh start` returned (epoch ms): libvirt has started the domain. */
+  startReturnedAt?: number;
   runner?: GuestRunner;
   private boots = 0;
 
@@ -150,6 +152,7 @@ export class LibvirtVm implements GuestShell {
     this.runner = undefined;
     const n = ++this.boots;
     this.timings[`start${n}Ms`] = (await this.virsh(['start', this.name], 120_000)).ms;
+    this.startReturnedAt = Date.now();
     this.runner = await GuestRunner.connect(
       this.testSocket,
       path.join(this.outDir, 'runner-transcript.jsonl'),

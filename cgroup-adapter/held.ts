@@ -103,9 +103,9 @@ export class HeldFiles {
           this.drop(key);
           continue;
         }
-        // A refused value (EINVAL, EBUSY) leaves the descriptor good; any other failure
+        // A refused value (EINVAL, EBUSY, ERANGE) leaves the descriptor good; any other failure
         // does not keep it.
-        if (code !== 'EINVAL' && code !== 'EBUSY') this.drop(key);
+        if (code !== 'EINVAL' && code !== 'EBUSY' && code !== 'ERANGE') this.drop(key);
         throw fromFsError(op, file, e, data);
       }
     }

@@ -51,6 +51,12 @@ export interface LibvirtStep {
   from: number;
   want: number;
   got: number;
+  /**
+   * When the virsh call that changes the domain was made (wall clock, as the notice's other
+   * timestamps): what a removal's time in the guest is counted from (bench/libvirt-removal.ts).
+   * Absent when no call was made (vCPUs already ejected).
+   */
+  calledAt?: string;
   /** The call's own return, and until libvirt showed the result (or the timeout). */
   callMs: number;
   confirmMs: number;

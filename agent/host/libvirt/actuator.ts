@@ -204,6 +204,7 @@ export class LibvirtActuator implements VmActuator {
     const t0 = this.now();
     if (lv.cpuMode === 'quota') {
       const quota = Math.max(1000, Math.round(want * CPU_PERIOD_US));
+      const calledAt = new Date().toISOString();
       const sched = await this.domains.virsh.schedinfo(lv.domain, {
         global_period: CPU_PERIOD_US,
         global_quota: quota,
@@ -217,6 +218,7 @@ export class LibvirtActuator implements VmActuator {
         from,
         want,
         got,
+        calledAt,
         callMs,
         confirmMs: 0,
         confirmed: q === quota,
@@ -232,6 +234,9 @@ export class LibvirtActuator implements VmActuator {
       priorReport && want < from
         ? await this.domains.virsh.domstatsVcpu(lv.domain).catch(() => undefined)
         : undefined;
+    // The call's time from here: the readings above are the broker's, not libvirt's.
+    const callT0 = this.now();
+    const calledAt = new Date().toISOString();
     try {
       await this.domains.virsh.setvcpus(lv.domain, want);
     } catch (err) {
@@ -240,7 +245,7 @@ export class LibvirtActuator implements VmActuator {
       pendingErr = err;
       this.log.info({ domain: lv.domain }, 'virsh setvcpus timed out waiting; confirming');
     }
-    const callMs = this.now() - t0;
+    const callMs = this.now() - callT0;
     // libvirt unplugs the highest enabled hotpluggable vCPUs first (the ones the notice's
     // leavingCpus named: agent/common/cpulist.ts pickLeavingCpus).
     const leaving = before.info.vcpus.enabled
@@ -279,6 +284,7 @@ export class LibvirtActuator implements VmActuator {
       from,
       want,
       got,
+      calledAt,
       callMs,
       confirmMs: ms,
       confirmed,
@@ -357,6 +363,7 @@ export class LibvirtActuator implements VmActuator {
       );
       const wantTotal = before.info.memory.baseBytes + requested;
       if (wantTotal === from && vm.requestedBytes === requested) return null;
+      const calledAt = new Date().toISOString();
       await this.domains.virsh.updateMemoryDevice(lv.domain, vm.alias, requested);
       const callMs = this.now() - t0;
       const { got, confirmed, ms } = await this.confirm(
@@ -371,12 +378,14 @@ export class LibvirtActuator implements VmActuator {
         from,
         want: wantTotal,
         got,
+        calledAt,
         callMs,
         confirmMs: ms,
         confirmed,
       };
     }
     if (Math.abs(from - want) <= BALLOON_TOLERANCE_BYTES) return null;
+    const calledAt = new Date().toISOString();
     await this.domains.virsh.setmem(lv.domain, want);
     const callMs = this.now() - t0;
     const { got, confirmed, ms } = await this.confirm(
@@ -390,6 +399,7 @@ export class LibvirtActuator implements VmActuator {
       from,
       want,
       got,
+      calledAt,
       callMs,
       confirmMs: ms,
       confirmed,

@@ -444,3 +444,21 @@ test('a domain gone down before the actuation: failed, and the books count nothi
   } as unknown as HostNoticeRecord;
   expect(bookedChange(rec)).toEqual({ cpus: 0, memoryBytes: 0 });
 });
+
+test('each step says when its virsh call was made, inside the actuation (what the removal bench counts from)', async () => {
+  for (const modes of [
+    { cpuMode: 'quota', memoryMode: 'balloon' },
+    { cpuMode: 'unplug', memoryMode: 'virtio-mem' },
+  ] as const) {
+    const { actuator, guest } = await setup(modes);
+    const report = await actuator.apply(guest, { cpus: 1, memoryBytes: 192 * MiB }, 'down');
+    expect(report.steps?.map((s) => s.call)).toEqual(
+      modes.cpuMode === 'quota' ? ['setmem', 'schedinfo'] : ['update-memory-device', 'setvcpus'],
+    );
+    for (const s of report.steps!) {
+      const at = Date.parse(s.calledAt!);
+      expect(at).toBeGreaterThanOrEqual(Date.parse(report.startedAt));
+      expect(at).toBeLessThanOrEqual(Date.parse(report.finishedAt));
+    }
+  }
+});

@@ -16,8 +16,7 @@
  * lower-ranked one's has gone; their exits are awaited together, each with its own grace
  * capped by the deadline: waiting for each to exit before signalling the next
  * cost a grace's worth of latency a project), and the shrinks in the same group, beside
- * them (independent: each takes from its own project only), their first writes once the
- * stop signals that go at once have gone (SignalTurns.passed); the grows together; the
+ * them (independent: each takes from its own project only); the grows together; the
  * starts one at a time, highest rank first.
  */
 import type { Logger } from '../common/log';
@@ -386,7 +385,7 @@ export class GuestBroker implements LocalBroker {
             };
           }
           case 'shrunk': {
-            const came = await this.shrink(d, pn, ctx, notice, turns);
+            const came = await this.shrink(d, pn, ctx, notice);
             if (came.ok) {
               ctx.progress({ phase: 'shrunk', action: 'shrunk', ms: since(t0) });
               return { ...base, action: 'shrunk', after: d.after, exit: null, ms: since(t0) };
@@ -456,9 +455,6 @@ export class GuestBroker implements LocalBroker {
           // Its turn: every lower-ranked project has had its stop signal (or is done).
           turn: async () => {
             if (turns) await turns.wait(name, ctx.signal);
-            // Its signal waits for its pre-stop hook, and every later one for it: the
-            // shrinks do not (SignalTurns.passed).
-            if (p.stop.preStop && p.stop.preStop.command.length > 0) turns?.hold();
             ctx.progress({ phase: 'stopping', action: 'stopped', ms: 0 });
           },
           onSignalled: () => turns?.release(name),
@@ -497,20 +493,12 @@ export class GuestBroker implements LocalBroker {
     pn: ProjectNotice,
     ctx: ChildContext,
     notice: CarryOutContext,
-    turns?: SignalTurns,
   ): Promise<{ ok: true } | { ok: false; usage: number }> {
     const clock = notice.clock;
     const name = d.project;
     const group = this.registry.group(name);
     const target = d.memoryTarget;
     const first: ProjectLimits = { ...d.after, memoryMax: d.before.memoryMax };
-    // After the stop signals of this notice that go at once. The first writes are
-    // synchronous (cgroup-adapter/cgfs.ts writeTextNow), and issued in the same turn of
-    // the event loop as the stops' registry record, those of 50 shrinks (8–27 ms at
-    // 1 × 100) held up that record's write and with it every signal; after the signals
-    // they run while the stopped projects exit (docs/performance.md, "Third round").
-    // Nothing of a shrink depends on a stop: each takes from its own project only.
-    if (turns) await turns.passed(ctx.signal);
     // Kernel only, memory.max left as it is: the record is written once, with the final
     // limits, and memory.max alone after usage came down (docs/performance.md).
     await this.registry.writeLimits(name, first, 'but-memory-max');
@@ -580,8 +568,6 @@ export function toSteps(
  */
 export class SignalTurns {
   private readonly gates = new Map<string, { done: Promise<void>; open: () => void }>();
-  private readonly released = new Set<string>();
-  private readonly through: { done: Promise<void>; open: () => void };
 
   constructor(private readonly order: readonly string[]) {
     for (const name of order) {
@@ -589,51 +575,25 @@ export class SignalTurns {
       const done = new Promise<void>((r) => (open = r));
       this.gates.set(name, { done, open });
     }
-    let open!: () => void;
-    const done = new Promise<void>((r) => (open = r));
-    this.through = { done, open };
-    if (order.length === 0) open();
-  }
-
-  /**
-   * Resolves once every stop signal that goes at once has gone: every turn released, or
-   * one held by its pre-stop hook (`hold`: the signals after it wait for the hook, what
-   * waits here need not), or the abort.
-   */
-  passed(signal?: AbortSignal): Promise<void> {
-    return abortable(this.through.done, signal);
-  }
-
-  /** A stop's turn came and its pre-stop hook runs: its signal (and every later one) waits. */
-  hold(): void {
-    this.through.open();
   }
 
   wait(name: string, signal?: AbortSignal): Promise<void> {
     const i = this.order.indexOf(name);
     if (i <= 0) return Promise.resolve();
-    return abortable(this.gates.get(this.order[i - 1])!.done, signal);
+    const before = this.gates.get(this.order[i - 1])!.done;
+    if (!signal) return before;
+    if (signal.aborted) return Promise.resolve();
+    return new Promise<void>((resolve) => {
+      const onAbort = (): void => resolve();
+      signal.addEventListener('abort', onAbort, { once: true });
+      void before.then(() => {
+        signal.removeEventListener('abort', onAbort);
+        resolve();
+      });
+    });
   }
 
   release(name: string): void {
-    const gate = this.gates.get(name);
-    if (!gate) return;
-    gate.open();
-    this.released.add(name);
-    if (this.released.size === this.order.length) this.through.open();
+    this.gates.get(name)?.open();
   }
-}
-
-/** `p`, or sooner if `signal` aborts (never rejects). */
-function abortable(p: Promise<void>, signal?: AbortSignal): Promise<void> {
-  if (!signal) return p;
-  if (signal.aborted) return Promise.resolve();
-  return new Promise<void>((resolve) => {
-    const onAbort = (): void => resolve();
-    signal.addEventListener('abort', onAbort, { once: true });
-    void p.then(() => {
-      signal.removeEventListener('abort', onAbort);
-      resolve();
-    });
-  });
 }

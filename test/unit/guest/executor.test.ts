@@ -251,9 +251,6 @@ test('a reclaim that stops two: both told first, then stop signals lowest rank f
     `signal cache ${PID.cache} SIGTERM`,
     `signal batch ${PID.batch} SIGTERM`,
   ]);
-  // The shrink's first write goes once both signals have gone (SignalTurns.passed).
-  const lastSignal = e.indexOf(`signal batch ${PID.batch} SIGTERM`);
-  expect(e.findIndex((x) => x.startsWith('write web but-memory-max'))).toBeGreaterThan(lastSignal);
   // batch does not exit on its own: killed after its grace; cache exits in time.
   expect(of(e, 'batch').slice(-3)).toEqual(['wait empty 150', 'kill', 'escape-check']);
   expect(outcome.projects?.find((x) => x.name === 'batch')).toMatchObject({

@@ -49,26 +49,3 @@ test('an abort ends every wait; a name not in the order never waits', async () =
     'other',
   ]);
 });
-
-test('passed: once every turn is released (in any order), or one is held by its hook, or the abort', async () => {
-  const turns = new SignalTurns(['a', 'b', 'c']);
-  const passed = turns.passed();
-  turns.release('a');
-  turns.release('c'); // c's stop ended without signalling
-  expect(await resolved({ passed })).toEqual([]);
-  turns.release('b');
-  turns.release('b'); // released again by its stop's end: counted once
-  expect(await resolved({ passed })).toEqual(['passed']);
-
-  const hooked = new SignalTurns(['a', 'b']);
-  const waits = { passed: hooked.passed(), b: hooked.wait('b') };
-  hooked.hold(); // a's pre-stop hook runs: b's signal waits for it, `passed` does not
-  expect(await resolved(waits)).toEqual(['passed']);
-
-  const ac = new AbortController();
-  const aborted = new SignalTurns(['a']).passed(ac.signal);
-  expect(await resolved({ aborted })).toEqual([]);
-  ac.abort();
-  expect(await resolved({ aborted })).toEqual(['aborted']);
-  expect(await resolved({ none: new SignalTurns([]).passed() })).toEqual(['none']);
-});

@@ -649,8 +649,21 @@ const milli = (cpus: number): number => Math.round(cpus * 1000);
  * (restore) its change: host and guest then agree on what was taken after every notice.
  * Anything else (a restore that would lower the guest, a reclaim computed from stale
  * books) is refused with ALLOCATION_MISMATCH, before anything is journaled as accepted.
+ *
+ * One more is accepted: a reclaim to the allocation the guest has already. It asks
+ * nothing of the projects (they fit it now), the VM is lowered to that allocation, never
+ * below, and both ends then hold it. That is the reclaim a host re-applies after its
+ * domain started again (docs/libvirt.md, "Books"): libvirt gave the VM its persistent
+ * memory and the host's books followed, while the guest kept the reclaimed allocation
+ * across its reboot (its journal). docs/protocol.md, "Seq and duplicates".
  */
 export function allocationProblems(notice: Notice, before: Resources): Problem[] {
+  if (
+    notice.kind === 'reclaim' &&
+    notice.allocation.memoryBytes === before.memoryBytes &&
+    milli(notice.allocation.cpus) === milli(before.cpus)
+  )
+    return [];
   const sign = notice.kind === 'reclaim' ? -1 : 1;
   const want: Resources = {
     memoryBytes: before.memoryBytes + sign * notice.change.memoryBytes,

@@ -4,9 +4,10 @@
  * (test/fixtures/libvirt/events.txt, printed by a stand-in for `virsh event`), the books
  * follow what libvirt reports (its persistent vCPUs and memory again) and one reclaim of
  * the difference is journaled (`source: restart`); it reaches the guest once it says hello
- * again, and the VM is lowered only after the guest's outcome. A restart while the broker
- * was down is caught up at its start; a domain libvirt shows as the books say is left
- * alone; `follow` only follows.
+ * again (a guest agent that kept the reclaimed allocation across its reboot accepts it:
+ * agent/client/notices.ts allocationProblems), and the VM is lowered only after the
+ * guest's outcome. A restart while the broker was down is caught up at its start; a
+ * domain libvirt shows as the books say is left alone; `follow` only follows.
  *
  * virsh is the recording stand-in (fake-virsh.ts) whose live XML names this test's socket as
  * the channel; the guest is a ScriptedGuest on it (a real unix channel).
@@ -14,6 +15,7 @@
 import os from 'node:os';
 import path from 'node:path';
 import { promises as fs } from 'node:fs';
+import { allocationProblems } from '../../../../agent/client/notices';
 import { silentLogger } from '../../../../agent/common/log';
 import { validateHostConfig, type HostConfig } from '../../../../agent/host/config';
 import { HostBroker } from '../../../../agent/host/host-broker';
@@ -145,6 +147,9 @@ test('reapply: after destroy + start the reclaim in force is sent again at hello
     const msg = await guest.next('notice', 10_000);
     expect(msg.notice.id).toBe(id);
     expect(fake.d).toMatchObject(PERSISTENT);
+    // A real guest agent kept the operator reclaim's allocation across its reboot (its
+    // journal): the re-applied notice passes its allocation rule.
+    expect(allocationProblems(msg.notice, { cpus: 1, memoryBytes: 192 * MiB })).toEqual([]);
     guest.ack(msg.id, msg.notice.id, 'accepted');
     guest.outcome(msg.notice, 'complete');
     expect((await broker.wait(id)).state).toBe('done');

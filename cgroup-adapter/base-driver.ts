@@ -52,6 +52,9 @@ export interface DriverOptions {
 
 const EINVAL_RETRIES = 3;
 
+/** Groups whose resolved directories BaseDriver.paths keeps. */
+const MAX_RESOLVED = 4096;
+
 export abstract class BaseDriver implements CgroupAdapter {
   abstract readonly kind: DriverKind;
   abstract readonly capabilities: Capabilities;
@@ -76,12 +79,27 @@ export abstract class BaseDriver implements CgroupAdapter {
     return resolveBeneath(this.root, group, { mode: this.opts.names, allowRoot });
   }
 
-  /** The directory of `group` in every hierarchy, by hierarchy name. */
-  paths(group: string, allowRoot = true): Record<string, string> {
+  /**
+   * Groups' directories already resolved (checked names only: a refused one throws and is
+   * not kept), by allowRoot and group. Resolving a group in every hierarchy (name check,
+   * path.resolve, the beneath check: ×6 on hybrid) cost as much of the guest agent's CPU
+   * in setLimits as the kernel's reads and writes, and a shrink asks twice
+   * (docs/performance.md, "Third round"). The result depends only on the name and the
+   * roots, which never change; bounded by MAX_RESOLVED (emptied when full).
+   */
+  private readonly resolved = new Map<string, Readonly<Record<string, string>>>();
+
+  /** The directory of `group` in every hierarchy, by hierarchy name (do not modify it). */
+  paths(group: string, allowRoot = true): Readonly<Record<string, string>> {
+    const key = `${allowRoot ? 1 : 0}${group}`;
+    const known = this.resolved.get(key);
+    if (known) return known;
     const out: Record<string, string> = {};
     for (const h of this.hierarchies) {
       out[h.name] = resolveBeneath(h.rootAbs, group, { mode: this.opts.names, allowRoot });
     }
+    if (this.resolved.size >= MAX_RESOLVED) this.resolved.clear();
+    this.resolved.set(key, Object.freeze(out));
     return out;
   }
 

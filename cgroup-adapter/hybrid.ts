@@ -8,16 +8,9 @@
  */
 import * as path from 'node:path';
 import { BaseDriver, type DriverOptions, type Hierarchy } from './base-driver';
-import {
-  pathExists,
-  readOptional,
-  readProcs,
-  readText,
-  readTextNow,
-  writeText,
-  writeTextNow,
-} from './cgfs';
+import { pathExists, readOptional, readProcs, readText, readTextNow, writeText } from './cgfs';
 import { CgroupError, isCgroupError } from './errors';
+import { HeldFiles } from './held';
 import type { V1Controller } from './detect';
 import {
   parseCpuList,
@@ -48,6 +41,11 @@ export class HybridDriver extends BaseDriver {
   readonly capabilities: Capabilities;
   /** v1 hierarchy holding each controller (cpu and cpuacct share one when comounted). */
   private readonly byController: Partial<Record<V1Controller, Hierarchy>>;
+  /**
+   * The limit files setLimits writes synchronously, and the two it reads first (the CFS
+   * pair, the usage), kept open: held.ts.
+   */
+  private readonly held = new HeldFiles();
 
   private constructor(
     unifiedRoot: string,
@@ -153,15 +151,16 @@ export class HybridDriver extends BaseDriver {
     if (m.max !== undefined) {
       const file = path.join(memDir, 'memory.limit_in_bytes');
       const text = printV1Bytes('memory.max', m.max);
-      if (this.fitsNow(memDir, m.max)) writeTextNow(file, text);
+      if (this.fitsNow(memDir, m.max)) this.held.write(file, text);
       else await writeText(file, text);
     }
     // memory.high → memory.soft_limit_in_bytes: ADVISORY, only reclaimed toward under
     // global memory pressure; it never throttles (README "What does not map").
     // It never reclaims (the kernel only records it), nor do the cpu, cpuset and pids files:
-    // written synchronously, no thread-pool round trip (cgfs.ts writeTextNow).
+    // written synchronously on held descriptors, no thread-pool round trip, no open
+    // (held.ts).
     if (m.high !== undefined) {
-      writeTextNow(
+      this.held.write(
         path.join(memDir, 'memory.soft_limit_in_bytes'),
         printV1Bytes('memory.high', m.high),
       );
@@ -169,11 +168,22 @@ export class HybridDriver extends BaseDriver {
     if (l.cpu?.max) this.writeCfs(cpuDir, l.cpu.max);
     // cpu.weight → cpu.shares (systemd's formula, formats-v1.ts cpuWeightToShares).
     if (l.cpu?.weight !== undefined) {
-      writeTextNow(path.join(cpuDir, 'cpu.shares'), String(cpuWeightToShares(l.cpu.weight)));
+      this.held.write(path.join(cpuDir, 'cpu.shares'), String(cpuWeightToShares(l.cpu.weight)));
     }
-    if (l.cpus !== undefined) writeTextNow(path.join(cpusetDir, 'cpuset.cpus'), l.cpus);
+    if (l.cpus !== undefined) this.held.write(path.join(cpusetDir, 'cpuset.cpus'), l.cpus);
     if (l.pidsMax !== undefined)
-      writeTextNow(path.join(pidsDir, 'pids.max'), printMax('pids.max', l.pidsMax));
+      this.held.write(path.join(pidsDir, 'pids.max'), printMax('pids.max', l.pidsMax));
+  }
+
+  /** The group's held descriptors go first: a removed group's files are dead (held.ts). */
+  override async remove(group: string): Promise<void> {
+    this.held.forget(Object.values(this.paths(group, false)));
+    await super.remove(group);
+  }
+
+  override async removeRoot(timeoutMs?: number): Promise<void> {
+    this.held.close();
+    await super.removeRoot(timeoutMs);
   }
 
   /**
@@ -186,7 +196,7 @@ export class HybridDriver extends BaseDriver {
       return (
         parseUint(
           'memory.usage_in_bytes',
-          readTextNow(path.join(memDir, 'memory.usage_in_bytes')),
+          this.held.read(path.join(memDir, 'memory.usage_in_bytes')),
         ) <= max
       );
     } catch {
@@ -204,12 +214,12 @@ export class HybridDriver extends BaseDriver {
   private writeCfs(dir: string, next: CpuMax): void {
     const qFile = path.join(dir, 'cpu.cfs_quota_us');
     const pFile = path.join(dir, 'cpu.cfs_period_us');
-    const curQ = parseCfsQuota(readTextNow(qFile));
-    const curP = parseUint('cpu.cfs_period_us', readTextNow(pFile));
+    const curQ = parseCfsQuota(this.held.read(qFile));
+    const curP = parseUint('cpu.cfs_period_us', this.held.read(pFile));
     const bw = (q: Max, p: number) => (q === 'max' ? Infinity : q / p);
-    const writeQ = () => writeTextNow(qFile, printCfsQuota(next.quotaUs));
+    const writeQ = () => this.held.write(qFile, printCfsQuota(next.quotaUs));
     const writeP = () => {
-      if (curP !== next.periodUs) writeTextNow(pFile, String(next.periodUs));
+      if (curP !== next.periodUs) this.held.write(pFile, String(next.periodUs));
     };
     const quotaFirst = bw(next.quotaUs, curP) <= bw(curQ, next.periodUs);
     const order = quotaFirst ? [writeQ, writeP] : [writeP, writeQ];

@@ -3,10 +3,11 @@
  * processes, asserting on what the kernel shows. Every group lives under a per-run root
  * `nestbroker-test-<pid>-*` in every hierarchy and is removed even when a test fails.
  */
-import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readlinkSync, rmSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { isCgroupError } from '../../../cgroup-adapter/errors';
+import { openCgroupAdapter } from '../../../cgroup-adapter';
 import { spawnInto } from '../../../cgroup-adapter/spawn';
 import { openTestAdapter, type TestAdapter } from '../../helpers/cgroup-root';
 import { HOSTILE_NAMES } from '../../unit/cgroup-adapter/hostile-names';
@@ -165,6 +166,48 @@ describe(`the adapter on this kernel (driver detected here)`, () => {
     holder.kill('SIGKILL');
     await exited(holder);
     await t.adapter.remove(g);
+  });
+
+  it('limit files on held descriptors: a group made again elsewhere gets the next write; remove closes them', async () => {
+    if (t.adapter.kind !== 'hybrid') return; // cgroup-adapter/held.ts serves the v1 files
+    const g = 'held';
+    await t.adapter.create(g, { cpu: { max: { quotaUs: 20000, periodUs: 100000 } } });
+    const p = t.driver.paths(g);
+    // This process's descriptors open on a file of the group (/proc/self/fd, proc(5)).
+    const heldIn = (): number =>
+      readdirSync('/proc/self/fd').filter((fd) => {
+        try {
+          const to = readlinkSync(`/proc/self/fd/${fd}`);
+          return Object.values(p).some((dir) => to.startsWith(`${dir}/`));
+        } catch {
+          return false; // closed since the listing
+        }
+      }).length;
+    await t.adapter.setLimits(g, {
+      memory: { high: 32 * MiB },
+      cpu: { max: { quotaUs: 30000, periodUs: 100000 }, weight: 100 },
+    });
+    expect(kernelFile(p, 'cpu', 'cpu.cfs_quota_us')).toBe('30000');
+    expect(heldIn()).toBeGreaterThan(0);
+    // Removed and made again by another adapter on the same root: the held descriptors
+    // name the old group (ENODEV); the next write reaches the new one.
+    const other = await openCgroupAdapter({ root: t.rootName });
+    await other.remove(g);
+    await other.create(g);
+    await t.adapter.setLimits(g, {
+      memory: { high: 16 * MiB },
+      cpu: { max: { quotaUs: 40000, periodUs: 100000 }, weight: 200 },
+    });
+    expect(kernelFile(p, 'cpu', 'cpu.cfs_quota_us')).toBe('40000');
+    expect(kernelFile(p, 'cpu', 'cpu.shares')).toBe('2048');
+    expect(kernelFile(p, 'memory', 'memory.soft_limit_in_bytes')).toBe(String(16 * MiB));
+    // A value the kernel refuses is its coded error; the file keeps its value and the
+    // next write still lands.
+    expect(await codeOf(t.adapter.setLimits(g, { cpus: '4000' }))).toBe('EINVAL');
+    await t.adapter.setLimits(g, { cpus: '0' });
+    expect(kernelFile(p, 'cpuset', 'cpuset.cpus')).toBe('0');
+    await t.adapter.remove(g);
+    expect(heldIn()).toBe(0);
   });
 
   it('(2) throttles a busy child under a CPU quota: nr_throttled > 0', async () => {

@@ -47,7 +47,7 @@ demo: build
 
 # Every benchmark in sequence (docs/performance.md), as root; JSON in bench/results/.
 # One alone: `make bench-cascade`, `make bench-footprint`, `make bench-graceful-vs-oom`,
-# `make bench-cgroup-ops`, `make bench-planner-scale`; options through BENCH_ARGS, e.g.
+# `make bench-cgroup-ops`, `make bench-planner-scale`, `make bench-libvirt-removal`; options through BENCH_ARGS, e.g.
 # `make bench-graceful-vs-oom BENCH_ARGS="--real-guest --runs 3"` (the QEMU guest),
 # `make bench-cascade BENCH_ARGS="--sizes 1x100 --runs 50"`.
 BENCH_ARGS ?=

@@ -6,7 +6,8 @@
  *
  * Runs as root (cgroups). Takes a while on a 2-core machine: the cascade's five sizes ×
  * 30 runs are most of it, then the real-guest comparison (a QEMU guest under software
- * emulation, its image built once: ~10 min); docs/performance.md has the times seen.
+ * emulation, its image built once: ~10 min) and the removal through libvirt (the same
+ * image as a libvirt domain: ~15 min); docs/performance.md has the times seen.
  */
 import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -19,6 +20,7 @@ export const BENCHES = [
   'planner-scale',
   'graceful-vs-oom',
   'graceful-vs-oom-real-guest',
+  'libvirt-removal',
   'footprint',
   'cascade',
 ];

@@ -12,13 +12,61 @@
  */
 import { existsSync, promises as fsp } from 'fs';
 import * as path from 'path';
-import { REPO, runFile } from './scenario';
+import { REPO, meminfoKiB, runFile } from './scenario';
 import { GuestRunner, type GuestShell, type RunResult } from './vm';
 
 export const URI = 'qemu:///system';
 export const DOMAIN_XML = path.join(REPO, 'docs/libvirt/nbguest-tcg.xml');
 const DOC_NAME = 'nbguest';
 const DOC_SHARE = `/var/lib/libvirt/images/${DOC_NAME}/share`;
+
+/** Where the projects' workload writes its `<name>.started` markers in the guest. */
+export const LIBVIRT_MARKERS = '/var/lib/nestbroker/e2e-markers';
+/** Two small projects: the libvirt real-guest test's and the removal bench's. */
+export const LIBVIRT_PROJECTS = [
+  { name: 'web', priority: 50, holdMiB: 16, min: '32MiB', max: '96MiB' },
+  { name: 'batch', priority: 10, holdMiB: 16, min: '48MiB', max: '128MiB' },
+] as const;
+
+export type CpuMode = 'unplug' | 'quota';
+export type MemoryMode = 'virtio-mem' | 'balloon';
+
+/** guest.yaml: the two projects; `memoryMiB` is the allocation the host broker books. */
+export function libvirtGuestYaml(memoryMiB: number): string {
+  const projects = LIBVIRT_PROJECTS.map(
+    (p) => `  - name: ${p.name}
+    priority: ${p.priority}
+    memory: { min: ${p.min}, max: ${p.max} }
+    cpu: { min: 0.25, max: 2 }
+    stop: { signal: SIGTERM, gracePeriod: 20s }
+    restartOnRestore: true
+    command:
+      argv: ["/usr/bin/node", "/mnt/code/test/e2e/guest/workload.js", "${p.name}", "${p.holdMiB}", "${LIBVIRT_MARKERS}"]`,
+  ).join('\n');
+  return `guest: vm1
+resources: { cpus: 2, memory: ${memoryMiB}MiB }
+reserve: { memory: 160MiB, cpus: 0 }
+upstream: { transport: virtio-serial, path: /dev/virtio-ports/org.nestbroker.0 }
+projects:
+${projects}
+`;
+}
+
+/** host.yaml for HostBroker.start: the domain's name is all it says of the VM. */
+export function libvirtHostYaml(domain: string, cpuMode: CpuMode, memoryMode: MemoryMode) {
+  return (stateDir: string, socket: string) => `hypervisor: libvirt
+stateDir: ${stateDir}
+socket: ${socket}
+guests:
+  - name: vm1
+    domain: ${domain}
+    priority: 10
+    floor: { cpus: 1, memory: 256MiB }
+    cpuMode: ${cpuMode}
+    memoryMode: ${memoryMode}
+    confirmTimeout: 30s
+`;
+}
 
 /** One timed virsh call: what it printed and how long it took. */
 export interface VirshRun {
@@ -126,6 +174,25 @@ export class LibvirtVm implements GuestShell {
   /** The live XML. */
   async dumpxml(): Promise<string> {
     return (await this.virsh(['dumpxml', this.name], 30_000)).out;
+  }
+
+  /** Until virtio-mem's <current> equals its <requested> in the live XML (bounded); ms. */
+  async virtioMemSettled(timeoutMs = 240_000): Promise<number> {
+    const t0 = Date.now();
+    for (;;) {
+      const xml = await this.dumpxml();
+      const req = /<requested unit='KiB'>(\d+)<\/requested>/.exec(xml)?.[1];
+      const cur = /<current unit='KiB'>(\d+)<\/current>/.exec(xml)?.[1];
+      if (req !== undefined && req === cur) return Date.now() - t0;
+      if (Date.now() - t0 > timeoutMs)
+        throw new Error(`virtio-mem did not settle: requested ${req} KiB, current ${cur} KiB`);
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+  }
+
+  /** The guest's MemTotal (KiB). */
+  async memTotalKiB(): Promise<number> {
+    return meminfoKiB(await this.sh('cat /proc/meminfo'), 'MemTotal');
   }
 
   /** `virsh destroy` (the guest's power cut), if it runs. */

@@ -29,7 +29,14 @@ import { promises as fsp } from 'fs';
 import * as path from 'path';
 import type { LibvirtStep } from '../../agent/host/actuator';
 import { ensureLibvirtd, stopStarted, type StartedDaemon } from '../helpers/libvirt';
-import { LibvirtVm } from './libvirt-vm';
+import {
+  LIBVIRT_MARKERS,
+  LIBVIRT_PROJECTS,
+  LibvirtVm,
+  libvirtGuestYaml,
+  libvirtHostYaml,
+  type MemoryMode,
+} from './libvirt-vm';
 import {
   AGENT_CG as CG,
   HostBroker,
@@ -37,7 +44,6 @@ import {
   REPO,
   buildImage,
   installNestbroker,
-  meminfoKiB,
   packDeb,
   parseOomKills,
   resultsBook,
@@ -50,12 +56,8 @@ import {
 
 const OUT = path.join(__dirname, 'out', 'libvirt');
 const NAME = `nbe2e-${process.pid}`;
-const MARKERS = '/var/lib/nestbroker/e2e-markers';
-const PROJECTS = [
-  { name: 'web', priority: 50, holdMiB: 16, min: '32MiB', max: '96MiB' },
-  { name: 'batch', priority: 10, holdMiB: 16, min: '48MiB', max: '128MiB' },
-] as const;
-const NAMES = PROJECTS.map((p) => p.name);
+const MARKERS = LIBVIRT_MARKERS;
+const NAMES = LIBVIRT_PROJECTS.map((p) => p.name);
 /** The domain at start (docs/libvirt/nbguest-tcg.xml): 512 MiB boot + 256 MiB virtio-mem. */
 const BOOT_MIB = 512;
 const START_MIB = 768;
@@ -68,42 +70,8 @@ const { results, phases, phase, saveResults } = resultsBook(OUT, {
 const reclaims: Record<string, unknown>[] = [];
 results.reclaims = reclaims;
 
-/** guest.yaml: two small projects; `memoryMiB` is the allocation the host broker books. */
-function guestYaml(memoryMiB: number): string {
-  const projects = PROJECTS.map(
-    (p) => `  - name: ${p.name}
-    priority: ${p.priority}
-    memory: { min: ${p.min}, max: ${p.max} }
-    cpu: { min: 0.25, max: 2 }
-    stop: { signal: SIGTERM, gracePeriod: 20s }
-    restartOnRestore: true
-    command:
-      argv: ["/usr/bin/node", "/mnt/code/test/e2e/guest/workload.js", "${p.name}", "${p.holdMiB}", "${MARKERS}"]`,
-  ).join('\n');
-  return `guest: vm1
-resources: { cpus: 2, memory: ${memoryMiB}MiB }
-reserve: { memory: 160MiB, cpus: 0 }
-upstream: { transport: virtio-serial, path: /dev/virtio-ports/org.nestbroker.0 }
-projects:
-${projects}
-`;
-}
-
-/** host.yaml: the domain's name is all it says of the VM. */
-function hostYaml(memoryMode: 'virtio-mem' | 'balloon') {
-  return (stateDir: string, socket: string) => `hypervisor: libvirt
-stateDir: ${stateDir}
-socket: ${socket}
-guests:
-  - name: vm1
-    domain: ${NAME}
-    priority: 10
-    floor: { cpus: 1, memory: 256MiB }
-    cpuMode: unplug
-    memoryMode: ${memoryMode}
-    confirmTimeout: 30s
-`;
-}
+/** host.yaml: the domain's name is all it says of the VM; vCPUs go by unplug. */
+const hostYaml = (memoryMode: MemoryMode) => libvirtHostYaml(NAME, 'unplug', memoryMode);
 
 interface Notice {
   id: string;
@@ -233,29 +201,11 @@ describe('nestbroker in a real guest under libvirt (TCG domain, virtio-mem, ball
     }[];
   };
 
-  /** virtio-mem's <current> equal to <requested> in the live XML (bounded). */
-  async function virtioMemSettled(timeoutMs = 240_000): Promise<number> {
-    const t0 = Date.now();
-    for (;;) {
-      const xml = await vm!.dumpxml();
-      const req = /<requested unit='KiB'>(\d+)<\/requested>/.exec(xml)?.[1];
-      const cur = /<current unit='KiB'>(\d+)<\/current>/.exec(xml)?.[1];
-      if (req !== undefined && req === cur) return Date.now() - t0;
-      if (Date.now() - t0 > timeoutMs)
-        throw new Error(`virtio-mem did not settle: requested ${req} KiB, current ${cur} KiB`);
-      await new Promise((r) => setTimeout(r, 1000));
-    }
-  }
-
-  async function startBroker(mode: 'virtio-mem' | 'balloon', dir: string): Promise<void> {
+  async function startBroker(mode: MemoryMode, dir: string): Promise<void> {
     broker = await HostBroker.start(hostYaml(mode), dir, socket);
     const g = await broker.waitConnected(120_000);
     if (!/"connected": true/.test(g.stdout))
       throw new Error(`the agent did not connect: ${g.stdout}${g.stderr}`);
-  }
-
-  async function memTotalKiB(): Promise<number> {
-    return meminfoKiB(await vm!.sh('cat /proc/meminfo'), 'MemTotal');
   }
 
   /** virtio-mem's <requested> and <current> in the live XML, in KiB. */
@@ -300,7 +250,7 @@ describe('nestbroker in a real guest under libvirt (TCG domain, virtio-mem, ball
       LibvirtVm.define({ name: NAME, imageDir: image.dir, outDir: OUT, shareDir: REPO }),
     );
     await phase('boot', () => vm!.start());
-    await phase('virtioMemAtBoot', () => virtioMemSettled());
+    await phase('virtioMemAtBoot', () => vm!.virtioMemSettled());
   }, 20 * 60_000);
 
   afterAll(async () => {
@@ -322,7 +272,7 @@ describe('nestbroker in a real guest under libvirt (TCG domain, virtio-mem, ball
     async () => {
       const deb = await phase('makeDeb', () => packDeb(OUT));
       await phase('install', () => installNestbroker(vm!, deb));
-      await writeGuestConfig(vm!, guestYaml(START_MIB));
+      await writeGuestConfig(vm!, libvirtGuestYaml(START_MIB));
       await phase('agentStart', async () => {
         await vm!.sh('systemctl enable --now nestbroker-guest.service', 120_000);
         const up = await waitStarted(vm!, MARKERS, 120_000, NAMES);
@@ -360,13 +310,13 @@ describe('nestbroker in a real guest under libvirt (TCG domain, virtio-mem, ball
     '3a. 256 MiB with memoryMode virtio-mem: projects first, MemTotal down by 256 MiB, no OOM kill; left in force for 4',
     async () => {
       need('broker');
-      const before = await memTotalKiB();
+      const before = await vm!.memTotalKiB();
       fullMemTotalKiB = before;
       const r = await phase('virtioMemReclaim', () =>
         nestctl(['reclaim', 'vm1', '--memory', '256MiB', '--deadline', '60s', '--json']),
       );
       const n = parseNotice(r);
-      const after = await memTotalKiB();
+      const after = await vm!.memTotalKiB();
       const row = split('virtio-mem reclaim 256 MiB', n, { memTotalDropKiB: before - after });
       expect({ code: r.code, state: n.state, status: n.actuation?.status }).toEqual({
         code: 0,
@@ -414,7 +364,7 @@ describe('nestbroker in a real guest under libvirt (TCG domain, virtio-mem, ball
         .filter((t) => t >= destroyedAt)[0];
       const since = (from: number | undefined, to?: string) =>
         from === undefined || !to ? null : Date.parse(to) - from;
-      const memAfter = await memTotalKiB();
+      const memAfter = await vm!.memTotalKiB();
       split('virtio-mem reclaim 256 MiB re-applied after restart', n, {
         source: n.source,
         reason: n.reason,
@@ -440,7 +390,7 @@ describe('nestbroker in a real guest under libvirt (TCG domain, virtio-mem, ball
       expect(n.actuation?.status).toBe('done');
       // The guest answered before libvirt was asked.
       expect(Date.parse(n.outcomeAt!)).toBeLessThanOrEqual(Date.parse(n.actuation!.startedAt!));
-      await phase('virtioMemAfterRestart', () => virtioMemSettled());
+      await phase('virtioMemAfterRestart', () => vm!.virtioMemSettled());
       const [view] = await guestView();
       const lv = await virtioMemKiB();
       const guestAlloc = await guestAllocation();
@@ -473,7 +423,7 @@ describe('nestbroker in a real guest under libvirt (TCG domain, virtio-mem, ball
       );
       split('virtio-mem restore (of the re-applied reclaim)', back);
       expect(back.state).toBe('done');
-      const full = await memTotalKiB();
+      const full = await vm!.memTotalKiB();
       expect(Math.abs(full - fullMemTotalKiB)).toBeLessThanOrEqual(2048);
       expect((await guestAllocation()).memoryBytes).toBe(START_MIB * MiB);
       // The next reclaim works.
@@ -482,7 +432,7 @@ describe('nestbroker in a real guest under libvirt (TCG domain, virtio-mem, ball
           nestctl(['reclaim', 'vm1', '--memory', '256MiB', '--deadline', '60s', '--json']),
         ),
       );
-      const after = await memTotalKiB();
+      const after = await vm!.memTotalKiB();
       split('virtio-mem reclaim 256 MiB after restart', n2, { memTotalDropKiB: full - after });
       expect(n2.state).toBe('done');
       expect(Math.abs(full - after - 256 * 1024)).toBeLessThanOrEqual(2048);
@@ -502,7 +452,7 @@ describe('nestbroker in a real guest under libvirt (TCG domain, virtio-mem, ball
       broker = undefined;
       // With memoryMode balloon the books hold the boot memory (docs/libvirt.md,
       // "Configuration"): the agent's allocation must say the same, from a fresh journal.
-      await writeGuestConfig(vm!, guestYaml(BOOT_MIB));
+      await writeGuestConfig(vm!, libvirtGuestYaml(BOOT_MIB));
       await stopAgentAndProjects(vm!);
       await vm!.sh(
         `rm -rf /var/lib/nestbroker/guest ${MARKERS} && systemctl start nestbroker-guest`,
@@ -513,13 +463,13 @@ describe('nestbroker in a real guest under libvirt (TCG domain, virtio-mem, ball
       await phase('brokerBalloon', () => startBroker('balloon', dir));
       const [g] = await guestView();
       expect(g.domain).toMatchObject({ memoryBytes: BOOT_MIB * MiB });
-      const before = await memTotalKiB();
+      const before = await vm!.memTotalKiB();
       const n = parseNotice(
         await phase('balloonReclaim', () =>
           nestctl(['reclaim', 'vm1', '--memory', '256MiB', '--deadline', '60s', '--json']),
         ),
       );
-      const after = await memTotalKiB();
+      const after = await vm!.memTotalKiB();
       split('balloon reclaim 256 MiB', n, { memTotalDropKiB: before - after });
       expect(n.state).toBe('done');
       expect(Date.parse(n.outcomeAt!)).toBeLessThanOrEqual(Date.parse(n.actuation!.startedAt!));
@@ -529,7 +479,7 @@ describe('nestbroker in a real guest under libvirt (TCG domain, virtio-mem, ball
       );
       split('balloon restore', back);
       expect(back.state).toBe('done');
-      expect(Math.abs((await memTotalKiB()) - before)).toBeLessThanOrEqual(4096);
+      expect(Math.abs((await vm!.memTotalKiB()) - before)).toBeLessThanOrEqual(4096);
       const k = await sections(vm!, { dmesg: 'dmesg', vmstat: 'grep -w oom_kill /proc/vmstat' });
       expect(parseOomKills(k.dmesg)).toEqual([]);
       expect(k.vmstat).toBe('oom_kill 0');
@@ -542,7 +492,7 @@ describe('nestbroker in a real guest under libvirt (TCG domain, virtio-mem, ball
     async () => {
       need('broker');
       // vCPU unplug while virtio-mem still plugs made QEMU 7.2 crash: settled first.
-      await virtioMemSettled();
+      await vm!.virtioMemSettled();
       // A watcher in the guest: the projects' cpusets and the online CPUs, every 50 ms.
       const cgs = NAMES.map((p) => `${CG}/projects/${p}/cpuset.cpus.effective`).join(' ');
       await vm!.sh(

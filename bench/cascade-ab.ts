@@ -11,7 +11,9 @@
  *
  * Options: --a DIST / --b DIST (a build's dist/, default this one), --a-args / --b-args
  * (node flags of that stack's agents), --size GxP, --runs N, --warmup N, --deadline D,
- * --root NAME, --out FILE, --settle MS.
+ * --root NAME, --out FILE, --settle MS, --pin-host (both host brokers on CPU 0, every guest
+ * agent on the others). Beside each reclaim's time, the CPU time (utime + stime,
+ * /proc/<pid>/stat) its host broker and its guest agents spent from request to answer.
  */
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
@@ -31,7 +33,8 @@ import {
   table,
   writeResult,
 } from './lib/common';
-import { BenchStack, guestMemory, PROJECT_MEMORY, SETTLE_MS } from './lib/stack';
+import { cpuTimeMs } from './lib/procstat';
+import { BenchStack, guestMemory, pinning, PROJECT_MEMORY, SETTLE_MS } from './lib/stack';
 
 const OPTIONS = {
   a: "build A's dist/ (default this build)",
@@ -45,6 +48,7 @@ const OPTIONS = {
   root: 'cgroup root (default nestbroker-bench-<pid>)',
   out: 'JSON file (default bench/results/cascade-ab.json)',
   settle: `ms every project restarted by a restore is left before the next timed reclaim (default ${SETTLE_MS})`,
+  'pin-host': 'both host brokers on CPU 0, every guest agent (and its projects) on the other CPUs',
 };
 
 const flags = (s: string | undefined): string[] => (s ?? '').split(' ').filter((x) => x !== '');
@@ -61,6 +65,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   const deadline = a.deadline ?? '120s';
   const settleMs = intArg(a.settle, 'settle', SETTLE_MS, 0);
   const base = a.root ?? `nestbroker-bench-${process.pid}`;
+  const pin = a['pin-host'] === 'true' ? pinning() : null;
   const kept = Math.ceil(projects / 2);
   const bytes = guestMemory(projects) - (guestMemory(0) + kept * PROJECT_MEMORY.min);
   const variants = (['a', 'b'] as const).map((k) => ({
@@ -71,6 +76,9 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   const dirs: string[] = [];
   const stacks: BenchStack[] = [];
   const samples: number[][] = [[], []];
+  /** per reclaim: the host broker's and the guest agents' CPU time, ms */
+  const hostCpu: number[][] = [[], []];
+  const guestsCpu: number[][] = [[], []];
   const onSignal = (): void => {
     void Promise.all(stacks.map((s) => s.teardown().catch(() => undefined)))
       .then(() => removeLeftoverRoot(base))
@@ -94,6 +102,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
         })),
         nestbroker: v.dist ? path.join(v.dist, 'agent', 'cli', 'nestbroker.js') : undefined,
         nodeArgs: { host: v.nodeArgs, guest: v.nodeArgs },
+        ...(pin ? { cpus: { host: pin.host, guest: pin.guests } } : {}),
       });
       stacks[i] = stack;
       await stack.prepare();
@@ -102,7 +111,14 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
       await stack.waitConnected();
       await stack.waitProjectsRunning();
     }
-    const once = async (stack: BenchStack): Promise<number> => {
+    const once = async (stack: BenchStack): Promise<[number, number, number]> => {
+      const pids = stack.agentPids();
+      const guestPids = Object.values(pids.guests).map((p) => p!);
+      const cpu = (): [number, number] => [
+        cpuTimeMs(pids.host!),
+        guestPids.reduce((s, p) => s + cpuTimeMs(p), 0),
+      ];
+      const cpu0 = cpu();
       const t = nowMs();
       const views = (await Promise.all(
         stack.guests.map((g) =>
@@ -115,6 +131,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
         ),
       )) as NoticeView[];
       const ms = nowMs() - t;
+      const cpu1 = cpu();
       for (const v of views)
         if (v.state !== 'done' || v.outcome?.status !== 'complete')
           throw new Error(`reclaim of ${v.guest} ended ${v.state}/${v.outcome?.status}`);
@@ -129,14 +146,18 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
       // Its restarted projects pay their start's CPU against their quota first
       // (SETTLE_MS, bench/lib/stack.ts).
       await sleep(settleMs);
-      return ms;
+      return [ms, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]];
     };
     for (let run = -warmup; run < runs; run++) {
       // ABBA: neither side always goes first, after the other's restore.
       const order = run % 2 === 0 ? [0, 1] : [1, 0];
       for (const i of order) {
-        const ms = await once(stacks[i]);
-        if (run >= 0) samples[i].push(ms);
+        const [ms, host, gs] = await once(stacks[i]);
+        if (run >= 0) {
+          samples[i].push(ms);
+          hostCpu[i].push(host);
+          guestsCpu[i].push(gs);
+        }
       }
     }
   } finally {
@@ -147,11 +168,24 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     process.off('SIGTERM', onSignal);
   }
   const sums = samples.map(summarise);
+  const hostSums = hostCpu.map(summarise);
+  const guestsSums = guestsCpu.map(summarise);
   const pairRatios = samples[1].map((b, i) => b / samples[0][i]);
   const pr = summarise(pairRatios);
   say(
     table([
-      ['variant', 'build', 'node flags', 'runs', 'p50 ms', 'p99 ms', 'min', 'max'],
+      [
+        'variant',
+        'build',
+        'node flags',
+        'runs',
+        'p50 ms',
+        'p99 ms',
+        'min',
+        'max',
+        'host CPU p50 / p99 ms',
+        'guests CPU p50 / p99 ms',
+      ],
       ...variants.map((v, i) => [
         v.label,
         v.dist ?? 'this build',
@@ -161,8 +195,13 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
         sums[i].p99,
         sums[i].min,
         sums[i].max,
+        `${hostSums[i].p50} / ${hostSums[i].p99}`,
+        `${guestsSums[i].p50} / ${guestsSums[i].p99}`,
       ]),
     ]),
+  );
+  say(
+    `host CPU B / A: p50 ${r3(hostSums[1].p50 / hostSums[0].p50)}, mean ${r3(hostSums[1].mean / hostSums[0].mean)}`,
   );
   say(
     `B / A: p50 ${r3(sums[1].p50 / sums[0].p50)}, p99 ${r3(sums[1].p99 / sums[0].p99)}; per pair: median ${pr.p50} (min ${pr.min}, max ${pr.max}); B faster in ${pairRatios.filter((x) => x < 1).length} of ${pairRatios.length} pairs`,
@@ -174,12 +213,22 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
       runs,
       settleMs,
       warmup,
-      variants: variants.map((v, i) => ({ ...v, latencyMs: sums[i], samples: samples[i].map(r3) })),
+      pinned: pin,
+      variants: variants.map((v, i) => ({
+        ...v,
+        latencyMs: sums[i],
+        samples: samples[i].map(r3),
+        hostCpuMs: hostSums[i],
+        guestsCpuMs: guestsSums[i],
+        hostCpuSamples: hostCpu[i],
+        guestsCpuSamples: guestsCpu[i],
+      })),
       ratio: {
         p50: r3(sums[1].p50 / sums[0].p50),
         p99: r3(sums[1].p99 / sums[0].p99),
         pairs: pr,
         bFasterPairs: pairRatios.filter((x) => x < 1).length,
+        hostCpuMean: r3(hostSums[1].mean / hostSums[0].mean),
       },
     },
     a.out,

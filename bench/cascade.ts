@@ -28,7 +28,12 @@
  * Options: --warmup N (untimed runs first, default 2), --profile (node --cpu-prof in every
  * agent; the hot spots go in the JSON), --phases (each phase's time, from the agents' debug
  * logs), --floors adapter,kernel, --held-fds (the kernel floor on descriptors held open),
- * --fsync-samples N, --root NAME, --out FILE, --log-level LEVEL.
+ * --fsync-samples N, --pin-host (the host broker alone on CPU 0, the guest agents and their
+ * projects on the others), --root NAME, --out FILE, --log-level LEVEL.
+ *
+ * Beside the times, every run's CPU time (utime + stime, /proc/<pid>/stat, proc(5)) of the
+ * host broker and of the guest agents together, read just before the reclaim and after
+ * the operator's answer: what the host costs per guest whether or not it waited for a CPU.
  */
 import { type ChildProcess } from 'node:child_process';
 import { promises as fs, readFileSync, readdirSync } from 'node:fs';
@@ -58,6 +63,7 @@ import {
 import { summariseProfiles, type ProfileSummary } from './lib/cpuprofile';
 import { compileKernelFloor, fsyncFloor, KernelFloor, type FloorAction } from './lib/kernel-floor';
 import { phasesFromLogs, type TracedRun } from './lib/phases';
+import { cpusAllowed, cpuTimeMs, cpuTimes } from './lib/procstat';
 import {
   BenchStack,
   PROJECT_CPU,
@@ -65,6 +71,8 @@ import {
   SETTLE_MS,
   SHELL_PROJECT,
   guestMemory,
+  pinning,
+  type Pinning,
   projectName,
   waitShellsReady,
 } from './lib/stack';
@@ -91,6 +99,8 @@ const OPTIONS = {
   'node-args': "extra node flags of the agents, e.g. '--lite-mode' (A/B runs)",
   'fsync-samples':
     "write + fsync samples of the disk per run, in g00's journal directory (default 5)",
+  'pin-host':
+    'the host broker alone on CPU 0, every guest agent (and its projects) on the other CPUs (taskset); checked in /proc/<pid>/status',
   settle: `ms every project restarted by the restore is left before the next timed reclaim (default ${SETTLE_MS}; see SETTLE_MS in bench/lib/stack.ts)`,
 };
 
@@ -290,6 +300,51 @@ class Floor {
   }
 }
 
+// ---------------------------------------------------------------- pinning
+
+/**
+ * Where the stack's processes may run, from /proc/<pid>/status: the host broker's and each
+ * guest agent's list, and how many project processes have each list. Throws when a
+ * process is not where --pin-host put it (an attach to a cpuset may reset an affinity,
+ * Documentation/admin-guide/cgroup-v1/cpusets.rst).
+ */
+async function checkPinning(
+  stack: BenchStack,
+  want: Pinning | null,
+): Promise<{ host?: string; guests: Record<string, number>; projects: Record<string, number> }> {
+  const count = (m: Record<string, number>, k: string | undefined): void => {
+    m[k ?? 'gone'] = (m[k ?? 'gone'] ?? 0) + 1;
+  };
+  const pids = stack.agentPids();
+  const out = {
+    host: pids.host === undefined ? undefined : cpusAllowed(pids.host),
+    guests: {} as Record<string, number>,
+    projects: {} as Record<string, number>,
+  };
+  for (const pid of Object.values(pids.guests))
+    count(out.guests, pid === undefined ? undefined : cpusAllowed(pid));
+  for (const g of stack.guests)
+    for (let i = 0; i < g.spec.projects; i++)
+      for (const pid of await stack.driver.pids(`${g.spec.name}/projects/${projectName(i)}`))
+        count(out.projects, cpusAllowed(pid));
+  if (want) {
+    const wrong = [
+      out.host !== want.host ? `host broker on ${out.host}` : '',
+      ...Object.keys(out.guests)
+        .filter((k) => k !== want.guests)
+        .map((k) => `${out.guests[k]} guest agent(s) on ${k}`),
+      ...Object.keys(out.projects)
+        .filter((k) => k !== want.guests && k !== 'gone')
+        .map((k) => `${out.projects[k]} project process(es) on ${k}`),
+    ].filter((x) => x !== '');
+    if (wrong.length)
+      throw new Error(
+        `--pin-host: host on ${want.host}, guests on ${want.guests} asked; ${wrong.join(', ')}`,
+      );
+  }
+  return out;
+}
+
 // ---------------------------------------------------------------- one size
 
 /** The stack of the size being measured: an interrupted bench stops its agents too. */
@@ -323,6 +378,25 @@ interface SizeResult {
   sendSpreadMs?: Summary;
   /** per notice: sentAt → outcomeAt minus that guest's own time (channel, queueing, journals) */
   perNoticeOverheadMs?: Summary;
+  /**
+   * per run: the host broker's CPU time (utime + stime, /proc/<pid>/stat) from just before
+   * the reclaim to the operator's answer, ms; and that per guest
+   */
+  hostCpuMs?: Summary;
+  hostCpuPerGuestMs?: Summary;
+  /** the part of hostCpuMs in the kernel (stime: system calls, the thread pool's writes) */
+  hostSystemCpuMs?: Summary;
+  /** per run: the guest agents' CPU time, summed over every agent (their projects not counted) */
+  guestsCpuMs?: Summary;
+  guestsCpuPerGuestMs?: Summary;
+  /** --pin-host: the CPUs asked for, and where the processes were (after start, after the runs) */
+  pinned?: Pinning;
+  cpusAllowed?: {
+    afterStart: Awaited<ReturnType<typeof checkPinning>>;
+    afterRuns?: Awaited<ReturnType<typeof checkPinning>>;
+  };
+  /** os.loadavg() (1, 5, 15 min) when the size started and when its runs ended */
+  loadAverage?: { start: number[]; end?: number[] };
   /** the adapter floor (the same work through cgroup-adapter, one awaited call at a time) */
   floorSignalledMs?: Summary;
   floorMs?: Summary;
@@ -345,6 +419,8 @@ interface SizeResult {
   samples?: {
     latencyMs: number[];
     guestMs: number[];
+    hostCpuMs: number[];
+    guestsCpuMs: number[];
     floorMs: number[];
     kernelFloorMs: number[];
   };
@@ -373,6 +449,7 @@ async function runSize(
     kernelFloorBin: string | null;
     nodeArgs: string[];
     settleMs: number;
+    pin: Pinning | null;
   },
 ): Promise<SizeResult> {
   const projects = size.guests * size.projects;
@@ -386,6 +463,8 @@ async function runSize(
     stopped: projects - kept,
     runs: 0,
     runsAsked: opts.runs,
+    loadAverage: { start: os.loadavg().map(r3) },
+    ...(opts.pin ? { pinned: opts.pin } : {}),
     feasibility: feasibility(size, Number(opts.floors.adapter) + Number(opts.floors.kernel)),
   };
   if (!res.feasibility.ok) {
@@ -413,6 +492,7 @@ async function runSize(
     })),
     nodeArgs: { host: prof('host'), guest: prof('guest') },
     logLevel: opts.phases ? 'debug' : opts.logLevel,
+    ...(opts.pin ? { cpus: { host: opts.pin.host, guest: opts.pin.guests } } : {}),
   });
   current = stack;
   const traced: TracedRun[] = [];
@@ -421,6 +501,9 @@ async function runSize(
   const hostShare: number[] = [];
   const sendSpread: number[] = [];
   const perNotice: number[] = [];
+  const hostCpu: number[] = [];
+  const hostSys: number[] = [];
+  const guestsCpu: number[] = [];
   const floorSig: number[] = [];
   const floorAll: number[] = [];
   const kSig: number[] = [];
@@ -437,6 +520,11 @@ async function runSize(
     await stack.waitConnected();
     await stack.waitProjectsRunning();
     res.startMs = Math.round(nowMs() - t0);
+    res.cpusAllowed = { afterStart: await checkPinning(stack, opts.pin) };
+    const pids = stack.agentPids();
+    const hostPid = pids.host!;
+    const guestPids = Object.values(pids.guests).map((p) => p!);
+    const guestsCpuNow = (): number => guestPids.reduce((s, p) => s + cpuTimeMs(p), 0);
     const floor = opts.floors.adapter ? new Floor(stack.driver, size) : null;
     await floor?.start();
     const kfloor =
@@ -463,6 +551,8 @@ async function runSize(
       }
       // The cascade.
       const wallStart = Date.now(); // the agents' log clock, for --phases
+      const hostCpu0 = cpuTimes(hostPid);
+      const guestsCpu0 = guestsCpuNow();
       const a = nowMs();
       const views = (await Promise.all(
         stack.guests.map((g) =>
@@ -475,6 +565,10 @@ async function runSize(
         ),
       )) as NoticeView[];
       const ms = nowMs() - a;
+      const hostCpu1 = cpuTimes(hostPid);
+      const hostCpuRun = hostCpu1.userMs + hostCpu1.systemMs - hostCpu0.userMs - hostCpu0.systemMs;
+      const hostSysRun = hostCpu1.systemMs - hostCpu0.systemMs;
+      const guestsCpuRun = guestsCpuNow() - guestsCpu0;
       if (run >= 0) traced.push({ ids: views.map((v) => v.id), start: wallStart, end: Date.now() });
       for (const v of views) {
         const o = v.outcome;
@@ -494,6 +588,9 @@ async function runSize(
       if (run >= 0) {
         res.runs++;
         latency.push(ms);
+        hostCpu.push(hostCpuRun);
+        hostSys.push(hostSysRun);
+        guestsCpu.push(guestsCpuRun);
         const slowest = Math.max(...views.map((v) => v.outcome?.ms ?? 0));
         guestMs.push(slowest);
         const firstSent = Math.min(...views.map((v) => Date.parse(v.sentAt ?? '')));
@@ -550,10 +647,12 @@ async function runSize(
           `  ${size.label}: ${run + 1}/${opts.runs} runs, last ${r3(ms)} ms (adapter floor ${f ? r3(f.emptyMs) : '-'} ms, kernel floor ${k ? r3(k.emptyMs) : '-'} ms)`,
         );
     }
+    res.cpusAllowed.afterRuns = await checkPinning(stack, opts.pin);
   } catch (err) {
     res.error = err instanceof Error ? err.message : String(err);
     say(`  ${size.label}: FAILED: ${res.error}`);
   } finally {
+    res.loadAverage!.end = os.loadavg().map(r3);
     kernel?.stop();
     await stack.teardown().catch((err: unknown) => say(`  teardown: ${String(err)}`));
     current = null;
@@ -570,6 +669,11 @@ async function runSize(
   }
   if (sendSpread.length) res.sendSpreadMs = summarise(sendSpread);
   if (perNotice.length) res.perNoticeOverheadMs = summarise(perNotice);
+  res.hostCpuMs = summarise(hostCpu);
+  res.hostCpuPerGuestMs = summarise(hostCpu.map((x) => x / size.guests));
+  res.hostSystemCpuMs = summarise(hostSys);
+  res.guestsCpuMs = summarise(guestsCpu);
+  res.guestsCpuPerGuestMs = summarise(guestsCpu.map((x) => x / size.guests));
   const perProject = (ms: number): number => Math.round((ms / projects) * 1000);
   res.perProjectUs = { cascadeP50: perProject(res.latencyMs.p50) };
   if (floorAll.length) {
@@ -595,6 +699,8 @@ async function runSize(
   res.samples = {
     latencyMs: latency.map(r3),
     guestMs,
+    hostCpuMs: hostCpu,
+    guestsCpuMs: guestsCpu,
     floorMs: floorAll.map(r3),
     kernelFloorMs: kAll.map(r3),
   };
@@ -713,6 +819,8 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     throw new Error(`--floors: "${badFloor.join(',')}" is not adapter, kernel, both or none`);
   const floors = { adapter: floorNames.includes('adapter'), kernel: floorNames.includes('kernel') };
   const fsyncSamples = intArg(a['fsync-samples'], 'fsync-samples', 5, 0);
+  const pin = a['pin-host'] === 'true' ? pinning() : null;
+  if (pin) say(`--pin-host: host broker on CPU ${pin.host}, guest agents on CPU ${pin.guests}`);
   // The kernel floor and the fsync floor are one C program, built now with the system's cc.
   const kf = floors.kernel || fsyncSamples > 0 ? await compileKernelFloor() : null;
   if (kf) say(`kernel floor: bench/kernel-floor.c built with ${kf.cc}`);
@@ -763,6 +871,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
           kernelFloorBin: kf ? kf.bin : null,
           nodeArgs: (a['node-args'] ?? '').split(' ').filter((x) => x !== ''),
           settleMs,
+          pin,
         }),
       );
       // After every size: an interrupted bench still leaves what it measured.
@@ -831,6 +940,41 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
                 : `failed: ${String(r.error).slice(0, 90)}…`,
             ],
       ),
+    ]),
+  );
+  say(
+    "\nCPU time per run (ms, utime + stime from /proc/<pid>/stat, request → answer): the host broker's, and the guest agents' summed; per guest = ÷ guests",
+  );
+  say(
+    table([
+      [
+        'size',
+        'runs',
+        'pinned',
+        'load start → end',
+        'p50',
+        'host share p50 / p99',
+        'host CPU p50 / p99',
+        'host CPU a guest p50 / p99',
+        'host system p50',
+        'guests CPU p50 / p99',
+        'guests CPU a guest p50 / p99',
+      ],
+      ...results
+        .filter((r) => r.hostCpuMs && r.hostCpuMs.n > 0)
+        .map((r) => [
+          r.size,
+          r.runs,
+          r.pinned ? `host ${r.pinned.host}, guests ${r.pinned.guests}` : 'no',
+          `${r.loadAverage?.start[0] ?? '-'} → ${r.loadAverage?.end?.[0] ?? '-'}`,
+          r.latencyMs!.p50,
+          r.hostShareMs ? `${r.hostShareMs.p50} / ${r.hostShareMs.p99}` : '-',
+          `${r.hostCpuMs!.p50} / ${r.hostCpuMs!.p99}`,
+          `${r.hostCpuPerGuestMs!.p50} / ${r.hostCpuPerGuestMs!.p99}`,
+          r.hostSystemCpuMs?.p50 ?? '-',
+          `${r.guestsCpuMs!.p50} / ${r.guestsCpuMs!.p99}`,
+          `${r.guestsCpuPerGuestMs!.p50} / ${r.guestsCpuPerGuestMs!.p99}`,
+        ]),
     ]),
   );
   const g = goals(results);

@@ -31,6 +31,8 @@ export const NESTCTL = path.join(DIST, 'agent', 'cli', 'nestctl.js');
  */
 export const AGENT_NODE_FLAGS: readonly string[] = ['--max-semi-space-size=2'];
 export const PROJECT = path.join(DIST, 'demo', 'project.js');
+/** taskset(1), util-linux: the daemons started on chosen CPUs (startDaemon's `cpus`). */
+const TASKSET = 'taskset';
 
 export interface ProjectSpec {
   name: string;
@@ -123,9 +125,17 @@ export async function startDaemon(o: {
   timeoutMs?: number;
   /** Start it inside this group (spawnInto: it never runs outside it). */
   into?: { adapter: CgroupAdapter; group: string };
+  /**
+   * Run it on these CPUs only (a cpu list, e.g. "1-3"): started through taskset(1), which
+   * sets the affinity (sched_setaffinity(2)) and execs node, so the pid is node's; what the
+   * daemon forks inherits it.
+   */
+  cpus?: string;
 }): Promise<Proc> {
   const fh = await fs.open(o.logFile, 'a');
-  const args = [...AGENT_NODE_FLAGS, ...(o.nodeArgs ?? []), ...o.argv];
+  const nodeArgv = [...AGENT_NODE_FLAGS, ...(o.nodeArgs ?? []), ...o.argv];
+  const cmd = o.cpus !== undefined ? TASKSET : process.execPath;
+  const args = o.cpus !== undefined ? ['-c', o.cpus, process.execPath, ...nodeArgv] : nodeArgv;
   const spawnOpts = {
     stdio: ['ignore', fh.fd, fh.fd] as ('ignore' | number)[],
     env: {
@@ -135,8 +145,8 @@ export async function startDaemon(o: {
     },
   };
   const child = o.into
-    ? await spawnInto(o.into.adapter, o.into.group, process.execPath, args, spawnOpts)
-    : spawn(process.execPath, args, spawnOpts);
+    ? await spawnInto(o.into.adapter, o.into.group, cmd, args, spawnOpts)
+    : spawn(cmd, args, spawnOpts);
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
     child.once('exit', (code, signal) => {
       void fh.close();

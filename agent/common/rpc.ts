@@ -148,6 +148,17 @@ export class RpcServer {
     const decoder = new LineDecoder(RPC_MAX_REQUEST_BYTES);
     const abort = new AbortController();
     let inflight = 0;
+    // The progress lines of one turn of the event loop go out in one write: corked until
+    // setImmediate, after every socket read of the turn (a notice's progress arrives from
+    // its guest a line at a time, and a write per line costs a system call and a wake-up
+    // of the reader each: docs/performance.md, "Third round"). A final reply is not held:
+    // it flushes what is corked before it, in order.
+    let corked = false;
+    const flush = (): void => {
+      if (!corked) return;
+      corked = false;
+      sock.uncork();
+    };
     const send = (reply: object): void => {
       if (sock.destroyed || !sock.writable) return;
       let line: Buffer;
@@ -165,7 +176,14 @@ export class RpcServer {
         sock.destroy();
         return;
       }
+      const progress = 'progress' in reply;
+      if (progress && !corked) {
+        corked = true;
+        sock.cork();
+        setImmediate(flush);
+      }
       sock.write(line);
+      if (!progress) flush();
     };
     sock.on('data', (chunk: Buffer) => {
       for (const ev of decoder.push(chunk)) {

@@ -20,7 +20,7 @@ import {
   type PlanResult,
 } from '../protocol/messages';
 import type { Resources } from '../broker/types';
-import { parseMessage } from '../protocol/schemas';
+import { isParsedMessage, parseMessage, type ParseResult } from '../protocol/schemas';
 import { OutcomeAssembler } from '../protocol/outcome-parts';
 import { creditedByOutcome } from './books';
 import type { GuestConfig, HostConfig } from './config';
@@ -195,7 +195,11 @@ export abstract class GuestConnections extends EventEmitter {
   // ---------------------------------------------------------------- channel
 
   protected onMessage(g: GuestConfig, link: Link, raw: unknown): void {
-    const parsed = parseMessage(typeof raw === 'string' ? raw : JSON.stringify(raw));
+    // The channel validated the line where it arrived (agent/transport/channel.ts); anything
+    // else (a string, an object from elsewhere) is validated here.
+    const parsed: ParseResult = isParsedMessage(raw)
+      ? { ok: true, msg: raw }
+      : parseMessage(typeof raw === 'string' ? raw : JSON.stringify(raw));
     // A child logger only when something is logged: progress lines arrive by the thousand at
     // 50 guests (docs/performance.md, "The host broker's own share at 50 guests").
     const log = (): Logger => this.log.child({ guest: g.name });

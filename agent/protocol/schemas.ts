@@ -438,6 +438,18 @@ export interface ParseFailure {
 
 export type ParseResult = { ok: true; msg: Message } | { ok: false; error: ParseFailure };
 
+/**
+ * The messages parseMessage has returned: a receiver handed one of these by its channel
+ * (agent/transport/channel.ts validates every line where it arrives) need not validate it
+ * again. Weak: it holds no message alive.
+ */
+const parsed = new WeakSet<object>();
+
+/** Whether `msg` is a Message that parseMessage returned (validated where it arrived). */
+export function isParsedMessage(msg: unknown): msg is Message {
+  return typeof msg === 'object' && msg !== null && parsed.has(msg);
+}
+
 /** JSON text of one line → a validated Message, or every problem found, each naming its field. */
 export function parseMessage(line: string): ParseResult {
   let raw: unknown;
@@ -449,9 +461,12 @@ export function parseMessage(line: string): ParseResult {
     ]);
   }
   const replyTo = usableId(raw);
-  const parsed = MessageSchema.safeParse(raw);
-  if (parsed.success) return { ok: true, msg: parsed.data };
-  const problems = parsed.error.issues.map((issue) => describeIssue(issue, raw));
+  const result = MessageSchema.safeParse(raw);
+  if (result.success) {
+    parsed.add(result.data);
+    return { ok: true, msg: result.data };
+  }
+  const problems = result.error.issues.map((issue) => describeIssue(issue, raw));
   const type = typeOf(raw);
   const shown = problems.slice(0, MAX_PROBLEMS);
   const more =

@@ -9,11 +9,12 @@
  * at their minimum (shrunk: every limit file rewritten) and stops all the others
  * (stop signal, exit at once): every project of the guest is touched.
  */
-import { promises as fs } from 'node:fs';
+import { promises as fs, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import YAML from 'yaml';
 import { openCgroupAdapter, type CgroupDriver } from '../../cgroup-adapter/index';
+import { formatCpuList, parseCpuList } from '../../agent/common/cpulist';
 import { rpcCall } from '../../agent/common/rpc';
 import { NESTBROKER, startDaemon, waitFor, type Proc } from '../../demo/stack';
 
@@ -111,9 +112,33 @@ export interface BenchStackOptions {
   startConcurrency?: number;
   /** The nestbroker program the agents run (this build's by default; another build's to compare). */
   nestbroker?: string;
+  /**
+   * The CPUs each daemon runs on (cpu lists, taskset(1)); a guest agent's projects inherit
+   * its affinity. Unset: every CPU.
+   */
+  cpus?: { host?: string; guest?: string };
 }
 
 export type AgentProc = Proc;
+
+/** --pin-host: the CPU lists of the host broker and of the guest agents. */
+export interface Pinning {
+  host: string;
+  guests: string;
+}
+
+/**
+ * CPU 0 for the host broker, the other online CPUs (/sys/devices/system/cpu/online) for
+ * the guest agents: the host's work apart from theirs (BenchStackOptions.cpus).
+ */
+export function pinning(): Pinning {
+  const file = '/sys/devices/system/cpu/online';
+  const online = readFileSync(file, 'utf8').trim();
+  const cpus = parseCpuList(online, file);
+  if (!cpus.includes(0) || cpus.length < 2)
+    throw new Error(`--pin-host needs CPU 0 and another online CPU, online: ${online}`);
+  return { host: '0', guests: formatCpuList(cpus.filter((c) => c !== 0)) };
+}
 
 export interface GuestRun {
   spec: BenchGuest;
@@ -231,6 +256,7 @@ export class BenchStack {
       socket: run.socket,
       env: this.env(),
       nodeArgs: this.opts.nodeArgs?.guest,
+      cpus: this.opts.cpus?.guest,
       timeoutMs: 120_000,
     });
   }
@@ -243,6 +269,7 @@ export class BenchStack {
       socket: this.hostSocket,
       env: this.env(),
       nodeArgs: this.opts.nodeArgs?.host,
+      cpus: this.opts.cpus?.host,
     });
   }
 

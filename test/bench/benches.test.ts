@@ -94,6 +94,13 @@ test('cascade: 1 guest × 5 projects, 3 runs: every stop graceful, the latency a
   expect(r.out).toMatch(/kernel floor/);
   // 2 stopped projects × 3 runs, each ended by its SIGTERM handler within its grace.
   expect(s.exits).toEqual({ graceful: 6 });
+  // Every run's CPU time of the host broker and of the guest agents, from /proc/<pid>/stat
+  // (10 ms ticks: a tiny run may read 0).
+  expect(s.hostCpuMs.n).toBe(3);
+  expect(s.samples.hostCpuMs.every((x: number) => x >= 0)).toBe(true);
+  expect(s.guestsCpuMs.n).toBe(3);
+  expect(s.hostSystemCpuMs.p50).toBeLessThanOrEqual(s.hostCpuMs.max);
+  expect(r.out).toMatch(/CPU time per run/);
   // The phases, read from the agents' logs, add up to the latency (means are additive;
   // the bench's monotonic clock and the logs' wall clock differ by a ms or so).
   expect(s.phases.notices).toBe(3);
@@ -102,6 +109,34 @@ test('cascade: 1 guest × 5 projects, 3 runs: every stop graceful, the latency a
   expect(Math.abs(sum - s.latencyMs.mean)).toBeLessThan(5);
   expect(leftovers(root)).toEqual([]);
 }, 60_000);
+
+// --pin-host needs a CPU besides CPU 0 for the guests.
+(os.cpus().length >= 2 ? test : test.skip)(
+  'cascade --pin-host: the host broker on CPU 0, the guest agent and its projects on the others, as /proc says',
+  async () => {
+    const root = `nestbroker-test-${process.pid}-bench-cascade-pin`;
+    const out = path.join(dir, 'cascade-pin.json');
+    const r = await run('cascade', [
+      ...['--sizes', '1x3', '--runs', '1', '--warmup', '0', '--floors', 'none'],
+      ...['--fsync-samples', '0', '--pin-host', '--root', root, '--out', out],
+    ]);
+    expect({ code: r.code, out: r.code === 0 ? '' : r.out }).toEqual({ code: 0, out: '' });
+    const [s] = (await readResult(out)).sizes;
+    const others = s.pinned.guests;
+    expect(s.pinned.host).toBe('0');
+    // Every project process (a shell and its sleep each) inherited its agent's CPUs, after the
+    // start and after the restore that restarted the stopped ones.
+    for (const when of ['afterStart', 'afterRuns'])
+      expect(s.cpusAllowed[when]).toEqual({
+        host: '0',
+        guests: { [others]: 1 },
+        projects: { [others]: 6 },
+      });
+    expect(s.runs).toBe(1);
+    expect(leftovers(root)).toEqual([]);
+  },
+  60_000,
+);
 
 test('footprint: 3 s idle with 2 guests, then 20 notices: CPU and RSS read from /proc', async () => {
   const root = `nestbroker-test-${process.pid}-bench-footprint`;

@@ -68,6 +68,30 @@ test('a command streams its progress lines, then its result', async () => {
   expect(result).toEqual({ guest: 'vm1', status: 'complete' });
 });
 
+test('the progress lines of one turn reach the caller in order, in a write or two, before the result', async () => {
+  // A guest's progress arrives a line at a time; the server corks a turn's lines (agent/
+  // common/rpc.ts) and sends them in one write(2), not 200: the kernel's count of this
+  // process's write system calls (syscw, /proc/<pid>/io, proc(5)) says how many were made.
+  const syscw = (): number =>
+    Number(/^syscw:\s+(\d+)/m.exec(fs.readFileSync('/proc/self/io', 'utf8'))![1]);
+  let during = 0;
+  server.handle('reclaim', async (_args, ctx) => {
+    const before = syscw();
+    for (let i = 0; i < 200; i++) ctx.progress({ i });
+    await new Promise((r) => setImmediate(r));
+    during = syscw() - before;
+    ctx.progress({ i: 200 });
+    return 'done';
+  });
+  await server.listen(sock);
+  const seen: unknown[] = [];
+  const result = await rpcCall(sock, 'reclaim', {}, { onProgress: (e) => seen.push(e) });
+  expect(seen).toEqual(Array.from({ length: 201 }, (_, i) => ({ i })));
+  expect(result).toBe('done');
+  // One write for the 200 lines (a few more if anything else in this process wrote).
+  expect(during).toBeLessThan(20);
+});
+
 test('the socket is 0660 and owned by the requested group; the parent directory is created', async () => {
   server.handle('status', async () => 'ok');
   await server.listen(sock, { mode: 0o660, group: 0 });

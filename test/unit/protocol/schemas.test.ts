@@ -2,7 +2,12 @@
  * The schema check at the channel's boundary: good messages pass unchanged, bad ones are
  * refused with every problem named by its field and the value received.
  */
-import { parseMessage, errorReply, MESSAGE_TYPES } from '../../../agent/protocol/schemas';
+import {
+  parseMessage,
+  errorReply,
+  isParsedMessage,
+  MESSAGE_TYPES,
+} from '../../../agent/protocol/schemas';
 import type { Message } from '../../../agent/protocol/messages';
 import type { Notice, Outcome } from '../../../agent/broker/types';
 
@@ -332,4 +337,18 @@ describe('leaving and online CPUs (docs/protocol.md, "Types of values": cpu list
     expect(parseMessage(line({ ...hello, memTotal: -1 })).ok).toBe(false);
     expect(parseMessage(line({ ...hello, onlineCpus: '0-1' })).ok).toBe(false);
   });
+});
+
+test('a message parseMessage returned is known as validated; an equal object from elsewhere is not', () => {
+  const line = JSON.stringify({ type: 'ping', id: 'p-1', t: 5 });
+  const r = parseMessage(line);
+  expect(r.ok).toBe(true);
+  if (!r.ok) return;
+  expect(isParsedMessage(r.msg)).toBe(true);
+  // A receiver handed this (a test's fake channel, a copy) validates it itself.
+  expect(isParsedMessage(JSON.parse(line))).toBe(false);
+  expect(isParsedMessage({ ...r.msg })).toBe(false);
+  expect(isParsedMessage(line)).toBe(false);
+  expect(isParsedMessage(null)).toBe(false);
+  expect(parseMessage('{"type":"ping"}').ok).toBe(false);
 });

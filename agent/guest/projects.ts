@@ -68,6 +68,11 @@ export interface EscapedProcess extends KnownProcess {
 
 export const CPU_PERIOD_US = 100_000;
 
+/** Project names are unique (config-cross.ts refuses a duplicate). */
+function indexByName(cfg: GuestConfig): Map<string, ProjectConfig> {
+  return new Map(cfg.projects.map((p) => [p.name, p]));
+}
+
 export class ProjectRegistry {
   private readonly state: Journal<Record<string, ProjectRecord>>;
   private records: Record<string, ProjectRecord> = {};
@@ -75,6 +80,12 @@ export class ProjectRegistry {
   private readonly children = new Map<string, ChildProcess>();
   /** Whether projects start in a cgroup namespace of their own (probed at init). */
   private cgroupNamespace = false;
+  /**
+   * The config's projects by name: `config()` and `group()` are called for every project
+   * several times a notice, and a search of the list each time made a 500-project
+   * reclaim spend ~25 ms in it alone (docs/performance.md, "Third round").
+   */
+  private byName: Map<string, ProjectConfig>;
 
   constructor(
     private cfg: GuestConfig,
@@ -83,11 +94,13 @@ export class ProjectRegistry {
     private readonly log: Logger,
   ) {
     this.state = new Journal(path.join(cfg.stateDir, 'agent'));
+    this.byName = indexByName(cfg);
   }
 
   /** A reload's new config (agent/guest/reload.ts): projects added, removed or changed. */
   setConfig(cfg: GuestConfig): void {
     this.cfg = cfg;
+    this.byName = indexByName(cfg);
   }
 
   get configs(): readonly ProjectConfig[] {
@@ -95,7 +108,7 @@ export class ProjectRegistry {
   }
 
   config(name: string): ProjectConfig {
-    const p = this.cfg.projects.find((x) => x.name === name);
+    const p = this.byName.get(name);
     if (!p) throw new NestError('PROJECT_UNKNOWN', `no project named ${JSON.stringify(name)}`);
     return p;
   }

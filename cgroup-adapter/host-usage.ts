@@ -148,7 +148,13 @@ export function linuxInventory(
     .replace(/\s*@\s*[\d.]+\s*GHz/i, '')
     .replace(/\s+/g, ' ')
     .trim();
-  if (maker && !model.toLowerCase().startsWith(maker.toLowerCase())) model = `${maker} ${model}`;
+  // systeminformation names the maker plainly and keeps the rest as the CPU says it:
+  // "Intel(R) Xeon(R) Processor" is "Intel Xeon® Processor" (its cpuBrandManufacturer).
+  const words = model.split(' ');
+  if (maker && words[0].replace(/[®™©]/g, '').toLowerCase() === maker.toLowerCase())
+    words[0] = maker;
+  else if (maker) words.unshift(maker);
+  model = words.join(' ');
   const cores = new Set(
     blocks.map(
       (b) => `${field(b, 'physical id') ?? '0'}/${field(b, 'core id') ?? field(b, 'processor')}`,

@@ -36,7 +36,7 @@ test('an Intel CPU with two threads a core, its clock in the model name; a quote
   expect(
     linuxInventory(cpuinfo, 'NAME="Debian GNU/Linux"\nVERSION_ID="13"\n', undefined),
   ).toMatchObject({
-    cpuModel: 'Intel® Xeon® E5-2690 v4',
+    cpuModel: 'Intel Xeon® E5-2690 v4',
     cpus: 4,
     physicalCores: 2,
     cpuGHz: 2.6,

@@ -4,6 +4,7 @@
  * SIGHUP (agent/guest/reload.ts). Projects keep running when the agent stops (the unit's
  * KillMode=process); the next start re-adopts them.
  */
+import { catchStopSignals } from '../common/stop-signals';
 import { createLogger, type Logger } from '../common/log';
 import { isNestError, type Problem } from '../common/errors';
 import { GUEST_DEFAULTS, loadGuestConfig } from './config';
@@ -82,10 +83,12 @@ export async function runGuest(opts: { config?: string }): Promise<number> {
   const setLevel = (level: string): void => {
     log.level = level;
   };
+  const stopSignals = catchStopSignals();
   let agent: GuestAgent;
   try {
     agent = await GuestAgent.start(cfg, { log });
   } catch (err) {
+    stopSignals.dispose();
     process.off('SIGHUP', early);
     log.fatal({ err }, 'guest agent could not start');
     // `(CODE) message`: the code (STATE_LOCKED, a cgroup errno code...) is what scripts branch on.
@@ -104,14 +107,9 @@ export async function runGuest(opts: { config?: string }): Promise<number> {
   process.on('SIGHUP', onHup);
   process.off('SIGHUP', early);
   if (hupPending) onHup();
-  await new Promise<void>((resolve) => {
-    const stop = (sig: string): void => {
-      log.info({ signal: sig }, 'stopping (projects keep running)');
-      void agent.stop().finally(resolve);
-    };
-    process.once('SIGTERM', () => stop('SIGTERM'));
-    process.once('SIGINT', () => stop('SIGINT'));
-  });
+  const sig = await stopSignals.next();
+  log.info({ signal: sig }, 'stopping (projects keep running)');
+  await new Promise<void>((resolve) => void agent.stop().finally(resolve));
   process.off('SIGHUP', onHup);
   return 0;
 }

@@ -5,6 +5,7 @@
  * socket. Stops cleanly on SIGTERM/SIGINT; notices in flight stay in the journal and are
  * resumed by the next start.
  */
+import { catchStopSignals } from '../common/stop-signals';
 import { promises as fs } from 'node:fs';
 import { openCgroupAdapter } from '../../cgroup-adapter/index';
 import type { CgroupAdapter } from '../../cgroup-adapter/types';
@@ -515,10 +516,12 @@ export async function runHost(argv: string[]): Promise<number> {
   }
   // Children inherit the root's level unless they set their own (pino).
   if (cfg.logLevel) log.level = cfg.logLevel;
+  const stopSignals = catchStopSignals();
   let host: RunningHost;
   try {
     host = await startHost(cfg, log);
   } catch (err) {
+    stopSignals.dispose();
     process.off('SIGHUP', early);
     log.fatal({ err }, 'host broker could not start');
     process.stderr.write(`nestbroker host: could not start: ${describeStartError(err)}\n`);
@@ -532,15 +535,11 @@ export async function runHost(argv: string[]): Promise<number> {
   process.on('SIGHUP', onHup);
   process.off('SIGHUP', early);
   if (hupPending) onHup();
-  return new Promise<number>((resolve) => {
-    const stop = (sig: string): void => {
-      log.info({ signal: sig }, 'stopping');
-      process.off('SIGHUP', onHup);
-      void host.stop().then(() => resolve(0));
-    };
-    process.once('SIGTERM', () => stop('SIGTERM'));
-    process.once('SIGINT', () => stop('SIGINT'));
-  });
+  const sig = await stopSignals.next();
+  log.info({ signal: sig }, 'stopping');
+  process.off('SIGHUP', onHup);
+  await host.stop();
+  return 0;
 }
 
 /** Anything but the plain `--config FILE`: yargs, loaded now (help, errors). */

@@ -8,7 +8,7 @@
  * stale too.
  */
 import { spawn } from 'node:child_process';
-import { existsSync, promises as fs, readFileSync } from 'node:fs';
+import { existsSync, promises as fs, readFileSync, watch } from 'node:fs';
 import path from 'node:path';
 import YAML from 'yaml';
 import { NESTBROKER } from '../integration/guest/harness';
@@ -107,5 +107,36 @@ test('a lock left by a SIGKILLed agent, or naming a live pid that started at ano
   );
   await s.stack.startGuest('vm1');
   expect(JSON.parse(readFileSync(lock, 'utf8'))).toMatchObject({ pid: g.proc!.child.pid });
+  expect(s.count('vm1', 'web', 'start')).toBe(1);
+});
+
+test('a SIGTERM while the agent is still starting stops it cleanly: exit 0, the lock removed', async () => {
+  const g = s.run('vm1');
+  const state = path.join(path.dirname(g.config), 'state');
+  const lock = path.join(state, 'lock');
+  await s.stack.stopProc(g.proc);
+  expect(existsSync(lock)).toBe(false);
+  // The lock is the start's first step (agent/common/state-lock.ts); the stop signal goes the
+  // moment inotify shows it, while the sockets, the projects and the channel are still to come.
+  const taken = new Promise<void>((resolve) => {
+    const w = watch(state, (_ev, name) => {
+      if (name === 'lock' && existsSync(lock)) {
+        w.close();
+        resolve();
+      }
+    });
+  });
+  const c = spawn(process.execPath, [NESTBROKER, 'guest', '--config', g.config], {
+    stdio: ['ignore', 'ignore', 'ignore'],
+  });
+  const exited = new Promise<{ code: number | null; signal: string | null }>((resolve) =>
+    c.on('exit', (code, signal) => resolve({ code, signal })),
+  );
+  await taken;
+  c.kill('SIGTERM');
+  expect(await exited).toEqual({ code: 0, signal: null });
+  expect(existsSync(lock)).toBe(false);
+  // The project kept running, and the next start re-adopts it.
+  await s.stack.startGuest('vm1');
   expect(s.count('vm1', 'web', 'start')).toBe(1);
 });
